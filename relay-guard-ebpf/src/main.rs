@@ -1,0 +1,127 @@
+//! relay-guard's XDP program: drops TCP segments to guarded ports whose
+//! source is not allowed by the owning guard.
+//!
+//! Flow: parse (eth → ipv4/ipv6 → tcp) → verdict (port → guard → LPM) →
+//! one exit that counts and maps to an action. There are three outcomes, kept
+//! apart: not ours (pass, uncounted), a judged verdict, and malformed (drop in
+//! enforce mode, pass in monitor mode, counted either way). Nothing fails open.
+#![no_std]
+#![no_main]
+
+mod counters;
+mod cursor;
+mod eth;
+mod ipv4;
+mod ipv6;
+mod tcp;
+mod verdict;
+
+use aya_ebpf::{
+    bindings::xdp_action::{XDP_DROP, XDP_PASS},
+    macros::{map, xdp},
+    maps::{Array, LpmTrie, PerCpuHashMap},
+    programs::XdpContext,
+};
+use relay_guard_common::{
+    AllowMask, CounterKey, GuardedPort, MAX_COUNTERS, MAX_PREFIXES, PORT_SLOTS, Settings, V4Addr,
+    V6Addr, family, mode, verdict as v,
+};
+
+use crate::cursor::{Cursor, Stop};
+
+// ---- Maps (names must match relay_guard_common::maps) ----
+
+#[map(name = "RG_PORTS")]
+static PORTS: Array<GuardedPort> = Array::with_max_entries(PORT_SLOTS, 0);
+
+#[map(name = "RG_PREFIXES_V4")]
+static PREFIXES_V4: LpmTrie<V4Addr, AllowMask> = LpmTrie::with_max_entries(MAX_PREFIXES, 0);
+
+#[map(name = "RG_PREFIXES_V6")]
+static PREFIXES_V6: LpmTrie<V6Addr, AllowMask> = LpmTrie::with_max_entries(MAX_PREFIXES, 0);
+
+#[map(name = "RG_COUNTERS")]
+static COUNTERS: PerCpuHashMap<CounterKey, u64> = PerCpuHashMap::with_max_entries(MAX_COUNTERS, 0);
+
+#[map(name = "RG_SETTINGS")]
+static SETTINGS: Array<Settings> = Array::with_max_entries(1, 0);
+
+// ---- Entry ----
+
+/// A TCP segment to a guarded port, judged.
+struct Judged {
+    port: u16,
+    guard: u8,
+    family: u8,
+    allowed: bool,
+}
+
+/// `frags`: the program declares multi-buffer support, so it attaches to
+/// jumbo-MTU interfaces; it reads headers in the first buffer only.
+#[xdp(frags)]
+pub fn relay_guard(ctx: XdpContext) -> u32 {
+    let monitor = matches!(SETTINGS.get(0), Some(s) if s.mode == mode::MONITOR);
+    let mut key = CounterKey {
+        ifindex: ctx.ingress_ifindex() as u32,
+        ..CounterKey::default()
+    };
+    match judge(&ctx) {
+        Err(Stop::NotOurs) => XDP_PASS,
+        Err(Stop::Malformed(fam)) => {
+            key.family = fam;
+            key.verdict = if monitor { v::MALFORMED_PASSED } else { v::MALFORMED_DROPPED };
+            exit(&key)
+        }
+        Ok(j) => {
+            key.port = j.port;
+            key.guard = j.guard;
+            key.family = j.family;
+            key.verdict = match (j.allowed, monitor) {
+                (true, _) => v::PASSED,
+                (false, true) => v::WOULD_DROP,
+                (false, false) => v::DROPPED,
+            };
+            exit(&key)
+        }
+    }
+}
+
+/// The single exit for counted packets: record, then act on the verdict.
+#[inline(always)]
+fn exit(key: &CounterKey) -> u32 {
+    counters::record(key);
+    match key.verdict {
+        v::DROPPED | v::MALFORMED_DROPPED => XDP_DROP,
+        _ => XDP_PASS,
+    }
+}
+
+#[inline(always)]
+fn judge(ctx: &XdpContext) -> Result<Judged, Stop> {
+    let mut c = Cursor::new(ctx);
+    match eth::parse_eth(&mut c)? {
+        eth::ETH_P_IP => {
+            let src = ipv4::parse_ipv4(&mut c)?;
+            let port = tcp::parse_tcp(&mut c, family::IPV4)?;
+            let guard = verdict::guard_of(port).ok_or(Stop::NotOurs)?;
+            Ok(Judged { port, guard, family: family::IPV4, allowed: verdict::allowed_v4(src, guard) })
+        }
+        eth::ETH_P_IPV6 => {
+            let src = ipv6::parse_ipv6(&mut c)?;
+            let port = tcp::parse_tcp(&mut c, family::IPV6)?;
+            let guard = verdict::guard_of(port).ok_or(Stop::NotOurs)?;
+            Ok(Judged { port, guard, family: family::IPV6, allowed: verdict::allowed_v6(src, guard) })
+        }
+        _ => Err(Stop::NotOurs),
+    }
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}

@@ -1,0 +1,33 @@
+//! Command line (clap derive): the doc comments are the `--help` text.
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+use crate::config::DEFAULT_CONFIG_PATH;
+
+/// relay-guard: closes SMTP ports at the NIC (XDP) to every source that is not
+/// on an allowlist, and exports drop counters to Prometheus.
+#[derive(Debug, Parser)]
+#[command(name = "relay-guard", version)]
+pub struct Cli {
+    /// Config file (TOML).
+    #[arg(long, short = 'c', global = true, value_name = "PATH", default_value = DEFAULT_CONFIG_PATH)]
+    pub config: PathBuf,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Load the XDP program, attach it to every configured interface, keep its
+    /// maps in step with the config (SIGHUP reloads), and serve metrics.
+    Run,
+    /// Validate the config and its list files; print every error with file and
+    /// line. Exit 0 when valid, 1 when not. Needs no privileges.
+    CheckConfig {
+        /// Print the result as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}

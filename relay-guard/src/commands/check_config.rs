@@ -1,0 +1,54 @@
+//! `relay-guard check-config`: validate without touching the kernel.
+use std::path::Path;
+
+use crate::{config::Config, policy::Policy};
+
+/// Prints the verdict; returns the exit code (0 valid, 1 invalid).
+pub fn execute(path: &Path, json: bool) -> i32 {
+    match Config::load(path) {
+        Ok(cfg) => {
+            let policy = Policy::compile(&cfg);
+            if json {
+                let guards: Vec<_> = cfg
+                    .guards
+                    .iter()
+                    .map(|g| {
+                        let (v4, v6) = Policy::allow_counts(g);
+                        serde_json::json!({"name": g.name, "ports": g.ports, "entries": g.entries.len(), "allow_v4": v4, "allow_v6": v6})
+                    })
+                    .collect();
+                let out = serde_json::json!({
+                    "valid": true, "config": path, "guards": guards,
+                    "prefixes_v4": policy.v4.len(), "prefixes_v6": policy.v6.len(),
+                });
+                println!("{out}");
+            } else {
+                println!(
+                    "{}: OK: {} guard(s), {} guarded port(s), {} IPv4 and {} IPv6 prefixes",
+                    path.display(),
+                    cfg.guards.len(),
+                    policy.ports.len(),
+                    policy.v4.len(),
+                    policy.v6.len()
+                );
+            }
+            0
+        }
+        Err(errors) => {
+            if json {
+                let errs: Vec<_> = errors
+                    .0
+                    .iter()
+                    .map(|e| serde_json::json!({"file": e.file, "line": e.line, "error": e.what}))
+                    .collect();
+                println!("{}", serde_json::json!({"valid": false, "config": path, "errors": errs}));
+            } else {
+                for e in &errors.0 {
+                    eprintln!("{e}");
+                }
+                eprintln!("{}: {} error(s)", path.display(), errors.0.len());
+            }
+            1
+        }
+    }
+}

@@ -1,0 +1,109 @@
+//! `relay-guard run`: load, sync, attach, serve metrics, reload on SIGHUP.
+use std::{
+    collections::HashMap,
+    path::Path,
+    sync::{Arc, RwLock},
+};
+
+use anyhow::Context as _;
+use tokio::signal::unix::{SignalKind, signal};
+use tracing::{error, info, warn};
+
+use crate::{
+    config::Config,
+    loader::{self, Loaded},
+    metrics::{self, AgentMetrics, LabelState},
+    policy::Policy,
+    sync,
+};
+
+pub async fn execute(config_path: &Path) -> anyhow::Result<()> {
+    let cfg = Config::load(config_path).map_err(|e| anyhow::anyhow!("invalid config:\n{e}"))?;
+    loader::bump_memlock_rlimit();
+    let mut loaded = Loaded::load().context("failed to load the XDP program")?;
+
+    // Fill the maps before attaching: the program never runs on empty maps.
+    let stats = sync::apply(&mut loaded.maps, &Policy::compile(&cfg)).context("failed to fill the maps")?;
+    info!(written = stats.written, "maps filled");
+
+    let mut interfaces = HashMap::new();
+    for iface in &cfg.interfaces {
+        let a = loaded.attach(iface, cfg.xdp_mode)?;
+        interfaces.insert(a.ifindex, a.interface.clone());
+    }
+    info!(mode = ?cfg.mode, interfaces = ?cfg.interfaces, "relay-guard is guarding");
+
+    let labels = Arc::new(RwLock::new(LabelState::new(&cfg, interfaces.clone())));
+    let agent = AgentMetrics::default();
+    agent.reload_succeeded();
+    let registry = Arc::new(metrics::registry(Arc::clone(&loaded.counters), Arc::clone(&labels), &agent));
+
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let mut metrics_task = None;
+    if let Some(addr) = cfg.metrics_listen {
+        let mut rx = stop_rx.clone();
+        let listener_registry = Arc::clone(&registry);
+        let shutdown = async move {
+            let _ = rx.wait_for(|s| *s).await;
+        };
+        // Bind now so a taken port is a start-up error, not a silent loss.
+        let std_listener = std::net::TcpListener::bind(addr).with_context(|| format!("failed to listen on {addr} (metrics_listen)"))?;
+        drop(std_listener);
+        metrics_task = Some(tokio::spawn(async move {
+            if let Err(e) = metrics::serve(addr, listener_registry, shutdown).await {
+                error!(%addr, error = %e, "metrics server failed");
+            }
+        }));
+    }
+
+    let mut sigint = signal(SignalKind::interrupt())?;
+    let mut sigterm = signal(SignalKind::terminate())?;
+    let mut sighup = signal(SignalKind::hangup())?;
+    let mut current = cfg;
+    loop {
+        tokio::select! {
+            _ = sigint.recv() => { info!("SIGINT: shutting down"); break; }
+            _ = sigterm.recv() => { info!("SIGTERM: shutting down"); break; }
+            _ = sighup.recv() => {
+                info!("SIGHUP: reloading config");
+                agent.reloads.inc();
+                match reload(&mut loaded, &current, config_path) {
+                    Ok(new) => {
+                        *labels.write().unwrap_or_else(std::sync::PoisonError::into_inner) = LabelState::new(&new, interfaces.clone());
+                        agent.reload_succeeded();
+                        current = new;
+                    }
+                    Err(e) => {
+                        agent.reload_failed();
+                        error!("reload failed, keeping the previous policy: {e:#}");
+                    }
+                }
+            }
+        }
+    }
+    let _ = stop_tx.send(true);
+    if let Some(t) = metrics_task {
+        let _ = t.await;
+    }
+    loaded.detach_all();
+    info!("detached; bye");
+    Ok(())
+}
+
+/// Validates the config at `path` and, only if it is valid, syncs the maps.
+fn reload(loaded: &mut Loaded, current: &Config, path: &Path) -> anyhow::Result<Config> {
+    let new = Config::load(path).map_err(|e| anyhow::anyhow!("invalid config:\n{e}"))?;
+    for (what, changed) in [
+        ("interfaces", new.interfaces != current.interfaces),
+        ("xdp_mode", new.xdp_mode != current.xdp_mode),
+        ("metrics_listen", new.metrics_listen != current.metrics_listen),
+        ("pin_dir", new.pin_dir != current.pin_dir),
+    ] {
+        if changed {
+            warn!("{what} changed: takes effect on restart");
+        }
+    }
+    let stats = sync::apply(&mut loaded.maps, &Policy::compile(&new))?;
+    info!(written = stats.written, removed = stats.removed, unchanged = stats.unchanged, "config reloaded");
+    Ok(new)
+}

@@ -1,0 +1,454 @@
+//! The TOML configuration of SPEC.md: parsing, list files and validation.
+//!
+//! Parsing keeps every value's span (`toml::Spanned`) so that each error can
+//! name the file, the line and the offending value. Validation is separate
+//! from parsing and reports every problem it finds, not only the first.
+use std::{
+    collections::BTreeMap,
+    fmt, fs,
+    net::SocketAddr,
+    ops::Range,
+    path::{Path, PathBuf},
+};
+
+use ipnet::IpNet;
+use serde::Deserialize;
+use toml::Spanned;
+
+/// Where the agent looks for its config unless `--config` says otherwise.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/relay-guard/relay-guard.toml";
+/// Default bpffs directory for pinned program, links and maps.
+pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/relay-guard";
+/// Default Prometheus endpoint.
+pub const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:10947";
+/// Ports a guard covers when it names none: SMTP, SMTPS, submission.
+pub const DEFAULT_PORTS: [u16; 3] = [25, 465, 587];
+/// Guards are bits of a 64-bit mask in the kernel maps.
+pub const MAX_GUARDS: usize = relay_guard_common::MAX_GUARDS;
+
+/// One config problem: where it is, what the value was, and what is wrong.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{}:{line}: {what}", file.display())]
+pub struct ConfigError {
+    /// The config file or the list file the problem is in.
+    pub file: PathBuf,
+    /// 1-based line; 0 when the problem concerns the whole file.
+    pub line: usize,
+    /// The message, quoting the offending value.
+    pub what: String,
+}
+
+/// All problems found in one config, in file order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigErrors(pub Vec<ConfigError>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, e) in self.0.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{e}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigErrors {}
+
+/// What the filter does with a source that is not allowed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// Drop it.
+    #[default]
+    Enforce,
+    /// Pass it, but count it as `would_drop`.
+    Monitor,
+}
+
+/// How the XDP program is attached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum XdpMode {
+    /// Native if the driver supports it, else generic (logged).
+    #[default]
+    Auto,
+    /// Native (driver) mode only; fail if the driver cannot.
+    Native,
+    /// Generic (skb) mode: works on any interface, after the skb is built.
+    Skb,
+}
+
+/// The file as written, with spans. Unknown keys are errors.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    interfaces: Spanned<Vec<Spanned<String>>>,
+    mode: Option<Spanned<Mode>>,
+    xdp_mode: Option<Spanned<XdpMode>>,
+    metrics_listen: Option<Spanned<String>>,
+    pin_dir: Option<Spanned<String>>,
+    #[serde(default)]
+    guard: Vec<Spanned<RawGuard>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawGuard {
+    name: Option<Spanned<String>>,
+    ports: Option<Spanned<Vec<Spanned<i64>>>>,
+    #[serde(default)]
+    allow: Vec<Spanned<String>>,
+    #[serde(default)]
+    allow_files: Vec<Spanned<String>>,
+    #[serde(default)]
+    deny: Vec<Spanned<String>>,
+    #[serde(default)]
+    deny_files: Vec<Spanned<String>>,
+}
+
+/// Whether an entry allows or denies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Action {
+    Allow,
+    Deny,
+}
+
+/// Where an entry was written, for messages.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Origin {
+    pub file: PathBuf,
+    pub line: usize,
+}
+
+impl fmt::Display for Origin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}", self.file.display(), self.line)
+    }
+}
+
+/// One allow or deny entry of a guard.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    pub net: IpNet,
+    pub action: Action,
+    pub origin: Origin,
+}
+
+/// A validated guard.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Guard {
+    /// Label value in metrics; `guard<N>` (1-based) when not given.
+    pub name: String,
+    /// Sorted, unique.
+    pub ports: Vec<u16>,
+    /// Every entry of `allow`, `allow_files`, `deny` and `deny_files`, deduplicated.
+    pub entries: Vec<Entry>,
+}
+
+/// A config that passed validation: what the agent applies.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    /// The file it came from.
+    pub path: PathBuf,
+    pub interfaces: Vec<String>,
+    pub mode: Mode,
+    pub xdp_mode: XdpMode,
+    /// `None` when `metrics_listen = ""`.
+    pub metrics_listen: Option<SocketAddr>,
+    pub pin_dir: PathBuf,
+    pub guards: Vec<Guard>,
+    /// Every list file read, so a watcher can follow them.
+    pub list_files: Vec<PathBuf>,
+}
+
+impl Config {
+    /// Reads, parses and validates the config at `path`, with its list files.
+    pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
+        let text = fs::read_to_string(path).map_err(|e| {
+            ConfigErrors(vec![ConfigError {
+                file: path.to_path_buf(),
+                line: 0,
+                what: format!("cannot read config: {e}"),
+            }])
+        })?;
+        Self::parse(path, &text)
+    }
+
+    /// Parses and validates `text` as if read from `path` (list files are
+    /// resolved relative to the config's directory).
+    pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigErrors> {
+        let mut v = Validator { path, text, errors: Vec::new(), list_files: Vec::new() };
+        let raw: RawConfig = match toml::from_str(text) {
+            Ok(raw) => raw,
+            Err(e) => {
+                let line = e.span().map_or(0, |s| v.line_of(s.start));
+                let msg = e.message().trim_end().to_string();
+                let what = match e.span() {
+                    Some(s) if !text[s.clone()].trim().is_empty() && s.len() < 200 => {
+                        format!("{msg}: `{}`", text[s].trim())
+                    }
+                    _ => msg,
+                };
+                return Err(ConfigErrors(vec![ConfigError { file: path.to_path_buf(), line, what }]));
+            }
+        };
+        let config = v.validate(raw);
+        if v.errors.is_empty() {
+            Ok(config)
+        } else {
+            v.errors.sort_by(|a, b| (&a.file, a.line).cmp(&(&b.file, b.line)));
+            Err(ConfigErrors(v.errors))
+        }
+    }
+}
+
+struct Validator<'a> {
+    path: &'a Path,
+    text: &'a str,
+    errors: Vec<ConfigError>,
+    list_files: Vec<PathBuf>,
+}
+
+impl Validator<'_> {
+    fn line_of(&self, offset: usize) -> usize {
+        self.text[..offset.min(self.text.len())].bytes().filter(|&b| b == b'\n').count() + 1
+    }
+
+    fn origin(&self, span: &Range<usize>) -> Origin {
+        Origin { file: self.path.to_path_buf(), line: self.line_of(span.start) }
+    }
+
+    fn err(&mut self, span: &Range<usize>, what: String) {
+        let line = self.line_of(span.start);
+        self.errors.push(ConfigError { file: self.path.to_path_buf(), line, what });
+    }
+
+    fn validate(&mut self, raw: RawConfig) -> Config {
+        let mut interfaces = Vec::new();
+        if raw.interfaces.get_ref().is_empty() {
+            self.err(&raw.interfaces.span(), "interfaces: at least one interface is required".into());
+        }
+        for ifname in raw.interfaces.get_ref() {
+            let name = ifname.get_ref();
+            if name.is_empty() || name.len() >= libc::IFNAMSIZ || name.contains(['/', ' ', '\0']) {
+                self.err(&ifname.span(), format!("interfaces: `{name}` is not a valid interface name"));
+            } else if interfaces.contains(name) {
+                self.err(&ifname.span(), format!("interfaces: `{name}` is listed twice"));
+            } else {
+                interfaces.push(name.clone());
+            }
+        }
+
+        let metrics_listen = match &raw.metrics_listen {
+            None => Some(DEFAULT_METRICS_LISTEN.parse().expect("default address parses")),
+            Some(s) if s.get_ref().is_empty() => None,
+            Some(s) => match s.get_ref().parse::<SocketAddr>() {
+                Ok(a) => Some(a),
+                Err(_) => {
+                    self.err(
+                        &s.span(),
+                        format!("metrics_listen: `{}` is not ADDRESS:PORT (e.g. \"127.0.0.1:10947\" or \"[::1]:10947\"), or \"\" to disable", s.get_ref()),
+                    );
+                    None
+                }
+            },
+        };
+
+        let pin_dir = match &raw.pin_dir {
+            None => PathBuf::from(DEFAULT_PIN_DIR),
+            Some(p) => {
+                let dir = PathBuf::from(p.get_ref());
+                if !dir.is_absolute() {
+                    self.err(&p.span(), format!("pin_dir: `{}` must be an absolute path on a bpffs", p.get_ref()));
+                }
+                dir
+            }
+        };
+
+        if raw.guard.is_empty() {
+            self.errors.push(ConfigError {
+                file: self.path.to_path_buf(),
+                line: 0,
+                what: "no [[guard]] defined: nothing would be guarded".into(),
+            });
+        }
+        if raw.guard.len() > MAX_GUARDS {
+            self.err(&raw.guard[MAX_GUARDS].span(), format!("too many guards: {} (at most {MAX_GUARDS})", raw.guard.len()));
+        }
+
+        let mut port_owner: BTreeMap<u16, (String, Origin)> = BTreeMap::new();
+        let mut names: BTreeMap<String, Origin> = BTreeMap::new();
+        let mut guards = Vec::new();
+        for (i, g) in raw.guard.iter().enumerate() {
+            let guard = self.guard(i, g.get_ref(), &g.span(), &mut port_owner, &mut names);
+            guards.push(guard);
+        }
+
+        Config {
+            path: self.path.to_path_buf(),
+            interfaces,
+            mode: raw.mode.map(|m| *m.get_ref()).unwrap_or_default(),
+            xdp_mode: raw.xdp_mode.map(|m| *m.get_ref()).unwrap_or_default(),
+            metrics_listen,
+            pin_dir,
+            guards,
+            list_files: std::mem::take(&mut self.list_files),
+        }
+    }
+
+    fn guard(
+        &mut self,
+        index: usize,
+        g: &RawGuard,
+        span: &Range<usize>,
+        port_owner: &mut BTreeMap<u16, (String, Origin)>,
+        names: &mut BTreeMap<String, Origin>,
+    ) -> Guard {
+        let name = match &g.name {
+            Some(n) => {
+                let name = n.get_ref().clone();
+                let ok = !name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
+                if !ok {
+                    self.err(&n.span(), format!("guard name `{name}` must be non-empty ASCII letters, digits, `-`, `_` or `.`"));
+                }
+                name
+            }
+            None => format!("guard{}", index + 1),
+        };
+        let name_origin = self.origin(&g.name.as_ref().map_or(span.clone(), |n| n.span()));
+        if let Some(first) = names.get(&name) {
+            let what = format!("guard name `{name}` is used twice (first at {first})");
+            self.errors.push(ConfigError { file: name_origin.file.clone(), line: name_origin.line, what });
+        } else {
+            names.insert(name.clone(), name_origin);
+        }
+
+        let mut ports = Vec::new();
+        match &g.ports {
+            None => ports.extend(DEFAULT_PORTS),
+            Some(list) if list.get_ref().is_empty() => {
+                self.err(&list.span(), format!("guard `{name}`: ports is empty"));
+            }
+            Some(list) => {
+                for p in list.get_ref() {
+                    match u16::try_from(*p.get_ref()) {
+                        Ok(port) if port > 0 => ports.push(port),
+                        _ => self.err(&p.span(), format!("guard `{name}`: port `{}` is not in 1..=65535", p.get_ref())),
+                    }
+                }
+            }
+        }
+        ports.sort_unstable();
+        ports.dedup();
+        let ports_span = g.ports.as_ref().map_or(span.clone(), |p| p.span());
+        for &port in &ports {
+            let here = self.origin(&ports_span);
+            if let Some((owner, at)) = port_owner.get(&port) {
+                let what = format!("port `{port}` of guard `{name}` already belongs to guard `{owner}` ({at}); a port may belong to one guard only");
+                self.errors.push(ConfigError { file: here.file, line: here.line, what });
+            } else {
+                port_owner.insert(port, (name.clone(), here));
+            }
+        }
+
+        let mut entries: Vec<Entry> = Vec::new();
+        for (list, action, key) in [(&g.allow, Action::Allow, "allow"), (&g.deny, Action::Deny, "deny")] {
+            for s in list {
+                match parse_net(s.get_ref()) {
+                    Ok(net) => entries.push(Entry { net, action, origin: self.origin(&s.span()) }),
+                    Err(why) => self.err(&s.span(), format!("guard `{name}`: {key} entry `{}`: {why}", s.get_ref())),
+                }
+            }
+        }
+        for (list, action, key) in [(&g.allow_files, Action::Allow, "allow_files"), (&g.deny_files, Action::Deny, "deny_files")] {
+            for f in list {
+                let file = self.resolve(f.get_ref());
+                match fs::read_to_string(&file) {
+                    Ok(text) => {
+                        let (parsed, errs) = parse_list(&file, &text, action);
+                        entries.extend(parsed);
+                        self.errors.extend(errs);
+                    }
+                    Err(e) => self.err(&f.span(), format!("guard `{name}`: {key} `{}`: cannot read: {e}", f.get_ref())),
+                }
+                self.list_files.push(file);
+            }
+        }
+
+        // Same prefix twice: harmless if the same action, an error if not.
+        let mut seen: BTreeMap<IpNet, Entry> = BTreeMap::new();
+        let mut unique = Vec::with_capacity(entries.len());
+        for e in entries {
+            match seen.get(&e.net) {
+                Some(prev) if prev.action != e.action => {
+                    let (a, d) = if prev.action == Action::Allow { (prev, &e) } else { (&e, prev) };
+                    let what = format!(
+                        "guard `{name}`: `{}` is both allowed ({}) and denied ({})",
+                        e.net, a.origin, d.origin
+                    );
+                    self.errors.push(ConfigError { file: e.origin.file.clone(), line: e.origin.line, what });
+                }
+                Some(_) => {}
+                None => {
+                    seen.insert(e.net, e.clone());
+                    unique.push(e);
+                }
+            }
+        }
+        Guard { name, ports, entries: unique }
+    }
+
+    /// List-file paths are relative to the config file's directory.
+    fn resolve(&self, p: &str) -> PathBuf {
+        let p = Path::new(p);
+        if p.is_absolute() {
+            p.to_path_buf()
+        } else {
+            self.path.parent().unwrap_or(Path::new(".")).join(p)
+        }
+    }
+}
+
+/// Parses an address or CIDR. A bare address is a /32 or /128. Host bits set
+/// is an error that suggests the network form.
+pub fn parse_net(s: &str) -> Result<IpNet, String> {
+    let s = s.trim();
+    if let Ok(addr) = s.parse::<std::net::IpAddr>() {
+        return Ok(IpNet::from(addr));
+    }
+    match s.parse::<IpNet>() {
+        Ok(net) if net.addr() != net.network() => {
+            Err(format!("host bits set; did you mean `{}`?", net.trunc()))
+        }
+        Ok(net) => Ok(net),
+        Err(_) => Err("not an IP address or CIDR".into()),
+    }
+}
+
+/// Parses a list file: one address or CIDR a line; `#` and `;` start
+/// comments (so Spamhaus DROP lines like `1.10.16.0/20 ; SBL256894` load).
+pub fn parse_list(file: &Path, text: &str, action: Action) -> (Vec<Entry>, Vec<ConfigError>) {
+    let mut entries = Vec::new();
+    let mut errors = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        let content = line.split(['#', ';']).next().unwrap_or("").trim();
+        if content.is_empty() {
+            continue;
+        }
+        let origin = Origin { file: file.to_path_buf(), line: i + 1 };
+        match parse_net(content) {
+            Ok(net) => entries.push(Entry { net, action, origin }),
+            Err(why) => errors.push(ConfigError {
+                file: origin.file,
+                line: origin.line,
+                what: format!("`{content}`: {why}"),
+            }),
+        }
+    }
+    (entries, errors)
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,33 @@
+//! Typed errors of the agent's subsystems. Messages are lowercase and name the
+//! object; `main.rs` adds context with anyhow.
+use std::path::PathBuf;
+
+/// Loading the program or attaching it.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("this binary was built without its XDP program (AYA_BUILD_SKIP); rebuild with `cargo xtask build-ebpf`")]
+    NoObject,
+    #[error("failed to load the eBPF object")]
+    Object(#[source] aya::EbpfError),
+    #[error("program `{name}` not found in the eBPF object")]
+    NoProgram { name: &'static str },
+    #[error("map `{name}` not found in the eBPF object")]
+    NoMap { name: &'static str },
+    #[error("map `{name}` has an unexpected type or layout")]
+    MapType { name: &'static str, #[source] source: aya::maps::MapError },
+    #[error("the kernel rejected program `{name}` (verifier log follows)")]
+    Verifier { name: &'static str, #[source] source: aya::programs::ProgramError },
+    #[error("interface `{interface}` does not exist")]
+    NoInterface { interface: String },
+    #[error("failed to attach to `{interface}` in {mode} mode{hint}")]
+    Attach { interface: String, mode: &'static str, hint: &'static str, #[source] source: aya::programs::ProgramError },
+    #[error("failed to {op} `{}`", path.display())]
+    Pin { op: &'static str, path: PathBuf, #[source] source: std::io::Error },
+}
+
+/// Writing map contents.
+#[derive(Debug, thiserror::Error)]
+pub enum SyncError {
+    #[error("failed to {op} {what} in map `{map}`")]
+    Map { op: &'static str, map: &'static str, what: String, #[source] source: aya::maps::MapError },
+}

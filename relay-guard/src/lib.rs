@@ -1,0 +1,21 @@
+//! relay-guard's agent as a library: config, policy compilation, loading and
+//! attaching the XDP program, map sync, metrics, and the `run` loop that the
+//! binary and the end-to-end tests share.
+pub mod cli;
+pub mod commands;
+pub mod config;
+pub mod error;
+pub mod loader;
+pub mod metrics;
+pub mod policy;
+pub mod sync;
+
+/// The XDP object built from `relay-guard-ebpf` by `build.rs`. Empty when
+/// built with `AYA_BUILD_SKIP=1`.
+pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/relay-guard"));
+
+/// Name of the XDP program in [`EBPF_OBJECT`].
+pub const PROGRAM_NAME: &str = "relay_guard";
+
+/// Version reported by `relay_guard_build_info` and `--version`.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -1,0 +1,262 @@
+//! Prometheus metrics of SPEC.md, with the prometheus-client crate.
+//!
+//! Kernel counters are read by a [`Collector`] at scrape time and summed over
+//! CPUs (ebpf_exporter's shape): no polling loop, never stale. A failed map
+//! read is logged and counted in `relay_guard_scrape_errors_total`; it never
+//! fails the scrape. Agent-side metrics (reloads, build info) are ordinary
+//! registered metrics.
+use std::{
+    collections::{BTreeMap, HashMap},
+    fmt,
+    net::SocketAddr,
+    sync::{
+        Arc, RwLock,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{SystemTime, UNIX_EPOCH},
+};
+
+use axum::{Router, http::header, response::IntoResponse, routing::get};
+use prometheus_client::{
+    collector::Collector,
+    encoding::{DescriptorEncoder, EncodeMetric},
+    metrics::{
+        counter::{ConstCounter, Counter},
+        gauge::{ConstGauge, Gauge},
+    },
+    registry::Registry,
+};
+use relay_guard_common::{family, verdict};
+use tracing::{info, warn};
+
+use crate::{config::Config, loader::Counters, policy::Policy};
+
+/// Names the collector needs to turn kernel keys into labels. Replaced on
+/// every successful reload.
+#[derive(Debug, Default, Clone)]
+pub struct LabelState {
+    /// Guard names by index (the kernel's `guard` field).
+    pub guards: Vec<String>,
+    /// Interface names by ifindex.
+    pub interfaces: HashMap<u32, String>,
+    /// (guard, v4 allow entries, v6 allow entries).
+    pub allow_counts: Vec<(String, usize, usize)>,
+}
+
+impl LabelState {
+    pub fn new(cfg: &Config, interfaces: HashMap<u32, String>) -> LabelState {
+        LabelState {
+            guards: cfg.guards.iter().map(|g| g.name.clone()).collect(),
+            interfaces,
+            allow_counts: cfg
+                .guards
+                .iter()
+                .map(|g| {
+                    let (v4, v6) = Policy::allow_counts(g);
+                    (g.name.clone(), v4, v6)
+                })
+                .collect(),
+        }
+    }
+}
+
+/// Agent-side metrics, updated by the run loop.
+#[derive(Debug, Default, Clone)]
+pub struct AgentMetrics {
+    pub reloads: Counter,
+    pub reload_failures: Counter,
+    pub last_reload_successful: Gauge,
+    pub last_reload_success_timestamp: Gauge<f64, AtomicU64>,
+}
+
+impl AgentMetrics {
+    pub fn reload_succeeded(&self) {
+        self.last_reload_successful.set(1);
+        let now = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64());
+        self.last_reload_success_timestamp.set(now);
+    }
+
+    pub fn reload_failed(&self) {
+        self.reload_failures.inc();
+        self.last_reload_successful.set(0);
+    }
+}
+
+/// Reads the kernel counter map on each scrape.
+struct KernelCollector {
+    counters: Counters,
+    labels: Arc<RwLock<LabelState>>,
+    scrape_errors: Arc<AtomicU64>,
+}
+
+impl fmt::Debug for KernelCollector {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("KernelCollector").finish_non_exhaustive()
+    }
+}
+
+fn family_name(f: u8) -> &'static str {
+    match f {
+        family::IPV4 => "ipv4",
+        family::IPV6 => "ipv6",
+        _ => "unknown",
+    }
+}
+
+/// Kernel counters summed over CPUs, keyed by label values.
+#[derive(Debug, Default)]
+pub struct CounterSnapshot {
+    /// (interface, guard, port, family, verdict) → packets.
+    pub packets: BTreeMap<(String, String, u16, &'static str, &'static str), u64>,
+    /// interface → malformed packets.
+    pub malformed: BTreeMap<String, u64>,
+}
+
+/// Sums the per-CPU counter map into label space.
+pub fn snapshot(counters: &Counters, labels: &LabelState) -> Result<CounterSnapshot, aya::maps::MapError> {
+    let map = counters.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let mut snap = CounterSnapshot::default();
+    for item in map.iter() {
+        let (k, per_cpu) = item?;
+        let total: u64 = per_cpu.iter().copied().fold(0u64, u64::wrapping_add);
+        let iface = labels.interfaces.get(&k.ifindex).cloned().unwrap_or_else(|| format!("if{}", k.ifindex));
+        let verdict = match k.verdict {
+            verdict::PASSED => "passed",
+            verdict::DROPPED => "dropped",
+            verdict::WOULD_DROP => "would_drop",
+            verdict::MALFORMED_DROPPED | verdict::MALFORMED_PASSED => {
+                *snap.malformed.entry(iface).or_default() += total;
+                continue;
+            }
+            _ => continue,
+        };
+        let guard = labels.guards.get(usize::from(k.guard)).cloned().unwrap_or_else(|| format!("guard{}", k.guard + 1));
+        *snap.packets.entry((iface, guard, k.port, family_name(k.family), verdict)).or_default() += total;
+    }
+    Ok(snap)
+}
+
+impl Collector for KernelCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), fmt::Error> {
+        let labels = self.labels.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
+        let snap = match snapshot(&self.counters, &labels) {
+            Ok(s) => s,
+            Err(e) => {
+                warn!(error = %e, "failed to read kernel counters for a scrape");
+                self.scrape_errors.fetch_add(1, Ordering::Relaxed);
+                CounterSnapshot::default()
+            }
+        };
+
+        let mut m = encoder.encode_descriptor(
+            "relay_guard_packets",
+            "TCP packets to guarded ports, by interface, guard, port, family and verdict",
+            None,
+            prometheus_client::metrics::MetricType::Counter,
+        )?;
+        for ((interface, guard, port, fam, verdict), v) in &snap.packets {
+            let l = [
+                ("interface", interface.clone()),
+                ("guard", guard.clone()),
+                ("port", port.to_string()),
+                ("family", (*fam).to_string()),
+                ("verdict", (*verdict).to_string()),
+            ];
+            ConstCounter::new(*v).encode(m.encode_family(&l)?)?;
+        }
+
+        let mut m = encoder.encode_descriptor(
+            "relay_guard_malformed_packets",
+            "Packets claiming IP/TCP that were truncated or could not be parsed (dropped in enforce mode, passed in monitor mode)",
+            None,
+            prometheus_client::metrics::MetricType::Counter,
+        )?;
+        // Every attached interface appears, at zero until something arrives.
+        let mut malformed = snap.malformed.clone();
+        for name in labels.interfaces.values() {
+            malformed.entry(name.clone()).or_default();
+        }
+        for (interface, v) in &malformed {
+            ConstCounter::new(*v).encode(m.encode_family(&[("interface", interface.clone())])?)?;
+        }
+
+        let mut m = encoder.encode_descriptor(
+            "relay_guard_allowlist_prefixes",
+            "Allow entries (addresses and CIDRs) per guard and family",
+            None,
+            prometheus_client::metrics::MetricType::Gauge,
+        )?;
+        for (guard, v4, v6) in &labels.allow_counts {
+            for (fam, n) in [("ipv4", v4), ("ipv6", v6)] {
+                let l = [("guard", guard.clone()), ("family", fam.to_string())];
+                ConstGauge::new(i64::try_from(*n).unwrap_or(i64::MAX)).encode(m.encode_family(&l)?)?;
+            }
+        }
+
+        let m = encoder.encode_descriptor(
+            "relay_guard_scrape_errors",
+            "Scrapes that could not read the kernel counter map",
+            None,
+            prometheus_client::metrics::MetricType::Counter,
+        )?;
+        ConstCounter::new(self.scrape_errors.load(Ordering::Relaxed)).encode(m)?;
+        Ok(())
+    }
+}
+
+/// The registry with every metric of SPEC.md.
+pub fn registry(counters: Counters, labels: Arc<RwLock<LabelState>>, agent: &AgentMetrics) -> Registry {
+    let mut r = Registry::default();
+    let p = "relay_guard";
+    let sub = r.sub_registry_with_prefix(p);
+    sub.register("config_reloads", "Config reload attempts (SIGHUP or file change)", agent.reloads.clone());
+    sub.register("config_reload_failures", "Config reload attempts that failed validation or sync", agent.reload_failures.clone());
+    sub.register(
+        "config_last_reload_successful",
+        "Whether the last config load or reload succeeded (1) or not (0)",
+        agent.last_reload_successful.clone(),
+    );
+    sub.register(
+        "config_last_reload_success_timestamp_seconds",
+        "Unix time of the last successful config load or reload",
+        agent.last_reload_success_timestamp.clone(),
+    );
+    let build_info = prometheus_client::metrics::family::Family::<[(&'static str, &'static str); 1], Gauge>::default();
+    build_info.get_or_create(&[("version", crate::VERSION)]).set(1);
+    sub.register("build_info", "relay-guard build information (always 1)", build_info);
+    r.register_collector(Box::new(KernelCollector { counters, labels, scrape_errors: Arc::default() }));
+    r
+}
+
+/// Renders the registry in the Prometheus text format.
+pub fn render(registry: &Registry) -> String {
+    let mut out = String::new();
+    prometheus_client::encoding::text::encode(&mut out, registry).expect("writing to a String cannot fail");
+    out
+}
+
+/// Serves `GET /metrics` (and `/healthz`) on `addr` until `shutdown`.
+pub async fn serve(
+    addr: SocketAddr,
+    registry: Arc<Registry>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    info!(%addr, "serving metrics at /metrics");
+    let app = Router::new()
+        .route(
+            "/metrics",
+            get(move || {
+                let registry = Arc::clone(&registry);
+                async move {
+                    (
+                        [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+                        render(&registry),
+                    )
+                        .into_response()
+                }
+            }),
+        )
+        .route("/healthz", get(|| async { "ok\n" }));
+    axum::serve(listener, app).with_graceful_shutdown(shutdown).await
+}

@@ -1,0 +1,193 @@
+//! Config → kernel map contents. Pure: no aya types, no I/O.
+//!
+//! One LPM trie per family serves every guard. Its value for a prefix P is a
+//! bitmask: bit g is set when guard g's own longest entry containing P is an
+//! allow entry. Because prefixes that contain one address are nested, the
+//! longest stored prefix containing an address A is the P that decides, and
+//! guard g's longest entry containing A is its longest entry containing P. So
+//! one lookup gives SPEC.md's "longest matching prefix of that guard decides;
+//! no match: deny" for all guards at once.
+//!
+//! [`model_allows`] is the plain reference for those semantics; tests check
+//! [`Policy::lookup`] (what the kernel computes from the maps) against it.
+use std::{
+    collections::{BTreeMap, HashMap},
+    hash::Hash,
+    net::IpAddr,
+};
+
+use ipnet::IpNet;
+use relay_guard_common::{AllowMask, GuardedPort, mode};
+
+use crate::config::{Action, Config, Guard, Mode};
+
+/// Map contents compiled from a config.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Policy {
+    /// `RG_PORTS`: guarded port → owner.
+    pub ports: BTreeMap<u16, GuardedPort>,
+    /// `RG_PREFIXES_V4`: (prefix length, network address) → mask.
+    pub v4: BTreeMap<(u8, [u8; 4]), AllowMask>,
+    /// `RG_PREFIXES_V6`.
+    pub v6: BTreeMap<(u8, [u8; 16]), AllowMask>,
+    /// `RG_SETTINGS.mode`.
+    pub mode: u32,
+}
+
+/// What the kernel decides for one (address, port).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lookup {
+    /// The port is in no guard: passes untouched.
+    NotGuarded,
+    /// Judged by `guard`; `prefix` is the longest stored prefix that matched.
+    Judged { guard: u8, allowed: bool, prefix: Option<IpNet> },
+}
+
+impl Policy {
+    pub fn compile(cfg: &Config) -> Policy {
+        let mut ports = BTreeMap::new();
+        for (gi, g) in cfg.guards.iter().enumerate() {
+            let guard = u8::try_from(gi).expect("validation caps guards at 64");
+            for &p in &g.ports {
+                ports.insert(p, GuardedPort { active: 1, guard, _pad: [0; 2] });
+            }
+        }
+        let v4_entries: Vec<Vec<(u8, u32, Action)>> = cfg
+            .guards
+            .iter()
+            .map(|g| {
+                g.entries
+                    .iter()
+                    .filter_map(|e| match e.net {
+                        IpNet::V4(n) => Some((n.prefix_len(), u32::from(n.network()), e.action)),
+                        IpNet::V6(_) => None,
+                    })
+                    .collect()
+            })
+            .collect();
+        let v6_entries: Vec<Vec<(u8, u128, Action)>> = cfg
+            .guards
+            .iter()
+            .map(|g| {
+                g.entries
+                    .iter()
+                    .filter_map(|e| match e.net {
+                        IpNet::V6(n) => Some((n.prefix_len(), u128::from(n.network()), e.action)),
+                        IpNet::V4(_) => None,
+                    })
+                    .collect()
+            })
+            .collect();
+        let v4 = compile_family(&v4_entries, mask_u32)
+            .into_iter()
+            .map(|((len, a), m)| ((len, a.to_be_bytes()), m))
+            .collect();
+        let v6 = compile_family(&v6_entries, mask_u128)
+            .into_iter()
+            .map(|((len, a), m)| ((len, a.to_be_bytes()), m))
+            .collect();
+        let mode = match cfg.mode {
+            Mode::Enforce => mode::ENFORCE,
+            Mode::Monitor => mode::MONITOR,
+        };
+        Policy { ports, v4, v6, mode }
+    }
+
+    /// The verdict the XDP program reaches from these maps (longest stored
+    /// prefix, then the guard's bit). Also what `explain` shows.
+    pub fn lookup(&self, addr: IpAddr, port: u16) -> Lookup {
+        let Some(gp) = self.ports.get(&port).filter(|p| p.active == 1) else {
+            return Lookup::NotGuarded;
+        };
+        let guard = gp.guard;
+        let hit = match addr {
+            IpAddr::V4(a) => {
+                let a = u32::from(a);
+                (0..=32u8).rev().find_map(|len| {
+                    let k = (len, mask_u32(a, len).to_be_bytes());
+                    self.v4.get(&k).map(|m| (IpNet::new(IpAddr::from(k.1), len).expect("len <= 32"), *m))
+                })
+            }
+            IpAddr::V6(a) => {
+                let a = u128::from(a);
+                (0..=128u8).rev().find_map(|len| {
+                    let k = (len, mask_u128(a, len).to_be_bytes());
+                    self.v6.get(&k).map(|m| (IpNet::new(IpAddr::from(k.1), len).expect("len <= 128"), *m))
+                })
+            }
+        };
+        match hit {
+            Some((prefix, m)) => Lookup::Judged { guard, allowed: (m.allow >> guard) & 1 == 1, prefix: Some(prefix) },
+            None => Lookup::Judged { guard, allowed: false, prefix: None },
+        }
+    }
+
+    /// Number of allow entries per family in a guard (the
+    /// `relay_guard_allowlist_prefixes` gauge).
+    pub fn allow_counts(guard: &Guard) -> (usize, usize) {
+        let allow = guard.entries.iter().filter(|e| e.action == Action::Allow);
+        let v4 = allow.clone().filter(|e| e.net.addr().is_ipv4()).count();
+        (v4, allow.count() - v4)
+    }
+}
+
+/// The reference semantics, written the obvious way: among `guard`'s entries
+/// of the address's family, the longest one containing it decides; none: deny.
+/// Returns the verdict and the deciding entry.
+pub fn model_allows(guard: &Guard, addr: IpAddr) -> (bool, Option<IpNet>) {
+    guard
+        .entries
+        .iter()
+        .filter(|e| e.net.contains(&addr))
+        .max_by_key(|e| e.net.prefix_len())
+        .map_or((false, None), |e| (e.action == Action::Allow, Some(e.net)))
+}
+
+fn mask_u32(a: u32, len: u8) -> u32 {
+    if len == 0 { 0 } else { a & (u32::MAX << (32 - u32::from(len))) }
+}
+
+fn mask_u128(a: u128, len: u8) -> u128 {
+    if len == 0 { 0 } else { a & (u128::MAX << (128 - u32::from(len))) }
+}
+
+/// For every prefix any guard names, the mask of guards whose longest entry
+/// containing that prefix allows. Per guard, only the prefix lengths it uses
+/// are probed, longest first.
+fn compile_family<A: Copy + Eq + Hash + Ord>(
+    guards: &[Vec<(u8, A, Action)>],
+    mask: fn(A, u8) -> A,
+) -> BTreeMap<(u8, A), AllowMask> {
+    let tables: Vec<(HashMap<(u8, A), Action>, Vec<u8>)> = guards
+        .iter()
+        .map(|entries| {
+            let table: HashMap<_, _> = entries.iter().map(|&(l, a, act)| ((l, a), act)).collect();
+            let mut lens: Vec<u8> = entries.iter().map(|&(l, _, _)| l).collect();
+            lens.sort_unstable_by(|a, b| b.cmp(a));
+            lens.dedup();
+            (table, lens)
+        })
+        .collect();
+    let mut out = BTreeMap::new();
+    for entries in guards {
+        for &(len, addr, _) in entries {
+            out.entry((len, addr)).or_insert_with(|| {
+                let mut allow = 0u64;
+                for (g, (table, lens)) in tables.iter().enumerate() {
+                    let decided = lens
+                        .iter()
+                        .filter(|&&l| l <= len)
+                        .find_map(|&l| table.get(&(l, mask(addr, l))));
+                    if decided == Some(&Action::Allow) {
+                        allow |= 1 << g;
+                    }
+                }
+                AllowMask { allow }
+            });
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests;
