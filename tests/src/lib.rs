@@ -1,1 +1,11 @@
-
+//! Support for relay-guard's privileged tests: network-namespace labs joined
+//! by veth, the real agent as a child process, TCP peers, and a privilege
+//! gate. Everything that is created is removed in `Drop`, also on failure.
+//!
+//! Tests panic, never return `Result`, so failures keep their messages and
+//! backtraces (aya's test/README.md).
+pub mod agent;
+pub mod lab;
+pub mod net;
+pub mod netns;
+pub mod require;

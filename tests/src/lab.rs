@@ -1,0 +1,75 @@
+//! A two-host lab: a server namespace and a client namespace joined by a veth
+//! pair, with documentation addresses and static neighbours (no ARP/NDP
+//! flakiness, as xdp-tools' test runner does).
+//!
+//! Server: 203.0.113.1/24 and 2001:db8:1::1/64 on `server_if`.
+//! Client: 203.0.113.2/24 and 2001:db8:1::2/64, plus the source addresses
+//! below, each usable by binding before connect.
+use std::net::IpAddr;
+
+use crate::netns::{NetNs, unique};
+
+pub const SERVER_V4: &str = "203.0.113.1";
+pub const SERVER_V6: &str = "2001:db8:1::1";
+/// Client sources the tests allow or deny in their configs.
+pub const ALLOWED_V4: &str = "192.0.2.10";
+pub const DENIED_V4: &str = "198.51.100.20";
+pub const ALLOWED_V6: &str = "2001:db8:a::10";
+pub const DENIED_V6: &str = "2001:db8:d::20";
+pub const SOURCES: [&str; 4] = [ALLOWED_V4, DENIED_V4, ALLOWED_V6, DENIED_V6];
+
+const SERVER_MAC: &str = "02:72:67:00:00:01";
+const CLIENT_MAC: &str = "02:72:67:00:00:02";
+
+pub struct Lab {
+    // Field order is drop order: client and server namespaces go last.
+    pub server_if: String,
+    pub client_if: String,
+    pub client: NetNs,
+    pub server: NetNs,
+}
+
+impl Lab {
+    pub fn new() -> Lab {
+        let server = NetNs::new("rgs");
+        let client = NetNs::new("rgc");
+        let server_if = unique("rs");
+        let client_if = unique("rc");
+        server.ip(&[
+            "link", "add", &server_if, "address", SERVER_MAC, "type", "veth", "peer", "name", &client_if, "address",
+            CLIENT_MAC, "netns", &client.name,
+        ]);
+        server.ip(&["addr", "add", "203.0.113.1/24", "dev", &server_if]);
+        server.ip(&["addr", "add", "2001:db8:1::1/64", "dev", &server_if, "nodad"]);
+        server.ip(&["link", "set", &server_if, "up"]);
+        client.ip(&["addr", "add", "203.0.113.2/24", "dev", &client_if]);
+        client.ip(&["addr", "add", "2001:db8:1::2/64", "dev", &client_if, "nodad"]);
+        for src in SOURCES {
+            let plen = if src.contains(':') { "128" } else { "32" };
+            client.ip(&["addr", "add", &format!("{src}/{plen}"), "dev", &client_if, "nodad"]);
+        }
+        client.ip(&["link", "set", &client_if, "up"]);
+        for net in ["192.0.2.0/24", "198.51.100.0/24", "2001:db8:a::/48", "2001:db8:d::/48"] {
+            server.ip(&["route", "add", net, "dev", &server_if]);
+        }
+        for src in SOURCES.iter().chain(&["203.0.113.2", "2001:db8:1::2"]) {
+            server.ip(&["neigh", "replace", src, "lladdr", CLIENT_MAC, "dev", &server_if, "nud", "permanent"]);
+        }
+        for dst in [SERVER_V4, SERVER_V6] {
+            client.ip(&["neigh", "replace", dst, "lladdr", SERVER_MAC, "dev", &client_if, "nud", "permanent"]);
+        }
+        Lab { server_if, client_if, client, server }
+    }
+
+    /// The server address of `src`'s family.
+    pub fn server_addr_for(src: &str) -> IpAddr {
+        let s = if src.contains(':') { SERVER_V6 } else { SERVER_V4 };
+        s.parse().expect("constant parses")
+    }
+}
+
+impl Default for Lab {
+    fn default() -> Self {
+        Self::new()
+    }
+}
