@@ -28,6 +28,11 @@ pub mod maps {
     pub const ALL: &[&str] = &[PORTS, PREFIXES_V4, PREFIXES_V6, COUNTERS, SETTINGS];
 }
 
+/// Version of the map layout. Pinned state lives under `layout-<N>/`, so an
+/// agent never opens maps whose layout it does not know. Bump it whenever a
+/// map's name, type, key, value or capacity changes.
+pub const LAYOUT_VERSION: u32 = 1;
+
 /// Number of entries in [`maps::PORTS`]: one per TCP port.
 pub const PORT_SLOTS: u32 = 65_536;
 /// Guards are bits of [`AllowMask::allow`].

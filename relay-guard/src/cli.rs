@@ -30,4 +30,7 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Remove the XDP program from every interface and delete every pin under
+    /// the config's pin_dir. Refuses while an agent runs with that pin_dir.
+    Detach,
 }

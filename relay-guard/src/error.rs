@@ -21,6 +21,14 @@ pub enum LoadError {
     NoInterface { interface: String },
     #[error("failed to attach to `{interface}` in {mode} mode{hint}")]
     Attach { interface: String, mode: &'static str, hint: &'static str, #[source] source: aya::programs::ProgramError },
+    #[error("pin_dir `{}` is not on a bpffs (mount one, or use a path under /sys/fs/bpf)", path.display())]
+    NotBpffs { path: PathBuf },
+    #[error("another relay-guard agent (pid {holder}) is running with pin_dir `{}`; stop it first", pin_dir.display())]
+    Locked { pin_dir: PathBuf, holder: String },
+    #[error("pinned map `{name}` at `{}` does not match this build's layout", path.display())]
+    PinnedMapMismatch { name: &'static str, path: PathBuf },
+    #[error("failed to pin {what} at `{}`", path.display())]
+    PinObject { what: String, path: PathBuf, #[source] source: aya::pin::PinError },
     #[error("failed to {op} `{}`", path.display())]
     Pin { op: &'static str, path: PathBuf, #[source] source: std::io::Error },
 }

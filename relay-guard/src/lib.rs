@@ -7,6 +7,8 @@ pub mod config;
 pub mod error;
 pub mod loader;
 pub mod metrics;
+pub mod model;
+pub mod pins;
 pub mod policy;
 pub mod sync;
 

@@ -6,15 +6,21 @@
 //! the agent and the program is an error here, not a misread later.
 use std::sync::{Arc, Mutex};
 
+use std::path::{Path, PathBuf};
+
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, LpmTrie, MapData, PerCpuHashMap},
-    programs::{Xdp, XdpMode as AyaXdpMode, xdp::XdpLinkId},
+    programs::{
+        Xdp, XdpMode as AyaXdpMode,
+        links::{FdLink, PinnedLink},
+        xdp::{XdpLink, XdpLinkId},
+    },
 };
 use relay_guard_common::{AllowMask, CounterKey, GuardedPort, Settings, V4Addr, V6Addr, maps};
 use tracing::{info, warn};
 
-use crate::{EBPF_OBJECT, PROGRAM_NAME, config::XdpMode, error::LoadError};
+use crate::{EBPF_OBJECT, PROGRAM_NAME, config::XdpMode, error::LoadError, pins::Pins};
 
 /// The maps the agent writes.
 pub struct Maps {
@@ -27,23 +33,37 @@ pub struct Maps {
 /// The counter map, shared with the metrics collector (read at scrape time).
 pub type Counters = Arc<Mutex<PerCpuHashMap<MapData, CounterKey, u64>>>;
 
+/// How the program is held on one interface.
+#[derive(Debug)]
+enum Hold {
+    /// Owned by the program: detached when the agent exits (unpinned use).
+    Owned(XdpLinkId),
+    /// Pinned bpf_link: stays attached after the agent exits.
+    Pinned(PathBuf),
+}
+
 /// One interface the program is attached to.
 #[derive(Debug)]
 pub struct Attachment {
     pub interface: String,
     pub ifindex: u32,
-    /// "native" or "skb": what was actually used.
+    /// "native", "skb", or "adopted" (an existing pinned link, updated in place).
     pub mode: &'static str,
-    link: XdpLinkId,
+    hold: Hold,
 }
 
-/// The loaded program and its maps. Dropping it detaches the program.
+/// The loaded program and its maps. Without pins, dropping it detaches the
+/// program; with pins, the filter outlives the agent.
 pub struct Loaded {
-    /// Owns the program and its links; kept alive while attached.
+    /// Owns the program (and unpinned links).
     ebpf: Ebpf,
     pub maps: Maps,
     pub counters: Counters,
     pub attached: Vec<Attachment>,
+    /// Where state is pinned, if it is.
+    pins: Option<Pins>,
+    /// True when the maps were adopted from pinned state (counters kept).
+    pub adopted: bool,
 }
 
 /// Raises RLIMIT_MEMLOCK for kernels that still charge BPF memory to it
@@ -69,10 +89,29 @@ impl Loaded {
     /// Loads the object and the program into the kernel (the verifier runs
     /// here). Nothing is attached yet.
     pub fn load() -> Result<Loaded, LoadError> {
+        Self::load_with(None)
+    }
+
+    /// Loads with every map pinned under `pins` (adopting maps that are
+    /// already pinned there: contents and counters are kept) and pins the
+    /// program. Links are pinned by [`Loaded::attach`].
+    pub fn load_pinned(pins: &Pins) -> Result<Loaded, LoadError> {
+        pins.prepare()?;
+        Self::load_with(Some(pins))
+    }
+
+    fn load_with(pins: Option<&Pins>) -> Result<Loaded, LoadError> {
         if EBPF_OBJECT.is_empty() {
             return Err(LoadError::NoObject);
         }
-        let mut ebpf = EbpfLoader::new().load(EBPF_OBJECT).map_err(LoadError::Object)?;
+        let adopted = pins.is_some_and(Pins::has_state_maps);
+        let mut loader = EbpfLoader::new();
+        let map_paths: Vec<(&'static str, PathBuf)> =
+            pins.map(|p| maps::ALL.iter().map(|&n| (n, p.map(n))).collect()).unwrap_or_default();
+        for (name, path) in &map_paths {
+            loader.map_pin_path(name, path.as_path());
+        }
+        let mut ebpf = loader.load(EBPF_OBJECT).map_err(LoadError::Object)?;
         let maps = Maps {
             ports: take(&mut ebpf, maps::PORTS)?,
             v4: take(&mut ebpf, maps::PREFIXES_V4)?,
@@ -86,7 +125,12 @@ impl Loaded {
             .try_into()
             .map_err(|source| LoadError::Verifier { name: PROGRAM_NAME, source })?;
         prog.load().map_err(|source| LoadError::Verifier { name: PROGRAM_NAME, source })?;
-        Ok(Loaded { ebpf, maps, counters, attached: Vec::new() })
+        if let Some(pins) = pins {
+            let path = pins.prog();
+            let _ = std::fs::remove_file(&path);
+            prog.pin(&path).map_err(|source| LoadError::PinObject { what: "program".into(), path, source })?;
+        }
+        Ok(Loaded { ebpf, maps, counters, attached: Vec::new(), pins: pins.cloned(), adopted })
     }
 
     /// The loaded program, for `BPF_PROG_TEST_RUN` and attaching.
@@ -98,10 +142,31 @@ impl Loaded {
             .expect("checked in load")
     }
 
-    /// Attaches to `interface`. `auto` tries native (driver) mode and falls
-    /// back to generic (skb) mode with a log line saying so.
+    /// Attaches to `interface`. With pins, an existing pinned link for it (of
+    /// this layout or another) is updated to this program atomically
+    /// (`bpf_link_update`: no instant without a filter); otherwise a new
+    /// bpf_link is made and pinned. `auto` tries native (driver) mode and
+    /// falls back to generic (skb) mode with a log line saying so.
     pub fn attach(&mut self, interface: &str, mode: XdpMode) -> Result<&Attachment, LoadError> {
         let ifindex = ifindex(interface)?;
+        if let Some(pins) = self.pins.clone() {
+            let mut candidates = vec![pins.link(interface)];
+            candidates.extend(pins.other_layouts().into_iter().map(|d| d.join("links").join(interface)));
+            for path in candidates.into_iter().filter(|p| p.exists()) {
+                match self.adopt_link(&path, &pins.link(interface)) {
+                    Ok(()) => {
+                        info!(interface, pin = %path.display(), "replaced the program on the pinned link atomically");
+                        let hold = Hold::Pinned(pins.link(interface));
+                        self.attached.push(Attachment { interface: interface.to_string(), ifindex, mode: "adopted", hold });
+                        return Ok(self.attached.last().expect("just pushed"));
+                    }
+                    Err(e) => {
+                        warn!(interface, pin = %path.display(), error = %e, "pinned link is unusable (interface gone or recreated?); attaching anew");
+                        let _ = std::fs::remove_file(&path);
+                    }
+                }
+            }
+        }
         let attempts: &[(AyaXdpMode, &'static str)] = match mode {
             XdpMode::Auto => &[(AyaXdpMode::Driver, "native"), (AyaXdpMode::Skb, "skb")],
             XdpMode::Native => &[(AyaXdpMode::Driver, "native")],
@@ -112,7 +177,11 @@ impl Loaded {
             match self.program().attach_to_if_index(ifindex, aya_mode) {
                 Ok(link) => {
                     info!(interface, mode = name, "attached XDP program");
-                    self.attached.push(Attachment { interface: interface.to_string(), ifindex, mode: name, link });
+                    let hold = match self.pins.clone() {
+                        Some(pins) => self.pin_link(link, &pins.link(interface))?,
+                        None => Hold::Owned(link),
+                    };
+                    self.attached.push(Attachment { interface: interface.to_string(), ifindex, mode: name, hold });
                     return Ok(self.attached.last().expect("just pushed"));
                 }
                 Err(source) => {
@@ -132,12 +201,76 @@ impl Loaded {
         Err(LoadError::Attach { interface: interface.to_string(), mode, hint, source })
     }
 
-    /// Detaches from every interface (the links are owned by the program).
+    /// Updates the link pinned at `from` to run this program, then pins it
+    /// at `to` (the same path, or this layout's path for an older layout's link).
+    fn adopt_link(&mut self, from: &Path, to: &Path) -> Result<(), String> {
+        let pinned = PinnedLink::from_pin(from).map_err(|e| e.to_string())?;
+        let fd: FdLink = pinned.into();
+        let link = XdpLink::try_from(fd).map_err(|e| e.to_string())?;
+        let id = self.program().attach_to_link(link).map_err(|e| format!("bpf_link_update: {e}"))?;
+        let link = self.program().take_link(id).map_err(|e| e.to_string())?;
+        let fd = FdLink::try_from(link).map_err(|e| e.to_string())?;
+        let _ = std::fs::remove_file(from);
+        let _ = std::fs::remove_file(to);
+        fd.pin(to).map_err(|e| format!("pin at {}: {e}", to.display()))?;
+        Ok(())
+    }
+
+    /// Pins a newly made link so it outlives the agent.
+    fn pin_link(&mut self, id: XdpLinkId, path: &Path) -> Result<Hold, LoadError> {
+        let link = self.program().take_link(id).map_err(|source| LoadError::Verifier { name: PROGRAM_NAME, source })?;
+        match FdLink::try_from(link) {
+            Ok(fd) => {
+                let _ = std::fs::remove_file(path);
+                fd.pin(path).map_err(|source| LoadError::PinObject {
+                    what: "link".into(),
+                    path: path.to_path_buf(),
+                    source,
+                })?;
+                Ok(Hold::Pinned(path.to_path_buf()))
+            }
+            Err(e) => {
+                // Only a kernel without bpf_link for XDP gets here (netlink attach).
+                warn!(error = %e, "the kernel attached through netlink: this attachment cannot be pinned and ends with the agent");
+                Err(LoadError::PinObject {
+                    what: "link (netlink attachment)".into(),
+                    path: path.to_path_buf(),
+                    source: aya::pin::PinError::NoFd { name: "xdp link".into() },
+                })
+            }
+        }
+    }
+
+    /// Unpins links of interfaces that are no longer configured (they detach)
+    /// and removes state of other layouts. Call after attaching.
+    pub fn prune(&mut self, interfaces: &[String]) {
+        let Some(pins) = self.pins.clone() else { return };
+        for iface in pins.pinned_links() {
+            if !interfaces.contains(&iface) {
+                info!(interface = iface, "detaching from an interface no longer in the config");
+                let _ = std::fs::remove_file(pins.link(&iface));
+            }
+        }
+        for other in pins.other_layouts() {
+            info!(path = %other.display(), "removing pinned state of another layout version (replaced by this one)");
+            let _ = std::fs::remove_dir_all(&other);
+        }
+    }
+
+    /// Detaches from every interface: owned links are detached, pinned ones
+    /// unpinned (the kernel detaches a link when its last reference goes).
     pub fn detach_all(&mut self) {
         let links: Vec<_> = self.attached.drain(..).collect();
         for a in links {
-            if let Err(e) = self.program().detach(a.link) {
-                warn!(interface = a.interface, error = %e, "failed to detach");
+            match a.hold {
+                Hold::Owned(id) => {
+                    if let Err(e) = self.program().detach(id) {
+                        warn!(interface = a.interface, error = %e, "failed to detach");
+                    }
+                }
+                Hold::Pinned(path) => {
+                    let _ = std::fs::remove_file(path);
+                }
             }
         }
     }

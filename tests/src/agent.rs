@@ -156,3 +156,34 @@ impl Drop for Agent {
         }
     }
 }
+
+/// Runs `relay-guard --config CONFIG detach` when dropped, and removes the
+/// pin_dir if that fails, so no program, link or pin outlives a test. Declare
+/// it before the `Agent`s it covers: those are dropped (killed) first.
+pub struct DetachOnDrop {
+    pub config: PathBuf,
+    pub pin_dir: PathBuf,
+}
+
+impl DetachOnDrop {
+    pub fn new(config: PathBuf, pin_dir: PathBuf) -> DetachOnDrop {
+        DetachOnDrop { config, pin_dir }
+    }
+}
+
+/// `relay-guard --config CONFIG ARGS…` outside any namespace; (status, stdout+stderr).
+pub fn cli(config: &std::path::Path, args: &[&str]) -> (ExitStatus, String) {
+    let out = Command::new(agent_bin()).arg("--config").arg(config).args(args).output().expect("run relay-guard");
+    let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
+    text.push_str(&String::from_utf8_lossy(&out.stderr));
+    (out.status, text)
+}
+
+impl Drop for DetachOnDrop {
+    fn drop(&mut self) {
+        let (status, _) = cli(&self.config, &["detach"]);
+        if !status.success() || self.pin_dir.exists() {
+            let _ = std::fs::remove_dir_all(&self.pin_dir);
+        }
+    }
+}

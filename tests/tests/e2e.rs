@@ -13,7 +13,7 @@ use std::{
 };
 
 use relay_guard_tests::{
-    agent::{Agent, METRICS, TempDir},
+    agent::{Agent, DetachOnDrop, METRICS, TempDir, cli},
     lab::{ALLOWED_V4, ALLOWED_V6, DENIED_V4, DENIED_V6, Lab, SOURCES},
     net::{BANNER, BannerServer, SentCounters, connect_banner, http_get, metric},
     netns::unique,
@@ -24,18 +24,19 @@ const GUARDED: [u16; 2] = [25, 587];
 const OPEN: u16 = 22;
 const DENIED_TIMEOUT: Duration = Duration::from_millis(1200);
 
-fn write_config(lab: &Lab, dir: &TempDir, mode: &str, xdp_mode: &str) -> PathBuf {
+fn write_config(lab: &Lab, dir: &TempDir, mode: &str, xdp_mode: &str) -> (PathBuf, DetachOnDrop) {
     // The relay guard reads its allowlist from a file, Spamhaus-style comments
     // included; the submission guard lists its prefixes inline.
     dir.write("relay-allow.txt", "# peers\n192.0.2.10 ; office relay\n2001:db8:a::/48\n\n");
-    dir.write(
+    let pin_dir = PathBuf::from(format!("/sys/fs/bpf/{}", unique("rg-test-")));
+    let config = dir.write(
         "relay-guard.toml",
         &format!(
             r#"interfaces = ["{iface}"]
 mode = "{mode}"
 xdp_mode = "{xdp_mode}"
 metrics_listen = "{METRICS}"
-pin_dir = "/sys/fs/bpf/{pins}"
+pin_dir = "{pins}"
 
 [[guard]]
 name = "submission"
@@ -49,9 +50,10 @@ ports = [25]
 allow_files = ["relay-allow.txt"]
 "#,
             iface = lab.server_if,
-            pins = unique("rg-test-"),
+            pins = pin_dir.display(),
         ),
-    )
+    );
+    (config.clone(), DetachOnDrop::new(config, pin_dir))
 }
 
 fn ip(s: &str) -> IpAddr {
@@ -117,7 +119,8 @@ fn enforce(xdp_mode: &str, test: &str) {
     let dir = TempDir::new();
     let server = BannerServer::start(&lab.server, &[25, 587, OPEN]);
     let sent = SentCounters::install(&lab.client, &SOURCES, &GUARDED);
-    let mut agent = Agent::start(&lab.server, write_config(&lab, &dir, "enforce", xdp_mode), &dir);
+    let (config, detach) = write_config(&lab, &dir, "enforce", xdp_mode);
+    let mut agent = Agent::start(&lab.server, config.clone(), &dir);
 
     let mut admitted = 0;
     for src in SOURCES {
@@ -149,6 +152,20 @@ fn enforce(xdp_mode: &str, test: &str) {
     assert!(log.contains(&format!("mode=\"{}\"", if xdp_mode == "skb" { "skb" } else { "native" })), "{log}");
     let status = agent.stop();
     assert!(status.success(), "agent did not exit cleanly on SIGTERM: {status}\n{}", agent.log_text());
+
+    // The filter outlives the agent: the relay does not reopen.
+    let r = connect_banner(&lab.client, ip(DENIED_V4), ip(relay_guard_tests::lab::SERVER_V4), 25, DENIED_TIMEOUT);
+    assert!(r.is_err(), "a denied source connected after the agent exited: the filter must stay attached");
+    assert!(lab.server.ip(&["link", "show", "dev", &lab.server_if]).contains(" xdp"), "XDP gone after agent exit");
+
+    // `detach` removes program, link and pins; the port opens again.
+    let (status, out) = cli(&config, &["detach"]);
+    assert!(status.success(), "detach failed: {out}");
+    assert!(!detach.pin_dir.exists(), "detach left {} behind", detach.pin_dir.display());
+    assert!(!lab.server.ip(&["link", "show", "dev", &lab.server_if]).contains(" xdp"), "XDP still attached after detach");
+    let banner = connect_banner(&lab.client, ip(DENIED_V4), ip(relay_guard_tests::lab::SERVER_V4), 25, Duration::from_secs(3))
+        .expect("after detach every source connects");
+    assert_eq!(banner, BANNER);
 }
 
 #[test]
@@ -170,7 +187,8 @@ fn monitor_mode_passes_everything_and_counts_would_drop() {
     let dir = TempDir::new();
     let _server = BannerServer::start(&lab.server, &[25, 587, OPEN]);
     let sent = SentCounters::install(&lab.client, &SOURCES, &GUARDED);
-    let _agent = Agent::start(&lab.server, write_config(&lab, &dir, "monitor", "auto"), &dir);
+    let (config, _detach) = write_config(&lab, &dir, "monitor", "auto");
+    let _agent = Agent::start(&lab.server, config, &dir);
     for src in SOURCES {
         for port in GUARDED {
             let banner = connect_banner(&lab.client, ip(src), Lab::server_addr_for(src), port, Duration::from_secs(3))

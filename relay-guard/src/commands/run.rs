@@ -12,6 +12,7 @@ use tracing::{error, info, warn};
 use crate::{
     config::Config,
     loader::{self, Loaded},
+    pins::{self, AgentLock, Pins},
     metrics::{self, AgentMetrics, LabelState},
     policy::Policy,
     sync,
@@ -20,17 +21,26 @@ use crate::{
 pub async fn execute(config_path: &Path) -> anyhow::Result<()> {
     let cfg = Config::load(config_path).map_err(|e| anyhow::anyhow!("invalid config:\n{e}"))?;
     loader::bump_memlock_rlimit();
-    let mut loaded = Loaded::load().context("failed to load the XDP program")?;
+    let pins = Pins::new(&cfg.pin_dir);
+    pins::ensure_bpffs(&cfg.pin_dir)?;
+    let _lock = AgentLock::acquire(&cfg.pin_dir)?;
+    let mut loaded = Loaded::load_pinned(&pins).context("failed to load the XDP program")?;
+    if loaded.adopted {
+        info!(pin_dir = %cfg.pin_dir.display(), "adopted pinned maps (allowlists and counters kept)");
+    }
 
     // Fill the maps before attaching: the program never runs on empty maps.
+    // Adopted maps are synced as a diff, so nothing allowed before and after
+    // sees a gap.
     let stats = sync::apply(&mut loaded.maps, &Policy::compile(&cfg)).context("failed to fill the maps")?;
-    info!(written = stats.written, "maps filled");
+    info!(written = stats.written, removed = stats.removed, unchanged = stats.unchanged, "maps synced");
 
     let mut interfaces = HashMap::new();
     for iface in &cfg.interfaces {
         let a = loaded.attach(iface, cfg.xdp_mode)?;
         interfaces.insert(a.ifindex, a.interface.clone());
     }
+    loaded.prune(&cfg.interfaces);
     info!(mode = ?cfg.mode, interfaces = ?cfg.interfaces, "relay-guard is guarding");
 
     let labels = Arc::new(RwLock::new(LabelState::new(&cfg, interfaces.clone())));
@@ -85,8 +95,9 @@ pub async fn execute(config_path: &Path) -> anyhow::Result<()> {
     if let Some(t) = metrics_task {
         let _ = t.await;
     }
-    loaded.detach_all();
-    info!("detached; bye");
+    // The pinned links keep the filter attached: the relay never reopens
+    // because the agent stopped. `relay-guard detach` removes it.
+    info!(pin_dir = %current.pin_dir.display(), "exiting; the filter stays attached (use `relay-guard detach` to remove it)");
     Ok(())
 }
 

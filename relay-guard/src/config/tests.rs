@@ -87,7 +87,10 @@ fn assert_err(e: &ConfigError, file: &Path, line: usize, quotes: &[&str]) {
     }
     let shown = e.to_string();
     let prefix = format!("{}:{}: ", file.display(), line);
-    assert!(shown.starts_with(&prefix), "display {shown:?} should start with {prefix:?}");
+    assert!(
+        shown.starts_with(&prefix),
+        "display {shown:?} should start with {prefix:?}"
+    );
 }
 
 fn net(s: &str) -> IpNet {
@@ -101,7 +104,10 @@ fn nets(g: &Guard) -> Vec<(IpNet, Action)> {
 
 fn entry<'a>(g: &'a Guard, s: &str) -> &'a Entry {
     let n = net(s);
-    g.entries.iter().find(|e| e.net == n).unwrap_or_else(|| panic!("guard `{}` has no entry {s}", g.name))
+    g.entries
+        .iter()
+        .find(|e| e.net == n)
+        .unwrap_or_else(|| panic!("guard `{}` has no entry {s}", g.name))
 }
 
 const MINIMAL: &str = "interfaces = [\"eth0\"]\n[[guard]]\nallow = [\"192.0.2.0/24\"]\n";
@@ -153,7 +159,10 @@ fn spec_example_parses_with_relative_list_file() {
     assert_eq!(cfg.interfaces, vec!["eth0".to_string()]);
     assert_eq!(cfg.mode, Mode::Enforce);
     assert_eq!(cfg.xdp_mode, XdpMode::Auto);
-    assert_eq!(cfg.metrics_listen, Some("127.0.0.1:10947".parse::<SocketAddr>().expect("addr")));
+    assert_eq!(
+        cfg.metrics_listen,
+        Some("127.0.0.1:10947".parse::<SocketAddr>().expect("addr"))
+    );
     assert_eq!(cfg.pin_dir, PathBuf::from("/sys/fs/bpf/relay-guard"));
     assert_eq!(cfg.list_files, vec![office.clone()]);
     assert_eq!(cfg.guards.len(), 2);
@@ -176,10 +185,34 @@ fn spec_example_parses_with_relative_list_file() {
 
     // Origins: inline entries point into the config (line 1 is the empty line
     // that opens SPEC_EXAMPLE), list entries into the list file.
-    assert_eq!(entry(sub, "192.0.2.0/24").origin, Origin { file: cfg_path.clone(), line: 12 });
-    assert_eq!(entry(sub, "192.0.2.128/25").origin, Origin { file: cfg_path.clone(), line: 14 });
-    assert_eq!(entry(sub, "198.51.100.64/26").origin, Origin { file: office.clone(), line: 2 });
-    assert_eq!(entry(sub, "2001:db8:20::1/128").origin, Origin { file: office.clone(), line: 4 });
+    assert_eq!(
+        entry(sub, "192.0.2.0/24").origin,
+        Origin {
+            file: cfg_path.clone(),
+            line: 12
+        }
+    );
+    assert_eq!(
+        entry(sub, "192.0.2.128/25").origin,
+        Origin {
+            file: cfg_path.clone(),
+            line: 14
+        }
+    );
+    assert_eq!(
+        entry(sub, "198.51.100.64/26").origin,
+        Origin {
+            file: office.clone(),
+            line: 2
+        }
+    );
+    assert_eq!(
+        entry(sub, "2001:db8:20::1/128").origin,
+        Origin {
+            file: office.clone(),
+            line: 4
+        }
+    );
 
     let relay = &cfg.guards[1];
     assert_eq!(relay.name, "relay");
@@ -221,7 +254,13 @@ fn spec_mx_example_parses_with_spamhaus_drop_file() {
     ];
     want.sort();
     assert_eq!(got, want);
-    assert_eq!(entry(mx, "1.10.16.0/20").origin, Origin { file: drop.clone(), line: 3 });
+    assert_eq!(
+        entry(mx, "1.10.16.0/20").origin,
+        Origin {
+            file: drop.clone(),
+            line: 3
+        }
+    );
     assert_eq!(entry(mx, "2001:db8:bad::/48").origin, Origin { file: drop, line: 5 });
 }
 
@@ -230,7 +269,10 @@ fn list_file_absolute_path_is_used_as_is() {
     let dir = TempDir::new();
     let other = TempDir::new();
     let list = other.write("abs.txt", "192.0.2.7\n");
-    let text = format!("interfaces = [\"eth0\"]\n[[guard]]\nallow_files = [{:?}]\n", list.display().to_string());
+    let text = format!(
+        "interfaces = [\"eth0\"]\n[[guard]]\nallow_files = [{:?}]\n",
+        list.display().to_string()
+    );
     let cfg_path = dir.write("relay-guard.toml", &text);
     let cfg = Config::load(&cfg_path).unwrap_or_else(|e| panic!("must load:\n{e}"));
     assert_eq!(cfg.list_files, vec![list]);
@@ -311,13 +353,16 @@ fn unknown_guard_key_is_an_error() {
 
 #[test]
 fn bad_cidr_is_an_error() {
-    let e = one_err("interfaces = [\"eth0\"]\n[[guard]]\nports = [25]\nallow = [\"192.0.2.0/24\", \"192.0.2.300/32\"]\n");
+    let e =
+        one_err("interfaces = [\"eth0\"]\n[[guard]]\nports = [25]\nallow = [\"192.0.2.0/24\", \"192.0.2.300/32\"]\n");
     assert_err(&e, &fake_path(), 4, &["`192.0.2.300/32`"]);
 
     let e = one_err("interfaces = [\"eth0\"]\n[[guard]]\nports = [25]\ndeny = [\"192.0.2.0/33\"]\n");
     assert_err(&e, &fake_path(), 4, &["`192.0.2.0/33`"]);
 
-    let e = one_err("interfaces = [\"eth0\"]\n[[guard]]\nports = [25]\nallow = [\n  \"192.0.2.0/24\",\n  \"mail.example.com\",\n]\n");
+    let e = one_err(
+        "interfaces = [\"eth0\"]\n[[guard]]\nports = [25]\nallow = [\n  \"192.0.2.0/24\",\n  \"mail.example.com\",\n]\n",
+    );
     assert_err(&e, &fake_path(), 6, &["`mail.example.com`"]);
 }
 
@@ -329,7 +374,10 @@ fn host_bits_set_is_an_error_that_suggests_the_network() {
     let e = one_err("interfaces = [\"eth0\"]\n[[guard]]\nports = [25]\n\ndeny = [\"2001:db8::1/32\"]\n");
     assert_err(&e, &fake_path(), 5, &["`2001:db8::1/32`", "`2001:db8::/32`"]);
 
-    assert_eq!(parse_net("192.0.2.5/24"), Err("host bits set; did you mean `192.0.2.0/24`?".to_string()));
+    assert_eq!(
+        parse_net("192.0.2.5/24"),
+        Err("host bits set; did you mean `192.0.2.0/24`?".to_string())
+    );
     assert_eq!(parse_net("192.0.2.0/24"), Ok(net("192.0.2.0/24")));
 }
 
@@ -374,13 +422,20 @@ fn default_ports_collide_with_explicit_ports() {
 
 #[test]
 fn same_prefix_allowed_and_denied_is_an_error() {
-    let text = "interfaces = [\"eth0\"]\n[[guard]]\nports = [25]\nallow = [\"192.0.2.0/24\"]\ndeny = [\"192.0.2.0/24\"]\n";
+    let text =
+        "interfaces = [\"eth0\"]\n[[guard]]\nports = [25]\nallow = [\"192.0.2.0/24\"]\ndeny = [\"192.0.2.0/24\"]\n";
     let e = one_err(text);
     assert_err(&e, &fake_path(), 5, &["`192.0.2.0/24`", "allowed", "denied"]);
-    assert!(e.what.contains(&format!("{}:4", fake_path().display())), "names the allow's origin: {}", e.what);
+    assert!(
+        e.what.contains(&format!("{}:4", fake_path().display())),
+        "names the allow's origin: {}",
+        e.what
+    );
 
     // A bare address and its /32 are the same prefix.
-    let e = one_err("interfaces = [\"eth0\"]\n[[guard]]\nports = [25]\nallow = [\"192.0.2.1\"]\ndeny = [\"192.0.2.1/32\"]\n");
+    let e = one_err(
+        "interfaces = [\"eth0\"]\n[[guard]]\nports = [25]\nallow = [\"192.0.2.1\"]\ndeny = [\"192.0.2.1/32\"]\n",
+    );
     assert_err(&e, &fake_path(), 5, &["192.0.2.1/32"]);
 
     // But the same prefix in two guards is fine.
@@ -430,7 +485,10 @@ fn unreadable_config_file_is_an_error() {
 #[test]
 fn bad_line_in_list_file_names_the_list_file_and_its_line() {
     let dir = TempDir::new();
-    let list = dir.write("allow.txt", "# ok\n192.0.2.0/24\n\n192.0.2.77/24 ; host bits\n198.51.100.1\nnot-an-address\n");
+    let list = dir.write(
+        "allow.txt",
+        "# ok\n192.0.2.0/24\n\n192.0.2.77/24 ; host bits\n198.51.100.1\nnot-an-address\n",
+    );
     let text = "interfaces = [\"eth0\"]\n[[guard]]\nports = [25]\nallow_files = [\"allow.txt\"]\n";
     let cfg_path = dir.write("rg.toml", text);
     let errs = Config::load(&cfg_path).expect_err("bad list").0;
@@ -569,13 +627,23 @@ allow = [\"bogus\"]
     assert!(errs[4].what.contains("`198.51.100.0/24`"));
     let line11: Vec<&str> = errs[5..7].iter().map(|e| e.what.as_str()).collect();
     assert!(line11.iter().any(|w| w.contains("`70000`")), "{line11:?}");
-    assert!(line11.iter().any(|w| w.contains("`25`") && w.contains("`a`") && w.contains("`b`")), "{line11:?}");
+    assert!(
+        line11
+            .iter()
+            .any(|w| w.contains("`25`") && w.contains("`a`") && w.contains("`b`")),
+        "{line11:?}"
+    );
     assert!(errs[7].what.contains("`bogus`"));
 
     // The Display of the whole set is one line per error.
     let shown = ConfigErrors(errs.clone()).to_string();
     assert_eq!(shown.lines().count(), errs.len());
-    assert!(shown.lines().next().is_some_and(|l| l.starts_with(&format!("{}:1: ", fake_path().display()))));
+    assert!(
+        shown
+            .lines()
+            .next()
+            .is_some_and(|l| l.starts_with(&format!("{}:1: ", fake_path().display())))
+    );
 }
 
 #[test]
@@ -588,8 +656,14 @@ fn validation_reports_errors_from_config_and_list_files_together() {
     assert_eq!(errs.len(), 3, "{errs:#?}");
     let find = |file: &Path, line: usize| errs.iter().find(|e| e.file == file && e.line == line);
     assert!(find(&cfg_path, 3).is_some_and(|e| e.what.contains("`0`")), "{errs:#?}");
-    assert!(find(&cfg_path, 4).is_some_and(|e| e.what.contains("`absent.txt`")), "{errs:#?}");
-    assert!(find(&bad_list, 2).is_some_and(|e| e.what.contains("`foo`")), "{errs:#?}");
+    assert!(
+        find(&cfg_path, 4).is_some_and(|e| e.what.contains("`absent.txt`")),
+        "{errs:#?}"
+    );
+    assert!(
+        find(&bad_list, 2).is_some_and(|e| e.what.contains("`foo`")),
+        "{errs:#?}"
+    );
 }
 
 // ---------------------------------------------------------------------------
@@ -629,7 +703,11 @@ fn list_file_comments_blank_lines_and_bare_addresses() {
             (net("2001:db8:0:1::/64"), 11),
         ]
     );
-    assert!(entries.iter().all(|e| e.action == Action::Deny && e.origin.file == file));
+    assert!(
+        entries
+            .iter()
+            .all(|e| e.action == Action::Deny && e.origin.file == file)
+    );
     // Bare addresses are host routes.
     assert_eq!(entries[2].net.prefix_len(), 32);
     assert_eq!(entries[5].net.prefix_len(), 128);
@@ -638,8 +716,11 @@ fn list_file_comments_blank_lines_and_bare_addresses() {
 #[test]
 fn list_file_errors_name_file_line_and_value() {
     let file = PathBuf::from("/lists/allow.txt");
-    let (entries, errors) =
-        parse_list(&file, "192.0.2.0/24\n\n10.0.0.1/8 ; host bits\n2001:db8::/129\n1.2.3.4 5.6.7.8\n", Action::Allow);
+    let (entries, errors) = parse_list(
+        &file,
+        "192.0.2.0/24\n\n10.0.0.1/8 ; host bits\n2001:db8::/129\n1.2.3.4 5.6.7.8\n",
+        Action::Allow,
+    );
     assert_eq!(entries.len(), 1);
     assert_eq!(entries[0].net, net("192.0.2.0/24"));
     assert_eq!(errors.len(), 3, "{errors:#?}");
@@ -660,7 +741,10 @@ fn bare_addresses_are_host_prefixes() {
     let cfg = parse_ok("interfaces = [\"eth0\"]\n[[guard]]\nallow = [\"198.51.100.7\", \"2001:db8::7\"]\n");
     assert_eq!(
         nets(&cfg.guards[0]),
-        vec![(net("198.51.100.7/32"), Action::Allow), (net("2001:db8::7/128"), Action::Allow)]
+        vec![
+            (net("198.51.100.7/32"), Action::Allow),
+            (net("2001:db8::7/128"), Action::Allow)
+        ]
     );
 }
 
@@ -694,8 +778,20 @@ fn duplicate_entry_across_inline_and_list_file_is_kept_once() {
     let cfg_path = dir.write("rg.toml", text);
     let cfg = Config::load(&cfg_path).unwrap_or_else(|e| panic!("must load:\n{e}"));
     let g = &cfg.guards[0];
-    assert_eq!(nets(g), vec![(net("192.0.2.0/24"), Action::Allow), (net("2001:db8::/32"), Action::Allow)]);
+    assert_eq!(
+        nets(g),
+        vec![
+            (net("192.0.2.0/24"), Action::Allow),
+            (net("2001:db8::/32"), Action::Allow)
+        ]
+    );
     // The first occurrence (inline, line 4) is the one kept.
-    assert_eq!(g.entries[0].origin, Origin { file: cfg_path.clone(), line: 4 });
+    assert_eq!(
+        g.entries[0].origin,
+        Origin {
+            file: cfg_path.clone(),
+            line: 4
+        }
+    );
     assert_eq!(cfg.list_files, vec![dir.path().join("a.txt"), dir.path().join("b.txt")]);
 }

@@ -22,14 +22,21 @@ fn entry(s: &str, action: Action) -> Entry {
     Entry {
         net: parse_net(s).unwrap_or_else(|e| panic!("test entry {s}: {e}")),
         action,
-        origin: Origin { file: PathBuf::from("test.toml"), line: 1 },
+        origin: Origin {
+            file: PathBuf::from("test.toml"),
+            line: 1,
+        },
     }
 }
 
 fn guard(name: &str, ports: &[u16], allow: &[&str], deny: &[&str]) -> Guard {
     let mut entries: Vec<Entry> = allow.iter().map(|s| entry(s, Action::Allow)).collect();
     entries.extend(deny.iter().map(|s| entry(s, Action::Deny)));
-    Guard { name: name.to_string(), ports: ports.to_vec(), entries }
+    Guard {
+        name: name.to_string(),
+        ports: ports.to_vec(),
+        entries,
+    }
 }
 
 fn config(mode: Mode, guards: Vec<Guard>) -> Config {
@@ -87,19 +94,57 @@ fn assert_agrees_with_model(cfg: &Config, p: &Policy, addrs: &[&str]) {
 fn compile_ports_map_holds_guard_indices() {
     let cfg = config(
         Mode::Enforce,
-        vec![guard("submission", &[465, 587], &["192.0.2.0/24"], &[]), guard("relay", &[25], &["203.0.113.0/24"], &[])],
+        vec![
+            guard("submission", &[465, 587], &["192.0.2.0/24"], &[]),
+            guard("relay", &[25], &["203.0.113.0/24"], &[]),
+        ],
     );
     let p = Policy::compile(&cfg);
     let want: BTreeMap<u16, GuardedPort> = [
-        (25, GuardedPort { active: 1, guard: 1, _pad: [0; 2] }),
-        (465, GuardedPort { active: 1, guard: 0, _pad: [0; 2] }),
-        (587, GuardedPort { active: 1, guard: 0, _pad: [0; 2] }),
+        (
+            25,
+            GuardedPort {
+                active: 1,
+                guard: 1,
+                _pad: [0; 2],
+            },
+        ),
+        (
+            465,
+            GuardedPort {
+                active: 1,
+                guard: 0,
+                _pad: [0; 2],
+            },
+        ),
+        (
+            587,
+            GuardedPort {
+                active: 1,
+                guard: 0,
+                _pad: [0; 2],
+            },
+        ),
     ]
     .into_iter()
     .collect();
     assert_eq!(p.ports, want);
-    assert!(matches!(p.lookup(ip("203.0.113.9"), 25), Lookup::Judged { guard: 1, allowed: true, .. }));
-    assert!(matches!(p.lookup(ip("192.0.2.9"), 587), Lookup::Judged { guard: 0, allowed: true, .. }));
+    assert!(matches!(
+        p.lookup(ip("203.0.113.9"), 25),
+        Lookup::Judged {
+            guard: 1,
+            allowed: true,
+            ..
+        }
+    ));
+    assert!(matches!(
+        p.lookup(ip("192.0.2.9"), 587),
+        Lookup::Judged {
+            guard: 0,
+            allowed: true,
+            ..
+        }
+    ));
 }
 
 #[test]
@@ -116,7 +161,10 @@ fn compile_mode_value() {
 /// that deny /25 allows".
 #[test]
 fn nested_deny_in_allow_and_allow_in_deny() {
-    let cfg = config(Mode::Enforce, vec![guard("g", &[25], &["192.0.2.0/24", "192.0.2.129"], &["192.0.2.128/25"])]);
+    let cfg = config(
+        Mode::Enforce,
+        vec![guard("g", &[25], &["192.0.2.0/24", "192.0.2.129"], &["192.0.2.128/25"])],
+    );
     let p = Policy::compile(&cfg);
 
     let want: BTreeMap<(u8, [u8; 4]), AllowMask> = [
@@ -141,15 +189,27 @@ fn nested_deny_in_allow_and_allow_in_deny() {
     // The reported prefix is the longest stored one.
     assert_eq!(
         p.lookup(ip("192.0.2.200"), 25),
-        Lookup::Judged { guard: 0, allowed: false, prefix: Some(net("192.0.2.128/25")) }
+        Lookup::Judged {
+            guard: 0,
+            allowed: false,
+            prefix: Some(net("192.0.2.128/25"))
+        }
     );
     assert_eq!(
         p.lookup(ip("192.0.2.129"), 25),
-        Lookup::Judged { guard: 0, allowed: true, prefix: Some(net("192.0.2.129/32")) }
+        Lookup::Judged {
+            guard: 0,
+            allowed: true,
+            prefix: Some(net("192.0.2.129/32"))
+        }
     );
     assert_eq!(
         p.lookup(ip("192.0.2.10"), 25),
-        Lookup::Judged { guard: 0, allowed: true, prefix: Some(net("192.0.2.0/24")) }
+        Lookup::Judged {
+            guard: 0,
+            allowed: true,
+            prefix: Some(net("192.0.2.0/24"))
+        }
     );
     assert_agrees_with_model(&cfg, &p, &["192.0.2.200", "192.0.2.10", "192.0.2.129", "192.0.3.1"]);
 }
@@ -158,13 +218,24 @@ fn nested_deny_in_allow_and_allow_in_deny() {
 fn nested_ipv6_deny_in_allow_and_allow_in_deny() {
     let cfg = config(
         Mode::Enforce,
-        vec![guard("g", &[587], &["2001:db8:10::/48", "2001:db8:10:8000::1"], &["2001:db8:10:8000::/49"])],
+        vec![guard(
+            "g",
+            &[587],
+            &["2001:db8:10::/48", "2001:db8:10:8000::1"],
+            &["2001:db8:10:8000::/49"],
+        )],
     );
     let p = Policy::compile(&cfg);
     assert!(p.v4.is_empty());
     assert_eq!(p.v6.len(), 3);
-    assert_eq!(p.v6.get(&(49, ip6("2001:db8:10:8000::").octets())), Some(&AllowMask { allow: 0 }));
-    assert_eq!(p.v6.get(&(128, ip6("2001:db8:10:8000::1").octets())), Some(&AllowMask { allow: 1 }));
+    assert_eq!(
+        p.v6.get(&(49, ip6("2001:db8:10:8000::").octets())),
+        Some(&AllowMask { allow: 0 })
+    );
+    assert_eq!(
+        p.v6.get(&(128, ip6("2001:db8:10:8000::1").octets())),
+        Some(&AllowMask { allow: 1 })
+    );
     assert!(allowed(&p, "2001:db8:10::5", 587));
     assert!(!allowed(&p, "2001:db8:10:8000::2", 587));
     assert!(!allowed(&p, "2001:db8:10:ffff::", 587));
@@ -207,10 +278,17 @@ fn masks_of_two_guards_sharing_prefixes() {
 fn ipv4_entries_never_match_ipv6_and_vice_versa() {
     let cfg = config(
         Mode::Enforce,
-        vec![guard("v4", &[25], &["0.0.0.0/0"], &[]), guard("v6", &[587], &["::/0"], &[]), guard("both", &[465], &["192.0.2.0/24", "2001:db8::/32"], &[])],
+        vec![
+            guard("v4", &[25], &["0.0.0.0/0"], &[]),
+            guard("v6", &[587], &["::/0"], &[]),
+            guard("both", &[465], &["192.0.2.0/24", "2001:db8::/32"], &[]),
+        ],
     );
     let p = Policy::compile(&cfg);
-    assert_eq!(p.v4.keys().copied().collect::<Vec<_>>(), vec![(0, [0; 4]), (24, [192, 0, 2, 0])]);
+    assert_eq!(
+        p.v4.keys().copied().collect::<Vec<_>>(),
+        vec![(0, [0; 4]), (24, [192, 0, 2, 0])]
+    );
     assert_eq!(p.v6.len(), 2);
     assert!(p.v6.contains_key(&(0, [0; 16])));
 
@@ -234,7 +312,14 @@ fn ipv4_entries_never_match_ipv6_and_vice_versa() {
     assert_agrees_with_model(
         &cfg,
         &p,
-        &["198.51.100.1", "2001:db8::1", "::ffff:198.51.100.1", "192.0.2.1", "::ffff:192.0.2.1", "32.1.13.184"],
+        &[
+            "198.51.100.1",
+            "2001:db8::1",
+            "::ffff:198.51.100.1",
+            "192.0.2.1",
+            "::ffff:192.0.2.1",
+            "32.1.13.184",
+        ],
     );
 }
 
@@ -242,15 +327,36 @@ fn ipv4_entries_never_match_ipv6_and_vice_versa() {
 fn no_match_denies() {
     let cfg = config(
         Mode::Enforce,
-        vec![guard("g", &[25], &["192.0.2.0/24", "2001:db8::/32"], &[]), guard("empty", &[587], &[], &[])],
+        vec![
+            guard("g", &[25], &["192.0.2.0/24", "2001:db8::/32"], &[]),
+            guard("empty", &[587], &[], &[]),
+        ],
     );
     let p = Policy::compile(&cfg);
-    assert_eq!(p.lookup(ip("198.51.100.1"), 25), Lookup::Judged { guard: 0, allowed: false, prefix: None });
-    assert_eq!(p.lookup(ip("2001:db9::1"), 25), Lookup::Judged { guard: 0, allowed: false, prefix: None });
+    assert_eq!(
+        p.lookup(ip("198.51.100.1"), 25),
+        Lookup::Judged {
+            guard: 0,
+            allowed: false,
+            prefix: None
+        }
+    );
+    assert_eq!(
+        p.lookup(ip("2001:db9::1"), 25),
+        Lookup::Judged {
+            guard: 0,
+            allowed: false,
+            prefix: None
+        }
+    );
     // A guard with no entries denies everything, even where another guard's prefix matches.
     assert_eq!(
         p.lookup(ip("192.0.2.1"), 587),
-        Lookup::Judged { guard: 1, allowed: false, prefix: Some(net("192.0.2.0/24")) }
+        Lookup::Judged {
+            guard: 1,
+            allowed: false,
+            prefix: Some(net("192.0.2.0/24"))
+        }
     );
     assert!(!allowed(&p, "198.51.100.1", 587));
     assert!(!allowed(&p, "2001:db8::1", 587));
@@ -261,7 +367,10 @@ fn no_match_denies() {
 
 #[test]
 fn unguarded_port_is_not_guarded() {
-    let cfg = config(Mode::Enforce, vec![guard("g", &[25, 465, 587], &["0.0.0.0/0", "::/0"], &[])]);
+    let cfg = config(
+        Mode::Enforce,
+        vec![guard("g", &[25, 465, 587], &["0.0.0.0/0", "::/0"], &[])],
+    );
     let mut p = Policy::compile(&cfg);
     for port in [0, 24, 26, 80, 443, 2525, 65535] {
         assert_eq!(p.lookup(ip("192.0.2.1"), port), Lookup::NotGuarded, "port {port}");
@@ -269,7 +378,14 @@ fn unguarded_port_is_not_guarded() {
     }
     assert!(allowed(&p, "192.0.2.1", 25));
     // A slot that is present but inactive is not guarded either.
-    p.ports.insert(2525, GuardedPort { active: 0, guard: 0, _pad: [0; 2] });
+    p.ports.insert(
+        2525,
+        GuardedPort {
+            active: 0,
+            guard: 0,
+            _pad: [0; 2],
+        },
+    );
     assert_eq!(p.lookup(ip("192.0.2.1"), 2525), Lookup::NotGuarded);
 }
 
@@ -278,7 +394,12 @@ fn guards_on_different_ports_are_judged_independently() {
     let cfg = config(
         Mode::Enforce,
         vec![
-            guard("submission", &[465, 587], &["192.0.2.0/24", "2001:db8:10::/48"], &["192.0.2.128/25"]),
+            guard(
+                "submission",
+                &[465, 587],
+                &["192.0.2.0/24", "2001:db8:10::/48"],
+                &["192.0.2.128/25"],
+            ),
             guard("relay", &[25], &["203.0.113.0/24", "192.0.2.128/25"], &["203.0.113.7"]),
         ],
     );
@@ -286,10 +407,16 @@ fn guards_on_different_ports_are_judged_independently() {
     for port in [465, 587] {
         assert!(allowed(&p, "192.0.2.1", port));
         assert!(!allowed(&p, "192.0.2.200", port));
-        assert!(!allowed(&p, "203.0.113.1", port), "relay's allow does not leak into submission");
+        assert!(
+            !allowed(&p, "203.0.113.1", port),
+            "relay's allow does not leak into submission"
+        );
         assert!(allowed(&p, "2001:db8:10::1", port));
     }
-    assert!(!allowed(&p, "192.0.2.1", 25), "submission's allow does not leak into relay");
+    assert!(
+        !allowed(&p, "192.0.2.1", 25),
+        "submission's allow does not leak into relay"
+    );
     assert!(allowed(&p, "192.0.2.200", 25));
     assert!(allowed(&p, "203.0.113.1", 25));
     assert!(!allowed(&p, "203.0.113.7", 25));
@@ -297,7 +424,14 @@ fn guards_on_different_ports_are_judged_independently() {
     assert_agrees_with_model(
         &cfg,
         &p,
-        &["192.0.2.1", "192.0.2.200", "203.0.113.1", "203.0.113.7", "2001:db8:10::1", "198.51.100.1"],
+        &[
+            "192.0.2.1",
+            "192.0.2.200",
+            "203.0.113.1",
+            "203.0.113.7",
+            "2001:db8:10::1",
+            "198.51.100.1",
+        ],
     );
 }
 
@@ -316,9 +450,20 @@ fn allow_all_with_deny_carve_out() {
     assert_eq!(p.v4.get(&(0, [0; 4])), Some(&AllowMask { allow: 1 }));
     assert_eq!(p.v4.get(&(20, [1, 10, 16, 0])), Some(&AllowMask { allow: 0 }));
     assert_eq!(p.v6.get(&(0, [0; 16])), Some(&AllowMask { allow: 1 }));
-    assert_eq!(p.v6.get(&(48, ip6("2001:db8:bad::").octets())), Some(&AllowMask { allow: 0 }));
+    assert_eq!(
+        p.v6.get(&(48, ip6("2001:db8:bad::").octets())),
+        Some(&AllowMask { allow: 0 })
+    );
 
-    for a in ["0.0.0.0", "255.255.255.255", "198.51.100.1", "1.10.32.0", "1.10.15.255", "1.20.0.0", "1.10.16.77"] {
+    for a in [
+        "0.0.0.0",
+        "255.255.255.255",
+        "198.51.100.1",
+        "1.10.32.0",
+        "1.10.15.255",
+        "1.20.0.0",
+        "1.10.16.77",
+    ] {
         assert!(allowed(&p, a, 25), "{a}");
     }
     for a in ["1.10.16.0", "1.10.31.255", "1.10.16.78", "1.19.200.1"] {
@@ -358,7 +503,12 @@ fn sixty_four_guards_use_every_bit() {
 
 #[test]
 fn allow_counts_per_family() {
-    let g = guard("g", &[25], &["192.0.2.0/24", "198.51.100.7", "2001:db8::/32"], &["192.0.2.128/25", "2001:db8:1::/48"]);
+    let g = guard(
+        "g",
+        &[25],
+        &["192.0.2.0/24", "198.51.100.7", "2001:db8::/32"],
+        &["192.0.2.128/25", "2001:db8:1::/48"],
+    );
     assert_eq!(Policy::allow_counts(&g), (2, 1));
     assert_eq!(Policy::allow_counts(&guard("e", &[25], &[], &["0.0.0.0/0"])), (0, 0));
 }
@@ -367,7 +517,10 @@ fn allow_counts_per_family() {
 fn model_allows_reference_cases() {
     let g = guard("g", &[25], &["192.0.2.0/24", "192.0.2.129"], &["192.0.2.128/25"]);
     assert_eq!(model_allows(&g, ip("192.0.2.10")), (true, Some(net("192.0.2.0/24"))));
-    assert_eq!(model_allows(&g, ip("192.0.2.200")), (false, Some(net("192.0.2.128/25"))));
+    assert_eq!(
+        model_allows(&g, ip("192.0.2.200")),
+        (false, Some(net("192.0.2.128/25")))
+    );
     assert_eq!(model_allows(&g, ip("192.0.2.129")), (true, Some(net("192.0.2.129/32"))));
     assert_eq!(model_allows(&g, ip("198.51.100.1")), (false, None));
     assert_eq!(model_allows(&g, ip("::ffff:192.0.2.10")), (false, None));
@@ -424,7 +577,9 @@ impl Fam {
 
     fn addr(self, a: u128) -> IpAddr {
         match self {
-            Fam::V4 => IpAddr::V4(Ipv4Addr::from(u32::try_from(a & self.width_mask()).expect("masked to 32 bits"))),
+            Fam::V4 => IpAddr::V4(Ipv4Addr::from(
+                u32::try_from(a & self.width_mask()).expect("masked to 32 bits"),
+            )),
             Fam::V6 => IpAddr::V6(Ipv6Addr::from(a)),
         }
     }
@@ -456,8 +611,12 @@ struct RawCase {
 }
 
 fn raw_entry() -> impl Strategy<Value = RawEntry> {
-    (any::<u128>(), any::<u8>(), any::<u8>(), any::<bool>())
-        .prop_map(|(r, len_sel, len_val, allow)| RawEntry { r, len_sel, len_val, allow })
+    (any::<u128>(), any::<u8>(), any::<u8>(), any::<bool>()).prop_map(|(r, len_sel, len_val, allow)| RawEntry {
+        r,
+        len_sel,
+        len_val,
+        allow,
+    })
 }
 
 fn raw_case(fam: Fam, guards: std::ops::RangeInclusive<usize>) -> impl Strategy<Value = RawCase> {
@@ -467,7 +626,12 @@ fn raw_case(fam: Fam, guards: std::ops::RangeInclusive<usize>) -> impl Strategy<
         prop::collection::vec(prop::collection::vec(raw_entry(), 0..=20), guards),
         prop::collection::vec((any::<u8>(), any::<u128>()), 1..=32),
     )
-        .prop_map(|(base, shift, guards, addrs)| RawCase { base, shift, guards, addrs })
+        .prop_map(|(base, shift, guards, addrs)| RawCase {
+            base,
+            shift,
+            guards,
+            addrs,
+        })
 }
 
 impl RawCase {
@@ -479,7 +643,7 @@ impl RawCase {
     /// the varying bits.
     fn len(&self, fam: Fam, e: &RawEntry) -> u8 {
         let bits = fam.bits();
-        let len = if e.len_sel % 5 == 0 {
+        let len = if e.len_sel.is_multiple_of(5) {
             u32::from(e.len_val) % (bits + 1)
         } else {
             let lo = bits - self.shift - VAR_BITS;
@@ -497,7 +661,9 @@ impl RawCase {
                 let mut seen = BTreeSet::new();
                 let mut out = Vec::new();
                 for e in raw {
-                    let n = IpNet::new(fam.addr(self.cluster(fam, e.r)), self.len(fam, e)).expect("valid len").trunc();
+                    let n = IpNet::new(fam.addr(self.cluster(fam, e.r)), self.len(fam, e))
+                        .expect("valid len")
+                        .trunc();
                     if seen.insert(n) {
                         out.push((n, if e.allow { Action::Allow } else { Action::Deny }));
                     }
@@ -513,7 +679,7 @@ impl RawCase {
         let mut out: Vec<IpAddr> = self
             .addrs
             .iter()
-            .map(|&(sel, r)| fam.addr(if sel % 4 == 0 { r } else { self.cluster(fam, r) }))
+            .map(|&(sel, r)| fam.addr(if sel.is_multiple_of(4) { r } else { self.cluster(fam, r) }))
             .collect();
         for (n, _) in entries.iter().flatten() {
             let first = Fam::num(n.network());
@@ -542,7 +708,14 @@ fn build_config(entries: &[Vec<(IpNet, Action)>], nports: &[u8]) -> Config {
             ports: ports_of(i, nports[i % nports.len()]),
             entries: es
                 .iter()
-                .map(|&(net, action)| Entry { net, action, origin: Origin { file: PathBuf::from("prop.toml"), line: 1 } })
+                .map(|&(net, action)| Entry {
+                    net,
+                    action,
+                    origin: Origin {
+                        file: PathBuf::from("prop.toml"),
+                        line: 1,
+                    },
+                })
                 .collect(),
         })
         .collect();
@@ -609,11 +782,21 @@ fn check_policy(cfg: &Config, addrs: &[IpAddr]) -> Result<(), TestCaseError> {
 /// drive the property through `Config::parse` too.
 fn toml_of(entries: &[Vec<(IpNet, Action)>], nports: &[u8]) -> String {
     let quote = |n: &IpNet| {
-        if n.prefix_len() == n.max_prefix_len() { format!("\"{}\"", n.addr()) } else { format!("\"{n}\"") }
+        if n.prefix_len() == n.max_prefix_len() {
+            format!("\"{}\"", n.addr())
+        } else {
+            format!("\"{n}\"")
+        }
     };
     let mut s = String::from("interfaces = [\"eth0\"]\nmetrics_listen = \"\"\n");
     for (i, es) in entries.iter().enumerate() {
-        let list = |action| es.iter().filter(|(_, a)| *a == action).map(|(n, _)| quote(n)).collect::<Vec<_>>().join(", ");
+        let list = |action| {
+            es.iter()
+                .filter(|(_, a)| *a == action)
+                .map(|(n, _)| quote(n))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
         let ports = ports_of(i, nports[i % nports.len()]);
         s.push_str(&format!(
             "\n[[guard]]\nports = {ports:?}\nallow = [{}]\ndeny = [{}]\n",
@@ -626,7 +809,11 @@ fn toml_of(entries: &[Vec<(IpNet, Action)>], nports: &[u8]) -> String {
 
 fn prop_config() -> ProptestConfig {
     // No regression files: this crate's source tree is not the place for them.
-    ProptestConfig { cases: 512, failure_persistence: None, ..ProptestConfig::default() }
+    ProptestConfig {
+        cases: 512,
+        failure_persistence: None,
+        ..ProptestConfig::default()
+    }
 }
 
 proptest! {
