@@ -24,8 +24,10 @@ pub mod maps {
     pub const COUNTERS: &str = "RG_COUNTERS";
     /// `Array<Settings>` with one entry: knobs that change at run time.
     pub const SETTINGS: &str = "RG_SETTINGS";
-    /// Every map the program must define.
-    pub const ALL: &[&str] = &[PORTS, PREFIXES_V4, PREFIXES_V6, COUNTERS, SETTINGS];
+    /// `LruHashMap<SourceKey, SourceStats>`: recently blocked sources, for `top`.
+    pub const SOURCES: &str = "RG_SOURCES";
+    /// Every map the program must define (and the agent pins).
+    pub const ALL: &[&str] = &[PORTS, PREFIXES_V4, PREFIXES_V6, COUNTERS, SETTINGS, SOURCES];
 }
 
 /// Version of the map layout. Pinned state lives under `layout-<N>/`, so an
@@ -41,6 +43,11 @@ pub const MAX_GUARDS: usize = 64;
 pub const MAX_PREFIXES: u32 = 1 << 20;
 /// Capacity of the counter map: interfaces x guarded ports x families x verdicts.
 pub const MAX_COUNTERS: u32 = 16_384;
+
+/// Capacity of the blocked-source LRU map.
+pub const MAX_SOURCES: u32 = 65_536;
+/// At most one log event per blocked source per this many nanoseconds.
+pub const EVENT_INTERVAL_NS: u64 = 1_000_000_000;
 
 /// Verdicts recorded in [`CounterKey::verdict`].
 pub mod verdict {
@@ -112,6 +119,40 @@ pub struct CounterKey {
     pub _pad: [u8; 3],
 }
 
+/// Key of [`maps::SOURCES`]: a blocked source address.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SourceKey {
+    /// Network byte order; IPv4 uses the first 4 bytes, the rest zero.
+    pub addr: [u8; 16],
+    /// One of [`family`].
+    pub family: u8,
+    /// Must be zero: the kernel hashes every byte of the key.
+    pub _pad: [u8; 3],
+}
+
+/// Value of [`maps::SOURCES`]. Shared by all CPUs and updated without
+/// atomics (last writer wins; a rare concurrent increment may be lost): it
+/// ranks sources for `top`; exact totals are in [`maps::COUNTERS`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SourceStats {
+    /// Packets from this source judged not allowed (dropped or would_drop).
+    pub packets: u64,
+    /// `bpf_ktime_get_ns` (CLOCK_MONOTONIC) of the last such packet.
+    pub last_seen_ns: u64,
+    /// `bpf_ktime_get_ns` of the last log event for this source.
+    pub last_event_ns: u64,
+    /// Destination port of the last such packet (host order).
+    pub last_port: u16,
+    /// Guard of the last such packet.
+    pub last_guard: u8,
+    /// Verdict of the last such packet ([`verdict::DROPPED`] or [`verdict::WOULD_DROP`]).
+    pub last_verdict: u8,
+    /// Must be zero.
+    pub _pad: [u8; 4],
+}
+
 /// Value of [`maps::SETTINGS`] (one entry, index 0).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -129,6 +170,8 @@ const _: () = assert!(size_of::<GuardedPort>() == 4);
 const _: () = assert!(size_of::<AllowMask>() == 8);
 const _: () = assert!(size_of::<CounterKey>() == 12);
 const _: () = assert!(size_of::<Settings>() == 4);
+const _: () = assert!(size_of::<SourceKey>() == 20);
+const _: () = assert!(size_of::<SourceStats>() == 32);
 
 #[cfg(feature = "user")]
 mod pod {
@@ -137,4 +180,6 @@ mod pod {
     unsafe impl aya::Pod for super::AllowMask {}
     unsafe impl aya::Pod for super::CounterKey {}
     unsafe impl aya::Pod for super::Settings {}
+    unsafe impl aya::Pod for super::SourceKey {}
+    unsafe impl aya::Pod for super::SourceStats {}
 }

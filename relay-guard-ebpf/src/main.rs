@@ -13,18 +13,19 @@ mod cursor;
 mod eth;
 mod ipv4;
 mod ipv6;
+mod sources;
 mod tcp;
 mod verdict;
 
 use aya_ebpf::{
     bindings::xdp_action::{XDP_DROP, XDP_PASS},
     macros::{map, xdp},
-    maps::{Array, LpmTrie, PerCpuHashMap},
+    maps::{Array, LpmTrie, LruHashMap, PerCpuHashMap},
     programs::XdpContext,
 };
 use relay_guard_common::{
-    AllowMask, CounterKey, GuardedPort, MAX_COUNTERS, MAX_PREFIXES, PORT_SLOTS, Settings, V4Addr,
-    V6Addr, family, mode, verdict as v,
+    AllowMask, CounterKey, GuardedPort, MAX_COUNTERS, MAX_PREFIXES, MAX_SOURCES, PORT_SLOTS, Settings,
+    SourceKey, SourceStats, V4Addr, V6Addr, family, mode, verdict as v,
 };
 
 use crate::cursor::{Cursor, Stop};
@@ -46,6 +47,9 @@ static COUNTERS: PerCpuHashMap<CounterKey, u64> = PerCpuHashMap::with_max_entrie
 #[map(name = "RG_SETTINGS")]
 static SETTINGS: Array<Settings> = Array::with_max_entries(1, 0);
 
+#[map(name = "RG_SOURCES")]
+static SOURCES: LruHashMap<SourceKey, SourceStats> = LruHashMap::with_max_entries(MAX_SOURCES, 0);
+
 // ---- Entry ----
 
 /// A TCP segment to a guarded port, judged.
@@ -54,6 +58,8 @@ struct Judged {
     guard: u8,
     family: u8,
     allowed: bool,
+    /// Source address, network order; IPv4 in the first 4 bytes.
+    src: [u8; 16],
 }
 
 /// `frags`: the program declares multi-buffer support, so it attaches to
@@ -81,6 +87,10 @@ pub fn relay_guard(ctx: XdpContext) -> u32 {
                 (false, true) => v::WOULD_DROP,
                 (false, false) => v::DROPPED,
             };
+            if !j.allowed {
+                let src = SourceKey { addr: j.src, family: j.family, _pad: [0; 3] };
+                sources::record(&ctx, &src, j.port, j.guard, key.verdict);
+            }
             exit(&key)
         }
     }
@@ -104,13 +114,18 @@ fn judge(ctx: &XdpContext) -> Result<Judged, Stop> {
             let src = ipv4::parse_ipv4(&mut c)?;
             let port = tcp::parse_tcp(&mut c, family::IPV4)?;
             let guard = verdict::guard_of(port).ok_or(Stop::NotOurs)?;
-            Ok(Judged { port, guard, family: family::IPV4, allowed: verdict::allowed_v4(src, guard) })
+            let mut addr = [0u8; 16];
+            addr[0] = src[0];
+            addr[1] = src[1];
+            addr[2] = src[2];
+            addr[3] = src[3];
+            Ok(Judged { port, guard, family: family::IPV4, allowed: verdict::allowed_v4(src, guard), src: addr })
         }
         eth::ETH_P_IPV6 => {
             let src = ipv6::parse_ipv6(&mut c)?;
             let port = tcp::parse_tcp(&mut c, family::IPV6)?;
             let guard = verdict::guard_of(port).ok_or(Stop::NotOurs)?;
-            Ok(Judged { port, guard, family: family::IPV6, allowed: verdict::allowed_v6(src, guard) })
+            Ok(Judged { port, guard, family: family::IPV6, allowed: verdict::allowed_v6(src, guard), src })
         }
         _ => Err(Stop::NotOurs),
     }

@@ -33,4 +33,34 @@ pub enum Command {
     /// Remove the XDP program from every interface and delete every pin under
     /// the config's pin_dir. Refuses while an agent runs with that pin_dir.
     Detach,
+    /// Show what the kernel holds for this config's pin_dir: attached
+    /// interfaces, mode, guarded ports, prefix counts and counters, read from
+    /// the pinned maps (works while the agent is down), and whether they match
+    /// the config.
+    Status {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Explain the verdict for a source address and destination port: the
+    /// guard and the prefix that decide it, from the config (file and line)
+    /// and from the kernel maps. Exits 1 when the two differ.
+    Explain {
+        /// Source address (IPv4 or IPv6).
+        addr: std::net::IpAddr,
+        /// Destination TCP port.
+        port: u16,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List the sources dropped most often (from the kernel's blocked-source map).
+    Top {
+        /// How many sources to show.
+        #[arg(long, short = 'n', default_value_t = 20)]
+        limit: usize,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
 }

@@ -21,6 +21,8 @@ pub enum LoadError {
     NoInterface { interface: String },
     #[error("failed to attach to `{interface}` in {mode} mode{hint}")]
     Attach { interface: String, mode: &'static str, hint: &'static str, #[source] source: aya::programs::ProgramError },
+    #[error("nothing is pinned at `{}` for this version: is the agent installed with this config's pin_dir, and has it run?", pin_dir.display())]
+    NotPinned { pin_dir: PathBuf },
     #[error("pin_dir `{}` is not on a bpffs (mount one, or use a path under /sys/fs/bpf)", path.display())]
     NotBpffs { path: PathBuf },
     #[error("another relay-guard agent (pid {holder}) is running with pin_dir `{}`; stop it first", pin_dir.display())]

@@ -5,11 +5,13 @@ pub mod cli;
 pub mod commands;
 pub mod config;
 pub mod error;
+pub mod kernel;
 pub mod loader;
 pub mod metrics;
 pub mod model;
 pub mod pins;
 pub mod policy;
+pub mod reload;
 pub mod sync;
 
 /// The XDP object built from `relay-guard-ebpf` by `build.rs`. Empty when

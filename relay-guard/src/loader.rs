@@ -64,6 +64,9 @@ pub struct Loaded {
     pins: Option<Pins>,
     /// True when the maps were adopted from pinned state (counters kept).
     pub adopted: bool,
+    /// Reader of the program's aya-log ring buffer (rate-limited blocked-source
+    /// events); `run` drains it.
+    pub logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
 }
 
 /// Raises RLIMIT_MEMLOCK for kernels that still charge BPF memory to it
@@ -130,7 +133,14 @@ impl Loaded {
             let _ = std::fs::remove_file(&path);
             prog.pin(&path).map_err(|source| LoadError::PinObject { what: "program".into(), path, source })?;
         }
-        Ok(Loaded { ebpf, maps, counters, attached: Vec::new(), pins: pins.cloned(), adopted })
+        let logger = match aya_log::EbpfLogger::init(&mut ebpf) {
+            Ok(l) => Some(l),
+            Err(e) => {
+                warn!(error = %e, "blocked-source events unavailable");
+                None
+            }
+        };
+        Ok(Loaded { ebpf, maps, counters, attached: Vec::new(), pins: pins.cloned(), adopted, logger })
     }
 
     /// The loaded program, for `BPF_PROG_TEST_RUN` and attaching.

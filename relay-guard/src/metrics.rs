@@ -16,7 +16,12 @@ use std::{
     time::{SystemTime, UNIX_EPOCH},
 };
 
-use axum::{Router, http::header, response::IntoResponse, routing::get};
+use axum::{
+    Router,
+    http::{HeaderMap, header},
+    response::IntoResponse,
+    routing::get,
+};
 use prometheus_client::{
     collector::Collector,
     encoding::{DescriptorEncoder, EncodeMetric},
@@ -150,7 +155,7 @@ impl Collector for KernelCollector {
 
         let mut m = encoder.encode_descriptor(
             "relay_guard_packets",
-            "TCP packets to guarded ports, by interface, guard, port, family and verdict",
+            "TCP packets to guarded ports, by interface, guard, port, family and verdict.",
             None,
             prometheus_client::metrics::MetricType::Counter,
         )?;
@@ -167,7 +172,7 @@ impl Collector for KernelCollector {
 
         let mut m = encoder.encode_descriptor(
             "relay_guard_malformed_packets",
-            "Packets claiming IP/TCP that were truncated or could not be parsed (dropped in enforce mode, passed in monitor mode)",
+            "Packets claiming IP/TCP that were truncated or could not be parsed (dropped in enforce mode, passed in monitor mode).",
             None,
             prometheus_client::metrics::MetricType::Counter,
         )?;
@@ -182,7 +187,7 @@ impl Collector for KernelCollector {
 
         let mut m = encoder.encode_descriptor(
             "relay_guard_allowlist_prefixes",
-            "Allow entries (addresses and CIDRs) per guard and family",
+            "Allow entries (addresses and CIDRs) per guard and family.",
             None,
             prometheus_client::metrics::MetricType::Gauge,
         )?;
@@ -195,7 +200,7 @@ impl Collector for KernelCollector {
 
         let m = encoder.encode_descriptor(
             "relay_guard_scrape_errors",
-            "Scrapes that could not read the kernel counter map",
+            "Scrapes that could not read the kernel counter map.",
             None,
             prometheus_client::metrics::MetricType::Counter,
         )?;
@@ -228,10 +233,45 @@ pub fn registry(counters: Counters, labels: Arc<RwLock<LabelState>>, agent: &Age
     r
 }
 
-/// Renders the registry in the Prometheus text format.
+/// Renders the registry in the OpenMetrics text format (prometheus-client's
+/// own encoding).
 pub fn render(registry: &Registry) -> String {
     let mut out = String::new();
     prometheus_client::encoding::text::encode(&mut out, registry).expect("writing to a String cannot fail");
+    out
+}
+
+/// The same exposition in the classic Prometheus text format 0.0.4, for
+/// scrapers and tools that do not negotiate OpenMetrics (`promtool check
+/// metrics`, older Prometheus, curl). The two differ only in framing: in
+/// 0.0.4 a counter family is named with its `_total` suffix in `# HELP` and
+/// `# TYPE`, and there is no `# UNIT` or `# EOF` line. Samples are unchanged.
+pub fn openmetrics_to_text_004(om: &str) -> String {
+    let lines: Vec<&str> = om.lines().collect();
+    let mut counters = std::collections::HashSet::new();
+    for l in &lines {
+        if let Some(rest) = l.strip_prefix("# TYPE ")
+            && let Some(name) = rest.strip_suffix(" counter")
+        {
+            counters.insert(name.to_string());
+        }
+    }
+    let mut out = String::with_capacity(om.len());
+    for l in lines {
+        if l == "# EOF" || l.starts_with("# UNIT ") {
+            continue;
+        }
+        let renamed = ["# HELP ", "# TYPE "].iter().find_map(|p| {
+            let rest = l.strip_prefix(p)?;
+            let (name, tail) = rest.split_once(' ').unwrap_or((rest, ""));
+            counters.contains(name).then(|| format!("{p}{name}_total {tail}"))
+        });
+        match renamed {
+            Some(r) => out.push_str(r.trim_end()),
+            None => out.push_str(l),
+        }
+        out.push('\n');
+    }
     out
 }
 
@@ -246,14 +286,25 @@ pub async fn serve(
     let app = Router::new()
         .route(
             "/metrics",
-            get(move || {
+            get(move |headers: HeaderMap| {
                 let registry = Arc::clone(&registry);
                 async move {
-                    (
-                        [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
-                        render(&registry),
-                    )
-                        .into_response()
+                    // OpenMetrics when the scraper asks for it (Prometheus
+                    // does), else the classic text format.
+                    let wants_om = headers
+                        .get(header::ACCEPT)
+                        .and_then(|v| v.to_str().ok())
+                        .is_some_and(|a| a.contains("application/openmetrics-text"));
+                    if wants_om {
+                        ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], render(&registry))
+                            .into_response()
+                    } else {
+                        (
+                            [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+                            openmetrics_to_text_004(&render(&registry)),
+                        )
+                            .into_response()
+                    }
                 }
             }),
         )

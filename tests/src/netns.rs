@@ -32,15 +32,23 @@ pub fn sh(args: &[&str]) -> String {
 #[derive(Debug)]
 pub struct NetNs {
     pub name: String,
+    /// False for a borrowed handle ([`NetNs::borrow`]), which never deletes.
+    owned: bool,
 }
 
 impl NetNs {
     pub fn new(prefix: &str) -> NetNs {
         let name = unique(prefix);
         sh(&["ip", "netns", "add", &name]);
-        let ns = NetNs { name };
+        let ns = NetNs { name, owned: true };
         ns.ip(&["link", "set", "lo", "up"]);
         ns
+    }
+
+    /// A handle to the same namespace for another thread; dropping it does
+    /// not delete the namespace.
+    pub fn borrow(other: &NetNs) -> NetNs {
+        NetNs { name: other.name.clone(), owned: false }
     }
 
     /// `ip -n NAME ARGS…`
@@ -77,6 +85,9 @@ impl NetNs {
 
 impl Drop for NetNs {
     fn drop(&mut self) {
+        if !self.owned {
+            return;
+        }
         let _ = Command::new("ip").args(["netns", "del", &self.name]).status();
     }
 }

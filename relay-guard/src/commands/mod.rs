@@ -2,7 +2,10 @@
 //! boundary: they print, and return anyhow errors with context.
 pub mod check_config;
 pub mod detach;
+pub mod explain;
 pub mod run;
+pub mod status;
+pub mod top;
 
 use crate::cli::{Cli, Command};
 
@@ -12,6 +15,9 @@ pub async fn execute(cli: Cli) -> anyhow::Result<i32> {
         Command::Run => run::execute(&cli.config).await.map(|()| 0),
         Command::CheckConfig { json } => Ok(check_config::execute(&cli.config, json)),
         Command::Detach => detach::execute(&cli.config).map(|()| 0),
+        Command::Status { json } => status::execute(&cli.config, json).map(|()| 0),
+        Command::Explain { addr, port, json } => explain::execute(&cli.config, addr, port, json),
+        Command::Top { limit, json } => top::execute(&cli.config, limit, json).map(|()| 0),
     }
 }
 

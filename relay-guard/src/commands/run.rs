@@ -15,6 +15,7 @@ use crate::{
     pins::{self, AgentLock, Pins},
     metrics::{self, AgentMetrics, LabelState},
     policy::Policy,
+    reload::{self, FileWatch},
     sync,
 };
 
@@ -66,30 +67,70 @@ pub async fn execute(config_path: &Path) -> anyhow::Result<()> {
         }));
     }
 
+    // Blocked-source events from the program (rate-limited there).
+    let logger_task = loaded.logger.take().and_then(|logger| {
+        // SAFETY: the logger owns its ring-buffer fd and lives inside the
+        // AsyncFd, so the fd stays open for as long as it is registered.
+        match unsafe { tokio::io::unix::AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE) } {
+            Ok(mut fd) => Some(tokio::spawn(async move {
+                loop {
+                    let Ok(mut guard) = fd.readable_mut().await else { break };
+                    guard.get_inner_mut().flush();
+                    guard.clear_ready();
+                }
+            })),
+            Err(e) => {
+                warn!(error = %e, "cannot read blocked-source events");
+                None
+            }
+        }
+    });
+
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sighup = signal(SignalKind::hangup())?;
     let mut current = cfg;
+    let watched_files = |c: &Config| -> Vec<std::path::PathBuf> {
+        std::iter::once(config_path.to_path_buf()).chain(c.list_files.iter().cloned()).collect()
+    };
+    let mut watch = FileWatch::new(&watched_files(&current));
+    let mut seen = reload::fingerprint(config_path, &current.list_files);
     loop {
-        tokio::select! {
+        let trigger = tokio::select! {
             _ = sigint.recv() => { info!("SIGINT: shutting down"); break; }
             _ = sigterm.recv() => { info!("SIGTERM: shutting down"); break; }
-            _ = sighup.recv() => {
-                info!("SIGHUP: reloading config");
-                agent.reloads.inc();
-                match reload(&mut loaded, &current, config_path) {
-                    Ok(new) => {
-                        *labels.write().unwrap_or_else(std::sync::PoisonError::into_inner) = LabelState::new(&new, interfaces.clone());
-                        agent.reload_succeeded();
-                        current = new;
-                    }
-                    Err(e) => {
-                        agent.reload_failed();
-                        error!("reload failed, keeping the previous policy: {e:#}");
-                    }
+            _ = sighup.recv() => "SIGHUP",
+            Some(()) = watch.events.recv() => {
+                // Debounce: let a burst of events (write, rename, swap) settle.
+                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+                while watch.events.try_recv().is_ok() {}
+                let now = reload::fingerprint(config_path, &current.list_files);
+                if now == seen {
+                    continue;
+                }
+                "file change"
+            }
+        };
+        info!(trigger, "reloading config");
+        agent.reloads.inc();
+        match reload(&mut loaded, &current, config_path) {
+            Ok(new) => {
+                *labels.write().unwrap_or_else(std::sync::PoisonError::into_inner) = LabelState::new(&new, interfaces.clone());
+                agent.reload_succeeded();
+                current = new;
+                if !watch.covers(&watched_files(&current)) {
+                    watch = FileWatch::new(&watched_files(&current));
                 }
             }
+            Err(e) => {
+                agent.reload_failed();
+                error!("reload failed, keeping the previous policy: {e:#}");
+            }
         }
+        seen = reload::fingerprint(config_path, &current.list_files);
+    }
+    if let Some(t) = logger_task {
+        t.abort();
     }
     let _ = stop_tx.send(true);
     if let Some(t) = metrics_task {

@@ -1,0 +1,110 @@
+//! `relay-guard explain ADDR PORT`: the verdict for one source and port, and
+//! the prefix and guard that decide it — from the config (with file and
+//! line) and from the kernel maps — flagging any difference (exit 1).
+use std::{net::IpAddr, path::Path};
+
+use anyhow::Context as _;
+use serde_json::json;
+
+use crate::{
+    config::{Action, Config},
+    kernel::{KernelMaps, read_policy},
+    pins::Pins,
+    policy::{Lookup, model_allows},
+};
+
+/// Returns the exit code: 0 when config and kernel agree (or the kernel has
+/// no state to compare), 1 when they differ.
+pub fn execute(config_path: &Path, addr: IpAddr, port: u16, as_json: bool) -> anyhow::Result<i32> {
+    // An invalid config still lets the kernel side be shown (that is what is
+    // enforcing right now); the config side then reports the errors.
+    let loaded = Config::load(config_path);
+    let config_error = loaded.as_ref().err().map(ToString::to_string);
+    let pin_dir = match &loaded {
+        Ok(c) => c.pin_dir.clone(),
+        Err(_) => super::pin_dir_of(config_path)?,
+    };
+    let cfg = loaded.ok();
+    let guards = cfg.as_ref().map(|c| c.guards.clone()).unwrap_or_default();
+    let guard = guards.iter().enumerate().find(|(_, g)| g.ports.contains(&port));
+    let config_side = guard.map(|(gi, g)| {
+        let (allowed, net) = model_allows(g, addr);
+        let entry = net.and_then(|n| g.entries.iter().find(|e| e.net == n));
+        (gi, g.name.clone(), allowed, entry.cloned())
+    });
+
+    let pins = Pins::new(&pin_dir);
+    let kernel_side = match KernelMaps::open(&pins) {
+        Ok(km) => Some(read_policy(&km.maps).context("failed to read the pinned maps")?.lookup(addr, port)),
+        Err(e) => {
+            if !as_json {
+                println!("kernel: no pinned state to compare ({e})");
+            }
+            None
+        }
+    };
+    let name_of = |gi: u8| guards.get(usize::from(gi)).map_or(format!("guard{}", gi + 1), |g| g.name.clone());
+
+    let agree = match (&config_side, &kernel_side) {
+        _ if config_error.is_some() => false,
+        (_, None) => true,
+        (None, Some(Lookup::NotGuarded)) => true,
+        (Some((gi, _, allowed, _)), Some(Lookup::Judged { guard, allowed: k, .. })) => {
+            usize::from(*guard) == *gi && allowed == k
+        }
+        _ => false,
+    };
+
+    if as_json {
+        let c = config_side.as_ref().map_or(json!({"guarded": false, "verdict": "pass (port not guarded)"}), |(_, name, allowed, e)| {
+            json!({
+                "guarded": true, "guard": name, "verdict": if *allowed { "allow" } else { "deny" },
+                "prefix": e.as_ref().map(|e| e.net.to_string()),
+                "entry": e.as_ref().map(|e| json!({"action": if e.action == Action::Allow { "allow" } else { "deny" }, "file": e.origin.file, "line": e.origin.line})),
+            })
+        });
+        let k = kernel_side.map(|k| match k {
+            Lookup::NotGuarded => json!({"guarded": false}),
+            Lookup::Judged { guard, allowed, prefix } => json!({
+                "guarded": true, "guard": name_of(guard), "verdict": if allowed { "allow" } else { "deny" },
+                "prefix": prefix.map(|p| p.to_string()),
+            }),
+        });
+        let c = if let Some(e) = &config_error { json!({"error": e}) } else { c };
+        println!("{}", serde_json::to_string_pretty(&json!({"address": addr, "port": port, "config": c, "kernel": k, "agree": agree}))?);
+        return Ok(if agree { 0 } else { 1 });
+    }
+
+    match &config_side {
+        _ if config_error.is_some() => println!("config: {} is invalid:\n{}", config_path.display(), config_error.as_deref().unwrap_or("")),
+        None => println!("config: port {port} is in no guard: {addr} passes untouched"),
+        Some((_, name, allowed, entry)) => {
+            let why = match entry {
+                Some(e) => format!(
+                    "longest matching entry {} {} ({})",
+                    if e.action == Action::Allow { "allow" } else { "deny" },
+                    e.net,
+                    e.origin
+                ),
+                None => "no entry matches (no match: deny)".to_string(),
+            };
+            println!("config: port {port} belongs to guard `{name}`; {why} => {}", if *allowed { "ALLOW" } else { "DENY" });
+        }
+    }
+    match kernel_side {
+        None => {}
+        Some(Lookup::NotGuarded) => println!("kernel: port {port} is not guarded: {addr} passes"),
+        Some(Lookup::Judged { guard, allowed, prefix }) => println!(
+            "kernel: port {port} -> guard `{}`; longest stored prefix {} => {}",
+            name_of(guard),
+            prefix.map_or("none (no match: deny)".to_string(), |p| p.to_string()),
+            if allowed { "ALLOW" } else { "DENY" }
+        ),
+    }
+    if config_error.is_some() {
+        println!("the kernel keeps enforcing its last good policy; fix the config, then reload");
+    } else if !agree {
+        println!("DIFFERENCE: the kernel maps do not match the config; reload the agent (SIGHUP) or check its log");
+    }
+    Ok(if agree { 0 } else { 1 })
+}

@@ -1,0 +1,88 @@
+//! `relay-guard status`: what the kernel holds for this config's pin_dir —
+//! attached interfaces, mode, guarded ports, prefix counts, counters — read
+//! from the pinned maps, so it works while the agent is down. Also says
+//! whether the kernel maps match the config.
+use std::path::Path;
+
+use anyhow::Context as _;
+use relay_guard_common::{LAYOUT_VERSION, mode};
+use serde_json::json;
+
+use crate::{
+    config::Config,
+    kernel::{KernelMaps, read_policy},
+    loader::ifname,
+    metrics::{LabelState, snapshot},
+    pins::{AgentLock, Pins},
+    policy::Policy,
+};
+
+pub fn execute(config_path: &Path, as_json: bool) -> anyhow::Result<()> {
+    let pin_dir = super::pin_dir_of(config_path)?;
+    let pins = Pins::new(&pin_dir);
+    let km = KernelMaps::open(&pins)?;
+    let kernel = read_policy(&km.maps).context("failed to read the pinned maps")?;
+    let agent = AgentLock::holder(&pin_dir);
+    let links = pins.pinned_links();
+
+    // Labels come from the config when it is valid; the kernel state is shown either way.
+    let cfg = Config::load(config_path);
+    let mut labels = LabelState::default();
+    let mut drift = None;
+    if let Ok(cfg) = &cfg {
+        labels = LabelState::new(cfg, Default::default());
+        drift = Some(Policy::compile(cfg) != kernel);
+    }
+    let counters = std::sync::Arc::new(std::sync::Mutex::new(km.counters));
+    // Interface names as this process sees them (run it in the agent's netns for names).
+    let mut snap_labels = labels.clone();
+    {
+        let map = counters.lock().expect("not poisoned");
+        for k in map.keys().filter_map(Result::ok) {
+            if let Some(n) = ifname(k.ifindex) {
+                snap_labels.interfaces.insert(k.ifindex, n);
+            }
+        }
+    }
+    let snap = snapshot(&counters, &snap_labels).context("failed to read counters")?;
+    let mode_name = if kernel.mode == mode::MONITOR { "monitor" } else { "enforce" };
+    let ports: Vec<u16> = kernel.ports.keys().copied().collect();
+
+    if as_json {
+        let counters: Vec<_> = snap
+            .packets
+            .iter()
+            .map(|((i, g, p, f, v), n)| json!({"interface": i, "guard": g, "port": p, "family": f, "verdict": v, "packets": n}))
+            .collect();
+        let out = json!({
+            "pin_dir": pin_dir, "layout": LAYOUT_VERSION,
+            "agent_pid": agent, "interfaces": links, "mode": mode_name,
+            "guarded_ports": ports, "prefixes_v4": kernel.v4.len(), "prefixes_v6": kernel.v6.len(),
+            "config_matches_kernel": drift.map(|d| !d),
+            "config_error": cfg.as_ref().err().map(ToString::to_string),
+            "counters": counters, "malformed": snap.malformed,
+        });
+        println!("{}", serde_json::to_string_pretty(&out)?);
+        return Ok(());
+    }
+    println!("pin_dir:     {} (layout {LAYOUT_VERSION})", pin_dir.display());
+    println!("agent:       {}", agent.map_or("not running (the filter stays attached)".to_string(), |p| format!("running, pid {p}")));
+    println!("interfaces:  {}", if links.is_empty() { "none attached".to_string() } else { links.join(", ") });
+    println!("mode:        {mode_name}");
+    println!("ports:       {}", ports.iter().map(ToString::to_string).collect::<Vec<_>>().join(", "));
+    println!("prefixes:    {} IPv4, {} IPv6", kernel.v4.len(), kernel.v6.len());
+    match (&cfg, drift) {
+        (Ok(_), Some(false)) => println!("config:      kernel maps match {}", config_path.display()),
+        (Ok(_), _) => println!("config:      kernel maps DIFFER from {} (reload the agent: SIGHUP)", config_path.display()),
+        (Err(e), _) => println!("config:      {} is invalid:\n{e}", config_path.display()),
+    }
+    println!();
+    println!("{:<16} {:<14} {:>5} {:<5} {:<10} {:>12}", "INTERFACE", "GUARD", "PORT", "FAM", "VERDICT", "PACKETS");
+    for ((i, g, p, f, v), n) in &snap.packets {
+        println!("{i:<16} {g:<14} {p:>5} {f:<5} {v:<10} {n:>12}");
+    }
+    for (i, n) in &snap.malformed {
+        println!("{i:<16} {:<14} {:>5} {:<5} {:<10} {n:>12}", "-", "-", "-", "malformed");
+    }
+    Ok(())
+}
