@@ -48,7 +48,12 @@ pub enum Outcome {
     /// [`relay_guard_common::family`], as far as it was known.
     Malformed { family: u8 },
     /// A TCP segment to a guarded port, judged by its guard.
-    Judged { port: u16, guard: u8, family: u8, allowed: bool },
+    Judged {
+        port: u16,
+        guard: u8,
+        family: u8,
+        allowed: bool,
+    },
 }
 
 /// The verdict on `frame` with `policy` in the maps.
@@ -56,7 +61,11 @@ pub fn judge(frame: &[u8], policy: &Policy) -> Outcome {
     let (ethertype, l3) = match link_layer(frame) {
         Link::Ethertype(t, rest) => (t, rest),
         Link::NotOurs => return Outcome::NotOurs,
-        Link::TooDeep => return Outcome::Malformed { family: family::UNKNOWN },
+        Link::TooDeep => {
+            return Outcome::Malformed {
+                family: family::UNKNOWN,
+            };
+        }
     };
     let net = match ethertype {
         0x0800 => ipv4(l3),
@@ -77,7 +86,12 @@ pub fn judge(frame: &[u8], policy: &Policy) -> Outcome {
     let port = u16::from_be_bytes([segment[2], segment[3]]);
     match policy.lookup(src, port) {
         Lookup::NotGuarded => Outcome::NotOurs,
-        Lookup::Judged { guard, allowed, .. } => Outcome::Judged { port, guard, family: fam, allowed },
+        Lookup::Judged { guard, allowed, .. } => Outcome::Judged {
+            port,
+            guard,
+            family: fam,
+            allowed,
+        },
     }
 }
 
@@ -87,20 +101,38 @@ pub fn judge(frame: &[u8], policy: &Policy) -> Outcome {
 /// `BPF_PROG_TEST_RUN` without a context, the test namespace's loopback).
 pub fn action(outcome: Outcome, run_mode: u32, ifindex: u32) -> (u32, Option<CounterKey>) {
     let monitor = run_mode == mode::MONITOR;
-    let key = |port, guard, family, verdict| CounterKey { ifindex, port, guard, family, verdict, _pad: [0; 3] };
+    let key = |port, guard, family, verdict| CounterKey {
+        ifindex,
+        port,
+        guard,
+        family,
+        verdict,
+        _pad: [0; 3],
+    };
     match outcome {
         Outcome::NotOurs => (XDP_PASS, None),
         // SPEC.md: malformed is dropped in enforce mode, passed in monitor
         // mode, counted either way.
         Outcome::Malformed { family } if monitor => (XDP_PASS, Some(key(0, 0, family, verdict::MALFORMED_PASSED))),
         Outcome::Malformed { family } => (XDP_DROP, Some(key(0, 0, family, verdict::MALFORMED_DROPPED))),
-        Outcome::Judged { port, guard, family, allowed: true } => (XDP_PASS, Some(key(port, guard, family, verdict::PASSED))),
-        Outcome::Judged { port, guard, family, allowed: false } if monitor => {
-            (XDP_PASS, Some(key(port, guard, family, verdict::WOULD_DROP)))
-        }
-        Outcome::Judged { port, guard, family, allowed: false } => {
-            (XDP_DROP, Some(key(port, guard, family, verdict::DROPPED)))
-        }
+        Outcome::Judged {
+            port,
+            guard,
+            family,
+            allowed: true,
+        } => (XDP_PASS, Some(key(port, guard, family, verdict::PASSED))),
+        Outcome::Judged {
+            port,
+            guard,
+            family,
+            allowed: false,
+        } if monitor => (XDP_PASS, Some(key(port, guard, family, verdict::WOULD_DROP))),
+        Outcome::Judged {
+            port,
+            guard,
+            family,
+            allowed: false,
+        } => (XDP_DROP, Some(key(port, guard, family, verdict::DROPPED))),
     }
 }
 
@@ -124,7 +156,9 @@ fn link_layer(frame: &[u8]) -> Link<'_> {
     let mut at = 12;
     let mut tags = 0;
     loop {
-        let Some(field) = frame.get(at..at + 2) else { return Link::NotOurs };
+        let Some(field) = frame.get(at..at + 2) else {
+            return Link::NotOurs;
+        };
         let t = u16::from_be_bytes([field[0], field[1]]);
         if !is_vlan_tpid(t) {
             return Link::Ethertype(t, &frame[at + 2..]);
@@ -140,7 +174,11 @@ fn link_layer(frame: &[u8]) -> Link<'_> {
 /// Result of the network layer.
 enum Net<'a> {
     /// The payload is a TCP segment (possibly truncated) from `src`.
-    Tcp { family: u8, src: IpAddr, segment: &'a [u8] },
+    Tcp {
+        family: u8,
+        src: IpAddr,
+        segment: &'a [u8],
+    },
     NotOurs,
     Malformed(u8),
 }
@@ -162,7 +200,11 @@ fn ipv4(p: &[u8]) -> Net<'_> {
         return Net::NotOurs;
     }
     let src = Ipv4Addr::new(p[12], p[13], p[14], p[15]);
-    Net::Tcp { family: family::IPV4, src: IpAddr::V4(src), segment: &p[header_len..] }
+    Net::Tcp {
+        family: family::IPV4,
+        src: IpAddr::V4(src),
+        segment: &p[header_len..],
+    }
 }
 
 /// RFC 8200 3 and 4; AH is RFC 4302 2.2.
@@ -202,7 +244,15 @@ fn ipv6(p: &[u8]) -> Net<'_> {
         rest = &rest[len..];
         walked += 1;
     }
-    if next == 6 { Net::Tcp { family: family::IPV6, src, segment: rest } } else { Net::NotOurs }
+    if next == 6 {
+        Net::Tcp {
+            family: family::IPV6,
+            src,
+            segment: rest,
+        }
+    } else {
+        Net::NotOurs
+    }
 }
 
 /// The extension headers SPEC.md names, by how their length is encoded.
@@ -241,7 +291,10 @@ mod tests {
         let entry = |net: &str, action| Entry {
             net: net.parse::<IpNet>().expect("test net"),
             action,
-            origin: Origin { file: PathBuf::from("test.toml"), line: 1 },
+            origin: Origin {
+                file: PathBuf::from("test.toml"),
+                line: 1,
+            },
         };
         let cfg = Config {
             path: PathBuf::from("test.toml"),
@@ -260,7 +313,11 @@ mod tests {
                         entry("2001:db8:a::/48", Action::Allow),
                     ],
                 },
-                Guard { name: "submission".into(), ports: vec![587], entries: vec![entry("198.51.100.0/24", Action::Allow)] },
+                Guard {
+                    name: "submission".into(),
+                    ports: vec![587],
+                    entries: vec![entry("198.51.100.0/24", Action::Allow)],
+                },
             ],
             list_files: vec![],
         };
@@ -324,7 +381,12 @@ mod tests {
     }
 
     fn judged(port: u16, guard: u8, family: u8, allowed: bool) -> Outcome {
-        Outcome::Judged { port, guard, family, allowed }
+        Outcome::Judged {
+            port,
+            guard,
+            family,
+            allowed,
+        }
     }
 
     #[test]
@@ -332,8 +394,16 @@ mod tests {
         let p = policy();
         let f = |src, port| judge(&eth(&[], 0x0800, &ipv4(src, 6, &[], 0, &tcp(port))), &p);
         assert_eq!(f([192, 0, 2, 10], 25), judged(25, 0, family::IPV4, true));
-        assert_eq!(f([192, 0, 2, 200], 25), judged(25, 0, family::IPV4, false), "deny /25 carve-out");
-        assert_eq!(f([198, 51, 100, 1], 25), judged(25, 0, family::IPV4, false), "no match: deny");
+        assert_eq!(
+            f([192, 0, 2, 200], 25),
+            judged(25, 0, family::IPV4, false),
+            "deny /25 carve-out"
+        );
+        assert_eq!(
+            f([198, 51, 100, 1], 25),
+            judged(25, 0, family::IPV4, false),
+            "no match: deny"
+        );
         assert_eq!(f([198, 51, 100, 1], 587), judged(587, 1, family::IPV4, true));
         assert_eq!(f([198, 51, 100, 1], 22), Outcome::NotOurs);
     }
@@ -350,9 +420,20 @@ mod tests {
     fn vlan_tags_two_judged_three_malformed() {
         let p = policy();
         let ip = ipv4([198, 51, 100, 1], 6, &[], 0, &tcp(25));
-        assert_eq!(judge(&eth(&[0x8100], 0x0800, &ip), &p), judged(25, 0, family::IPV4, false));
-        assert_eq!(judge(&eth(&[0x88a8, 0x8100], 0x0800, &ip), &p), judged(25, 0, family::IPV4, false));
-        assert_eq!(judge(&eth(&[0x88a8, 0x8100, 0x8100], 0x0800, &ip), &p), Outcome::Malformed { family: family::UNKNOWN });
+        assert_eq!(
+            judge(&eth(&[0x8100], 0x0800, &ip), &p),
+            judged(25, 0, family::IPV4, false)
+        );
+        assert_eq!(
+            judge(&eth(&[0x88a8, 0x8100], 0x0800, &ip), &p),
+            judged(25, 0, family::IPV4, false)
+        );
+        assert_eq!(
+            judge(&eth(&[0x88a8, 0x8100, 0x8100], 0x0800, &ip), &p),
+            Outcome::Malformed {
+                family: family::UNKNOWN
+            }
+        );
         // Cut inside the second tag: not IP as far as anyone can tell.
         let f = eth(&[0x88a8, 0x8100], 0x0800, &ip);
         assert_eq!(judge(&f[..17], &p), Outcome::NotOurs);
@@ -372,9 +453,18 @@ mod tests {
         assert_eq!(judge(&later, &p), Outcome::NotOurs);
         // TCP header cut at 19 bytes, options cut short, IP header cut short.
         let n = with_opts.len();
-        assert_eq!(judge(&with_opts[..n - 1], &p), Outcome::Malformed { family: family::IPV4 });
-        assert_eq!(judge(&with_opts[..14 + 24], &p), Outcome::Malformed { family: family::IPV4 });
-        assert_eq!(judge(&with_opts[..14 + 19], &p), Outcome::Malformed { family: family::IPV4 });
+        assert_eq!(
+            judge(&with_opts[..n - 1], &p),
+            Outcome::Malformed { family: family::IPV4 }
+        );
+        assert_eq!(
+            judge(&with_opts[..14 + 24], &p),
+            Outcome::Malformed { family: family::IPV4 }
+        );
+        assert_eq!(
+            judge(&with_opts[..14 + 19], &p),
+            Outcome::Malformed { family: family::IPV4 }
+        );
         // UDP to 25 and IHL 4 and version 5.
         let udp = eth(&[], 0x0800, &ipv4([198, 51, 100, 1], 17, &[], 0, &tcp(25)));
         assert_eq!(judge(&udp, &p), Outcome::NotOurs);
@@ -407,8 +497,19 @@ mod tests {
         let allowed = "2001:db8:a::10";
         let f = |src, ext: &[(u8, Vec<u8>)], last| judge(&eth(&[], 0x86dd, &ipv6(src, ext, last, &tcp(25))), &p);
         assert_eq!(f(allowed, &[], 6), judged(25, 0, family::IPV6, true));
-        assert_eq!(f(denied, &[(0, opts(0)), (43, opts(1)), (51, ah.clone()), (60, opts(0))], 6), judged(25, 0, family::IPV6, false));
-        assert_eq!(f(denied, &[(44, frag(0))], 6), judged(25, 0, family::IPV6, false), "first fragment");
+        assert_eq!(
+            f(
+                denied,
+                &[(0, opts(0)), (43, opts(1)), (51, ah.clone()), (60, opts(0))],
+                6
+            ),
+            judged(25, 0, family::IPV6, false)
+        );
+        assert_eq!(
+            f(denied, &[(44, frag(0))], 6),
+            judged(25, 0, family::IPV6, false),
+            "first fragment"
+        );
         assert_eq!(f(denied, &[(44, frag(5))], 6), Outcome::NotOurs, "non-first fragment");
         assert_eq!(f(denied, &[(60, opts(0))], 17), Outcome::NotOurs, "chain ends in UDP");
         let eight: Vec<_> = (0..8).map(|_| (60, opts(0))).collect();
@@ -418,11 +519,20 @@ mod tests {
         // 8 headers then a non-first fragment as the ninth: the walk stops first.
         let mut eight_then_frag = eight.clone();
         eight_then_frag.push((44, frag(9)));
-        assert_eq!(f(denied, &eight_then_frag, 6), Outcome::Malformed { family: family::IPV6 });
+        assert_eq!(
+            f(denied, &eight_then_frag, 6),
+            Outcome::Malformed { family: family::IPV6 }
+        );
         // An options header whose length runs past the buffer.
         let full = eth(&[], 0x86dd, &ipv6(denied, &[(60, opts(3))], 6, &tcp(25)));
-        assert_eq!(judge(&full[..14 + 40 + 16], &p), Outcome::Malformed { family: family::IPV6 });
-        assert_eq!(judge(&full[..14 + 40 + 7], &p), Outcome::Malformed { family: family::IPV6 });
+        assert_eq!(
+            judge(&full[..14 + 40 + 16], &p),
+            Outcome::Malformed { family: family::IPV6 }
+        );
+        assert_eq!(
+            judge(&full[..14 + 40 + 7], &p),
+            Outcome::Malformed { family: family::IPV6 }
+        );
         assert_eq!(judge(&full[..14 + 39], &p), Outcome::Malformed { family: family::IPV6 });
     }
 
@@ -431,12 +541,37 @@ mod tests {
         let j = judged(25, 3, family::IPV6, false);
         let (a, k) = action(j, mode::ENFORCE, 7);
         assert_eq!(a, XDP_DROP);
-        assert_eq!(k, Some(CounterKey { ifindex: 7, port: 25, guard: 3, family: family::IPV6, verdict: verdict::DROPPED, _pad: [0; 3] }));
+        assert_eq!(
+            k,
+            Some(CounterKey {
+                ifindex: 7,
+                port: 25,
+                guard: 3,
+                family: family::IPV6,
+                verdict: verdict::DROPPED,
+                _pad: [0; 3]
+            })
+        );
         assert_eq!(action(j, mode::MONITOR, 7).0, XDP_PASS);
-        assert_eq!(action(j, mode::MONITOR, 7).1.map(|k| k.verdict), Some(verdict::WOULD_DROP));
-        let m = Outcome::Malformed { family: family::UNKNOWN };
+        assert_eq!(
+            action(j, mode::MONITOR, 7).1.map(|k| k.verdict),
+            Some(verdict::WOULD_DROP)
+        );
+        let m = Outcome::Malformed {
+            family: family::UNKNOWN,
+        };
         assert_eq!(action(m, mode::ENFORCE, 1).0, XDP_DROP);
-        assert_eq!(action(m, mode::MONITOR, 1), (XDP_PASS, Some(CounterKey { ifindex: 1, verdict: verdict::MALFORMED_PASSED, ..CounterKey::default() })));
+        assert_eq!(
+            action(m, mode::MONITOR, 1),
+            (
+                XDP_PASS,
+                Some(CounterKey {
+                    ifindex: 1,
+                    verdict: verdict::MALFORMED_PASSED,
+                    ..CounterKey::default()
+                })
+            )
+        );
         assert_eq!(action(Outcome::NotOurs, mode::ENFORCE, 1), (XDP_PASS, None));
     }
 }

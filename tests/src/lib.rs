@@ -5,7 +5,12 @@
 //! Tests panic, never return `Result`, so failures keep their messages and
 //! backtraces (aya's test/README.md).
 pub mod agent;
+pub mod daemon;
 pub mod lab;
 pub mod net;
 pub mod netns;
+pub mod packet;
+pub mod prober;
+pub mod prometheus;
 pub mod require;
+pub mod smtp;

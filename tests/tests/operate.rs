@@ -352,3 +352,53 @@ fn state_of_another_layout_is_replaced_not_misread() {
     assert!(!detach.pin_dir.join("layout-0").exists(), "old layout left in place");
     assert_gate(&lab, "after replacing an old layout");
 }
+
+#[test]
+fn kubernetes_configmap_symlink_swap_reloads() {
+    if !require::privileged("kubernetes_configmap_symlink_swap_reloads") {
+        return;
+    }
+    let lab = Lab::new();
+    let dir = TempDir::new();
+    let _server = BannerServer::start(&lab.server, &[25]);
+    let pin_dir = PathBuf::from(format!("/sys/fs/bpf/{}", unique("rg-test-")));
+    // The layout kubelet makes for a ConfigMap volume: files are symlinks
+    // through `..data`, which is swapped atomically to a new timestamped dir.
+    let mount = dir.0.join("configmap");
+    let write_version = |name: &str, allow: &str| {
+        let v = mount.join(name);
+        std::fs::create_dir_all(&v).expect("mkdir");
+        std::fs::write(v.join("relay-guard.toml"), config_text(&lab, &pin_dir, "")).expect("write");
+        std::fs::write(v.join("relay-allow.txt"), allow).expect("write");
+    };
+    write_version("..2026_11_27_v1", "192.0.2.10\n");
+    std::os::unix::fs::symlink("..2026_11_27_v1", mount.join("..data")).expect("symlink");
+    for f in ["relay-guard.toml", "relay-allow.txt"] {
+        std::os::unix::fs::symlink(format!("..data/{f}"), mount.join(f)).expect("symlink");
+    }
+    let config = mount.join("relay-guard.toml");
+    let _detach = DetachOnDrop::new(config.clone(), pin_dir.clone());
+    let _agent = Agent::start(&lab.server, config, &dir);
+    let v6 = |want_ok: bool, what: &str| {
+        let r = connect_banner(&lab.client, ip(ALLOWED_V6), "2001:db8:1::1".parse().expect("addr"), 25, ALLOWED_TIMEOUT);
+        assert_eq!(r.is_ok(), want_ok, "{what}: {r:?}");
+    };
+    v6(false, "before the swap");
+
+    write_version("..2026_11_27_v2", "192.0.2.10\n2001:db8:a::/48\n");
+    let tmp = mount.join("..data_tmp");
+    std::os::unix::fs::symlink("..2026_11_27_v2", &tmp).expect("symlink");
+    std::fs::rename(&tmp, mount.join("..data")).expect("swap ..data");
+    let m = wait_metric(&lab, "relay_guard_config_reloads_total", 1.0);
+    assert_eq!(metric(&m, "relay_guard_config_last_reload_successful", &[]), 1.0);
+    v6(true, "after the swap");
+    assert_gate(&lab, "after the swap");
+
+    // kubelet then removes the old version; a second swap is seen too.
+    std::fs::remove_dir_all(mount.join("..2026_11_27_v1")).expect("rm old");
+    write_version("..2026_11_27_v3", "192.0.2.10\n");
+    std::os::unix::fs::symlink("..2026_11_27_v3", &tmp).expect("symlink");
+    std::fs::rename(&tmp, mount.join("..data")).expect("swap ..data");
+    wait_metric(&lab, "relay_guard_config_reloads_total", 2.0);
+    v6(false, "after the second swap");
+}
