@@ -16,36 +16,118 @@ use core::mem::size_of;
 pub mod maps {
     /// `Array<GuardedPort>` indexed by TCP destination port (host order).
     pub const PORTS: &str = "RG_PORTS";
-    /// `LpmTrie<[u8; 4], AllowMask>`: IPv4 prefixes of every guard.
-    pub const PREFIXES_V4: &str = "RG_PREFIXES_V4";
+    /// `Array<[u16; 4]>`, mmapable: the IPv4 first level, one `u16` per /24
+    /// (block `b` is lane `b & 3` of entry `b >> 2`). A value is a mask index
+    /// into [`MASKS`], or [`super::LONG_BLOCK`] when the /24 holds longer prefixes.
+    pub const TBL24: &str = "RG_TBL24";
+    /// `HashMap<u32, LongBlock>`: for a /24 (`addr >> 8`) holding prefixes
+    /// longer than /24, one mask index per host.
+    pub const LONG24: &str = "RG_LONG24";
+    /// `Array<u64>`: mask index → allow bits (bit g: guard g allows). Index 0
+    /// is all zeros: no match, deny.
+    pub const MASKS: &str = "RG_MASKS";
     /// `LpmTrie<[u8; 16], AllowMask>`: IPv6 prefixes of every guard.
     pub const PREFIXES_V6: &str = "RG_PREFIXES_V6";
-    /// `PerCpuHashMap<CounterKey, u64>`: packets per verdict.
+    /// `Array<IfaceSlot>` indexed by `ifindex & 0xffff`: counter slot of an interface.
+    pub const IFACES: &str = "RG_IFACES";
+    /// `PerCpuArray<u64>` indexed by [`super::counter_index`].
     pub const COUNTERS: &str = "RG_COUNTERS";
     /// `Array<Settings>` with one entry: knobs that change at run time.
     pub const SETTINGS: &str = "RG_SETTINGS";
-    /// `LruHashMap<SourceKey, SourceStats>`: recently blocked sources, for `top`.
+    /// `PerCpuArray<SourceStats>`: recently blocked sources, for `top`; a
+    /// direct-mapped cache indexed by [`super::source_slot`].
     pub const SOURCES: &str = "RG_SOURCES";
     /// Every map the program must define (and the agent pins).
-    pub const ALL: &[&str] = &[PORTS, PREFIXES_V4, PREFIXES_V6, COUNTERS, SETTINGS, SOURCES];
+    pub const ALL: &[&str] = &[PORTS, TBL24, LONG24, MASKS, PREFIXES_V6, IFACES, COUNTERS, SETTINGS, SOURCES];
 }
 
 /// Version of the map layout. Pinned state lives under `layout-<N>/`, so an
 /// agent never opens maps whose layout it does not know. Bump it whenever a
 /// map's name, type, key, value or capacity changes.
-pub const LAYOUT_VERSION: u32 = 1;
+pub const LAYOUT_VERSION: u32 = 2;
 
 /// Number of entries in [`maps::PORTS`]: one per TCP port.
 pub const PORT_SLOTS: u32 = 65_536;
 /// Guards are bits of [`AllowMask::allow`].
 pub const MAX_GUARDS: usize = 64;
-/// Capacity of each LPM trie.
-pub const MAX_PREFIXES: u32 = 1 << 20;
-/// Capacity of the counter map: interfaces x guarded ports x families x verdicts.
-pub const MAX_COUNTERS: u32 = 16_384;
+/// Capacity of the IPv6 LPM trie.
+pub const MAX_PREFIXES: u32 = 1 << 21;
+/// Entries of [`maps::TBL24`]: four /24 blocks per entry.
+pub const TBL24_ENTRIES: u32 = 1 << 22;
+/// [`maps::TBL24`] value: look the host up in [`maps::LONG24`].
+pub const LONG_BLOCK: u16 = 0x8000;
+/// Entries of [`maps::MASKS`]; mask indexes are below [`LONG_BLOCK`].
+pub const MAX_MASKS: u32 = 0x8000;
+/// Capacity of [`maps::LONG24`] (allocated on demand: no preallocation).
+pub const MAX_LONG_BLOCKS: u32 = 1 << 19;
+/// Value of [`maps::LONG24`]: mask index per host of the /24.
+pub type LongBlock = [u16; 256];
 
-/// Capacity of the blocked-source LRU map.
-pub const MAX_SOURCES: u32 = 65_536;
+/// Interface slots in the counters; slot 0 counts interfaces without one.
+pub const IFACE_SLOTS: u32 = 16;
+/// Port slots in the counters; slot 0 is malformed packets (no port).
+pub const COUNTER_PORT_SLOTS: u32 = 128;
+/// Family slots in the counters: IPv4, IPv6, unknown.
+pub const FAMILY_SLOTS: u32 = 3;
+/// Verdict slots in the counters (see [`verdict`]).
+pub const VERDICT_SLOTS: u32 = 5;
+/// Entries of [`maps::COUNTERS`].
+pub const COUNTER_ENTRIES: u32 = IFACE_SLOTS * COUNTER_PORT_SLOTS * FAMILY_SLOTS * VERDICT_SLOTS;
+/// Entries of [`maps::IFACES`].
+pub const IFACE_TABLE: u32 = 65_536;
+
+/// Family slot of a [`family`] value.
+#[inline(always)]
+pub const fn family_slot(f: u8) -> u32 {
+    match f {
+        family::IPV4 => 0,
+        family::IPV6 => 1,
+        _ => 2,
+    }
+}
+
+/// Index into [`maps::COUNTERS`]. Out-of-range slots fold into slot 0 of
+/// their dimension, so the index is always in bounds.
+#[inline(always)]
+pub const fn counter_index(iface_slot: u32, port_slot: u32, family: u8, verdict: u8) -> u32 {
+    let i = if iface_slot < IFACE_SLOTS { iface_slot } else { 0 };
+    let p = if port_slot < COUNTER_PORT_SLOTS { port_slot } else { 0 };
+    let v = if (verdict as u32) < VERDICT_SLOTS { verdict as u32 } else { 0 };
+    ((i * COUNTER_PORT_SLOTS + p) * FAMILY_SLOTS + family_slot(family)) * VERDICT_SLOTS + v
+}
+
+/// Inverse of [`counter_index`]: (iface slot, port slot, family, verdict).
+pub const fn counter_slots(index: u32) -> (u32, u32, u8, u8) {
+    let v = index % VERDICT_SLOTS;
+    let rest = index / VERDICT_SLOTS;
+    let f = rest % FAMILY_SLOTS;
+    let rest = rest / FAMILY_SLOTS;
+    let p = rest % COUNTER_PORT_SLOTS;
+    let i = rest / COUNTER_PORT_SLOTS;
+    let fam = match f {
+        0 => family::IPV4,
+        1 => family::IPV6,
+        _ => family::UNKNOWN,
+    };
+    (i, p, fam, v as u8)
+}
+
+/// Slots per CPU of the blocked-source cache (a power of two).
+pub const SOURCE_SLOTS: u32 = 4096;
+
+/// Cache slot of a source address (network order; IPv4 in the first 4 bytes):
+/// a multiplicative hash of the address words. Two sources that share a slot
+/// take turns in it; `top` is a ranking of recent heavy hitters, the exact
+/// totals are the counters.
+#[inline(always)]
+pub const fn source_slot(addr: &[u8; 16]) -> u32 {
+    let w0 = u32::from_be_bytes([addr[0], addr[1], addr[2], addr[3]]);
+    let w1 = u32::from_be_bytes([addr[4], addr[5], addr[6], addr[7]]);
+    let w2 = u32::from_be_bytes([addr[8], addr[9], addr[10], addr[11]]);
+    let w3 = u32::from_be_bytes([addr[12], addr[13], addr[14], addr[15]]);
+    let h = (w0 ^ w1.rotate_left(7) ^ w2.rotate_left(13) ^ w3.rotate_left(19)).wrapping_mul(0x9e37_79b1);
+    h >> (32 - SOURCE_SLOTS.trailing_zeros())
+}
 /// At most one log event per blocked source per this many nanoseconds.
 pub const EVENT_INTERVAL_NS: u64 = 1_000_000_000;
 
@@ -85,8 +167,19 @@ pub struct GuardedPort {
     pub active: u8,
     /// Index of the owning guard: the bit to test in [`AllowMask::allow`].
     pub guard: u8,
-    /// Must be zero.
-    pub _pad: [u8; 2],
+    /// Counter slot of this port (1..[`COUNTER_PORT_SLOTS`]); kept stable
+    /// across reloads and restarts so counters stay with their port.
+    pub slot: u16,
+}
+
+/// Value of [`maps::IFACES`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct IfaceSlot {
+    /// The full ifindex, to tell apart two that share the low 16 bits.
+    pub ifindex: u32,
+    /// Counter slot (1..[`IFACE_SLOTS`]); 0: not registered.
+    pub slot: u32,
 }
 
 /// Value of the LPM tries.
@@ -101,7 +194,7 @@ pub struct AllowMask {
     pub allow: u64,
 }
 
-/// Key of [`maps::COUNTERS`].
+/// A decoded counter: what one [`maps::COUNTERS`] slot counts, in label space.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct CounterKey {
@@ -119,7 +212,7 @@ pub struct CounterKey {
     pub _pad: [u8; 3],
 }
 
-/// Key of [`maps::SOURCES`]: a blocked source address.
+/// A blocked source address.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct SourceKey {
@@ -131,26 +224,24 @@ pub struct SourceKey {
     pub _pad: [u8; 3],
 }
 
-/// Value of [`maps::SOURCES`]. Shared by all CPUs and updated without
-/// atomics (last writer wins; a rare concurrent increment may be lost): it
-/// ranks sources for `top`; exact totals are in [`maps::COUNTERS`].
+/// Value of [`maps::SOURCES`]: one CPU's slot for one source.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct SourceStats {
     /// Packets from this source judged not allowed (dropped or would_drop).
     pub packets: u64,
-    /// `bpf_ktime_get_ns` (CLOCK_MONOTONIC) of the last such packet.
+    /// `bpf_ktime_get_coarse_ns` (CLOCK_MONOTONIC, coarse) of the last such packet.
     pub last_seen_ns: u64,
-    /// `bpf_ktime_get_ns` of the last log event for this source.
+    /// Same clock: the last log event for this source from this CPU.
     pub last_event_ns: u64,
+    /// The source this slot counts (all zero: empty slot).
+    pub source: SourceKey,
     /// Destination port of the last such packet (host order).
     pub last_port: u16,
     /// Guard of the last such packet.
     pub last_guard: u8,
     /// Verdict of the last such packet ([`verdict::DROPPED`] or [`verdict::WOULD_DROP`]).
     pub last_verdict: u8,
-    /// Must be zero.
-    pub _pad: [u8; 4],
 }
 
 /// Value of [`maps::SETTINGS`] (one entry, index 0).
@@ -169,9 +260,12 @@ pub type V6Addr = [u8; 16];
 const _: () = assert!(size_of::<GuardedPort>() == 4);
 const _: () = assert!(size_of::<AllowMask>() == 8);
 const _: () = assert!(size_of::<CounterKey>() == 12);
+const _: () = assert!(size_of::<IfaceSlot>() == 8);
+const _: () = assert!(size_of::<LongBlock>() == 512);
+const _: () = assert!(counter_index(IFACE_SLOTS - 1, COUNTER_PORT_SLOTS - 1, family::UNKNOWN, 4) == COUNTER_ENTRIES - 1);
 const _: () = assert!(size_of::<Settings>() == 4);
 const _: () = assert!(size_of::<SourceKey>() == 20);
-const _: () = assert!(size_of::<SourceStats>() == 32);
+const _: () = assert!(size_of::<SourceStats>() == 48);
 
 #[cfg(feature = "user")]
 mod pod {
@@ -180,6 +274,7 @@ mod pod {
     unsafe impl aya::Pod for super::AllowMask {}
     unsafe impl aya::Pod for super::CounterKey {}
     unsafe impl aya::Pod for super::Settings {}
+    unsafe impl aya::Pod for super::IfaceSlot {}
     unsafe impl aya::Pod for super::SourceKey {}
     unsafe impl aya::Pod for super::SourceStats {}
 }

@@ -18,14 +18,18 @@ mod tcp;
 mod verdict;
 
 use aya_ebpf::{
-    bindings::xdp_action::{XDP_DROP, XDP_PASS},
+    bindings::{
+        BPF_F_MMAPABLE, BPF_F_NO_PREALLOC,
+        xdp_action::{XDP_DROP, XDP_PASS},
+    },
     macros::{map, xdp},
-    maps::{Array, LpmTrie, LruHashMap, PerCpuHashMap},
+    maps::{Array, HashMap, LpmTrie, PerCpuArray},
     programs::XdpContext,
 };
 use relay_guard_common::{
-    AllowMask, CounterKey, GuardedPort, MAX_COUNTERS, MAX_PREFIXES, MAX_SOURCES, PORT_SLOTS, Settings,
-    SourceKey, SourceStats, V4Addr, V6Addr, family, mode, verdict as v,
+    AllowMask, COUNTER_ENTRIES, GuardedPort, IFACE_TABLE, IfaceSlot, LongBlock, MAX_LONG_BLOCKS, MAX_MASKS,
+    MAX_PREFIXES, PORT_SLOTS, SOURCE_SLOTS, Settings, SourceKey, SourceStats, TBL24_ENTRIES, V6Addr,
+    counter_index, family, mode, verdict as v,
 };
 
 use crate::cursor::{Cursor, Stop};
@@ -35,26 +39,38 @@ use crate::cursor::{Cursor, Stop};
 #[map(name = "RG_PORTS")]
 static PORTS: Array<GuardedPort> = Array::with_max_entries(PORT_SLOTS, 0);
 
-#[map(name = "RG_PREFIXES_V4")]
-static PREFIXES_V4: LpmTrie<V4Addr, AllowMask> = LpmTrie::with_max_entries(MAX_PREFIXES, 0);
+/// mmapable, so the agent writes the 16M-block table directly, not by syscall.
+#[map(name = "RG_TBL24")]
+static TBL24: Array<[u16; 4]> = Array::with_max_entries(TBL24_ENTRIES, BPF_F_MMAPABLE);
+
+#[map(name = "RG_LONG24")]
+static LONG24: HashMap<u32, LongBlock> = HashMap::with_max_entries(MAX_LONG_BLOCKS, BPF_F_NO_PREALLOC);
+
+#[map(name = "RG_MASKS")]
+static MASKS: Array<u64> = Array::with_max_entries(MAX_MASKS, 0);
 
 #[map(name = "RG_PREFIXES_V6")]
 static PREFIXES_V6: LpmTrie<V6Addr, AllowMask> = LpmTrie::with_max_entries(MAX_PREFIXES, 0);
 
+#[map(name = "RG_IFACES")]
+static IFACES: Array<IfaceSlot> = Array::with_max_entries(IFACE_TABLE, 0);
+
 #[map(name = "RG_COUNTERS")]
-static COUNTERS: PerCpuHashMap<CounterKey, u64> = PerCpuHashMap::with_max_entries(MAX_COUNTERS, 0);
+static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_ENTRIES, 0);
 
 #[map(name = "RG_SETTINGS")]
 static SETTINGS: Array<Settings> = Array::with_max_entries(1, 0);
 
 #[map(name = "RG_SOURCES")]
-static SOURCES: LruHashMap<SourceKey, SourceStats> = LruHashMap::with_max_entries(MAX_SOURCES, 0);
+static SOURCES: PerCpuArray<SourceStats> = PerCpuArray::with_max_entries(SOURCE_SLOTS, 0);
 
 // ---- Entry ----
 
 /// A TCP segment to a guarded port, judged.
 struct Judged {
     port: u16,
+    /// Counter slot of the port.
+    slot: u16,
     guard: u8,
     family: u8,
     allowed: bool,
@@ -66,41 +82,37 @@ struct Judged {
 /// jumbo-MTU interfaces; it reads headers in the first buffer only.
 #[xdp(frags)]
 pub fn relay_guard(ctx: XdpContext) -> u32 {
-    let monitor = matches!(SETTINGS.get(0), Some(s) if s.mode == mode::MONITOR);
-    let mut key = CounterKey {
-        ifindex: ctx.ingress_ifindex() as u32,
-        ..CounterKey::default()
-    };
     match judge(&ctx) {
         Err(Stop::NotOurs) => XDP_PASS,
         Err(Stop::Malformed(fam)) => {
-            key.family = fam;
-            key.verdict = if monitor { v::MALFORMED_PASSED } else { v::MALFORMED_DROPPED };
-            exit(&key)
+            let verdict = if monitor() { v::MALFORMED_PASSED } else { v::MALFORMED_DROPPED };
+            exit(&ctx, 0, fam, verdict)
         }
         Ok(j) => {
-            key.port = j.port;
-            key.guard = j.guard;
-            key.family = j.family;
-            key.verdict = match (j.allowed, monitor) {
+            let verdict = match (j.allowed, monitor()) {
                 (true, _) => v::PASSED,
                 (false, true) => v::WOULD_DROP,
                 (false, false) => v::DROPPED,
             };
             if !j.allowed {
                 let src = SourceKey { addr: j.src, family: j.family, _pad: [0; 3] };
-                sources::record(&ctx, &src, j.port, j.guard, key.verdict);
+                sources::record(&ctx, &src, j.port, j.guard, verdict);
             }
-            exit(&key)
+            exit(&ctx, u32::from(j.slot), j.family, verdict)
         }
     }
 }
 
-/// The single exit for counted packets: record, then act on the verdict.
 #[inline(always)]
-fn exit(key: &CounterKey) -> u32 {
-    counters::record(key);
-    match key.verdict {
+fn monitor() -> bool {
+    matches!(SETTINGS.get(0), Some(s) if s.mode == mode::MONITOR)
+}
+
+/// The single exit for counted packets: count, then act on the verdict.
+#[inline(always)]
+fn exit(ctx: &XdpContext, port_slot: u32, fam: u8, verdict: u8) -> u32 {
+    counters::record(counter_index(counters::iface_slot(ctx), port_slot, fam, verdict));
+    match verdict {
         v::DROPPED | v::MALFORMED_DROPPED => XDP_DROP,
         _ => XDP_PASS,
     }
@@ -113,19 +125,21 @@ fn judge(ctx: &XdpContext) -> Result<Judged, Stop> {
         eth::ETH_P_IP => {
             let src = ipv4::parse_ipv4(&mut c)?;
             let port = tcp::parse_tcp(&mut c, family::IPV4)?;
-            let guard = verdict::guard_of(port).ok_or(Stop::NotOurs)?;
+            let gp = verdict::guard_of(port).ok_or(Stop::NotOurs)?;
             let mut addr = [0u8; 16];
             addr[0] = src[0];
             addr[1] = src[1];
             addr[2] = src[2];
             addr[3] = src[3];
-            Ok(Judged { port, guard, family: family::IPV4, allowed: verdict::allowed_v4(src, guard), src: addr })
+            let allowed = verdict::allowed_v4(src, gp.guard);
+            Ok(Judged { port, slot: gp.slot, guard: gp.guard, family: family::IPV4, allowed, src: addr })
         }
         eth::ETH_P_IPV6 => {
             let src = ipv6::parse_ipv6(&mut c)?;
             let port = tcp::parse_tcp(&mut c, family::IPV6)?;
-            let guard = verdict::guard_of(port).ok_or(Stop::NotOurs)?;
-            Ok(Judged { port, guard, family: family::IPV6, allowed: verdict::allowed_v6(src, guard), src })
+            let gp = verdict::guard_of(port).ok_or(Stop::NotOurs)?;
+            let allowed = verdict::allowed_v6(src, gp.guard);
+            Ok(Judged { port, slot: gp.slot, guard: gp.guard, family: family::IPV6, allowed, src })
         }
         _ => Err(Stop::NotOurs),
     }

@@ -40,4 +40,6 @@ pub enum LoadError {
 pub enum SyncError {
     #[error("failed to {op} {what} in map `{map}`")]
     Map { op: &'static str, map: &'static str, what: String, #[source] source: aya::maps::MapError },
+    #[error("the policy does not fit the kernel tables: {what}")]
+    Capacity { what: String },
 }

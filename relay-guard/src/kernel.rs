@@ -1,70 +1,81 @@
 //! Read access to the pinned maps of a `pin_dir`, for `status`, `explain`
 //! and `top`: they work whether or not an agent is running.
-use std::collections::BTreeMap;
+use std::net::IpAddr;
 
-use aya::maps::{Array, HashMap, LpmTrie, Map, MapData, PerCpuHashMap};
-use relay_guard_common::{
-    AllowMask, CounterKey, GuardedPort, PORT_SLOTS, Settings, SourceKey, SourceStats, V4Addr, V6Addr, maps,
-};
+use aya::maps::{Map, MapData, lpm_trie::Key};
+use ipnet::IpNet;
+use relay_guard_common::{LONG_BLOCK, MAX_GUARDS};
 
-use crate::{error::LoadError, loader::Maps, pins::Pins, policy::Policy};
+use crate::{error::LoadError, loader::Maps, pins::Pins, policy::Lookup};
 
-/// Every map of a pinned instance.
-pub struct KernelMaps {
-    pub maps: Maps,
-    pub counters: PerCpuHashMap<MapData, CounterKey, u64>,
-    pub sources: HashMap<MapData, SourceKey, SourceStats>,
+/// Opens the maps pinned under `pins` (this layout only).
+pub fn open(pins: &Pins) -> Result<Maps, LoadError> {
+    if !pins.has_state_maps() {
+        return Err(LoadError::NotPinned { pin_dir: pins.root.clone() });
+    }
+    Maps::from_source(|name| {
+        let path = pins.map(name);
+        let data = MapData::from_pin(&path).map_err(|source| LoadError::MapType { name, source })?;
+        Map::from_map_data(data).map_err(|source| LoadError::MapType { name, source })
+    })
 }
 
-fn open<T>(pins: &Pins, name: &'static str) -> Result<T, LoadError>
-where
-    T: TryFrom<Map, Error = aya::maps::MapError>,
-{
-    let path = pins.map(name);
-    let data = MapData::from_pin(&path).map_err(|source| LoadError::MapType { name, source })?;
-    let map = Map::from_map_data(data).map_err(|source| LoadError::MapType { name, source })?;
-    T::try_from(map).map_err(|source| LoadError::MapType { name, source })
-}
-
-impl KernelMaps {
-    /// Opens the maps pinned under `pins` (this layout only).
-    pub fn open(pins: &Pins) -> Result<KernelMaps, LoadError> {
-        if !pins.has_state_maps() {
-            return Err(LoadError::NotPinned { pin_dir: pins.root.clone() });
+/// What the XDP program decides for (`addr`, `port`) from these maps, read
+/// the way the program reads them. `prefix` is the kernel's deciding unit: the
+/// IPv6 prefix, or for IPv4 the /24 block or (in a block with longer
+/// prefixes) the /32 host entry.
+pub fn lookup(maps: &Maps, addr: IpAddr, port: u16) -> Result<Lookup, aya::maps::MapError> {
+    let gp = maps.ports.get(&u32::from(port), 0)?;
+    if gp.active == 0 {
+        return Ok(Lookup::NotGuarded);
+    }
+    let guard = gp.guard;
+    let bit = |allow: u64| usize::from(guard) < MAX_GUARDS && (allow >> guard) & 1 == 1;
+    Ok(match addr {
+        IpAddr::V4(a) => {
+            let o = a.octets();
+            let block = u32::from_be_bytes([0, o[0], o[1], o[2]]);
+            let mut idx = maps.tbl24.get(block as usize);
+            let mut unit = IpNet::new(IpAddr::from([o[0], o[1], o[2], 0]), 24).expect("valid");
+            if idx & LONG_BLOCK != 0 {
+                idx = maps.long24.get(&block, 0).map(|h| h[usize::from(o[3])]).unwrap_or(0);
+                unit = IpNet::new(addr, 32).expect("valid");
+            }
+            let allow = if idx == 0 { 0 } else { maps.masks.get(&u32::from(idx), 0)? };
+            Lookup::Judged { guard, allowed: bit(allow), prefix: (idx != 0).then_some(unit) }
         }
-        Ok(KernelMaps {
-            maps: Maps {
-                ports: open::<Array<MapData, GuardedPort>>(pins, maps::PORTS)?,
-                v4: open::<LpmTrie<MapData, V4Addr, AllowMask>>(pins, maps::PREFIXES_V4)?,
-                v6: open::<LpmTrie<MapData, V6Addr, AllowMask>>(pins, maps::PREFIXES_V6)?,
-                settings: open::<Array<MapData, Settings>>(pins, maps::SETTINGS)?,
-            },
-            counters: open(pins, maps::COUNTERS)?,
-            sources: open(pins, maps::SOURCES)?,
-        })
-    }
+        IpAddr::V6(a) => match maps.v6.get(&Key::new(128, a.octets()), 0) {
+            Ok(m) => {
+                // The LPM lookup returns the value only: find the prefix it came from.
+                let mut prefix = None;
+                for item in maps.v6.iter() {
+                    let (k, v) = item?;
+                    let len = u8::try_from(k.prefix_len()).unwrap_or(128);
+                    let net = IpNet::new(IpAddr::from(k.data()), len).expect("len <= 128");
+                    if v == m && net.contains(&addr) && prefix.is_none_or(|p: IpNet| p.prefix_len() < len) {
+                        prefix = Some(net);
+                    }
+                }
+                Lookup::Judged { guard, allowed: bit(m.allow), prefix }
+            }
+            Err(aya::maps::MapError::KeyNotFound) => Lookup::Judged { guard, allowed: false, prefix: None },
+            Err(e) => return Err(e),
+        },
+    })
 }
 
-/// What the kernel maps hold, as a [`Policy`] (so `Policy::lookup` answers
-/// "what would the program decide" from the kernel's own state).
-pub fn read_policy(m: &Maps) -> Result<Policy, aya::maps::MapError> {
-    let mut ports = BTreeMap::new();
-    for port in 0..PORT_SLOTS {
-        let gp = m.ports.get(&port, 0)?;
-        if gp.active != 0 {
-            ports.insert(u16::try_from(port).expect("< 65536"), gp);
+/// Counts of what the kernel holds: (guarded ports, /24 blocks with a
+/// match, long blocks, IPv6 prefixes, mode).
+pub fn summary(maps: &Maps) -> Result<(Vec<u16>, usize, usize, usize, u32), aya::maps::MapError> {
+    let mut ports = Vec::new();
+    for p in 0..relay_guard_common::PORT_SLOTS {
+        if maps.ports.get(&p, 0)?.active != 0 {
+            ports.push(u16::try_from(p).expect("< 65536"));
         }
     }
-    let mut v4 = BTreeMap::new();
-    for item in m.v4.iter() {
-        let (k, v) = item?;
-        v4.insert((u8::try_from(k.prefix_len()).unwrap_or(u8::MAX), k.data()), v);
-    }
-    let mut v6 = BTreeMap::new();
-    for item in m.v6.iter() {
-        let (k, v) = item?;
-        v6.insert((u8::try_from(k.prefix_len()).unwrap_or(u8::MAX), k.data()), v);
-    }
-    let mode = m.settings.get(&0, 0)?.mode;
-    Ok(Policy { ports, v4, v6, mode })
+    let blocks = (0..crate::tables::BLOCKS).filter(|&b| maps.tbl24.get(b) != 0).count();
+    let long = maps.long24.keys().count();
+    let v6 = maps.v6.keys().count();
+    let mode = maps.settings.get(&0, 0)?.mode;
+    Ok((ports, blocks, long, v6, mode))
 }

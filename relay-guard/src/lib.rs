@@ -4,7 +4,9 @@
 pub mod cli;
 pub mod commands;
 pub mod config;
+pub mod counters;
 pub mod error;
+pub mod events;
 pub mod kernel;
 pub mod loader;
 pub mod metrics;
@@ -13,6 +15,7 @@ pub mod pins;
 pub mod policy;
 pub mod reload;
 pub mod sync;
+pub mod tables;
 
 /// The XDP object built from `relay-guard-ebpf` by `build.rs`. Empty when
 /// built with `AYA_BUILD_SKIP=1`.

@@ -4,34 +4,171 @@
 //! Typed handles (`Array::try_from`, `LpmTrie::try_from`, …) check key and
 //! value sizes against the object at start-up, so a layout mismatch between
 //! the agent and the program is an error here, not a misread later.
-use std::sync::{Arc, Mutex};
-
-use std::path::{Path, PathBuf};
+use std::{
+    os::fd::AsRawFd as _,
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex},
+};
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, LpmTrie, MapData, PerCpuHashMap},
+    maps::{Array, HashMap, LpmTrie, Map, MapData, PerCpuArray, PerCpuValues},
     programs::{
         Xdp, XdpMode as AyaXdpMode,
         links::{FdLink, PinnedLink},
         xdp::{XdpLink, XdpLinkId},
     },
 };
-use relay_guard_common::{AllowMask, CounterKey, GuardedPort, Settings, V4Addr, V6Addr, maps};
+use relay_guard_common::{
+    AllowMask, COUNTER_PORT_SLOTS, GuardedPort, IFACE_SLOTS, IFACE_TABLE, IfaceSlot, LongBlock,
+    Settings, SourceStats, TBL24_ENTRIES, V6Addr, VERDICT_SLOTS, counter_index, maps,
+};
 use tracing::{info, warn};
 
 use crate::{EBPF_OBJECT, PROGRAM_NAME, config::XdpMode, error::LoadError, pins::Pins};
 
-/// The maps the agent writes.
+/// Every map of the program, typed.
 pub struct Maps {
     pub ports: Array<MapData, GuardedPort>,
-    pub v4: LpmTrie<MapData, V4Addr, AllowMask>,
+    pub tbl24: Tbl24,
+    pub long24: HashMap<MapData, u32, LongBlock>,
+    pub masks: Array<MapData, u64>,
     pub v6: LpmTrie<MapData, V6Addr, AllowMask>,
+    pub ifaces: Array<MapData, IfaceSlot>,
     pub settings: Array<MapData, Settings>,
+    /// Shared with the metrics collector, which reads it at scrape time.
+    pub counters: Counters,
+    pub sources: PerCpuArray<MapData, SourceStats>,
 }
 
-/// The counter map, shared with the metrics collector (read at scrape time).
-pub type Counters = Arc<Mutex<PerCpuHashMap<MapData, CounterKey, u64>>>;
+/// The counter array, shared with the metrics collector.
+pub type Counters = Arc<Mutex<PerCpuArray<MapData, u64>>>;
+
+/// `RG_TBL24`, mapped into the agent's memory (`BPF_F_MMAPABLE`): 16M /24
+/// entries are compared and written as memory, not one syscall each.
+pub struct Tbl24 {
+    /// Keeps the map (and so the mapping's backing) alive.
+    _map: MapData,
+    ptr: *mut u16,
+}
+
+// SAFETY: the mapping is plain shared memory; every access is a single
+// aligned u16 load or store (volatile), and only the agent writes.
+unsafe impl Send for Tbl24 {}
+// SAFETY: as above.
+unsafe impl Sync for Tbl24 {}
+
+const TBL24_BYTES: usize = TBL24_ENTRIES as usize * 8;
+
+impl Tbl24 {
+    fn new(map: MapData) -> Result<Tbl24, std::io::Error> {
+        use std::os::fd::AsFd as _;
+        let fd = map.fd().as_fd().as_raw_fd();
+        // SAFETY: mapping a BPF array created with BPF_F_MMAPABLE, shared,
+        // at offset 0 for its exact size.
+        let p = unsafe {
+            libc::mmap(std::ptr::null_mut(), TBL24_BYTES, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_SHARED, fd, 0)
+        };
+        if p == libc::MAP_FAILED {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(Tbl24 { _map: map, ptr: p.cast() })
+    }
+
+    /// Entry of /24 block `block` (0..2^24).
+    pub fn get(&self, block: usize) -> u16 {
+        assert!(block < crate::tables::BLOCKS);
+        // SAFETY: in bounds (checked), aligned, inside the live mapping.
+        unsafe { self.ptr.add(block).read_volatile() }
+    }
+
+    /// Sets the entry of /24 block `block`; one aligned store, so the XDP
+    /// program sees the old or the new value, never a mix.
+    pub fn set(&self, block: usize, v: u16) {
+        assert!(block < crate::tables::BLOCKS);
+        // SAFETY: in bounds (checked), aligned, inside the live mapping.
+        unsafe { self.ptr.add(block).write_volatile(v) }
+    }
+}
+
+impl Drop for Tbl24 {
+    fn drop(&mut self) {
+        // SAFETY: unmapping exactly what `new` mapped.
+        unsafe { libc::munmap(self.ptr.cast(), TBL24_BYTES) };
+    }
+}
+
+impl Maps {
+    /// Typed handles from the maps of a loaded object, or opened from pins.
+    pub fn from_source(mut get: impl FnMut(&'static str) -> Result<Map, LoadError>) -> Result<Maps, LoadError> {
+        fn typed<T: TryFrom<Map, Error = aya::maps::MapError>>(name: &'static str, m: Map) -> Result<T, LoadError> {
+            T::try_from(m).map_err(|source| LoadError::MapType { name, source })
+        }
+        let tbl24 = match get(maps::TBL24)? {
+            Map::Array(data) => Tbl24::new(data)
+                .map_err(|source| LoadError::Pin { op: "mmap", path: maps::TBL24.into(), source })?,
+            _ => return Err(LoadError::NoMap { name: maps::TBL24 }),
+        };
+        Ok(Maps {
+            ports: typed(maps::PORTS, get(maps::PORTS)?)?,
+            tbl24,
+            long24: typed(maps::LONG24, get(maps::LONG24)?)?,
+            masks: typed(maps::MASKS, get(maps::MASKS)?)?,
+            v6: typed(maps::PREFIXES_V6, get(maps::PREFIXES_V6)?)?,
+            ifaces: typed(maps::IFACES, get(maps::IFACES)?)?,
+            settings: typed(maps::SETTINGS, get(maps::SETTINGS)?)?,
+            counters: Arc::new(Mutex::new(typed(maps::COUNTERS, get(maps::COUNTERS)?)?)),
+            sources: typed(maps::SOURCES, get(maps::SOURCES)?)?,
+        })
+    }
+
+    /// Gives `ifindex` a counter slot (kept if it has one), so its packets
+    /// are counted under its own name. A new slot's counters are zeroed.
+    pub fn register_iface(&mut self, ifindex: u32) -> Result<u32, LoadError> {
+        let err = |source| LoadError::MapType { name: maps::IFACES, source };
+        let mut used = [false; IFACE_SLOTS as usize];
+        let at = ifindex & (IFACE_TABLE - 1);
+        let here = self.ifaces.get(&at, 0).map_err(err)?;
+        if here.ifindex == ifindex && here.slot != 0 {
+            return Ok(here.slot);
+        }
+        for i in 0..IFACE_TABLE {
+            let e = self.ifaces.get(&i, 0).map_err(err)?;
+            if e.slot != 0 && (e.slot as usize) < used.len() {
+                used[e.slot as usize] = true;
+            }
+        }
+        let Some(slot) = (1..IFACE_SLOTS).find(|&s| !used[s as usize]) else {
+            warn!(ifindex, "no free interface counter slot: counted as interface \"other\"");
+            return Ok(0);
+        };
+        self.zero_counters(|i, _| i == slot)?;
+        self.ifaces.set(at, IfaceSlot { ifindex, slot }, 0).map_err(err)?;
+        Ok(slot)
+    }
+
+    /// Zeroes every counter whose (iface slot, port slot) matches `pick`.
+    pub fn zero_counters(&mut self, pick: impl Fn(u32, u32) -> bool) -> Result<(), LoadError> {
+        let err = |source| LoadError::MapType { name: maps::COUNTERS, source };
+        let ncpu = aya::util::nr_cpus().map_err(|(path, source)| LoadError::Pin { op: "read", path: path.into(), source })?;
+        let mut counters = self.counters.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        for i in 0..IFACE_SLOTS {
+            for p in 0..COUNTER_PORT_SLOTS {
+                if !pick(i, p) {
+                    continue;
+                }
+                for f in [relay_guard_common::family::IPV4, relay_guard_common::family::IPV6, relay_guard_common::family::UNKNOWN] {
+                    for v in 0..VERDICT_SLOTS as u8 {
+                        let zeros = PerCpuValues::try_from(vec![0u64; ncpu])
+                            .map_err(|source| LoadError::Pin { op: "size per-CPU values for", path: maps::COUNTERS.into(), source })?;
+                        counters.set(counter_index(i, p, f, v), zeros, 0).map_err(err)?;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
 
 /// How the program is held on one interface.
 #[derive(Debug)]
@@ -58,7 +195,6 @@ pub struct Loaded {
     /// Owns the program (and unpinned links).
     ebpf: Ebpf,
     pub maps: Maps,
-    pub counters: Counters,
     pub attached: Vec<Attachment>,
     /// Where state is pinned, if it is.
     pins: Option<Pins>,
@@ -66,7 +202,7 @@ pub struct Loaded {
     pub adopted: bool,
     /// Reader of the program's aya-log ring buffer (rate-limited blocked-source
     /// events); `run` drains it.
-    pub logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
+    pub logger: Option<aya_log::EbpfLogger<crate::events::OncePerSecond>>,
 }
 
 /// Raises RLIMIT_MEMLOCK for kernels that still charge BPF memory to it
@@ -80,13 +216,6 @@ pub fn bump_memlock_rlimit() {
     }
 }
 
-fn take<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, LoadError>
-where
-    T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
-{
-    let map = ebpf.take_map(name).ok_or(LoadError::NoMap { name })?;
-    T::try_from(map).map_err(|source| LoadError::MapType { name, source })
-}
 
 impl Loaded {
     /// Loads the object and the program into the kernel (the verifier runs
@@ -115,13 +244,7 @@ impl Loaded {
             loader.map_pin_path(name, path.as_path());
         }
         let mut ebpf = loader.load(EBPF_OBJECT).map_err(LoadError::Object)?;
-        let maps = Maps {
-            ports: take(&mut ebpf, maps::PORTS)?,
-            v4: take(&mut ebpf, maps::PREFIXES_V4)?,
-            v6: take(&mut ebpf, maps::PREFIXES_V6)?,
-            settings: take(&mut ebpf, maps::SETTINGS)?,
-        };
-        let counters = Arc::new(Mutex::new(take(&mut ebpf, maps::COUNTERS)?));
+        let maps = Maps::from_source(|name| ebpf.take_map(name).ok_or(LoadError::NoMap { name }))?;
         let prog: &mut Xdp = ebpf
             .program_mut(PROGRAM_NAME)
             .ok_or(LoadError::NoProgram { name: PROGRAM_NAME })?
@@ -133,14 +256,14 @@ impl Loaded {
             let _ = std::fs::remove_file(&path);
             prog.pin(&path).map_err(|source| LoadError::PinObject { what: "program".into(), path, source })?;
         }
-        let logger = match aya_log::EbpfLogger::init(&mut ebpf) {
+        let logger = match aya_log::EbpfLogger::init_with_logger(&mut ebpf, crate::events::OncePerSecond::default()) {
             Ok(l) => Some(l),
             Err(e) => {
                 warn!(error = %e, "blocked-source events unavailable");
                 None
             }
         };
-        Ok(Loaded { ebpf, maps, counters, attached: Vec::new(), pins: pins.cloned(), adopted, logger })
+        Ok(Loaded { ebpf, maps, attached: Vec::new(), pins: pins.cloned(), adopted, logger })
     }
 
     /// The loaded program, for `BPF_PROG_TEST_RUN` and attaching.
@@ -159,6 +282,7 @@ impl Loaded {
     /// falls back to generic (skb) mode with a log line saying so.
     pub fn attach(&mut self, interface: &str, mode: XdpMode) -> Result<&Attachment, LoadError> {
         let ifindex = ifindex(interface)?;
+        self.maps.register_iface(ifindex)?;
         if let Some(pins) = self.pins.clone() {
             let mut candidates = vec![pins.link(interface)];
             candidates.extend(pins.other_layouts().into_iter().map(|d| d.join("links").join(interface)));

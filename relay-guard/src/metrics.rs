@@ -46,11 +46,14 @@ pub struct LabelState {
     pub interfaces: HashMap<u32, String>,
     /// (guard, v4 allow entries, v6 allow entries).
     pub allow_counts: Vec<(String, usize, usize)>,
+    /// What each counter slot stands for (refreshed after every sync).
+    pub slots: crate::counters::Slots,
 }
 
 impl LabelState {
-    pub fn new(cfg: &Config, interfaces: HashMap<u32, String>) -> LabelState {
+    pub fn new(cfg: &Config, interfaces: HashMap<u32, String>, slots: crate::counters::Slots) -> LabelState {
         LabelState {
+            slots,
             guards: cfg.guards.iter().map(|g| g.name.clone()).collect(),
             interfaces,
             allow_counts: cfg
@@ -117,14 +120,15 @@ pub struct CounterSnapshot {
     pub malformed: BTreeMap<String, u64>,
 }
 
-/// Sums the per-CPU counter map into label space.
-pub fn snapshot(counters: &Counters, labels: &LabelState) -> Result<CounterSnapshot, aya::maps::MapError> {
-    let map = counters.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+/// Sums the per-CPU counters into label space.
+pub fn snapshot(counters: &Counters, labels: &LabelState) -> Result<CounterSnapshot, crate::error::SyncError> {
     let mut snap = CounterSnapshot::default();
-    for item in map.iter() {
-        let (k, per_cpu) = item?;
-        let total: u64 = per_cpu.iter().copied().fold(0u64, u64::wrapping_add);
-        let iface = labels.interfaces.get(&k.ifindex).cloned().unwrap_or_else(|| format!("if{}", k.ifindex));
+    for (k, total) in crate::counters::read(counters, &labels.slots)? {
+        let iface = match labels.interfaces.get(&k.ifindex) {
+            Some(name) => name.clone(),
+            None if k.ifindex == 0 => "unknown".to_string(),
+            None => format!("if{}", k.ifindex),
+        };
         let verdict = match k.verdict {
             verdict::PASSED => "passed",
             verdict::DROPPED => "dropped",

@@ -49,7 +49,7 @@ impl Policy {
         for (gi, g) in cfg.guards.iter().enumerate() {
             let guard = u8::try_from(gi).expect("validation caps guards at 64");
             for &p in &g.ports {
-                ports.insert(p, GuardedPort { active: 1, guard, _pad: [0; 2] });
+                ports.insert(p, GuardedPort { active: 1, guard, slot: 0 });
             }
         }
         let v4_entries: Vec<Vec<(u8, u32, Action)>> = cfg

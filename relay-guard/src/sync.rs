@@ -1,18 +1,27 @@
 //! Makes the kernel maps equal to a compiled [`Policy`], as a diff against
-//! what the maps hold now.
+//! what the maps hold now; or, with [`plan`], only counts what would change.
 //!
-//! Order matters for "no gap": new and changed entries are written first,
-//! stale ones deleted last, so an address allowed before and after is allowed
-//! at every instant. (A changed mask is a single-entry overwrite, which the
-//! kernel applies atomically.) Entries that did not change are not touched.
-use std::collections::BTreeMap;
+//! Order matters for "no gap". Phase 1 writes everything new or changed:
+//! new masks (into indices no table references), then long blocks, then the
+//! /24 table, then IPv6 prefixes, ports and the mode. Phase 2 removes what is
+//! stale: ports, long blocks, IPv6 prefixes, and finally unreferenced masks.
+//! Every single write is atomic for the XDP program (one aligned store or one
+//! map update), and at every instant each entry holds its old or its new
+//! value, both of which allow an address that is allowed before and after.
+//! Entries that did not change are not touched.
+use std::collections::{BTreeMap, BTreeSet};
 
 use aya::maps::lpm_trie::Key;
-use relay_guard_common::{AllowMask, GuardedPort, PORT_SLOTS, Settings, maps};
+use relay_guard_common::{AllowMask, COUNTER_PORT_SLOTS, GuardedPort, MAX_MASKS, PORT_SLOTS, Settings, maps};
 
-use crate::{error::SyncError, loader::Maps, policy::Policy};
+use crate::{
+    error::SyncError,
+    loader::Maps,
+    policy::Policy,
+    tables::{BLOCKS, Palette, V4Tables},
+};
 
-/// What a sync changed.
+/// What a sync changed (or, from [`plan`], would change), in kernel entries.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct SyncStats {
     pub written: usize,
@@ -20,109 +29,174 @@ pub struct SyncStats {
     pub unchanged: usize,
 }
 
+impl SyncStats {
+    /// Whether the kernel already matched.
+    pub fn is_noop(&self) -> bool {
+        self.written == 0 && self.removed == 0
+    }
+}
+
 /// Applies `policy` to `maps`.
 pub fn apply(maps: &mut Maps, policy: &Policy) -> Result<SyncStats, SyncError> {
-    let mut stats = SyncStats::default();
-    // Phase 1, additions: prefixes first, so a port becomes guarded only once
-    // its allowlist is in place; then ports; then the mode.
-    let stale_v4 = write_lpm(&mut maps.v4, maps::PREFIXES_V4, &policy.v4, &mut stats)?;
-    let stale_v6 = write_lpm(&mut maps.v6, maps::PREFIXES_V6, &policy.v6, &mut stats)?;
-    let stale_ports = write_ports(maps, policy, &mut stats)?;
-    let settings = Settings { mode: policy.mode };
-    maps.settings.set(0, settings, 0).map_err(|source| SyncError::Map {
-        op: "write",
-        map: maps::SETTINGS,
-        what: "mode".into(),
-        source,
-    })?;
-    // Phase 2, removals: ports that are no longer guarded, then stale prefixes.
-    for port in stale_ports {
-        maps.ports.set(port, GuardedPort::default(), 0).map_err(|source| SyncError::Map {
-            op: "clear",
-            map: maps::PORTS,
-            what: format!("port {port}"),
-            source,
-        })?;
-        stats.removed += 1;
-    }
-    remove_lpm(&mut maps.v4, maps::PREFIXES_V4, &stale_v4, &mut stats)?;
-    remove_lpm(&mut maps.v6, maps::PREFIXES_V6, &stale_v6, &mut stats)?;
-    Ok(stats)
+    run(maps, policy, true)
 }
 
-type Lpm<const N: usize> = aya::maps::LpmTrie<aya::maps::MapData, [u8; N], AllowMask>;
-
-fn lpm_err<const N: usize>(op: &'static str, name: &'static str, len: u8, addr: [u8; N], source: aya::maps::MapError) -> SyncError {
-    SyncError::Map { op, map: name, what: format!("prefix {}/{len}", fmt_addr(&addr)), source }
+/// Counts what [`apply`] would change, writing nothing (drift detection).
+pub fn plan(maps: &mut Maps, policy: &Policy) -> Result<SyncStats, SyncError> {
+    run(maps, policy, false)
 }
 
-/// Writes new and changed prefixes; returns the stale ones.
-fn write_lpm<const N: usize>(
-    map: &mut Lpm<N>,
-    name: &'static str,
-    want: &BTreeMap<(u8, [u8; N]), AllowMask>,
-    stats: &mut SyncStats,
-) -> Result<Vec<(u8, [u8; N])>, SyncError>
-where
-    [u8; N]: aya::Pod,
-{
-    let mut have: BTreeMap<(u8, [u8; N]), AllowMask> = BTreeMap::new();
-    for item in map.iter() {
-        let (k, v) = item.map_err(|source| SyncError::Map { op: "read", map: name, what: "entries".into(), source })?;
-        let len = u8::try_from(k.prefix_len()).unwrap_or(u8::MAX);
-        have.insert((len, k.data()), v);
+fn merr(op: &'static str, map: &'static str, what: impl Into<String>) -> impl FnOnce(aya::maps::MapError) -> SyncError {
+    let what = what.into();
+    move |source| SyncError::Map { op, map, what, source }
+}
+
+fn run(maps: &mut Maps, policy: &Policy, write: bool) -> Result<SyncStats, SyncError> {
+    let mut st = SyncStats::default();
+
+    // ---- IPv4 tables, computed against the kernel's mask palette ----
+    let mut kernel_masks = Vec::with_capacity(MAX_MASKS as usize);
+    for i in 0..MAX_MASKS {
+        kernel_masks.push(maps.masks.get(&i, 0).map_err(merr("read", maps::MASKS, format!("index {i}")))?);
     }
-    for (&(len, addr), mask) in want {
-        if have.get(&(len, addr)) == Some(mask) {
-            stats.unchanged += 1;
+    let mut palette = Palette::from_kernel(kernel_masks.clone());
+    let tables = V4Tables::build(&policy.v4, &mut palette).map_err(|e| SyncError::Capacity { what: e.to_string() })?;
+
+    let mut have_long: BTreeSet<u32> = BTreeSet::new();
+    for k in maps.long24.keys() {
+        have_long.insert(k.map_err(merr("read", maps::LONG24, "keys"))?);
+    }
+
+    // Phase 1a: masks the new tables need, in indices nothing references yet.
+    for (i, (&new, &old)) in palette.masks.iter().zip(&kernel_masks).enumerate() {
+        if new != old && new != 0 {
+            st.written += 1;
+            if write {
+                let i = u32::try_from(i).expect("< MAX_MASKS");
+                maps.masks.set(i, new, 0).map_err(merr("write", maps::MASKS, format!("index {i}")))?;
+            }
+        }
+    }
+    // Phase 1b: long blocks, before the /24 entries that point at them.
+    for (&block, hosts) in &tables.long {
+        let same = have_long.contains(&block) && maps.long24.get(&block, 0).ok().as_ref() == Some(&**hosts);
+        if same {
+            st.unchanged += 1;
             continue;
         }
-        map.insert(&Key::new(u32::from(len), addr), mask, 0).map_err(|e| lpm_err("write", name, len, addr, e))?;
-        stats.written += 1;
-    }
-    Ok(have.into_keys().filter(|k| !want.contains_key(k)).collect())
-}
-
-fn remove_lpm<const N: usize>(
-    map: &mut Lpm<N>,
-    name: &'static str,
-    stale: &[(u8, [u8; N])],
-    stats: &mut SyncStats,
-) -> Result<(), SyncError>
-where
-    [u8; N]: aya::Pod,
-{
-    for &(len, addr) in stale {
-        map.remove(&Key::new(u32::from(len), addr)).map_err(|e| lpm_err("remove", name, len, addr, e))?;
-        stats.removed += 1;
-    }
-    Ok(())
-}
-
-/// Writes new and changed ports; returns those to clear.
-fn write_ports(maps: &mut Maps, policy: &Policy, stats: &mut SyncStats) -> Result<Vec<u32>, SyncError> {
-    let mut stale = Vec::new();
-    let err = |op, port: u32, source| SyncError::Map { op, map: maps::PORTS, what: format!("port {port}"), source };
-    for port in 0..PORT_SLOTS {
-        let have = maps.ports.get(&port, 0).map_err(|e| err("read", port, e))?;
-        let want = u16::try_from(port).ok().and_then(|p| policy.ports.get(&p)).copied();
-        match want {
-            Some(w) if w == have => stats.unchanged += 1,
-            Some(w) => {
-                maps.ports.set(port, w, 0).map_err(|e| err("write", port, e))?;
-                stats.written += 1;
-            }
-            None if have.active != 0 => stale.push(port),
-            None => {}
+        st.written += 1;
+        if write {
+            maps.long24.insert(block, **hosts, 0).map_err(merr("write", maps::LONG24, block_name(block)))?;
         }
     }
-    Ok(stale)
+    // Phase 1c: the /24 table.
+    for block in 0..BLOCKS {
+        let new = tables.tbl24[block];
+        if maps.tbl24.get(block) != new {
+            st.written += 1;
+            if write {
+                maps.tbl24.set(block, new);
+            }
+        }
+    }
+
+    // ---- IPv6 prefixes ----
+    let mut have_v6: BTreeMap<(u8, [u8; 16]), AllowMask> = BTreeMap::new();
+    for item in maps.v6.iter() {
+        let (k, v) = item.map_err(merr("read", maps::PREFIXES_V6, "entries"))?;
+        have_v6.insert((u8::try_from(k.prefix_len()).unwrap_or(u8::MAX), k.data()), v);
+    }
+    for (&(len, addr), mask) in &policy.v6 {
+        if have_v6.get(&(len, addr)) == Some(mask) {
+            st.unchanged += 1;
+            continue;
+        }
+        st.written += 1;
+        if write {
+            let what = format!("prefix {}/{len}", std::net::Ipv6Addr::from(addr));
+            maps.v6.insert(&Key::new(u32::from(len), addr), mask, 0).map_err(merr("write", maps::PREFIXES_V6, what))?;
+        }
+    }
+
+    // ---- Ports (with stable counter slots) and mode ----
+    let mut have_ports: BTreeMap<u16, GuardedPort> = BTreeMap::new();
+    for port in 0..PORT_SLOTS {
+        let gp = maps.ports.get(&port, 0).map_err(merr("read", maps::PORTS, format!("port {port}")))?;
+        if gp.active != 0 {
+            have_ports.insert(u16::try_from(port).expect("< 65536"), gp);
+        }
+    }
+    let mut used_slots: BTreeSet<u16> = have_ports
+        .iter()
+        .filter(|(p, _)| policy.ports.contains_key(p))
+        .map(|(_, gp)| gp.slot)
+        .collect();
+    for (&port, want) in &policy.ports {
+        let slot = match have_ports.get(&port) {
+            Some(gp) if gp.slot != 0 => gp.slot,
+            _ => {
+                let free = (1..u16::try_from(COUNTER_PORT_SLOTS).expect("fits"))
+                    .find(|s| !used_slots.contains(s) && !have_ports.values().any(|gp| gp.slot == *s))
+                    .or_else(|| (1..u16::try_from(COUNTER_PORT_SLOTS).expect("fits")).find(|s| !used_slots.contains(s)))
+                    .ok_or_else(|| SyncError::Capacity { what: format!("more than {} guarded ports", COUNTER_PORT_SLOTS - 1) })?;
+                used_slots.insert(free);
+                if write {
+                    maps.zero_counters(|_, p| p == u32::from(free)).map_err(|e| SyncError::Capacity { what: e.to_string() })?;
+                }
+                free
+            }
+        };
+        let gp = GuardedPort { active: 1, guard: want.guard, slot };
+        if have_ports.get(&port) == Some(&gp) {
+            st.unchanged += 1;
+            continue;
+        }
+        st.written += 1;
+        if write {
+            maps.ports.set(u32::from(port), gp, 0).map_err(merr("write", maps::PORTS, format!("port {port}")))?;
+        }
+    }
+    let mode = maps.settings.get(&0, 0).map_err(merr("read", maps::SETTINGS, "mode"))?;
+    if mode.mode != policy.mode {
+        st.written += 1;
+        if write {
+            maps.settings.set(0, Settings { mode: policy.mode }, 0).map_err(merr("write", maps::SETTINGS, "mode"))?;
+        }
+    }
+
+    // ---- Phase 2: removals ----
+    for &port in have_ports.keys().filter(|p| !policy.ports.contains_key(p)) {
+        st.removed += 1;
+        if write {
+            maps.ports.set(u32::from(port), GuardedPort::default(), 0).map_err(merr("clear", maps::PORTS, format!("port {port}")))?;
+        }
+    }
+    for &block in have_long.iter().filter(|b| !tables.long.contains_key(b)) {
+        st.removed += 1;
+        if write {
+            maps.long24.remove(&block).map_err(merr("remove", maps::LONG24, block_name(block)))?;
+        }
+    }
+    for &(len, addr) in have_v6.keys().filter(|k| !policy.v6.contains_key(k)) {
+        st.removed += 1;
+        if write {
+            let what = format!("prefix {}/{len}", std::net::Ipv6Addr::from(addr));
+            maps.v6.remove(&Key::new(u32::from(len), addr)).map_err(merr("remove", maps::PREFIXES_V6, what))?;
+        }
+    }
+    for (i, &m) in palette.masks.iter().enumerate().skip(1) {
+        if m != 0 && !tables.used[i] {
+            st.removed += 1;
+            if write {
+                let i = u32::try_from(i).expect("< MAX_MASKS");
+                maps.masks.set(i, 0, 0).map_err(merr("clear", maps::MASKS, format!("index {i}")))?;
+            }
+        }
+    }
+    Ok(st)
 }
 
-fn fmt_addr(bytes: &[u8]) -> String {
-    match bytes.len() {
-        4 => std::net::Ipv4Addr::from(<[u8; 4]>::try_from(bytes).expect("len 4")).to_string(),
-        16 => std::net::Ipv6Addr::from(<[u8; 16]>::try_from(bytes).expect("len 16")).to_string(),
-        _ => format!("{bytes:?}"),
-    }
+fn block_name(block: u32) -> String {
+    let [_, a, b, c] = block.to_be_bytes();
+    format!("block {a}.{b}.{c}.0/24")
 }

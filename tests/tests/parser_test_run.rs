@@ -22,7 +22,7 @@ use aya::programs::{TestRun, TestRunOptions};
 use rand::{Rng, SeedableRng, rngs::StdRng, seq::IndexedRandom};
 use relay_guard::{
     config::{Action, Config, Entry, Guard, Mode, Origin, XdpMode},
-    loader::{Counters, Loaded},
+    loader::{Loaded, Maps},
     model::{self, Outcome},
     policy::Policy,
     sync,
@@ -189,15 +189,11 @@ fn targets(cfg: &Config) -> Targets {
     t
 }
 
-/// Kernel counters summed over CPUs.
-fn read_counters(counters: &Counters) -> BTreeMap<CounterKey, u64> {
-    let map = counters.lock().expect("counter map lock");
-    map.iter()
-        .map(|item| {
-            let (k, per_cpu) = item.expect("read counter map");
-            (k, per_cpu.iter().sum())
-        })
-        .collect()
+/// Kernel counters summed over CPUs, decoded to label space through the
+/// slot maps (as the agent's metrics do).
+fn read_counters(maps: &Maps) -> BTreeMap<CounterKey, u64> {
+    let slots = relay_guard::counters::slots(maps).expect("read counter slots");
+    relay_guard::counters::read(&maps.counters, &slots).expect("read counters")
 }
 
 fn outcome_name(o: Outcome) -> String {
@@ -245,7 +241,8 @@ fn differential(test: &str, mode: Mode) {
     // namespace's loopback receive queue (net/bpf/test_run.c), so that is
     // the ingress_ifindex the program records.
     let ifindex = relay_guard::loader::ifindex("lo").expect("lo exists");
-    let before = read_counters(&loaded.counters);
+    loaded.maps.register_iface(ifindex).expect("register lo for counting");
+    let before = read_counters(&loaded.maps);
 
     let targets = targets(&cfg);
     let mut frames: Vec<(&'static str, Vec<u8>)> = Vec::new();
@@ -352,7 +349,7 @@ fn differential(test: &str, mode: Mode) {
         );
     }
 
-    let after = read_counters(&loaded.counters);
+    let after = read_counters(&loaded.maps);
     let delta: BTreeMap<CounterKey, u64> = after
         .iter()
         .map(|(k, v)| (*k, v - before.get(k).copied().unwrap_or(0)))

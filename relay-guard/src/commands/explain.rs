@@ -8,7 +8,7 @@ use serde_json::json;
 
 use crate::{
     config::{Action, Config},
-    kernel::{KernelMaps, read_policy},
+    kernel,
     pins::Pins,
     policy::{Lookup, model_allows},
 };
@@ -34,8 +34,8 @@ pub fn execute(config_path: &Path, addr: IpAddr, port: u16, as_json: bool) -> an
     });
 
     let pins = Pins::new(&pin_dir);
-    let kernel_side = match KernelMaps::open(&pins) {
-        Ok(km) => Some(read_policy(&km.maps).context("failed to read the pinned maps")?.lookup(addr, port)),
+    let kernel_side = match kernel::open(&pins) {
+        Ok(km) => Some(kernel::lookup(&km, addr, port).context("failed to read the pinned maps")?),
         Err(e) => {
             if !as_json {
                 println!("kernel: no pinned state to compare ({e})");
@@ -95,7 +95,7 @@ pub fn execute(config_path: &Path, addr: IpAddr, port: u16, as_json: bool) -> an
         None => {}
         Some(Lookup::NotGuarded) => println!("kernel: port {port} is not guarded: {addr} passes"),
         Some(Lookup::Judged { guard, allowed, prefix }) => println!(
-            "kernel: port {port} -> guard `{}`; longest stored prefix {} => {}",
+            "kernel: port {port} -> guard `{}`; table entry {} => {}",
             name_of(guard),
             prefix.map_or("none (no match: deny)".to_string(), |p| p.to_string()),
             if allowed { "ALLOW" } else { "DENY" }

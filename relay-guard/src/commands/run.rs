@@ -11,6 +11,7 @@ use tracing::{error, info, warn};
 
 use crate::{
     config::Config,
+    counters,
     loader::{self, Loaded},
     pins::{self, AgentLock, Pins},
     metrics::{self, AgentMetrics, LabelState},
@@ -44,10 +45,11 @@ pub async fn execute(config_path: &Path) -> anyhow::Result<()> {
     loaded.prune(&cfg.interfaces);
     info!(mode = ?cfg.mode, interfaces = ?cfg.interfaces, "relay-guard is guarding");
 
-    let labels = Arc::new(RwLock::new(LabelState::new(&cfg, interfaces.clone())));
+    let slots = counters::slots(&loaded.maps).context("failed to read counter slots")?;
+    let labels = Arc::new(RwLock::new(LabelState::new(&cfg, interfaces.clone(), slots)));
     let agent = AgentMetrics::default();
     agent.reload_succeeded();
-    let registry = Arc::new(metrics::registry(Arc::clone(&loaded.counters), Arc::clone(&labels), &agent));
+    let registry = Arc::new(metrics::registry(Arc::clone(&loaded.maps.counters), Arc::clone(&labels), &agent));
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut metrics_task = None;
@@ -115,7 +117,13 @@ pub async fn execute(config_path: &Path) -> anyhow::Result<()> {
         agent.reloads.inc();
         match reload(&mut loaded, &current, config_path) {
             Ok(new) => {
-                *labels.write().unwrap_or_else(std::sync::PoisonError::into_inner) = LabelState::new(&new, interfaces.clone());
+                match counters::slots(&loaded.maps) {
+                    Ok(slots) => {
+                        *labels.write().unwrap_or_else(std::sync::PoisonError::into_inner) =
+                            LabelState::new(&new, interfaces.clone(), slots);
+                    }
+                    Err(e) => warn!(error = %e, "failed to read counter slots; metrics labels may lag"),
+                }
                 agent.reload_succeeded();
                 current = new;
                 if !watch.covers(&watched_files(&current)) {

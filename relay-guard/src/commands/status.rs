@@ -10,44 +10,37 @@ use serde_json::json;
 
 use crate::{
     config::Config,
-    kernel::{KernelMaps, read_policy},
+    counters, kernel,
     loader::ifname,
     metrics::{LabelState, snapshot},
     pins::{AgentLock, Pins},
     policy::Policy,
+    sync,
 };
 
 pub fn execute(config_path: &Path, as_json: bool) -> anyhow::Result<()> {
     let pin_dir = super::pin_dir_of(config_path)?;
     let pins = Pins::new(&pin_dir);
-    let km = KernelMaps::open(&pins)?;
-    let kernel = read_policy(&km.maps).context("failed to read the pinned maps")?;
+    let mut km = kernel::open(&pins)?;
+    let (ports, blocks, long_blocks, v6_prefixes, kmode) = kernel::summary(&km).context("failed to read the pinned maps")?;
     let agent = AgentLock::holder(&pin_dir);
     let links = pins.pinned_links();
 
     // Labels come from the config when it is valid; the kernel state is shown either way.
     let cfg = Config::load(config_path);
-    let mut labels = LabelState::default();
+    let slots = counters::slots(&km).context("failed to read counter slots")?;
+    // Interface names as this process sees them (run it in the agent's netns for names).
+    let names = slots.ifaces.values().filter_map(|&i| ifname(i).map(|n| (i, n))).collect();
+    let mut labels = LabelState { slots, interfaces: names, ..LabelState::default() };
     let mut drift = None;
     if let Ok(cfg) = &cfg {
-        labels = LabelState::new(cfg, Default::default());
-        drift = Some(Policy::compile(cfg) != kernel);
+        let named = LabelState::new(cfg, labels.interfaces.clone(), labels.slots.clone());
+        labels = named;
+        // A dry run of the sync: anything it would change is drift.
+        drift = Some(!sync::plan(&mut km, &Policy::compile(cfg)).context("failed to compare with the config")?.is_noop());
     }
-    let counters = std::sync::Arc::new(std::sync::Mutex::new(km.counters));
-    // Interface names as this process sees them (run it in the agent's netns for names).
-    let mut snap_labels = labels.clone();
-    {
-        let map = counters.lock().expect("not poisoned");
-        for k in map.keys().filter_map(Result::ok) {
-            if let Some(n) = ifname(k.ifindex) {
-                snap_labels.interfaces.insert(k.ifindex, n);
-            }
-        }
-    }
-    let snap = snapshot(&counters, &snap_labels).context("failed to read counters")?;
-    let mode_name = if kernel.mode == mode::MONITOR { "monitor" } else { "enforce" };
-    let ports: Vec<u16> = kernel.ports.keys().copied().collect();
-
+    let snap = snapshot(&km.counters, &labels).context("failed to read counters")?;
+    let mode_name = if kmode == mode::MONITOR { "monitor" } else { "enforce" };
     if as_json {
         let counters: Vec<_> = snap
             .packets
@@ -57,7 +50,7 @@ pub fn execute(config_path: &Path, as_json: bool) -> anyhow::Result<()> {
         let out = json!({
             "pin_dir": pin_dir, "layout": LAYOUT_VERSION,
             "agent_pid": agent, "interfaces": links, "mode": mode_name,
-            "guarded_ports": ports, "prefixes_v4": kernel.v4.len(), "prefixes_v6": kernel.v6.len(),
+            "guarded_ports": ports, "ipv4_blocks": blocks, "ipv4_long_blocks": long_blocks, "prefixes_v6": v6_prefixes,
             "config_matches_kernel": drift.map(|d| !d),
             "config_error": cfg.as_ref().err().map(ToString::to_string),
             "counters": counters, "malformed": snap.malformed,
@@ -70,7 +63,7 @@ pub fn execute(config_path: &Path, as_json: bool) -> anyhow::Result<()> {
     println!("interfaces:  {}", if links.is_empty() { "none attached".to_string() } else { links.join(", ") });
     println!("mode:        {mode_name}");
     println!("ports:       {}", ports.iter().map(ToString::to_string).collect::<Vec<_>>().join(", "));
-    println!("prefixes:    {} IPv4, {} IPv6", kernel.v4.len(), kernel.v6.len());
+    println!("tables:      {blocks} IPv4 /24 blocks with a match ({long_blocks} with longer prefixes), {v6_prefixes} IPv6 prefixes");
     match (&cfg, drift) {
         (Ok(_), Some(false)) => println!("config:      kernel maps match {}", config_path.display()),
         (Ok(_), _) => println!("config:      kernel maps DIFFER from {} (reload the agent: SIGHUP)", config_path.display()),

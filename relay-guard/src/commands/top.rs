@@ -8,26 +8,42 @@ use std::{
 use relay_guard_common::{family, verdict};
 use serde_json::json;
 
-use crate::{config::Config, kernel::KernelMaps, pins::Pins};
+use crate::{config::Config, kernel, pins::Pins};
 
 fn monotonic_ns() -> u64 {
     let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
-    // SAFETY: clock_gettime writes into a valid timespec.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    // SAFETY: clock_gettime writes into a valid timespec. The program uses
+    // bpf_ktime_get_coarse_ns, i.e. CLOCK_MONOTONIC_COARSE.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
     u64::try_from(ts.tv_sec).unwrap_or(0) * 1_000_000_000 + u64::try_from(ts.tv_nsec).unwrap_or(0)
 }
 
 pub fn execute(config_path: &Path, limit: usize, as_json: bool) -> anyhow::Result<()> {
     let pin_dir = super::pin_dir_of(config_path)?;
-    let km = KernelMaps::open(&Pins::new(&pin_dir))?;
+    let km = kernel::open(&Pins::new(&pin_dir))?;
     let names: Vec<String> = Config::load(config_path).map(|c| c.guards.into_iter().map(|g| g.name).collect()).unwrap_or_default();
+    // Merge the per-CPU cache slots by source: packets add up, the latest
+    // sighting wins for last-seen, port, guard and verdict.
+    let mut merged: std::collections::BTreeMap<(u8, [u8; 16]), relay_guard_common::SourceStats> = Default::default();
+    for slot in 0..relay_guard_common::SOURCE_SLOTS {
+        for s in km.sources.get(&slot, 0)?.iter() {
+            if s.packets == 0 {
+                continue;
+            }
+            let e = merged.entry((s.source.family, s.source.addr)).or_default();
+            let total = e.packets + s.packets;
+            if s.last_seen_ns >= e.last_seen_ns {
+                *e = *s;
+            }
+            e.packets = total;
+        }
+    }
     let mut rows = Vec::new();
-    for item in km.sources.iter() {
-        let (k, s) = item?;
-        let addr = if k.family == family::IPV4 {
-            IpAddr::V4(Ipv4Addr::new(k.addr[0], k.addr[1], k.addr[2], k.addr[3]))
+    for ((fam, addr), s) in merged {
+        let addr = if fam == family::IPV4 {
+            IpAddr::V4(Ipv4Addr::new(addr[0], addr[1], addr[2], addr[3]))
         } else {
-            IpAddr::V6(Ipv6Addr::from(k.addr))
+            IpAddr::V6(Ipv6Addr::from(addr))
         };
         rows.push((addr, s));
     }

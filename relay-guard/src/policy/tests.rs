@@ -106,7 +106,7 @@ fn compile_ports_map_holds_guard_indices() {
             GuardedPort {
                 active: 1,
                 guard: 1,
-                _pad: [0; 2],
+                slot: 0,
             },
         ),
         (
@@ -114,7 +114,7 @@ fn compile_ports_map_holds_guard_indices() {
             GuardedPort {
                 active: 1,
                 guard: 0,
-                _pad: [0; 2],
+                slot: 0,
             },
         ),
         (
@@ -122,7 +122,7 @@ fn compile_ports_map_holds_guard_indices() {
             GuardedPort {
                 active: 1,
                 guard: 0,
-                _pad: [0; 2],
+                slot: 0,
             },
         ),
     ]
@@ -383,7 +383,7 @@ fn unguarded_port_is_not_guarded() {
         GuardedPort {
             active: 0,
             guard: 0,
-            _pad: [0; 2],
+            slot: 0,
         },
     );
     assert_eq!(p.lookup(ip("192.0.2.1"), 2525), Lookup::NotGuarded);
