@@ -118,7 +118,8 @@ pub enum Action {
 /// Where an entry was written, for messages.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Origin {
-    pub file: PathBuf,
+    /// Shared by every entry of one file (a 1M-line list holds one copy).
+    pub file: std::sync::Arc<Path>,
     pub line: usize,
 }
 
@@ -179,7 +180,7 @@ impl Config {
     /// Parses and validates `text` as if read from `path` (list files are
     /// resolved relative to the config's directory).
     pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigErrors> {
-        let mut v = Validator { path, text, errors: Vec::new(), list_files: Vec::new() };
+        let mut v = Validator { path, file: std::sync::Arc::from(path), text, errors: Vec::new(), list_files: Vec::new() };
         let raw: RawConfig = match toml::from_str(text) {
             Ok(raw) => raw,
             Err(e) => {
@@ -206,6 +207,8 @@ impl Config {
 
 struct Validator<'a> {
     path: &'a Path,
+    /// `path`, shared by every inline entry's origin.
+    file: std::sync::Arc<Path>,
     text: &'a str,
     errors: Vec<ConfigError>,
     list_files: Vec<PathBuf>,
@@ -217,7 +220,7 @@ impl Validator<'_> {
     }
 
     fn origin(&self, span: &Range<usize>) -> Origin {
-        Origin { file: self.path.to_path_buf(), line: self.line_of(span.start) }
+        Origin { file: std::sync::Arc::clone(&self.file), line: self.line_of(span.start) }
     }
 
     fn err(&mut self, span: &Range<usize>, what: String) {
@@ -320,7 +323,7 @@ impl Validator<'_> {
         let name_origin = self.origin(&g.name.as_ref().map_or(span.clone(), |n| n.span()));
         if let Some(first) = names.get(&name) {
             let what = format!("guard name `{name}` is used twice (first at {first})");
-            self.errors.push(ConfigError { file: name_origin.file.clone(), line: name_origin.line, what });
+            self.errors.push(ConfigError { file: name_origin.file.to_path_buf(), line: name_origin.line, what });
         } else {
             names.insert(name.clone(), name_origin);
         }
@@ -347,7 +350,7 @@ impl Validator<'_> {
             let here = self.origin(&ports_span);
             if let Some((owner, at)) = port_owner.get(&port) {
                 let what = format!("port `{port}` of guard `{name}` already belongs to guard `{owner}` ({at}); a port may belong to one guard only");
-                self.errors.push(ConfigError { file: here.file, line: here.line, what });
+                self.errors.push(ConfigError { file: here.file.to_path_buf(), line: here.line, what });
             } else {
                 port_owner.insert(port, (name.clone(), here));
             }
@@ -378,25 +381,25 @@ impl Validator<'_> {
         }
 
         // Same prefix twice: harmless if the same action, an error if not.
-        let mut seen: BTreeMap<IpNet, Entry> = BTreeMap::new();
-        let mut unique = Vec::with_capacity(entries.len());
+        // A stable sort keeps the first occurrence first among equals.
+        entries.sort_by(|a, b| a.net.cmp(&b.net));
+        let mut unique: Vec<Entry> = Vec::with_capacity(entries.len());
         for e in entries {
-            match seen.get(&e.net) {
-                Some(prev) if prev.action != e.action => {
-                    let (a, d) = if prev.action == Action::Allow { (prev, &e) } else { (&e, prev) };
-                    let what = format!(
-                        "guard `{name}`: `{}` is both allowed ({}) and denied ({})",
-                        e.net, a.origin, d.origin
-                    );
-                    self.errors.push(ConfigError { file: e.origin.file.clone(), line: e.origin.line, what });
+            match unique.last() {
+                Some(prev) if prev.net == e.net => {
+                    if prev.action != e.action {
+                        let (a, d) = if prev.action == Action::Allow { (prev, &e) } else { (&e, prev) };
+                        let what = format!(
+                            "guard `{name}`: `{}` is both allowed ({}) and denied ({})",
+                            e.net, a.origin, d.origin
+                        );
+                        self.errors.push(ConfigError { file: e.origin.file.to_path_buf(), line: e.origin.line, what });
+                    }
                 }
-                Some(_) => {}
-                None => {
-                    seen.insert(e.net, e.clone());
-                    unique.push(e);
-                }
+                _ => unique.push(e),
             }
         }
+        unique.shrink_to_fit();
         Guard { name, ports, entries: unique }
     }
 
@@ -430,6 +433,7 @@ pub fn parse_net(s: &str) -> Result<IpNet, String> {
 /// Parses a list file: one address or CIDR a line; `#` and `;` start
 /// comments (so Spamhaus DROP lines like `1.10.16.0/20 ; SBL256894` load).
 pub fn parse_list(file: &Path, text: &str, action: Action) -> (Vec<Entry>, Vec<ConfigError>) {
+    let shared: std::sync::Arc<Path> = std::sync::Arc::from(file);
     let mut entries = Vec::new();
     let mut errors = Vec::new();
     for (i, line) in text.lines().enumerate() {
@@ -437,11 +441,11 @@ pub fn parse_list(file: &Path, text: &str, action: Action) -> (Vec<Entry>, Vec<C
         if content.is_empty() {
             continue;
         }
-        let origin = Origin { file: file.to_path_buf(), line: i + 1 };
+        let origin = Origin { file: std::sync::Arc::clone(&shared), line: i + 1 };
         match parse_net(content) {
             Ok(net) => entries.push(Entry { net, action, origin }),
             Err(why) => errors.push(ConfigError {
-                file: origin.file,
+                file: origin.file.to_path_buf(),
                 line: origin.line,
                 what: format!("`{content}`: {why}"),
             }),

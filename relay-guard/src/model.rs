@@ -292,7 +292,7 @@ mod tests {
             net: net.parse::<IpNet>().expect("test net"),
             action,
             origin: Origin {
-                file: PathBuf::from("test.toml"),
+                file: PathBuf::from("test.toml").into(),
                 line: 1,
             },
         };

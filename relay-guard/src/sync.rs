@@ -78,15 +78,16 @@ fn run(maps: &mut Maps, policy: &Policy, write: bool) -> Result<SyncStats, SyncE
         }
     }
     // Phase 1b: long blocks, before the /24 entries that point at them.
-    for (&block, hosts) in &tables.long {
-        let same = have_long.contains(&block) && maps.long24.get(&block, 0).ok().as_ref() == Some(&**hosts);
+    for (&block, spec) in &tables.long {
+        let hosts = spec.hosts();
+        let same = have_long.contains(&block) && maps.long24.get(&block, 0).ok().as_ref() == Some(&*hosts);
         if same {
             st.unchanged += 1;
             continue;
         }
         st.written += 1;
         if write {
-            maps.long24.insert(block, **hosts, 0).map_err(merr("write", maps::LONG24, block_name(block)))?;
+            maps.long24.insert(block, *hosts, 0).map_err(merr("write", maps::LONG24, block_name(block)))?;
         }
     }
     // Phase 1c: the /24 table.

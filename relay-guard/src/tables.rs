@@ -72,12 +72,34 @@ impl Default for Palette {
     }
 }
 
+/// A /24 block holding prefixes longer than /24, kept compact (the 256
+/// host entries are materialized only when written to the kernel).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LongSpec {
+    /// Mask index of the hosts no longer prefix covers.
+    pub base: u16,
+    /// (prefix length, first host, mask index), sorted by length.
+    pub prefixes: Vec<(u8, u8, u16)>,
+}
+
+impl LongSpec {
+    /// The 256 host entries, painted short to long.
+    pub fn hosts(&self) -> Box<LongBlock> {
+        let mut hosts: Box<LongBlock> = Box::new([self.base; 256]);
+        for &(len, start, idx) in &self.prefixes {
+            let count = 1usize << (32 - u32::from(len));
+            hosts[usize::from(start)..usize::from(start) + count].fill(idx);
+        }
+        hosts
+    }
+}
+
 /// The compiled IPv4 tables.
 pub struct V4Tables {
     /// One entry per /24 block.
     pub tbl24: Vec<u16>,
-    /// Host entries of blocks marked [`LONG_BLOCK`].
-    pub long: BTreeMap<u32, Box<LongBlock>>,
+    /// Blocks marked [`LONG_BLOCK`].
+    pub long: BTreeMap<u32, LongSpec>,
     /// Mask indices referenced by the tables.
     pub used: Vec<bool>,
 }
@@ -109,15 +131,13 @@ impl V4Tables {
         }
         let mut long = BTreeMap::new();
         for (block, mut prefixes) in long_prefixes {
-            let mut hosts: Box<LongBlock> = Box::new([tbl24[block as usize]; 256]);
             prefixes.sort_unstable_by_key(|&(len, _, _)| len);
-            for (len, a, idx) in prefixes {
-                let start = (a & 0xff) as usize;
-                let count = 1usize << (32 - u32::from(len));
-                hosts[start..start + count].fill(idx);
-            }
+            let spec = LongSpec {
+                base: tbl24[block as usize],
+                prefixes: prefixes.into_iter().map(|(len, a, idx)| (len, (a & 0xff) as u8, idx)).collect(),
+            };
             tbl24[block as usize] = LONG_BLOCK;
-            long.insert(block, hosts);
+            long.insert(block, spec);
         }
         let mut used = vec![false; MAX_MASKS as usize];
         for &e in &tbl24 {
@@ -125,9 +145,10 @@ impl V4Tables {
                 used[usize::from(e)] = true;
             }
         }
-        for hosts in long.values() {
-            for &e in hosts.iter() {
-                used[usize::from(e)] = true;
+        for spec in long.values() {
+            used[usize::from(spec.base)] = true;
+            for &(_, _, idx) in &spec.prefixes {
+                used[usize::from(idx)] = true;
             }
         }
         Ok(V4Tables { tbl24, long, used })
@@ -138,7 +159,7 @@ impl V4Tables {
         let a = u32::from_be_bytes(addr);
         let mut idx = self.tbl24[(a >> 8) as usize];
         if idx & LONG_BLOCK != 0 {
-            idx = self.long.get(&(a >> 8)).map_or(0, |h| h[(a & 0xff) as usize]);
+            idx = self.long.get(&(a >> 8)).map_or(0, |spec| spec.hosts()[(a & 0xff) as usize]);
         }
         palette.masks.get(usize::from(idx)).copied().unwrap_or(0)
     }

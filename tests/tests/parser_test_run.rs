@@ -112,7 +112,7 @@ fn random_config(rng: &mut StdRng, mode: Mode) -> Config {
     let v4_anchors: Vec<Ipv4Addr> = (0..6).map(|_| v4_anchor(rng)).collect();
     let v6_anchors: Vec<Ipv6Addr> = (0..6).map(|_| v6_anchor(rng)).collect();
     let origin = Origin {
-        file: PathBuf::from("random.toml"),
+        file: PathBuf::from("random.toml").into(),
         line: 1,
     };
     let guards = owner

@@ -60,7 +60,7 @@ pub fn execute(config_path: &Path, addr: IpAddr, port: u16, as_json: bool) -> an
             json!({
                 "guarded": true, "guard": name, "verdict": if *allowed { "allow" } else { "deny" },
                 "prefix": e.as_ref().map(|e| e.net.to_string()),
-                "entry": e.as_ref().map(|e| json!({"action": if e.action == Action::Allow { "allow" } else { "deny" }, "file": e.origin.file, "line": e.origin.line})),
+                "entry": e.as_ref().map(|e| json!({"action": if e.action == Action::Allow { "allow" } else { "deny" }, "file": e.origin.file.to_path_buf(), "line": e.origin.line})),
             })
         });
         let k = kernel_side.map(|k| match k {

@@ -34,7 +34,12 @@ pub async fn execute(config_path: &Path) -> anyhow::Result<()> {
     // Fill the maps before attaching: the program never runs on empty maps.
     // Adopted maps are synced as a diff, so nothing allowed before and after
     // sees a gap.
-    let stats = sync::apply(&mut loaded.maps, &Policy::compile(&cfg)).context("failed to fill the maps")?;
+    let mut cfg = cfg;
+    let policy = Policy::compile(&cfg);
+    let base_labels = LabelState::new(&cfg, HashMap::new(), counters::Slots::default());
+    strip_entries(&mut cfg);
+    let stats = sync::apply(&mut loaded.maps, &policy).context("failed to fill the maps")?;
+    drop(policy);
     info!(written = stats.written, removed = stats.removed, unchanged = stats.unchanged, "maps synced");
 
     let mut interfaces = HashMap::new();
@@ -46,7 +51,7 @@ pub async fn execute(config_path: &Path) -> anyhow::Result<()> {
     info!(mode = ?cfg.mode, interfaces = ?cfg.interfaces, "relay-guard is guarding");
 
     let slots = counters::slots(&loaded.maps).context("failed to read counter slots")?;
-    let labels = Arc::new(RwLock::new(LabelState::new(&cfg, interfaces.clone(), slots)));
+    let labels = Arc::new(RwLock::new(LabelState { interfaces: interfaces.clone(), slots, ..base_labels }));
     let agent = AgentMetrics::default();
     agent.reload_succeeded();
     let registry = Arc::new(metrics::registry(Arc::clone(&loaded.maps.counters), Arc::clone(&labels), &agent));
@@ -115,15 +120,13 @@ pub async fn execute(config_path: &Path) -> anyhow::Result<()> {
         };
         info!(trigger, "reloading config");
         agent.reloads.inc();
-        match reload(&mut loaded, &current, config_path) {
-            Ok(new) => {
+        match reload(&mut loaded, &current, config_path, &interfaces) {
+            Ok((new, mut new_labels)) => {
                 match counters::slots(&loaded.maps) {
-                    Ok(slots) => {
-                        *labels.write().unwrap_or_else(std::sync::PoisonError::into_inner) =
-                            LabelState::new(&new, interfaces.clone(), slots);
-                    }
+                    Ok(slots) => new_labels.slots = slots,
                     Err(e) => warn!(error = %e, "failed to read counter slots; metrics labels may lag"),
                 }
+                *labels.write().unwrap_or_else(std::sync::PoisonError::into_inner) = new_labels;
                 agent.reload_succeeded();
                 current = new;
                 if !watch.covers(&watched_files(&current)) {
@@ -151,8 +154,13 @@ pub async fn execute(config_path: &Path) -> anyhow::Result<()> {
 }
 
 /// Validates the config at `path` and, only if it is valid, syncs the maps.
-fn reload(loaded: &mut Loaded, current: &Config, path: &Path) -> anyhow::Result<Config> {
-    let new = Config::load(path).map_err(|e| anyhow::anyhow!("invalid config:\n{e}"))?;
+fn reload(
+    loaded: &mut Loaded,
+    current: &Config,
+    path: &Path,
+    interfaces: &HashMap<u32, String>,
+) -> anyhow::Result<(Config, LabelState)> {
+    let mut new = Config::load(path).map_err(|e| anyhow::anyhow!("invalid config:\n{e}"))?;
     for (what, changed) in [
         ("interfaces", new.interfaces != current.interfaces),
         ("xdp_mode", new.xdp_mode != current.xdp_mode),
@@ -163,7 +171,19 @@ fn reload(loaded: &mut Loaded, current: &Config, path: &Path) -> anyhow::Result<
             warn!("{what} changed: takes effect on restart");
         }
     }
-    let stats = sync::apply(&mut loaded.maps, &Policy::compile(&new))?;
+    let policy = Policy::compile(&new);
+    let labels = LabelState::new(&new, interfaces.clone(), counters::Slots::default());
+    strip_entries(&mut new);
+    let stats = sync::apply(&mut loaded.maps, &policy)?;
     info!(written = stats.written, removed = stats.removed, unchanged = stats.unchanged, "config reloaded");
-    Ok(new)
+    Ok((new, labels))
+}
+
+/// Drops the per-entry data of a config once it is compiled: the run loop
+/// keeps only what it needs to reload and label (a 1M-entry list would
+/// otherwise be held twice during a reload).
+fn strip_entries(cfg: &mut Config) {
+    for g in &mut cfg.guards {
+        g.entries = Vec::new();
+    }
 }

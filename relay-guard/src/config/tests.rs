@@ -188,28 +188,28 @@ fn spec_example_parses_with_relative_list_file() {
     assert_eq!(
         entry(sub, "192.0.2.0/24").origin,
         Origin {
-            file: cfg_path.clone(),
+            file: cfg_path.clone().into(),
             line: 12
         }
     );
     assert_eq!(
         entry(sub, "192.0.2.128/25").origin,
         Origin {
-            file: cfg_path.clone(),
+            file: cfg_path.clone().into(),
             line: 14
         }
     );
     assert_eq!(
         entry(sub, "198.51.100.64/26").origin,
         Origin {
-            file: office.clone(),
+            file: office.clone().into(),
             line: 2
         }
     );
     assert_eq!(
         entry(sub, "2001:db8:20::1/128").origin,
         Origin {
-            file: office.clone(),
+            file: office.clone().into(),
             line: 4
         }
     );
@@ -257,11 +257,11 @@ fn spec_mx_example_parses_with_spamhaus_drop_file() {
     assert_eq!(
         entry(mx, "1.10.16.0/20").origin,
         Origin {
-            file: drop.clone(),
+            file: drop.clone().into(),
             line: 3
         }
     );
-    assert_eq!(entry(mx, "2001:db8:bad::/48").origin, Origin { file: drop, line: 5 });
+    assert_eq!(entry(mx, "2001:db8:bad::/48").origin, Origin { file: drop.into(), line: 5 });
 }
 
 #[test]
@@ -706,7 +706,7 @@ fn list_file_comments_blank_lines_and_bare_addresses() {
     assert!(
         entries
             .iter()
-            .all(|e| e.action == Action::Deny && e.origin.file == file)
+            .all(|e| e.action == Action::Deny && *e.origin.file == *file)
     );
     // Bare addresses are host routes.
     assert_eq!(entries[2].net.prefix_len(), 32);
@@ -789,7 +789,7 @@ fn duplicate_entry_across_inline_and_list_file_is_kept_once() {
     assert_eq!(
         g.entries[0].origin,
         Origin {
-            file: cfg_path.clone(),
+            file: cfg_path.clone().into(),
             line: 4
         }
     );

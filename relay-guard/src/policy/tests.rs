@@ -23,7 +23,7 @@ fn entry(s: &str, action: Action) -> Entry {
         net: parse_net(s).unwrap_or_else(|e| panic!("test entry {s}: {e}")),
         action,
         origin: Origin {
-            file: PathBuf::from("test.toml"),
+            file: PathBuf::from("test.toml").into(),
             line: 1,
         },
     }
@@ -712,7 +712,7 @@ fn build_config(entries: &[Vec<(IpNet, Action)>], nports: &[u8]) -> Config {
                     net,
                     action,
                     origin: Origin {
-                        file: PathBuf::from("prop.toml"),
+                        file: PathBuf::from("prop.toml").into(),
                         line: 1,
                     },
                 })
