@@ -75,11 +75,48 @@ impl Agent {
 
     /// Spawns the agent with `args` after `--config CONFIG`, without waiting.
     pub fn spawn(ns: &NetNs, config: PathBuf, dir: &TempDir, args: &[&str]) -> Agent {
+        Agent::spawn_wrapped(ns, config, dir, &[], args)
+    }
+
+    /// As [`Agent::start`], with the agent run under `wrapper`: a command that
+    /// ends by exec'ing the command line that follows it (`setpriv …`,
+    /// `strace …`, `unshare … sh -c '…; exec "$@"' sh`).
+    pub fn start_wrapped(ns: &NetNs, config: PathBuf, dir: &TempDir, wrapper: &[&str]) -> Agent {
+        let mut a = Agent::spawn_wrapped(ns, config, dir, wrapper, &["run"]);
+        a.wait_ready(ns);
+        a
+    }
+
+    /// As [`Agent::spawn`], with the agent run under `wrapper` (see
+    /// [`Agent::start_wrapped`]). [`Agent::pid`] is then the wrapper's pid
+    /// unless the wrapper execs the agent in place (`setpriv`, `unshare`).
+    pub fn spawn_wrapped(ns: &NetNs, config: PathBuf, dir: &TempDir, wrapper: &[&str], args: &[&str]) -> Agent {
+        Agent::spawn_program(ns, &agent_bin(), config, dir, wrapper, args)
+    }
+
+    /// As [`Agent::start_wrapped`], running `program` (an installed
+    /// `relay-guard`, say) instead of [`agent_bin`].
+    pub fn start_program(ns: &NetNs, program: &std::path::Path, config: PathBuf, dir: &TempDir, wrapper: &[&str]) -> Agent {
+        let mut a = Agent::spawn_program(ns, program, config, dir, wrapper, &["run"]);
+        a.wait_ready(ns);
+        a
+    }
+
+    /// As [`Agent::spawn_wrapped`], running `program` instead of [`agent_bin`].
+    pub fn spawn_program(
+        ns: &NetNs,
+        program: &std::path::Path,
+        config: PathBuf,
+        dir: &TempDir,
+        wrapper: &[&str],
+        args: &[&str],
+    ) -> Agent {
         let log = dir.0.join(format!("{}.log", unique("agent")));
         let out = std::fs::File::create(&log).expect("create agent log");
         let child = Command::new("nsenter")
             .arg(format!("--net={}", ns.path()))
-            .arg(agent_bin())
+            .args(wrapper)
+            .arg(program)
             .arg("--config")
             .arg(&config)
             .args(args)

@@ -27,7 +27,34 @@ pub struct Options {
 }
 
 /// Commands the privileged tests run, and the Debian package of each.
-const TOOLS: &[(&str, &str)] = &[("ip", "iproute2"), ("nsenter", "util-linux"), ("nft", "nftables")];
+const TOOLS: &[(&str, &str)] = &[
+    ("ip", "iproute2"),
+    ("nsenter", "util-linux"),
+    ("nft", "nftables"),
+    ("smtp-sink", "postfix"),
+    ("smtp-source", "postfix"),
+    ("swaks", "swaks"),
+    // swaks speaks IPv6 only with this Perl module, which is merely a
+    // Recommends of swaks (and apt-get runs with --no-install-recommends).
+    // An absolute path: `on_path` joins it onto each PATH entry unchanged.
+    ("/usr/share/perl5/IO/Socket/INET6.pm", "libio-socket-inet6-perl"),
+    ("prometheus", "prometheus"),
+    // tests/tests/deploy.rs: the systemd unit, the alert rules, the package.
+    ("promtool", "prometheus"),
+    ("systemd-analyze", "systemd"),
+    // The unit's ExecReload; `systemd-analyze verify` checks it exists.
+    ("/bin/kill", "procps"),
+    ("setpriv", "util-linux"),
+    ("unshare", "util-linux"),
+    ("strace", "strace"),
+    ("dpkg-deb", "dpkg"),
+];
+
+/// cargo-deb, from crates.io, for the Debian package test.
+const CARGO_DEB_VERSION: &str = "3.8.0";
+/// kubernetes-validate (PyPI; it ships the Kubernetes JSON schemas, so it
+/// validates offline) lives in this venv, linked into /usr/local/bin.
+const KUBERNETES_VALIDATE_VENV: &str = "/usr/local/lib/relay-guard-test-tools/venv";
 
 #[derive(Default)]
 struct Tally {
@@ -39,6 +66,7 @@ struct Tally {
 pub fn test(opts: &Options) -> anyhow::Result<()> {
     toolchain::ensure()?;
     ensure_tools()?;
+    ensure_deploy_tools()?;
     let mut tally = Tally::default();
     let mut failures = Vec::new();
 
@@ -85,16 +113,29 @@ pub fn test(opts: &Options) -> anyhow::Result<()> {
 
 /// Installs (as root, with apt-get) the Debian packages of missing tools.
 fn ensure_tools() -> anyhow::Result<()> {
-    let missing: Vec<&str> = TOOLS
+    let mut missing: Vec<&str> = TOOLS
         .iter()
         .filter(|(tool, _)| !on_path(tool))
         .map(|&(_, pkg)| pkg)
         .collect();
+    missing.sort_unstable();
+    missing.dedup();
     if missing.is_empty() {
         return Ok(());
     }
     if !is_root() {
         bail!("missing Debian packages {missing:?}; install them (apt-get install {})", missing.join(" "));
+    }
+    if missing.contains(&"postfix") {
+        // The tests use only the standalone smtp-sink and smtp-source; tell
+        // the package not to configure (or start) a mail server on this host.
+        println!("xtask: preseeding postfix as \"No configuration\" (no local mail server is set up)");
+        let mut c = Command::new("debconf-set-selections").stdin(Stdio::piped()).spawn()?;
+        if let Some(stdin) = c.stdin.as_mut() {
+            use std::io::Write as _;
+            stdin.write_all(b"postfix postfix/main_mailer_type select No configuration\n")?;
+        }
+        c.wait()?;
     }
     println!("xtask: installing Debian packages {}", missing.join(" "));
     toolchain::run(Command::new("apt-get").args(["update", "-qq"]))?;
@@ -160,4 +201,50 @@ fn run_counting(c: &mut Command, tally: &mut Tally) -> anyhow::Result<bool> {
         }
     }
     Ok(child.wait()?.success())
+}
+
+/// Installs the deployment tests' tools that are not Debian packages, once:
+/// cargo-deb (`cargo install --locked`) and kubernetes-validate (pip, in a
+/// venv). Says what it installs; does nothing when they are there.
+fn ensure_deploy_tools() -> anyhow::Result<()> {
+    if !on_path("cargo-deb") {
+        println!("xtask: installing cargo-deb {CARGO_DEB_VERSION} from crates.io (cargo install --locked), for the Debian package test");
+        toolchain::run(toolchain::cmd("cargo").args(["install", "cargo-deb", "--locked", "--version", CARGO_DEB_VERSION]))?;
+    }
+    if on_path("kubernetes-validate") {
+        return Ok(());
+    }
+    if !is_root() {
+        bail!("kubernetes-validate is missing; run `cargo xtask test` as root to install it, or `pip install kubernetes-validate`");
+    }
+    let venv = std::path::Path::new(KUBERNETES_VALIDATE_VENV);
+    println!(
+        "xtask: installing kubernetes-validate from PyPI into a venv at {KUBERNETES_VALIDATE_VENV}, linked as /usr/local/bin/kubernetes-validate, for the Kubernetes manifest test"
+    );
+    let make_venv = || Command::new("/usr/bin/python3").arg("-m").arg("venv").arg(venv).output().is_ok_and(|o| o.status.success());
+    if !make_venv() {
+        // Debian's python3 makes venvs only with python3-venv (ensurepip).
+        let _ = std::fs::remove_dir_all(venv);
+        apt_install(&["python3-venv"])?;
+        if !make_venv() {
+            bail!("`/usr/bin/python3 -m venv {KUBERNETES_VALIDATE_VENV}` failed after installing python3-venv");
+        }
+    }
+    toolchain::run(Command::new(venv.join("bin/pip")).args(["install", "--quiet", "kubernetes-validate"]))?;
+    let link = std::path::Path::new("/usr/local/bin/kubernetes-validate");
+    let _ = std::fs::remove_file(link);
+    std::os::unix::fs::symlink(venv.join("bin/kubernetes-validate"), link)
+        .with_context(|| format!("failed to link {}", link.display()))?;
+    Ok(())
+}
+
+fn apt_install(packages: &[&str]) -> anyhow::Result<()> {
+    println!("xtask: installing Debian packages {}", packages.join(" "));
+    toolchain::run(Command::new("apt-get").args(["update", "-qq"]))?;
+    toolchain::run(
+        Command::new("apt-get")
+            .args(["install", "-y", "-qq", "--no-install-recommends"])
+            .args(packages)
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+    )
 }
