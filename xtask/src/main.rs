@@ -3,6 +3,7 @@
 //! Every command first makes sure the machine has what it needs (nightly
 //! `rust-src`, bpf-linker, and for tests the Debian tools), installing what is
 //! missing and saying so; a second run does no extra work.
+mod bench;
 mod build_ebpf;
 mod run;
 mod test;
@@ -27,6 +28,9 @@ enum Command {
     /// Install what is missing, then run every test: unit tests, then the
     /// privileged ones (real XDP in network namespaces) as root.
     Test(test::Options),
+    /// Install the peers (xdp-filter, nftables, ipset, trafgen, ...), then
+    /// measure relay-guard against them and write docs/benchmarks.{md,png}.
+    Bench(bench::Options),
 }
 
 fn main() {
@@ -35,6 +39,7 @@ fn main() {
         Command::BuildEbpf(o) => build_ebpf::build(&o).map(|_| ()),
         Command::Run(o) => run::run(&o),
         Command::Test(o) => test::test(&o),
+        Command::Bench(o) => bench::bench(&o),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");
