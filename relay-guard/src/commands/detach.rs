@@ -12,6 +12,7 @@ pub fn execute(config_path: &Path) -> anyhow::Result<()> {
         bail!("an agent (pid {pid}) is running with pin_dir `{}`; stop it first, then detach", pin_dir.display());
     }
     if !pin_dir.exists() {
+        let _ = std::fs::remove_file(crate::pins::lock_path(&pin_dir));
         println!("nothing pinned at {}: already detached", pin_dir.display());
         return Ok(());
     }
@@ -27,6 +28,8 @@ pub fn execute(config_path: &Path) -> anyhow::Result<()> {
         }
     }
     std::fs::remove_dir_all(&pin_dir)?;
+    // The lock file of this pin_dir too (no agent holds it: checked above).
+    let _ = std::fs::remove_file(crate::pins::lock_path(&pin_dir));
     println!(
         "detached from {} interface(s){}; removed {}",
         links.len(),
