@@ -162,6 +162,11 @@ pub struct Config {
     pub guards: Vec<Guard>,
     /// Every list file read, so a watcher can follow them.
     pub list_files: Vec<PathBuf>,
+    /// Hash of the bytes this config was built from (the config text and
+    /// each list file, as read), the same as [`crate::reload::fingerprint`]
+    /// computes: the watcher compares against what was loaded, not against
+    /// a later re-read.
+    pub fingerprint: u64,
 }
 
 impl Config {
@@ -180,7 +185,10 @@ impl Config {
     /// Parses and validates `text` as if read from `path` (list files are
     /// resolved relative to the config's directory).
     pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigErrors> {
-        let mut v = Validator { path, file: std::sync::Arc::from(path), text, errors: Vec::new(), list_files: Vec::new() };
+        let mut fp = std::hash::DefaultHasher::new();
+        std::hash::Hash::hash(path, &mut fp);
+        std::hash::Hash::hash(text.as_bytes(), &mut fp);
+        let mut v = Validator { fp, path, file: std::sync::Arc::from(path), text, errors: Vec::new(), list_files: Vec::new() };
         let raw: RawConfig = match toml::from_str(text) {
             Ok(raw) => raw,
             Err(e) => {
@@ -206,6 +214,8 @@ impl Config {
 }
 
 struct Validator<'a> {
+    /// Hash of the bytes read so far (see [`Config::fingerprint`]).
+    fp: std::hash::DefaultHasher,
     path: &'a Path,
     /// `path`, shared by every inline entry's origin.
     file: std::sync::Arc<Path>,
@@ -298,6 +308,7 @@ impl Validator<'_> {
             pin_dir,
             guards,
             list_files: std::mem::take(&mut self.list_files),
+            fingerprint: std::hash::Hasher::finish(&self.fp),
         }
     }
 
@@ -368,10 +379,20 @@ impl Validator<'_> {
         for (list, action, key) in [(&g.allow_files, Action::Allow, "allow_files"), (&g.deny_files, Action::Deny, "deny_files")] {
             for f in list {
                 let file = self.resolve(f.get_ref());
-                match fs::read_to_string(&file) {
+                let read = fs::read_to_string(&file);
+                std::hash::Hash::hash(file.as_path(), &mut self.fp);
+                match &read {
+                    Ok(text) => std::hash::Hash::hash(text.as_bytes(), &mut self.fp),
+                    Err(e) => std::hash::Hash::hash(&e.kind(), &mut self.fp),
+                }
+                match read {
                     Ok(text) => {
                         let (parsed, errs) = parse_list(&file, &text, action);
-                        entries.extend(parsed);
+                        if entries.is_empty() {
+                            entries = parsed;
+                        } else {
+                            entries.extend(parsed);
+                        }
                         self.errors.extend(errs);
                     }
                     Err(e) => self.err(&f.span(), format!("guard `{name}`: {key} `{}`: cannot read: {e}", f.get_ref())),
@@ -381,25 +402,25 @@ impl Validator<'_> {
         }
 
         // Same prefix twice: harmless if the same action, an error if not.
-        // A stable sort keeps the first occurrence first among equals.
+        // A stable sort keeps the first occurrence first among equals; the
+        // dedup is in place (a 1M-entry list is not copied).
         entries.sort_by(|a, b| a.net.cmp(&b.net));
-        let mut unique: Vec<Entry> = Vec::with_capacity(entries.len());
-        for e in entries {
-            match unique.last() {
-                Some(prev) if prev.net == e.net => {
-                    if prev.action != e.action {
-                        let (a, d) = if prev.action == Action::Allow { (prev, &e) } else { (&e, prev) };
-                        let what = format!(
-                            "guard `{name}`: `{}` is both allowed ({}) and denied ({})",
-                            e.net, a.origin, d.origin
-                        );
-                        self.errors.push(ConfigError { file: e.origin.file.to_path_buf(), line: e.origin.line, what });
-                    }
-                }
-                _ => unique.push(e),
+        let mut conflicts = Vec::new();
+        entries.dedup_by(|later, kept| {
+            if later.net != kept.net {
+                return false;
             }
-        }
-        unique.shrink_to_fit();
+            if later.action != kept.action {
+                let (a, d) = if kept.action == Action::Allow { (&*kept, &*later) } else { (&*later, &*kept) };
+                let what =
+                    format!("guard `{name}`: `{}` is both allowed ({}) and denied ({})", later.net, a.origin, d.origin);
+                conflicts.push(ConfigError { file: later.origin.file.to_path_buf(), line: later.origin.line, what });
+            }
+            true
+        });
+        self.errors.extend(conflicts);
+        entries.shrink_to_fit();
+        let unique = entries;
         Guard { name, ports, entries: unique }
     }
 
@@ -434,7 +455,8 @@ pub fn parse_net(s: &str) -> Result<IpNet, String> {
 /// comments (so Spamhaus DROP lines like `1.10.16.0/20 ; SBL256894` load).
 pub fn parse_list(file: &Path, text: &str, action: Action) -> (Vec<Entry>, Vec<ConfigError>) {
     let shared: std::sync::Arc<Path> = std::sync::Arc::from(file);
-    let mut entries = Vec::new();
+    // Sized up front: a 1M-line list must not pass through a doubled Vec.
+    let mut entries = Vec::with_capacity(text.bytes().filter(|&b| b == b'\n').count() + 1);
     let mut errors = Vec::new();
     for (i, line) in text.lines().enumerate() {
         let content = line.split(['#', ';']).next().unwrap_or("").trim();

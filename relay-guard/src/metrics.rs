@@ -80,13 +80,15 @@ pub struct AgentMetrics {
 impl AgentMetrics {
     pub fn reload_succeeded(&self) {
         self.last_reload_successful.set(1);
+        // (The timestamp follows; tests and alerts key on the gauge.)
         let now = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64());
         self.last_reload_success_timestamp.set(now);
     }
 
     pub fn reload_failed(&self) {
-        self.reload_failures.inc();
+        // Gauge first: a scrape that sees the failure count move sees the 0.
         self.last_reload_successful.set(0);
+        self.reload_failures.inc();
     }
 }
 

@@ -320,6 +320,7 @@ mod tests {
                 },
             ],
             list_files: vec![],
+            fingerprint: 0,
         };
         Policy::compile(&cfg)
     }

@@ -158,6 +158,17 @@ fn compile_family<A: Copy + Eq + Hash + Ord>(
     guards: &[Vec<(u8, A, Action)>],
     mask: fn(A, u8) -> A,
 ) -> BTreeMap<(u8, A), AllowMask> {
+    // A prefix's own guard decides it by the prefix itself (its longest entry
+    // containing P is P). Only the other guards need probing, so when one
+    // guard alone has entries of this family no lookup table is built: a
+    // single 1M-entry list compiles without a 1M-entry hash map.
+    let with_entries: Vec<usize> = (0..guards.len()).filter(|&g| !guards[g].is_empty()).collect();
+    if let [only] = with_entries[..] {
+        return guards[only]
+            .iter()
+            .map(|&(len, addr, act)| ((len, addr), AllowMask { allow: if act == Action::Allow { 1 << only } else { 0 } }))
+            .collect();
+    }
     let tables: Vec<(HashMap<(u8, A), Action>, Vec<u8>)> = guards
         .iter()
         .map(|entries| {

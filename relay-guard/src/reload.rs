@@ -86,3 +86,27 @@ pub fn fingerprint(config: &Path, list_files: &[PathBuf]) -> u64 {
     }
     h.finish()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The watcher compares `fingerprint` with `Config::fingerprint`: the two
+    /// must hash the same bytes the same way, or every event would reload
+    /// (or none would).
+    #[test]
+    fn config_fingerprint_matches_watcher_fingerprint() {
+        let dir = std::env::temp_dir().join(format!("rg-fp-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        std::fs::write(dir.join("a.txt"), "192.0.2.0/24\n").expect("write");
+        std::fs::write(dir.join("b.txt"), "198.51.100.7 ; x\n").expect("write");
+        let config = dir.join("relay-guard.toml");
+        let text = "interfaces = [\"eth0\"]\n[[guard]]\nports = [25]\nallow_files = [\"a.txt\"]\ndeny_files = [\"b.txt\"]\n";
+        std::fs::write(&config, text).expect("write");
+        let cfg = crate::config::Config::load(&config).expect("valid");
+        assert_eq!(cfg.fingerprint, fingerprint(&config, &cfg.list_files));
+        std::fs::write(dir.join("b.txt"), "198.51.100.8\n").expect("write");
+        assert_ne!(cfg.fingerprint, fingerprint(&config, &cfg.list_files), "a changed list file must change it");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

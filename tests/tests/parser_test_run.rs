@@ -169,6 +169,7 @@ fn random_config(rng: &mut StdRng, mode: Mode) -> Config {
         pin_dir: PathBuf::from("/sys/fs/bpf/unused"),
         guards,
         list_files: Vec::new(),
+        fingerprint: 0,
     }
 }
 

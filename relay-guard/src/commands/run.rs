@@ -101,7 +101,7 @@ pub async fn execute(config_path: &Path) -> anyhow::Result<()> {
         std::iter::once(config_path.to_path_buf()).chain(c.list_files.iter().cloned()).collect()
     };
     let mut watch = FileWatch::new(&watched_files(&current));
-    let mut seen = reload::fingerprint(config_path, &current.list_files);
+    let mut seen = current.fingerprint;
     loop {
         let trigger = tokio::select! {
             _ = sigint.recv() => { info!("SIGINT: shutting down"); break; }
@@ -119,8 +119,13 @@ pub async fn execute(config_path: &Path) -> anyhow::Result<()> {
             }
         };
         info!(trigger, "reloading config");
-        agent.reloads.inc();
-        match reload(&mut loaded, &current, config_path, &interfaces) {
+        // What a failed attempt saw (taken before it reads): a later change
+        // of any of these bytes triggers another attempt.
+        let attempted = reload::fingerprint(config_path, &current.list_files);
+        let outcome = reload(&mut loaded, &current, config_path, &interfaces);
+        // Counted when the attempt is over, so a scrape that sees the count
+        // move also sees its outcome (the kernel maps are already synced).
+        match outcome {
             Ok((new, mut new_labels)) => {
                 match counters::slots(&loaded.maps) {
                     Ok(slots) => new_labels.slots = slots,
@@ -128,17 +133,20 @@ pub async fn execute(config_path: &Path) -> anyhow::Result<()> {
                 }
                 *labels.write().unwrap_or_else(std::sync::PoisonError::into_inner) = new_labels;
                 agent.reload_succeeded();
+                agent.reloads.inc();
+                seen = new.fingerprint;
                 current = new;
                 if !watch.covers(&watched_files(&current)) {
                     watch = FileWatch::new(&watched_files(&current));
                 }
             }
             Err(e) => {
-                agent.reload_failed();
                 error!("reload failed, keeping the previous policy: {e:#}");
+                agent.reload_failed();
+                agent.reloads.inc();
+                seen = attempted;
             }
         }
-        seen = reload::fingerprint(config_path, &current.list_files);
     }
     if let Some(t) = logger_task {
         t.abort();

@@ -49,6 +49,7 @@ fn config(mode: Mode, guards: Vec<Guard>) -> Config {
         pin_dir: PathBuf::from(DEFAULT_PIN_DIR),
         guards,
         list_files: Vec::new(),
+        fingerprint: 0,
     }
 }
 
