@@ -404,7 +404,7 @@ impl Validator<'_> {
         // Same prefix twice: harmless if the same action, an error if not.
         // A stable sort keeps the first occurrence first among equals; the
         // dedup is in place (a 1M-entry list is not copied).
-        entries.sort_by(|a, b| a.net.cmp(&b.net));
+        entries.sort_by_key(|e| e.net);
         let mut conflicts = Vec::new();
         entries.dedup_by(|later, kept| {
             if later.net != kept.net {

@@ -169,7 +169,9 @@ fn compile_family<A: Copy + Eq + Hash + Ord>(
             .map(|&(len, addr, act)| ((len, addr), AllowMask { allow: if act == Action::Allow { 1 << only } else { 0 } }))
             .collect();
     }
-    let tables: Vec<(HashMap<(u8, A), Action>, Vec<u8>)> = guards
+    // Per guard: its entries by (length, network), and its lengths, longest first.
+    type Table<A> = (HashMap<(u8, A), Action>, Vec<u8>);
+    let tables: Vec<Table<A>> = guards
         .iter()
         .map(|entries| {
             let table: HashMap<_, _> = entries.iter().map(|&(l, a, act)| ((l, a), act)).collect();
