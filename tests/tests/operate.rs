@@ -431,3 +431,40 @@ fn kubernetes_configmap_symlink_swap_reloads() {
     wait_metric(&lab, "relay_guard_config_reloads_total", 2.0);
     v6(false, "after the second swap");
 }
+
+#[test]
+fn reload_attaches_new_interfaces_and_detaches_removed_ones() {
+    if !require::privileged("reload_attaches_new_interfaces_and_detaches_removed_ones") {
+        return;
+    }
+    let lab = Lab::new();
+    let dir = TempDir::new();
+    let _server = BannerServer::start(&lab.server, &[25]);
+    let (config, detach) = setup(&lab, &dir, "192.0.2.10\n");
+    let agent = Agent::start(&lab.server, config.clone(), &dir);
+    let good = std::fs::read_to_string(&config).expect("read config");
+    let xdp_on_lo = || lab.server.ip(&["link", "show", "dev", "lo"]).contains("xdp");
+    assert!(!xdp_on_lo());
+
+    // An interface that does not exist: the reload fails, nothing changes.
+    let before = metric(&scrape(&lab), "relay_guard_config_reload_failures_total", &[]);
+    let missing = good.replacen(&format!("[\"{}\"]", lab.server_if), &format!("[\"{}\", \"rg-nope0\"]", lab.server_if), 1);
+    replace(&config, &missing);
+    wait_metric(&lab, "relay_guard_config_reload_failures_total", before + 1.0);
+    assert!(wait_log(&agent, "rg-nope0").contains("interface `rg-nope0` does not exist"), "{}", agent.log_text());
+
+    // Adding `lo` attaches to it on reload; removing it detaches.
+    let before = metric(&scrape(&lab), "relay_guard_config_reloads_total", &[]);
+    let with_lo = good.replacen(&format!("[\"{}\"]", lab.server_if), &format!("[\"{}\", \"lo\"]", lab.server_if), 1);
+    replace(&config, &with_lo);
+    wait_metric(&lab, "relay_guard_config_reloads_total", before + 1.0);
+    assert!(xdp_on_lo(), "lo not attached after a reload that added it:\n{}", agent.log_text());
+    assert!(detach.pin_dir.join("layout-2").join("links").join("lo").exists() || xdp_on_lo());
+    assert_gate(&lab, "with lo added");
+
+    let before = metric(&scrape(&lab), "relay_guard_config_reloads_total", &[]);
+    replace(&config, &good);
+    wait_metric(&lab, "relay_guard_config_reloads_total", before + 1.0);
+    assert!(!xdp_on_lo(), "lo still attached after a reload that removed it:\n{}", agent.log_text());
+    assert_gate(&lab, "with lo removed");
+}

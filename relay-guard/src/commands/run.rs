@@ -122,7 +122,7 @@ pub async fn execute(config_path: &Path) -> anyhow::Result<()> {
         // What a failed attempt saw (taken before it reads): a later change
         // of any of these bytes triggers another attempt.
         let attempted = reload::fingerprint(config_path, &current.list_files);
-        let outcome = reload(&mut loaded, &current, config_path, &interfaces);
+        let outcome = reload(&mut loaded, &current, config_path, &mut interfaces);
         // Counted when the attempt is over, so a scrape that sees the count
         // move also sees its outcome (the kernel maps are already synced).
         match outcome {
@@ -166,11 +166,10 @@ fn reload(
     loaded: &mut Loaded,
     current: &Config,
     path: &Path,
-    interfaces: &HashMap<u32, String>,
+    interfaces: &mut HashMap<u32, String>,
 ) -> anyhow::Result<(Config, LabelState)> {
     let mut new = Config::load(path).map_err(|e| anyhow::anyhow!("invalid config:\n{e}"))?;
     for (what, changed) in [
-        ("interfaces", new.interfaces != current.interfaces),
         ("xdp_mode", new.xdp_mode != current.xdp_mode),
         ("metrics_listen", new.metrics_listen != current.metrics_listen),
         ("pin_dir", new.pin_dir != current.pin_dir),
@@ -179,11 +178,25 @@ fn reload(
             warn!("{what} changed: takes effect on restart");
         }
     }
+    // Interfaces are part of validation: a name that does not exist fails the
+    // reload before anything in the kernel changes.
+    for iface in new.interfaces.iter().filter(|i| !current.interfaces.contains(i)) {
+        loader::ifindex(iface)?;
+    }
     let policy = Policy::compile(&new);
     let labels = LabelState::new(&new, interfaces.clone(), counters::Slots::default());
     strip_entries(&mut new);
     let stats = sync::apply(&mut loaded.maps, &policy)?;
     info!(written = stats.written, removed = stats.removed, unchanged = stats.unchanged, "config reloaded");
+    // New interfaces are attached once the maps hold the new policy; removed
+    // ones are detached (their pinned links unpinned).
+    for iface in new.interfaces.iter().filter(|i| !current.interfaces.contains(i)) {
+        let a = loaded.attach(iface, new.xdp_mode).with_context(|| format!("policy applied, but attaching to new interface `{iface}` failed"))?;
+        interfaces.insert(a.ifindex, a.interface.clone());
+    }
+    interfaces.retain(|_, name| new.interfaces.contains(name));
+    loaded.prune(&new.interfaces);
+    let labels = LabelState { interfaces: interfaces.clone(), ..labels };
     Ok((new, labels))
 }
 
