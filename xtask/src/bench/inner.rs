@@ -157,9 +157,12 @@ pub fn run(o: &Options) -> anyhow::Result<()> {
     // agent under the bench halfway.
     let agent = dir.0.join("relay-guard");
     std::fs::copy(&plan.agent, &agent).with_context(|| format!("copy {}", plan.agent.display()))?;
+    // Recorded relative to the workspace: the doc names no path of this machine.
+    let root = crate::build_ebpf::workspace_root();
+    let shown = plan.agent.strip_prefix(&root).unwrap_or(&plan.agent);
     sys::record(format!(
         "cp {} {}  # the release agent built by `cargo xtask build-ebpf --release`",
-        plan.agent.display(),
+        shown.display(),
         agent.display()
     ));
     plan.agent = agent;
