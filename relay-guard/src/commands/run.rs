@@ -26,7 +26,8 @@ pub async fn execute(config_path: &Path) -> anyhow::Result<()> {
     let pins = Pins::new(&cfg.pin_dir);
     pins::ensure_bpffs(&cfg.pin_dir)?;
     let _lock = AgentLock::acquire(&cfg.pin_dir)?;
-    let mut loaded = Loaded::load_pinned(&pins).context("failed to load the XDP program")?;
+    let mut loaded =
+        Loaded::load_pinned(&pins).map_err(|e| with_hint(e, "failed to load the XDP program"))?;
     if loaded.adopted {
         info!(pin_dir = %cfg.pin_dir.display(), "adopted pinned maps (allowlists and counters kept)");
     }
@@ -44,7 +45,7 @@ pub async fn execute(config_path: &Path) -> anyhow::Result<()> {
 
     let mut interfaces = HashMap::new();
     for iface in &cfg.interfaces {
-        let a = loaded.attach(iface, cfg.xdp_mode)?;
+        let a = loaded.attach(iface, cfg.xdp_mode).map_err(|e| with_hint(e, "failed to attach"))?;
         interfaces.insert(a.ifindex, a.interface.clone());
     }
     loaded.prune(&cfg.interfaces);
@@ -198,6 +199,28 @@ fn reload(
     loaded.prune(&new.interfaces);
     let labels = LabelState { interfaces: interfaces.clone(), ..labels };
     Ok((new, labels))
+}
+
+/// Adds `what` and, when the kernel said EPERM somewhere down the chain,
+/// which privileges the agent needs.
+fn with_hint(e: crate::error::LoadError, what: &str) -> anyhow::Error {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&e);
+    let mut denied = false;
+    while let Some(err) = source {
+        if let Some(io) = err.downcast_ref::<std::io::Error>()
+            && io.kind() == std::io::ErrorKind::PermissionDenied
+        {
+            denied = true;
+        }
+        denied |= err.to_string().contains("Operation not permitted") || err.to_string().contains("Permission denied");
+        source = err.source();
+    }
+    let hint = if denied {
+        " (permission denied: the agent needs CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON, or root; see deploy/relay-guard.service)"
+    } else {
+        ""
+    };
+    anyhow::Error::new(e).context(format!("{what}{hint}"))
 }
 
 /// Drops the per-entry data of a config once it is compiled: the run loop
