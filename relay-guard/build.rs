@@ -28,10 +28,17 @@ fn main() -> anyhow::Result<()> {
     let ebpf_dir = manifest.join("..").join("relay-guard-ebpf");
     let ebpf_dir = ebpf_dir.to_str().expect("UTF-8 path");
     aya_build::build_ebpf(
-        [Package { name: "relay-guard-ebpf", root_dir: ebpf_dir, ..Default::default() }],
+        [Package {
+            name: "relay-guard-ebpf",
+            root_dir: ebpf_dir,
+            ..Default::default()
+        }],
         Toolchain::default(),
     )?;
-    println!("cargo:rerun-if-changed={}", manifest.join("../relay-guard-common/src").display());
+    println!(
+        "cargo:rerun-if-changed={}",
+        manifest.join("../relay-guard-common/src").display()
+    );
     Ok(())
 }
 

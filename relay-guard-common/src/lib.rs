@@ -38,7 +38,17 @@ pub mod maps {
     /// direct-mapped cache indexed by [`super::source_slot`].
     pub const SOURCES: &str = "RG_SOURCES";
     /// Every map the program must define (and the agent pins).
-    pub const ALL: &[&str] = &[PORTS, TBL24, LONG24, MASKS, PREFIXES_V6, IFACES, COUNTERS, SETTINGS, SOURCES];
+    pub const ALL: &[&str] = &[
+        PORTS,
+        TBL24,
+        LONG24,
+        MASKS,
+        PREFIXES_V6,
+        IFACES,
+        COUNTERS,
+        SETTINGS,
+        SOURCES,
+    ];
 }
 
 /// Version of the map layout. Pinned state lives under `layout-<N>/`, so an
@@ -92,7 +102,11 @@ pub const fn family_slot(f: u8) -> u32 {
 pub const fn counter_index(iface_slot: u32, port_slot: u32, family: u8, verdict: u8) -> u32 {
     let i = if iface_slot < IFACE_SLOTS { iface_slot } else { 0 };
     let p = if port_slot < COUNTER_PORT_SLOTS { port_slot } else { 0 };
-    let v = if (verdict as u32) < VERDICT_SLOTS { verdict as u32 } else { 0 };
+    let v = if (verdict as u32) < VERDICT_SLOTS {
+        verdict as u32
+    } else {
+        0
+    };
     ((i * COUNTER_PORT_SLOTS + p) * FAMILY_SLOTS + family_slot(family)) * VERDICT_SLOTS + v
 }
 
@@ -262,7 +276,8 @@ const _: () = assert!(size_of::<AllowMask>() == 8);
 const _: () = assert!(size_of::<CounterKey>() == 12);
 const _: () = assert!(size_of::<IfaceSlot>() == 8);
 const _: () = assert!(size_of::<LongBlock>() == 512);
-const _: () = assert!(counter_index(IFACE_SLOTS - 1, COUNTER_PORT_SLOTS - 1, family::UNKNOWN, 4) == COUNTER_ENTRIES - 1);
+const _: () =
+    assert!(counter_index(IFACE_SLOTS - 1, COUNTER_PORT_SLOTS - 1, family::UNKNOWN, 4) == COUNTER_ENTRIES - 1);
 const _: () = assert!(size_of::<Settings>() == 4);
 const _: () = assert!(size_of::<SourceKey>() == 20);
 const _: () = assert!(size_of::<SourceStats>() == 48);

@@ -28,8 +28,8 @@ use aya_ebpf::{
 };
 use relay_guard_common::{
     AllowMask, COUNTER_ENTRIES, GuardedPort, IFACE_TABLE, IfaceSlot, LongBlock, MAX_LONG_BLOCKS, MAX_MASKS,
-    MAX_PREFIXES, PORT_SLOTS, SOURCE_SLOTS, Settings, SourceKey, SourceStats, TBL24_ENTRIES, V6Addr,
-    counter_index, family, mode, verdict as v,
+    MAX_PREFIXES, PORT_SLOTS, SOURCE_SLOTS, Settings, SourceKey, SourceStats, TBL24_ENTRIES, V6Addr, counter_index,
+    family, mode, verdict as v,
 };
 
 use crate::cursor::{Cursor, Stop};
@@ -85,7 +85,11 @@ pub fn relay_guard(ctx: XdpContext) -> u32 {
     match judge(&ctx) {
         Err(Stop::NotOurs) => XDP_PASS,
         Err(Stop::Malformed(fam)) => {
-            let verdict = if monitor() { v::MALFORMED_PASSED } else { v::MALFORMED_DROPPED };
+            let verdict = if monitor() {
+                v::MALFORMED_PASSED
+            } else {
+                v::MALFORMED_DROPPED
+            };
             exit(&ctx, 0, fam, verdict)
         }
         Ok(j) => {
@@ -95,7 +99,11 @@ pub fn relay_guard(ctx: XdpContext) -> u32 {
                 (false, false) => v::DROPPED,
             };
             if !j.allowed {
-                let src = SourceKey { addr: j.src, family: j.family, _pad: [0; 3] };
+                let src = SourceKey {
+                    addr: j.src,
+                    family: j.family,
+                    _pad: [0; 3],
+                };
                 sources::record(&ctx, &src, j.port, j.guard, verdict);
             }
             exit(&ctx, u32::from(j.slot), j.family, verdict)
@@ -132,14 +140,28 @@ fn judge(ctx: &XdpContext) -> Result<Judged, Stop> {
             addr[2] = src[2];
             addr[3] = src[3];
             let allowed = verdict::allowed_v4(src, gp.guard);
-            Ok(Judged { port, slot: gp.slot, guard: gp.guard, family: family::IPV4, allowed, src: addr })
+            Ok(Judged {
+                port,
+                slot: gp.slot,
+                guard: gp.guard,
+                family: family::IPV4,
+                allowed,
+                src: addr,
+            })
         }
         eth::ETH_P_IPV6 => {
             let src = ipv6::parse_ipv6(&mut c)?;
             let port = tcp::parse_tcp(&mut c, family::IPV6)?;
             let gp = verdict::guard_of(port).ok_or(Stop::NotOurs)?;
             let allowed = verdict::allowed_v6(src, gp.guard);
-            Ok(Judged { port, slot: gp.slot, guard: gp.guard, family: family::IPV6, allowed, src })
+            Ok(Judged {
+                port,
+                slot: gp.slot,
+                guard: gp.guard,
+                family: family::IPV6,
+                allowed,
+                src,
+            })
         }
         _ => Err(Stop::NotOurs),
     }

@@ -17,7 +17,9 @@ use crate::SOURCES;
 
 #[inline(always)]
 pub fn record(ctx: &XdpContext, key: &SourceKey, port: u16, guard: u8, v: u8) {
-    let Some(s) = SOURCES.get_ptr_mut(source_slot(&key.addr)) else { return };
+    let Some(s) = SOURCES.get_ptr_mut(source_slot(&key.addr)) else {
+        return;
+    };
     // SAFETY: a helper without arguments.
     let now = unsafe { bpf_ktime_get_coarse_ns() };
     // SAFETY: `s` is this CPU's slot of a live array element; XDP runs one
@@ -42,7 +44,11 @@ pub fn record(ctx: &XdpContext, key: &SourceKey, port: u16, guard: u8, v: u8) {
         due
     };
     if log {
-        let what = if v == verdict::WOULD_DROP { "would drop" } else { "dropped" };
+        let what = if v == verdict::WOULD_DROP {
+            "would drop"
+        } else {
+            "dropped"
+        };
         if key.family == family::IPV4 {
             let a = [key.addr[0], key.addr[1], key.addr[2], key.addr[3]];
             info!(ctx, "{} {:i} -> port {} (guard {})", what, a, port, guard);

@@ -31,7 +31,9 @@ fn bit(allow: u64, guard: u8) -> bool {
 pub fn allowed_v4(src: [u8; 4], guard: u8) -> bool {
     let block = (u32::from(src[0]) << 16) | (u32::from(src[1]) << 8) | u32::from(src[2]);
     // Four /24 blocks per entry; `& 3` keeps the lane index provably in bounds.
-    let Some(lanes) = TBL24.get(block >> 2) else { return false };
+    let Some(lanes) = TBL24.get(block >> 2) else {
+        return false;
+    };
     let mut idx = lanes[(block & 3) as usize];
     if idx & LONG_BLOCK != 0 {
         // SAFETY: a value of LONG24 is read while the map is alive.

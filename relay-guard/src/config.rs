@@ -188,7 +188,14 @@ impl Config {
         let mut fp = std::hash::DefaultHasher::new();
         std::hash::Hash::hash(path, &mut fp);
         std::hash::Hash::hash(text.as_bytes(), &mut fp);
-        let mut v = Validator { fp, path, file: std::sync::Arc::from(path), text, errors: Vec::new(), list_files: Vec::new() };
+        let mut v = Validator {
+            fp,
+            path,
+            file: std::sync::Arc::from(path),
+            text,
+            errors: Vec::new(),
+            list_files: Vec::new(),
+        };
         let raw: RawConfig = match toml::from_str(text) {
             Ok(raw) => raw,
             Err(e) => {
@@ -200,7 +207,11 @@ impl Config {
                     }
                     _ => msg,
                 };
-                return Err(ConfigErrors(vec![ConfigError { file: path.to_path_buf(), line, what }]));
+                return Err(ConfigErrors(vec![ConfigError {
+                    file: path.to_path_buf(),
+                    line,
+                    what,
+                }]));
             }
         };
         let config = v.validate(raw);
@@ -226,27 +237,44 @@ struct Validator<'a> {
 
 impl Validator<'_> {
     fn line_of(&self, offset: usize) -> usize {
-        self.text[..offset.min(self.text.len())].bytes().filter(|&b| b == b'\n').count() + 1
+        self.text[..offset.min(self.text.len())]
+            .bytes()
+            .filter(|&b| b == b'\n')
+            .count()
+            + 1
     }
 
     fn origin(&self, span: &Range<usize>) -> Origin {
-        Origin { file: std::sync::Arc::clone(&self.file), line: self.line_of(span.start) }
+        Origin {
+            file: std::sync::Arc::clone(&self.file),
+            line: self.line_of(span.start),
+        }
     }
 
     fn err(&mut self, span: &Range<usize>, what: String) {
         let line = self.line_of(span.start);
-        self.errors.push(ConfigError { file: self.path.to_path_buf(), line, what });
+        self.errors.push(ConfigError {
+            file: self.path.to_path_buf(),
+            line,
+            what,
+        });
     }
 
     fn validate(&mut self, raw: RawConfig) -> Config {
         let mut interfaces = Vec::new();
         if raw.interfaces.get_ref().is_empty() {
-            self.err(&raw.interfaces.span(), "interfaces: at least one interface is required".into());
+            self.err(
+                &raw.interfaces.span(),
+                "interfaces: at least one interface is required".into(),
+            );
         }
         for ifname in raw.interfaces.get_ref() {
             let name = ifname.get_ref();
             if name.is_empty() || name.len() >= libc::IFNAMSIZ || name.contains(['/', ' ', '\0']) {
-                self.err(&ifname.span(), format!("interfaces: `{name}` is not a valid interface name"));
+                self.err(
+                    &ifname.span(),
+                    format!("interfaces: `{name}` is not a valid interface name"),
+                );
             } else if interfaces.contains(name) {
                 self.err(&ifname.span(), format!("interfaces: `{name}` is listed twice"));
             } else {
@@ -274,7 +302,10 @@ impl Validator<'_> {
             Some(p) => {
                 let dir = PathBuf::from(p.get_ref());
                 if !dir.is_absolute() {
-                    self.err(&p.span(), format!("pin_dir: `{}` must be an absolute path on a bpffs", p.get_ref()));
+                    self.err(
+                        &p.span(),
+                        format!("pin_dir: `{}` must be an absolute path on a bpffs", p.get_ref()),
+                    );
                 }
                 dir
             }
@@ -288,7 +319,10 @@ impl Validator<'_> {
             });
         }
         if raw.guard.len() > MAX_GUARDS {
-            self.err(&raw.guard[MAX_GUARDS].span(), format!("too many guards: {} (at most {MAX_GUARDS})", raw.guard.len()));
+            self.err(
+                &raw.guard[MAX_GUARDS].span(),
+                format!("too many guards: {} (at most {MAX_GUARDS})", raw.guard.len()),
+            );
         }
 
         let mut port_owner: BTreeMap<u16, (String, Origin)> = BTreeMap::new();
@@ -325,7 +359,10 @@ impl Validator<'_> {
                 let name = n.get_ref().clone();
                 let ok = !name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
                 if !ok {
-                    self.err(&n.span(), format!("guard name `{name}` must be non-empty ASCII letters, digits, `-`, `_` or `.`"));
+                    self.err(
+                        &n.span(),
+                        format!("guard name `{name}` must be non-empty ASCII letters, digits, `-`, `_` or `.`"),
+                    );
                 }
                 name
             }
@@ -334,7 +371,11 @@ impl Validator<'_> {
         let name_origin = self.origin(&g.name.as_ref().map_or(span.clone(), |n| n.span()));
         if let Some(first) = names.get(&name) {
             let what = format!("guard name `{name}` is used twice (first at {first})");
-            self.errors.push(ConfigError { file: name_origin.file.to_path_buf(), line: name_origin.line, what });
+            self.errors.push(ConfigError {
+                file: name_origin.file.to_path_buf(),
+                line: name_origin.line,
+                what,
+            });
         } else {
             names.insert(name.clone(), name_origin);
         }
@@ -349,7 +390,10 @@ impl Validator<'_> {
                 for p in list.get_ref() {
                     match u16::try_from(*p.get_ref()) {
                         Ok(port) if port > 0 => ports.push(port),
-                        _ => self.err(&p.span(), format!("guard `{name}`: port `{}` is not in 1..=65535", p.get_ref())),
+                        _ => self.err(
+                            &p.span(),
+                            format!("guard `{name}`: port `{}` is not in 1..=65535", p.get_ref()),
+                        ),
                     }
                 }
             }
@@ -360,8 +404,14 @@ impl Validator<'_> {
         for &port in &ports {
             let here = self.origin(&ports_span);
             if let Some((owner, at)) = port_owner.get(&port) {
-                let what = format!("port `{port}` of guard `{name}` already belongs to guard `{owner}` ({at}); a port may belong to one guard only");
-                self.errors.push(ConfigError { file: here.file.to_path_buf(), line: here.line, what });
+                let what = format!(
+                    "port `{port}` of guard `{name}` already belongs to guard `{owner}` ({at}); a port may belong to one guard only"
+                );
+                self.errors.push(ConfigError {
+                    file: here.file.to_path_buf(),
+                    line: here.line,
+                    what,
+                });
             } else {
                 port_owner.insert(port, (name.clone(), here));
             }
@@ -371,12 +421,22 @@ impl Validator<'_> {
         for (list, action, key) in [(&g.allow, Action::Allow, "allow"), (&g.deny, Action::Deny, "deny")] {
             for s in list {
                 match parse_net(s.get_ref()) {
-                    Ok(net) => entries.push(Entry { net, action, origin: self.origin(&s.span()) }),
-                    Err(why) => self.err(&s.span(), format!("guard `{name}`: {key} entry `{}`: {why}", s.get_ref())),
+                    Ok(net) => entries.push(Entry {
+                        net,
+                        action,
+                        origin: self.origin(&s.span()),
+                    }),
+                    Err(why) => self.err(
+                        &s.span(),
+                        format!("guard `{name}`: {key} entry `{}`: {why}", s.get_ref()),
+                    ),
                 }
             }
         }
-        for (list, action, key) in [(&g.allow_files, Action::Allow, "allow_files"), (&g.deny_files, Action::Deny, "deny_files")] {
+        for (list, action, key) in [
+            (&g.allow_files, Action::Allow, "allow_files"),
+            (&g.deny_files, Action::Deny, "deny_files"),
+        ] {
             for f in list {
                 let file = self.resolve(f.get_ref());
                 let read = fs::read_to_string(&file);
@@ -395,7 +455,10 @@ impl Validator<'_> {
                         }
                         self.errors.extend(errs);
                     }
-                    Err(e) => self.err(&f.span(), format!("guard `{name}`: {key} `{}`: cannot read: {e}", f.get_ref())),
+                    Err(e) => self.err(
+                        &f.span(),
+                        format!("guard `{name}`: {key} `{}`: cannot read: {e}", f.get_ref()),
+                    ),
                 }
                 self.list_files.push(file);
             }
@@ -411,17 +474,31 @@ impl Validator<'_> {
                 return false;
             }
             if later.action != kept.action {
-                let (a, d) = if kept.action == Action::Allow { (&*kept, &*later) } else { (&*later, &*kept) };
-                let what =
-                    format!("guard `{name}`: `{}` is both allowed ({}) and denied ({})", later.net, a.origin, d.origin);
-                conflicts.push(ConfigError { file: later.origin.file.to_path_buf(), line: later.origin.line, what });
+                let (a, d) = if kept.action == Action::Allow {
+                    (&*kept, &*later)
+                } else {
+                    (&*later, &*kept)
+                };
+                let what = format!(
+                    "guard `{name}`: `{}` is both allowed ({}) and denied ({})",
+                    later.net, a.origin, d.origin
+                );
+                conflicts.push(ConfigError {
+                    file: later.origin.file.to_path_buf(),
+                    line: later.origin.line,
+                    what,
+                });
             }
             true
         });
         self.errors.extend(conflicts);
         entries.shrink_to_fit();
         let unique = entries;
-        Guard { name, ports, entries: unique }
+        Guard {
+            name,
+            ports,
+            entries: unique,
+        }
     }
 
     /// List-file paths are relative to the config file's directory.
@@ -443,9 +520,7 @@ pub fn parse_net(s: &str) -> Result<IpNet, String> {
         return Ok(IpNet::from(addr));
     }
     match s.parse::<IpNet>() {
-        Ok(net) if net.addr() != net.network() => {
-            Err(format!("host bits set; did you mean `{}`?", net.trunc()))
-        }
+        Ok(net) if net.addr() != net.network() => Err(format!("host bits set; did you mean `{}`?", net.trunc())),
         Ok(net) => Ok(net),
         Err(_) => Err("not an IP address or CIDR".into()),
     }
@@ -463,7 +538,10 @@ pub fn parse_list(file: &Path, text: &str, action: Action) -> (Vec<Entry>, Vec<C
         if content.is_empty() {
             continue;
         }
-        let origin = Origin { file: std::sync::Arc::clone(&shared), line: i + 1 };
+        let origin = Origin {
+            file: std::sync::Arc::clone(&shared),
+            line: i + 1,
+        };
         match parse_net(content) {
             Ok(net) => entries.push(Entry { net, action, origin }),
             Err(why) => errors.push(ConfigError {

@@ -6,9 +6,7 @@
 //! slots in use into [`CounterKey`]s (ifindex, port, guard, family, verdict).
 use std::collections::BTreeMap;
 
-use relay_guard_common::{
-    CounterKey, IFACE_TABLE, PORT_SLOTS, VERDICT_SLOTS, counter_index, family, maps as names,
-};
+use relay_guard_common::{CounterKey, IFACE_TABLE, PORT_SLOTS, VERDICT_SLOTS, counter_index, family, maps as names};
 
 use crate::{
     error::SyncError,
@@ -26,7 +24,14 @@ pub struct Slots {
 
 /// Reads the slot assignments from the kernel maps.
 pub fn slots(maps: &Maps) -> Result<Slots, SyncError> {
-    let err = |map: &'static str| move |source| SyncError::Map { op: "read", map, what: "slots".into(), source };
+    let err = |map: &'static str| {
+        move |source| SyncError::Map {
+            op: "read",
+            map,
+            what: "slots".into(),
+            source,
+        }
+    };
     let mut s = Slots::default();
     for i in 0..IFACE_TABLE {
         let e = maps.ifaces.get(&i, 0).map_err(err(names::IFACES))?;
@@ -37,7 +42,8 @@ pub fn slots(maps: &Maps) -> Result<Slots, SyncError> {
     for p in 0..PORT_SLOTS {
         let gp = maps.ports.get(&p, 0).map_err(err(names::PORTS))?;
         if gp.active != 0 && gp.slot != 0 {
-            s.ports.insert(u32::from(gp.slot), (u16::try_from(p).expect("< 65536"), gp.guard));
+            s.ports
+                .insert(u32::from(gp.slot), (u16::try_from(p).expect("< 65536"), gp.guard));
         }
     }
     Ok(s)
@@ -64,7 +70,14 @@ pub fn read(counters: &Counters, slots: &Slots) -> Result<BTreeMap<CounterKey, u
                     })?;
                     let total = values.iter().copied().fold(0u64, u64::wrapping_add);
                     if total != 0 {
-                        let key = CounterKey { ifindex, port, guard, family: fam, verdict, _pad: [0; 3] };
+                        let key = CounterKey {
+                            ifindex,
+                            port,
+                            guard,
+                            family: fam,
+                            verdict,
+                            _pad: [0; 3],
+                        };
                         *out.entry(key).or_default() += total;
                     }
                 }

@@ -14,13 +14,27 @@ pub enum LoadError {
     #[error("map `{name}` not found in the eBPF object")]
     NoMap { name: &'static str },
     #[error("map `{name}` has an unexpected type or layout")]
-    MapType { name: &'static str, #[source] source: aya::maps::MapError },
+    MapType {
+        name: &'static str,
+        #[source]
+        source: aya::maps::MapError,
+    },
     #[error("the kernel rejected program `{name}` (verifier log follows)")]
-    Verifier { name: &'static str, #[source] source: aya::programs::ProgramError },
+    Verifier {
+        name: &'static str,
+        #[source]
+        source: aya::programs::ProgramError,
+    },
     #[error("interface `{interface}` does not exist")]
     NoInterface { interface: String },
     #[error("failed to attach to `{interface}` in {mode} mode{hint}")]
-    Attach { interface: String, mode: &'static str, hint: &'static str, #[source] source: aya::programs::ProgramError },
+    Attach {
+        interface: String,
+        mode: &'static str,
+        hint: &'static str,
+        #[source]
+        source: aya::programs::ProgramError,
+    },
     #[error("nothing is pinned at `{}` for this version: is the agent installed with this config's pin_dir, and has it run?", pin_dir.display())]
     NotPinned { pin_dir: PathBuf },
     #[error("pin_dir `{}` is not on a bpffs (mount one, or use a path under /sys/fs/bpf)", path.display())]
@@ -30,16 +44,32 @@ pub enum LoadError {
     #[error("pinned map `{name}` at `{}` does not match this build's layout", path.display())]
     PinnedMapMismatch { name: &'static str, path: PathBuf },
     #[error("failed to pin {what} at `{}`", path.display())]
-    PinObject { what: String, path: PathBuf, #[source] source: aya::pin::PinError },
+    PinObject {
+        what: String,
+        path: PathBuf,
+        #[source]
+        source: aya::pin::PinError,
+    },
     #[error("failed to {op} `{}`", path.display())]
-    Pin { op: &'static str, path: PathBuf, #[source] source: std::io::Error },
+    Pin {
+        op: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// Writing map contents.
 #[derive(Debug, thiserror::Error)]
 pub enum SyncError {
     #[error("failed to {op} {what} in map `{map}`")]
-    Map { op: &'static str, map: &'static str, what: String, #[source] source: aya::maps::MapError },
+    Map {
+        op: &'static str,
+        map: &'static str,
+        what: String,
+        #[source]
+        source: aya::maps::MapError,
+    },
     #[error("the policy does not fit the kernel tables: {what}")]
     Capacity { what: String },
 }

@@ -11,7 +11,9 @@ use crate::{error::LoadError, loader::Maps, pins::Pins, policy::Lookup};
 /// Opens the maps pinned under `pins` (this layout only).
 pub fn open(pins: &Pins) -> Result<Maps, LoadError> {
     if !pins.has_state_maps() {
-        return Err(LoadError::NotPinned { pin_dir: pins.root.clone() });
+        return Err(LoadError::NotPinned {
+            pin_dir: pins.root.clone(),
+        });
     }
     Maps::from_source(|name| {
         let path = pins.map(name);
@@ -41,8 +43,16 @@ pub fn lookup(maps: &Maps, addr: IpAddr, port: u16) -> Result<Lookup, aya::maps:
                 idx = maps.long24.get(&block, 0).map(|h| h[usize::from(o[3])]).unwrap_or(0);
                 unit = IpNet::new(addr, 32).expect("valid");
             }
-            let allow = if idx == 0 { 0 } else { maps.masks.get(&u32::from(idx), 0)? };
-            Lookup::Judged { guard, allowed: bit(allow), prefix: (idx != 0).then_some(unit) }
+            let allow = if idx == 0 {
+                0
+            } else {
+                maps.masks.get(&u32::from(idx), 0)?
+            };
+            Lookup::Judged {
+                guard,
+                allowed: bit(allow),
+                prefix: (idx != 0).then_some(unit),
+            }
         }
         IpAddr::V6(a) => match maps.v6.get(&Key::new(128, a.octets()), 0) {
             Ok(m) => {
@@ -56,9 +66,17 @@ pub fn lookup(maps: &Maps, addr: IpAddr, port: u16) -> Result<Lookup, aya::maps:
                         prefix = Some(net);
                     }
                 }
-                Lookup::Judged { guard, allowed: bit(m.allow), prefix }
+                Lookup::Judged {
+                    guard,
+                    allowed: bit(m.allow),
+                    prefix,
+                }
             }
-            Err(aya::maps::MapError::KeyNotFound) => Lookup::Judged { guard, allowed: false, prefix: None },
+            Err(aya::maps::MapError::KeyNotFound) => Lookup::Judged {
+                guard,
+                allowed: false,
+                prefix: None,
+            },
             Err(e) => return Err(e),
         },
     })

@@ -20,8 +20,8 @@ use aya::{
     },
 };
 use relay_guard_common::{
-    AllowMask, COUNTER_PORT_SLOTS, GuardedPort, IFACE_SLOTS, IFACE_TABLE, IfaceSlot, LongBlock,
-    Settings, SourceStats, TBL24_ENTRIES, V6Addr, VERDICT_SLOTS, counter_index, maps,
+    AllowMask, COUNTER_PORT_SLOTS, GuardedPort, IFACE_SLOTS, IFACE_TABLE, IfaceSlot, LongBlock, Settings, SourceStats,
+    TBL24_ENTRIES, V6Addr, VERDICT_SLOTS, counter_index, maps,
 };
 use tracing::{info, warn};
 
@@ -67,12 +67,22 @@ impl Tbl24 {
         // SAFETY: mapping a BPF array created with BPF_F_MMAPABLE, shared,
         // at offset 0 for its exact size.
         let p = unsafe {
-            libc::mmap(std::ptr::null_mut(), TBL24_BYTES, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_SHARED, fd, 0)
+            libc::mmap(
+                std::ptr::null_mut(),
+                TBL24_BYTES,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                fd,
+                0,
+            )
         };
         if p == libc::MAP_FAILED {
             return Err(std::io::Error::last_os_error());
         }
-        Ok(Tbl24 { _map: map, ptr: p.cast() })
+        Ok(Tbl24 {
+            _map: map,
+            ptr: p.cast(),
+        })
     }
 
     /// Entry of /24 block `block` (0..2^24).
@@ -105,8 +115,11 @@ impl Maps {
             T::try_from(m).map_err(|source| LoadError::MapType { name, source })
         }
         let tbl24 = match get(maps::TBL24)? {
-            Map::Array(data) => Tbl24::new(data)
-                .map_err(|source| LoadError::Pin { op: "mmap", path: maps::TBL24.into(), source })?,
+            Map::Array(data) => Tbl24::new(data).map_err(|source| LoadError::Pin {
+                op: "mmap",
+                path: maps::TBL24.into(),
+                source,
+            })?,
             _ => return Err(LoadError::NoMap { name: maps::TBL24 }),
         };
         Ok(Maps {
@@ -125,7 +138,10 @@ impl Maps {
     /// Gives `ifindex` a counter slot (kept if it has one), so its packets
     /// are counted under its own name. A new slot's counters are zeroed.
     pub fn register_iface(&mut self, ifindex: u32) -> Result<u32, LoadError> {
-        let err = |source| LoadError::MapType { name: maps::IFACES, source };
+        let err = |source| LoadError::MapType {
+            name: maps::IFACES,
+            source,
+        };
         let mut used = [false; IFACE_SLOTS as usize];
         let at = ifindex & (IFACE_TABLE - 1);
         let here = self.ifaces.get(&at, 0).map_err(err)?;
@@ -139,7 +155,10 @@ impl Maps {
             }
         }
         let Some(slot) = (1..IFACE_SLOTS).find(|&s| !used[s as usize]) else {
-            warn!(ifindex, "no free interface counter slot: counted as interface \"other\"");
+            warn!(
+                ifindex,
+                "no free interface counter slot: counted as interface \"other\""
+            );
             return Ok(0);
         };
         self.zero_counters(|i, _| i == slot)?;
@@ -149,18 +168,32 @@ impl Maps {
 
     /// Zeroes every counter whose (iface slot, port slot) matches `pick`.
     pub fn zero_counters(&mut self, pick: impl Fn(u32, u32) -> bool) -> Result<(), LoadError> {
-        let err = |source| LoadError::MapType { name: maps::COUNTERS, source };
-        let ncpu = aya::util::nr_cpus().map_err(|(path, source)| LoadError::Pin { op: "read", path: path.into(), source })?;
+        let err = |source| LoadError::MapType {
+            name: maps::COUNTERS,
+            source,
+        };
+        let ncpu = aya::util::nr_cpus().map_err(|(path, source)| LoadError::Pin {
+            op: "read",
+            path: path.into(),
+            source,
+        })?;
         let mut counters = self.counters.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         for i in 0..IFACE_SLOTS {
             for p in 0..COUNTER_PORT_SLOTS {
                 if !pick(i, p) {
                     continue;
                 }
-                for f in [relay_guard_common::family::IPV4, relay_guard_common::family::IPV6, relay_guard_common::family::UNKNOWN] {
+                for f in [
+                    relay_guard_common::family::IPV4,
+                    relay_guard_common::family::IPV6,
+                    relay_guard_common::family::UNKNOWN,
+                ] {
                     for v in 0..VERDICT_SLOTS as u8 {
-                        let zeros = PerCpuValues::try_from(vec![0u64; ncpu])
-                            .map_err(|source| LoadError::Pin { op: "size per-CPU values for", path: maps::COUNTERS.into(), source })?;
+                        let zeros = PerCpuValues::try_from(vec![0u64; ncpu]).map_err(|source| LoadError::Pin {
+                            op: "size per-CPU values for",
+                            path: maps::COUNTERS.into(),
+                            source,
+                        })?;
                         counters.set(counter_index(i, p, f, v), zeros, 0).map_err(err)?;
                     }
                 }
@@ -209,13 +242,15 @@ pub struct Loaded {
 /// (before 5.11). Best effort: newer kernels use memcg accounting, and a
 /// container may forbid raising the hard limit, so a failure is only logged.
 pub fn bump_memlock_rlimit() {
-    let rlim = libc::rlimit { rlim_cur: libc::RLIM_INFINITY, rlim_max: libc::RLIM_INFINITY };
+    let rlim = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
     // SAFETY: setrlimit reads a valid rlimit struct.
     if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &rlim) } != 0 {
         tracing::debug!(error = %std::io::Error::last_os_error(), "could not raise RLIMIT_MEMLOCK (not needed on kernels >= 5.11)");
     }
 }
-
 
 impl Loaded {
     /// Loads the object and the program into the kernel (the verifier runs
@@ -238,8 +273,9 @@ impl Loaded {
         }
         let adopted = pins.is_some_and(Pins::has_state_maps);
         let mut loader = EbpfLoader::new();
-        let map_paths: Vec<(&'static str, PathBuf)> =
-            pins.map(|p| maps::ALL.iter().map(|&n| (n, p.map(n))).collect()).unwrap_or_default();
+        let map_paths: Vec<(&'static str, PathBuf)> = pins
+            .map(|p| maps::ALL.iter().map(|&n| (n, p.map(n))).collect())
+            .unwrap_or_default();
         for (name, path) in &map_paths {
             loader.map_pin_path(name, path.as_path());
         }
@@ -249,12 +285,22 @@ impl Loaded {
             .program_mut(PROGRAM_NAME)
             .ok_or(LoadError::NoProgram { name: PROGRAM_NAME })?
             .try_into()
-            .map_err(|source| LoadError::Verifier { name: PROGRAM_NAME, source })?;
-        prog.load().map_err(|source| LoadError::Verifier { name: PROGRAM_NAME, source })?;
+            .map_err(|source| LoadError::Verifier {
+                name: PROGRAM_NAME,
+                source,
+            })?;
+        prog.load().map_err(|source| LoadError::Verifier {
+            name: PROGRAM_NAME,
+            source,
+        })?;
         if let Some(pins) = pins {
             let path = pins.prog();
             let _ = std::fs::remove_file(&path);
-            prog.pin(&path).map_err(|source| LoadError::PinObject { what: "program".into(), path, source })?;
+            prog.pin(&path).map_err(|source| LoadError::PinObject {
+                what: "program".into(),
+                path,
+                source,
+            })?;
         }
         let logger = match aya_log::EbpfLogger::init_with_logger(&mut ebpf, crate::events::OncePerSecond::default()) {
             Ok(l) => Some(l),
@@ -263,7 +309,14 @@ impl Loaded {
                 None
             }
         };
-        Ok(Loaded { ebpf, maps, attached: Vec::new(), pins: pins.cloned(), adopted, logger })
+        Ok(Loaded {
+            ebpf,
+            maps,
+            attached: Vec::new(),
+            pins: pins.cloned(),
+            adopted,
+            logger,
+        })
     }
 
     /// The loaded program, for `BPF_PROG_TEST_RUN` and attaching.
@@ -285,13 +338,22 @@ impl Loaded {
         self.maps.register_iface(ifindex)?;
         if let Some(pins) = self.pins.clone() {
             let mut candidates = vec![pins.link(interface)];
-            candidates.extend(pins.other_layouts().into_iter().map(|d| d.join("links").join(interface)));
+            candidates.extend(
+                pins.other_layouts()
+                    .into_iter()
+                    .map(|d| d.join("links").join(interface)),
+            );
             for path in candidates.into_iter().filter(|p| p.exists()) {
                 match self.adopt_link(&path, &pins.link(interface)) {
                     Ok(()) => {
                         info!(interface, pin = %path.display(), "replaced the program on the pinned link atomically");
                         let hold = Hold::Pinned(pins.link(interface));
-                        self.attached.push(Attachment { interface: interface.to_string(), ifindex, mode: "adopted", hold });
+                        self.attached.push(Attachment {
+                            interface: interface.to_string(),
+                            ifindex,
+                            mode: "adopted",
+                            hold,
+                        });
                         return Ok(self.attached.last().expect("just pushed"));
                     }
                     Err(e) => {
@@ -315,7 +377,12 @@ impl Loaded {
                         Some(pins) => self.pin_link(link, &pins.link(interface))?,
                         None => Hold::Owned(link),
                     };
-                    self.attached.push(Attachment { interface: interface.to_string(), ifindex, mode: name, hold });
+                    self.attached.push(Attachment {
+                        interface: interface.to_string(),
+                        ifindex,
+                        mode: name,
+                        hold,
+                    });
                     return Ok(self.attached.last().expect("just pushed"));
                 }
                 Err(source) => {
@@ -332,7 +399,12 @@ impl Loaded {
         } else {
             ""
         };
-        Err(LoadError::Attach { interface: interface.to_string(), mode, hint, source })
+        Err(LoadError::Attach {
+            interface: interface.to_string(),
+            mode,
+            hint,
+            source,
+        })
     }
 
     /// Updates the link pinned at `from` to run this program, then pins it
@@ -341,7 +413,10 @@ impl Loaded {
         let pinned = PinnedLink::from_pin(from).map_err(|e| e.to_string())?;
         let fd: FdLink = pinned.into();
         let link = XdpLink::try_from(fd).map_err(|e| e.to_string())?;
-        let id = self.program().attach_to_link(link).map_err(|e| format!("bpf_link_update: {e}"))?;
+        let id = self
+            .program()
+            .attach_to_link(link)
+            .map_err(|e| format!("bpf_link_update: {e}"))?;
         let link = self.program().take_link(id).map_err(|e| e.to_string())?;
         let fd = FdLink::try_from(link).map_err(|e| e.to_string())?;
         let _ = std::fs::remove_file(from);
@@ -352,7 +427,10 @@ impl Loaded {
 
     /// Pins a newly made link so it outlives the agent.
     fn pin_link(&mut self, id: XdpLinkId, path: &Path) -> Result<Hold, LoadError> {
-        let link = self.program().take_link(id).map_err(|source| LoadError::Verifier { name: PROGRAM_NAME, source })?;
+        let link = self.program().take_link(id).map_err(|source| LoadError::Verifier {
+            name: PROGRAM_NAME,
+            source,
+        })?;
         match FdLink::try_from(link) {
             Ok(fd) => {
                 let _ = std::fs::remove_file(path);
@@ -369,7 +447,9 @@ impl Loaded {
                 Err(LoadError::PinObject {
                     what: "link (netlink attachment)".into(),
                     path: path.to_path_buf(),
-                    source: aya::pin::PinError::NoFd { name: "xdp link".into() },
+                    source: aya::pin::PinError::NoFd {
+                        name: "xdp link".into(),
+                    },
                 })
             }
         }
@@ -412,12 +492,15 @@ impl Loaded {
 
 /// The kernel's index of `interface`.
 pub fn ifindex(interface: &str) -> Result<u32, LoadError> {
-    let c = std::ffi::CString::new(interface)
-        .map_err(|_| LoadError::NoInterface { interface: interface.to_string() })?;
+    let c = std::ffi::CString::new(interface).map_err(|_| LoadError::NoInterface {
+        interface: interface.to_string(),
+    })?;
     // SAFETY: c is a valid NUL-terminated string.
     let idx = unsafe { libc::if_nametoindex(c.as_ptr()) };
     if idx == 0 {
-        return Err(LoadError::NoInterface { interface: interface.to_string() });
+        return Err(LoadError::NoInterface {
+            interface: interface.to_string(),
+        });
     }
     Ok(idx)
 }
@@ -431,5 +514,9 @@ pub fn ifname(ifindex: u32) -> Option<String> {
         return None;
     }
     // SAFETY: on success buf holds a NUL-terminated name.
-    Some(unsafe { std::ffi::CStr::from_ptr(buf.as_ptr()) }.to_string_lossy().into_owned())
+    Some(
+        unsafe { std::ffi::CStr::from_ptr(buf.as_ptr()) }
+            .to_string_lossy()
+            .into_owned(),
+    )
 }

@@ -12,7 +12,11 @@ fn main() {
         .init();
     // Two workers: a reload (which can take seconds on a large list) runs on
     // one while /metrics keeps answering on the other.
-    let runtime = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
         Ok(r) => r,
         Err(e) => {
             eprintln!("error: failed to start the runtime: {e}");

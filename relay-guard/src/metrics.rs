@@ -81,7 +81,9 @@ impl AgentMetrics {
     pub fn reload_succeeded(&self) {
         self.last_reload_successful.set(1);
         // (The timestamp follows; tests and alerts key on the gauge.)
-        let now = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64());
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0.0, |d| d.as_secs_f64());
         self.last_reload_success_timestamp.set(now);
     }
 
@@ -141,15 +143,26 @@ pub fn snapshot(counters: &Counters, labels: &LabelState) -> Result<CounterSnaps
             }
             _ => continue,
         };
-        let guard = labels.guards.get(usize::from(k.guard)).cloned().unwrap_or_else(|| format!("guard{}", k.guard + 1));
-        *snap.packets.entry((iface, guard, k.port, family_name(k.family), verdict)).or_default() += total;
+        let guard = labels
+            .guards
+            .get(usize::from(k.guard))
+            .cloned()
+            .unwrap_or_else(|| format!("guard{}", k.guard + 1));
+        *snap
+            .packets
+            .entry((iface, guard, k.port, family_name(k.family), verdict))
+            .or_default() += total;
     }
     Ok(snap)
 }
 
 impl Collector for KernelCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), fmt::Error> {
-        let labels = self.labels.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
+        let labels = self
+            .labels
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
         let snap = match snapshot(&self.counters, &labels) {
             Ok(s) => s,
             Err(e) => {
@@ -220,8 +233,16 @@ pub fn registry(counters: Counters, labels: Arc<RwLock<LabelState>>, agent: &Age
     let mut r = Registry::default();
     let p = "relay_guard";
     let sub = r.sub_registry_with_prefix(p);
-    sub.register("config_reloads", "Config reload attempts (SIGHUP or file change)", agent.reloads.clone());
-    sub.register("config_reload_failures", "Config reload attempts that failed validation or sync", agent.reload_failures.clone());
+    sub.register(
+        "config_reloads",
+        "Config reload attempts (SIGHUP or file change)",
+        agent.reloads.clone(),
+    );
+    sub.register(
+        "config_reload_failures",
+        "Config reload attempts that failed validation or sync",
+        agent.reload_failures.clone(),
+    );
     sub.register(
         "config_last_reload_successful",
         "Whether the last config load or reload succeeded (1) or not (0)",
@@ -235,7 +256,11 @@ pub fn registry(counters: Counters, labels: Arc<RwLock<LabelState>>, agent: &Age
     let build_info = prometheus_client::metrics::family::Family::<[(&'static str, &'static str); 1], Gauge>::default();
     build_info.get_or_create(&[("version", crate::VERSION)]).set(1);
     sub.register("build_info", "relay-guard build information (always 1)", build_info);
-    r.register_collector(Box::new(KernelCollector { counters, labels, scrape_errors: Arc::default() }));
+    r.register_collector(Box::new(KernelCollector {
+        counters,
+        labels,
+        scrape_errors: Arc::default(),
+    }));
     r
 }
 
@@ -302,7 +327,13 @@ pub async fn serve(
                         .and_then(|v| v.to_str().ok())
                         .is_some_and(|a| a.contains("application/openmetrics-text"));
                     if wants_om {
-                        ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], render(&registry))
+                        (
+                            [(
+                                header::CONTENT_TYPE,
+                                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                            )],
+                            render(&registry),
+                        )
                             .into_response()
                     } else {
                         (

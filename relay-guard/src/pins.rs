@@ -35,7 +35,9 @@ pub struct Pins {
 
 impl Pins {
     pub fn new(root: &Path) -> Pins {
-        Pins { root: root.to_path_buf() }
+        Pins {
+            root: root.to_path_buf(),
+        }
     }
 
     /// The directory of this binary's layout.
@@ -72,14 +74,23 @@ impl Pins {
     pub fn other_layouts(&self) -> Vec<PathBuf> {
         let mine = self.state();
         fs::read_dir(&self.root)
-            .map(|rd| rd.filter_map(Result::ok).map(|e| e.path()).filter(|p| *p != mine).collect())
+            .map(|rd| {
+                rd.filter_map(Result::ok)
+                    .map(|e| e.path())
+                    .filter(|p| *p != mine)
+                    .collect()
+            })
             .unwrap_or_default()
     }
 
     /// Interfaces with a pinned link.
     pub fn pinned_links(&self) -> Vec<String> {
         fs::read_dir(self.links_dir())
-            .map(|rd| rd.filter_map(Result::ok).filter_map(|e| e.file_name().into_string().ok()).collect())
+            .map(|rd| {
+                rd.filter_map(Result::ok)
+                    .filter_map(|e| e.file_name().into_string().ok())
+                    .collect()
+            })
             .unwrap_or_default()
     }
 
@@ -88,7 +99,11 @@ impl Pins {
     pub fn prepare(&self) -> Result<(), LoadError> {
         ensure_bpffs(&self.root)?;
         for dir in [self.maps_dir(), self.links_dir()] {
-            fs::create_dir_all(&dir).map_err(|source| LoadError::Pin { op: "create", path: dir.clone(), source })?;
+            fs::create_dir_all(&dir).map_err(|source| LoadError::Pin {
+                op: "create",
+                path: dir.clone(),
+                source,
+            })?;
         }
         Ok(())
     }
@@ -115,12 +130,23 @@ pub fn ensure_bpffs(pin_dir: &Path) -> Result<(), LoadError> {
     }
     if pin_dir.starts_with(BPFFS_ROOT) && fs_type(Path::new(BPFFS_ROOT)) != Some(BPF_FS_MAGIC) {
         tracing::info!("mounting bpffs at {BPFFS_ROOT}");
-        nix::mount::mount(Some("bpf"), BPFFS_ROOT, Some("bpf"), nix::mount::MsFlags::empty(), None::<&str>).map_err(
-            |e| LoadError::Pin { op: "mount bpffs at", path: BPFFS_ROOT.into(), source: std::io::Error::from(e) },
-        )?;
+        nix::mount::mount(
+            Some("bpf"),
+            BPFFS_ROOT,
+            Some("bpf"),
+            nix::mount::MsFlags::empty(),
+            None::<&str>,
+        )
+        .map_err(|e| LoadError::Pin {
+            op: "mount bpffs at",
+            path: BPFFS_ROOT.into(),
+            source: std::io::Error::from(e),
+        })?;
         return Ok(());
     }
-    Err(LoadError::NotBpffs { path: pin_dir.to_path_buf() })
+    Err(LoadError::NotBpffs {
+        path: pin_dir.to_path_buf(),
+    })
 }
 
 /// An exclusive lock on one `pin_dir`, held for the agent's lifetime.
@@ -135,7 +161,13 @@ pub fn lock_path(pin_dir: &Path) -> PathBuf {
     let name: String = pin_dir
         .to_string_lossy()
         .chars()
-        .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '.' { c } else { '_' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '.' {
+                c
+            } else {
+                '_'
+            }
+        })
         .collect();
     Path::new(LOCK_DIR).join(format!("{name}.lock"))
 }
@@ -144,18 +176,29 @@ impl AgentLock {
     /// Takes the lock, or says which process holds it.
     pub fn acquire(pin_dir: &Path) -> Result<AgentLock, LoadError> {
         let path = lock_path(pin_dir);
-        fs::create_dir_all(LOCK_DIR).map_err(|source| LoadError::Pin { op: "create", path: LOCK_DIR.into(), source })?;
+        fs::create_dir_all(LOCK_DIR).map_err(|source| LoadError::Pin {
+            op: "create",
+            path: LOCK_DIR.into(),
+            source,
+        })?;
         let mut file = fs::OpenOptions::new()
             .read(true)
             .write(true)
             .create(true)
             .truncate(false)
             .open(&path)
-            .map_err(|source| LoadError::Pin { op: "open", path: path.clone(), source })?;
+            .map_err(|source| LoadError::Pin {
+                op: "open",
+                path: path.clone(),
+                source,
+            })?;
         // SAFETY: flock on a valid, owned fd.
         if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
             let holder = fs::read_to_string(&path).unwrap_or_default().trim().to_string();
-            return Err(LoadError::Locked { pin_dir: pin_dir.to_path_buf(), holder });
+            return Err(LoadError::Locked {
+                pin_dir: pin_dir.to_path_buf(),
+                holder,
+            });
         }
         file.set_len(0).ok();
         let _ = writeln!(file, "{}", std::process::id());

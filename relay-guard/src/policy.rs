@@ -40,7 +40,11 @@ pub enum Lookup {
     /// The port is in no guard: passes untouched.
     NotGuarded,
     /// Judged by `guard`; `prefix` is the longest stored prefix that matched.
-    Judged { guard: u8, allowed: bool, prefix: Option<IpNet> },
+    Judged {
+        guard: u8,
+        allowed: bool,
+        prefix: Option<IpNet>,
+    },
 }
 
 impl Policy {
@@ -49,7 +53,14 @@ impl Policy {
         for (gi, g) in cfg.guards.iter().enumerate() {
             let guard = u8::try_from(gi).expect("validation caps guards at 64");
             for &p in &g.ports {
-                ports.insert(p, GuardedPort { active: 1, guard, slot: 0 });
+                ports.insert(
+                    p,
+                    GuardedPort {
+                        active: 1,
+                        guard,
+                        slot: 0,
+                    },
+                );
             }
         }
         let v4_entries: Vec<Vec<(u8, u32, Action)>> = cfg
@@ -105,20 +116,32 @@ impl Policy {
                 let a = u32::from(a);
                 (0..=32u8).rev().find_map(|len| {
                     let k = (len, mask_u32(a, len).to_be_bytes());
-                    self.v4.get(&k).map(|m| (IpNet::new(IpAddr::from(k.1), len).expect("len <= 32"), *m))
+                    self.v4
+                        .get(&k)
+                        .map(|m| (IpNet::new(IpAddr::from(k.1), len).expect("len <= 32"), *m))
                 })
             }
             IpAddr::V6(a) => {
                 let a = u128::from(a);
                 (0..=128u8).rev().find_map(|len| {
                     let k = (len, mask_u128(a, len).to_be_bytes());
-                    self.v6.get(&k).map(|m| (IpNet::new(IpAddr::from(k.1), len).expect("len <= 128"), *m))
+                    self.v6
+                        .get(&k)
+                        .map(|m| (IpNet::new(IpAddr::from(k.1), len).expect("len <= 128"), *m))
                 })
             }
         };
         match hit {
-            Some((prefix, m)) => Lookup::Judged { guard, allowed: (m.allow >> guard) & 1 == 1, prefix: Some(prefix) },
-            None => Lookup::Judged { guard, allowed: false, prefix: None },
+            Some((prefix, m)) => Lookup::Judged {
+                guard,
+                allowed: (m.allow >> guard) & 1 == 1,
+                prefix: Some(prefix),
+            },
+            None => Lookup::Judged {
+                guard,
+                allowed: false,
+                prefix: None,
+            },
         }
     }
 
@@ -144,11 +167,19 @@ pub fn model_allows(guard: &Guard, addr: IpAddr) -> (bool, Option<IpNet>) {
 }
 
 fn mask_u32(a: u32, len: u8) -> u32 {
-    if len == 0 { 0 } else { a & (u32::MAX << (32 - u32::from(len))) }
+    if len == 0 {
+        0
+    } else {
+        a & (u32::MAX << (32 - u32::from(len)))
+    }
 }
 
 fn mask_u128(a: u128, len: u8) -> u128 {
-    if len == 0 { 0 } else { a & (u128::MAX << (128 - u32::from(len))) }
+    if len == 0 {
+        0
+    } else {
+        a & (u128::MAX << (128 - u32::from(len)))
+    }
 }
 
 /// For every prefix any guard names, the mask of guards whose longest entry
@@ -166,7 +197,14 @@ fn compile_family<A: Copy + Eq + Hash + Ord>(
     if let [only] = with_entries[..] {
         return guards[only]
             .iter()
-            .map(|&(len, addr, act)| ((len, addr), AllowMask { allow: if act == Action::Allow { 1 << only } else { 0 } }))
+            .map(|&(len, addr, act)| {
+                (
+                    (len, addr),
+                    AllowMask {
+                        allow: if act == Action::Allow { 1 << only } else { 0 },
+                    },
+                )
+            })
             .collect();
     }
     // Per guard: its entries by (length, network), and its lengths, longest first.

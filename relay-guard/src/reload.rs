@@ -26,7 +26,11 @@ fn dirs_of(files: &[PathBuf]) -> BTreeSet<PathBuf> {
     let mut dirs = BTreeSet::new();
     for f in files {
         if let Some(d) = f.parent() {
-            dirs.insert(if d.as_os_str().is_empty() { PathBuf::from(".") } else { d.to_path_buf() });
+            dirs.insert(if d.as_os_str().is_empty() {
+                PathBuf::from(".")
+            } else {
+                d.to_path_buf()
+            });
         }
         if let Ok(real) = std::fs::canonicalize(f)
             && let Some(d) = real.parent()
@@ -64,7 +68,11 @@ impl FileWatch {
                 None
             }
         };
-        FileWatch { _watcher: watcher, events, dirs }
+        FileWatch {
+            _watcher: watcher,
+            events,
+            dirs,
+        }
     }
 
     /// Whether the watched directories for `files` differ from these.
@@ -101,12 +109,17 @@ mod tests {
         std::fs::write(dir.join("a.txt"), "192.0.2.0/24\n").expect("write");
         std::fs::write(dir.join("b.txt"), "198.51.100.7 ; x\n").expect("write");
         let config = dir.join("relay-guard.toml");
-        let text = "interfaces = [\"eth0\"]\n[[guard]]\nports = [25]\nallow_files = [\"a.txt\"]\ndeny_files = [\"b.txt\"]\n";
+        let text =
+            "interfaces = [\"eth0\"]\n[[guard]]\nports = [25]\nallow_files = [\"a.txt\"]\ndeny_files = [\"b.txt\"]\n";
         std::fs::write(&config, text).expect("write");
         let cfg = crate::config::Config::load(&config).expect("valid");
         assert_eq!(cfg.fingerprint, fingerprint(&config, &cfg.list_files));
         std::fs::write(dir.join("b.txt"), "198.51.100.8\n").expect("write");
-        assert_ne!(cfg.fingerprint, fingerprint(&config, &cfg.list_files), "a changed list file must change it");
+        assert_ne!(
+            cfg.fingerprint,
+            fingerprint(&config, &cfg.list_files),
+            "a changed list file must change it"
+        );
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

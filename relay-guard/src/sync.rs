@@ -57,7 +57,11 @@ fn run(maps: &mut Maps, policy: &Policy, write: bool) -> Result<SyncStats, SyncE
     // ---- IPv4 tables, computed against the kernel's mask palette ----
     let mut kernel_masks = Vec::with_capacity(MAX_MASKS as usize);
     for i in 0..MAX_MASKS {
-        kernel_masks.push(maps.masks.get(&i, 0).map_err(merr("read", maps::MASKS, format!("index {i}")))?);
+        kernel_masks.push(
+            maps.masks
+                .get(&i, 0)
+                .map_err(merr("read", maps::MASKS, format!("index {i}")))?,
+        );
     }
     let mut palette = Palette::from_kernel(kernel_masks.clone());
     let tables = V4Tables::build(&policy.v4, &mut palette).map_err(|e| SyncError::Capacity { what: e.to_string() })?;
@@ -73,7 +77,9 @@ fn run(maps: &mut Maps, policy: &Policy, write: bool) -> Result<SyncStats, SyncE
             st.written += 1;
             if write {
                 let i = u32::try_from(i).expect("< MAX_MASKS");
-                maps.masks.set(i, new, 0).map_err(merr("write", maps::MASKS, format!("index {i}")))?;
+                maps.masks
+                    .set(i, new, 0)
+                    .map_err(merr("write", maps::MASKS, format!("index {i}")))?;
             }
         }
     }
@@ -87,7 +93,9 @@ fn run(maps: &mut Maps, policy: &Policy, write: bool) -> Result<SyncStats, SyncE
         }
         st.written += 1;
         if write {
-            maps.long24.insert(block, *hosts, 0).map_err(merr("write", maps::LONG24, block_name(block)))?;
+            maps.long24
+                .insert(block, *hosts, 0)
+                .map_err(merr("write", maps::LONG24, block_name(block)))?;
         }
     }
     // Phase 1c: the /24 table.
@@ -115,14 +123,19 @@ fn run(maps: &mut Maps, policy: &Policy, write: bool) -> Result<SyncStats, SyncE
         st.written += 1;
         if write {
             let what = format!("prefix {}/{len}", std::net::Ipv6Addr::from(addr));
-            maps.v6.insert(&Key::new(u32::from(len), addr), mask, 0).map_err(merr("write", maps::PREFIXES_V6, what))?;
+            maps.v6
+                .insert(&Key::new(u32::from(len), addr), mask, 0)
+                .map_err(merr("write", maps::PREFIXES_V6, what))?;
         }
     }
 
     // ---- Ports (with stable counter slots) and mode ----
     let mut have_ports: BTreeMap<u16, GuardedPort> = BTreeMap::new();
     for port in 0..PORT_SLOTS {
-        let gp = maps.ports.get(&port, 0).map_err(merr("read", maps::PORTS, format!("port {port}")))?;
+        let gp = maps
+            .ports
+            .get(&port, 0)
+            .map_err(merr("read", maps::PORTS, format!("port {port}")))?;
         if gp.active != 0 {
             have_ports.insert(u16::try_from(port).expect("< 65536"), gp);
         }
@@ -139,29 +152,40 @@ fn run(maps: &mut Maps, policy: &Policy, write: bool) -> Result<SyncStats, SyncE
                 let free = (1..u16::try_from(COUNTER_PORT_SLOTS).expect("fits"))
                     .find(|s| !used_slots.contains(s) && !have_ports.values().any(|gp| gp.slot == *s))
                     .or_else(|| (1..u16::try_from(COUNTER_PORT_SLOTS).expect("fits")).find(|s| !used_slots.contains(s)))
-                    .ok_or_else(|| SyncError::Capacity { what: format!("more than {} guarded ports", COUNTER_PORT_SLOTS - 1) })?;
+                    .ok_or_else(|| SyncError::Capacity {
+                        what: format!("more than {} guarded ports", COUNTER_PORT_SLOTS - 1),
+                    })?;
                 used_slots.insert(free);
                 if write {
-                    maps.zero_counters(|_, p| p == u32::from(free)).map_err(|e| SyncError::Capacity { what: e.to_string() })?;
+                    maps.zero_counters(|_, p| p == u32::from(free))
+                        .map_err(|e| SyncError::Capacity { what: e.to_string() })?;
                 }
                 free
             }
         };
-        let gp = GuardedPort { active: 1, guard: want.guard, slot };
+        let gp = GuardedPort {
+            active: 1,
+            guard: want.guard,
+            slot,
+        };
         if have_ports.get(&port) == Some(&gp) {
             st.unchanged += 1;
             continue;
         }
         st.written += 1;
         if write {
-            maps.ports.set(u32::from(port), gp, 0).map_err(merr("write", maps::PORTS, format!("port {port}")))?;
+            maps.ports
+                .set(u32::from(port), gp, 0)
+                .map_err(merr("write", maps::PORTS, format!("port {port}")))?;
         }
     }
     let mode = maps.settings.get(&0, 0).map_err(merr("read", maps::SETTINGS, "mode"))?;
     if mode.mode != policy.mode {
         st.written += 1;
         if write {
-            maps.settings.set(0, Settings { mode: policy.mode }, 0).map_err(merr("write", maps::SETTINGS, "mode"))?;
+            maps.settings
+                .set(0, Settings { mode: policy.mode }, 0)
+                .map_err(merr("write", maps::SETTINGS, "mode"))?;
         }
     }
 
@@ -169,20 +193,26 @@ fn run(maps: &mut Maps, policy: &Policy, write: bool) -> Result<SyncStats, SyncE
     for &port in have_ports.keys().filter(|p| !policy.ports.contains_key(p)) {
         st.removed += 1;
         if write {
-            maps.ports.set(u32::from(port), GuardedPort::default(), 0).map_err(merr("clear", maps::PORTS, format!("port {port}")))?;
+            maps.ports
+                .set(u32::from(port), GuardedPort::default(), 0)
+                .map_err(merr("clear", maps::PORTS, format!("port {port}")))?;
         }
     }
     for &block in have_long.iter().filter(|b| !tables.long.contains_key(b)) {
         st.removed += 1;
         if write {
-            maps.long24.remove(&block).map_err(merr("remove", maps::LONG24, block_name(block)))?;
+            maps.long24
+                .remove(&block)
+                .map_err(merr("remove", maps::LONG24, block_name(block)))?;
         }
     }
     for &(len, addr) in have_v6.keys().filter(|k| !policy.v6.contains_key(k)) {
         st.removed += 1;
         if write {
             let what = format!("prefix {}/{len}", std::net::Ipv6Addr::from(addr));
-            maps.v6.remove(&Key::new(u32::from(len), addr)).map_err(merr("remove", maps::PREFIXES_V6, what))?;
+            maps.v6
+                .remove(&Key::new(u32::from(len), addr))
+                .map_err(merr("remove", maps::PREFIXES_V6, what))?;
         }
     }
     for (i, &m) in palette.masks.iter().enumerate().skip(1) {
@@ -190,7 +220,9 @@ fn run(maps: &mut Maps, policy: &Policy, write: bool) -> Result<SyncStats, SyncE
             st.removed += 1;
             if write {
                 let i = u32::try_from(i).expect("< MAX_MASKS");
-                maps.masks.set(i, 0, 0).map_err(merr("clear", maps::MASKS, format!("index {i}")))?;
+                maps.masks
+                    .set(i, 0, 0)
+                    .map_err(merr("clear", maps::MASKS, format!("index {i}")))?;
             }
         }
     }

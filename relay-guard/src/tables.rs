@@ -134,7 +134,10 @@ impl V4Tables {
             prefixes.sort_unstable_by_key(|&(len, _, _)| len);
             let spec = LongSpec {
                 base: tbl24[block as usize],
-                prefixes: prefixes.into_iter().map(|(len, a, idx)| (len, (a & 0xff) as u8, idx)).collect(),
+                prefixes: prefixes
+                    .into_iter()
+                    .map(|(len, a, idx)| (len, (a & 0xff) as u8, idx))
+                    .collect(),
             };
             tbl24[block as usize] = LONG_BLOCK;
             long.insert(block, spec);
@@ -159,7 +162,10 @@ impl V4Tables {
         let a = u32::from_be_bytes(addr);
         let mut idx = self.tbl24[(a >> 8) as usize];
         if idx & LONG_BLOCK != 0 {
-            idx = self.long.get(&(a >> 8)).map_or(0, |spec| spec.hosts()[(a & 0xff) as usize]);
+            idx = self
+                .long
+                .get(&(a >> 8))
+                .map_or(0, |spec| spec.hosts()[(a & 0xff) as usize]);
         }
         palette.masks.get(usize::from(idx)).copied().unwrap_or(0)
     }
@@ -169,7 +175,11 @@ impl V4Tables {
 pub fn agrees(policy: &Policy, tables: &V4Tables, palette: &Palette, addr: [u8; 4]) -> bool {
     let want = (0..=32u8).rev().find_map(|len| {
         let a = u32::from_be_bytes(addr);
-        let m = if len == 0 { 0 } else { a & (u32::MAX << (32 - u32::from(len))) };
+        let m = if len == 0 {
+            0
+        } else {
+            a & (u32::MAX << (32 - u32::from(len)))
+        };
         policy.v4.get(&(len, m.to_be_bytes())).map(|m| m.allow)
     });
     want.unwrap_or(0) == tables.lookup(addr, palette)
@@ -191,7 +201,12 @@ mod tests {
 
     #[test]
     fn nested_prefixes_paint_longest_last() {
-        let p = policy(&[(24, [192, 0, 2, 0], 1), (25, [192, 0, 2, 128], 0), (32, [192, 0, 2, 129], 1), (8, [10, 0, 0, 0], 3)]);
+        let p = policy(&[
+            (24, [192, 0, 2, 0], 1),
+            (25, [192, 0, 2, 128], 0),
+            (32, [192, 0, 2, 129], 1),
+            (8, [10, 0, 0, 0], 3),
+        ]);
         let mut pal = Palette::new();
         let t = V4Tables::build(&p.v4, &mut pal).expect("fits");
         assert_eq!(t.lookup([192, 0, 2, 10], &pal), 1);

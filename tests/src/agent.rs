@@ -23,8 +23,16 @@ pub fn agent_bin() -> PathBuf {
         return PathBuf::from(p);
     }
     let exe = std::env::current_exe().expect("current exe");
-    let bin = exe.parent().and_then(|d| d.parent()).expect("target/<profile>/deps").join("relay-guard");
-    assert!(bin.is_file(), "agent binary {} not found: run `cargo xtask test` (or set RELAY_GUARD_BIN)", bin.display());
+    let bin = exe
+        .parent()
+        .and_then(|d| d.parent())
+        .expect("target/<profile>/deps")
+        .join("relay-guard");
+    assert!(
+        bin.is_file(),
+        "agent binary {} not found: run `cargo xtask test` (or set RELAY_GUARD_BIN)",
+        bin.display()
+    );
     bin
 }
 
@@ -96,7 +104,13 @@ impl Agent {
 
     /// As [`Agent::start_wrapped`], running `program` (an installed
     /// `relay-guard`, say) instead of [`agent_bin`].
-    pub fn start_program(ns: &NetNs, program: &std::path::Path, config: PathBuf, dir: &TempDir, wrapper: &[&str]) -> Agent {
+    pub fn start_program(
+        ns: &NetNs,
+        program: &std::path::Path,
+        config: PathBuf,
+        dir: &TempDir,
+        wrapper: &[&str],
+    ) -> Agent {
         let mut a = Agent::spawn_program(ns, program, config, dir, wrapper, &["run"]);
         a.wait_ready(ns);
         a
@@ -126,7 +140,12 @@ impl Agent {
             .stderr(out)
             .spawn()
             .expect("spawn nsenter relay-guard");
-        Agent { child: Some(child), ns_path: ns.path(), log, config }
+        Agent {
+            child: Some(child),
+            ns_path: ns.path(),
+            log,
+            config,
+        }
     }
 
     pub fn log_text(&self) -> String {
@@ -143,7 +162,11 @@ impl Agent {
             if http_get(ns, addr, "/metrics").is_some() {
                 return;
             }
-            assert!(Instant::now() < deadline, "agent not ready after 30 s:\n{}", self.log_text());
+            assert!(
+                Instant::now() < deadline,
+                "agent not ready after 30 s:\n{}",
+                self.log_text()
+            );
             std::thread::sleep(Duration::from_millis(100));
         }
     }
@@ -210,7 +233,12 @@ impl DetachOnDrop {
 
 /// `relay-guard --config CONFIG ARGS…` outside any namespace; (status, stdout+stderr).
 pub fn cli(config: &std::path::Path, args: &[&str]) -> (ExitStatus, String) {
-    let out = Command::new(agent_bin()).arg("--config").arg(config).args(args).output().expect("run relay-guard");
+    let out = Command::new(agent_bin())
+        .arg("--config")
+        .arg(config)
+        .args(args)
+        .output()
+        .expect("run relay-guard");
     let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
     text.push_str(&String::from_utf8_lossy(&out.stderr));
     (out.status, text)

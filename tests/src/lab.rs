@@ -36,8 +36,20 @@ impl Lab {
         let server_if = unique("rs");
         let client_if = unique("rc");
         server.ip(&[
-            "link", "add", &server_if, "address", SERVER_MAC, "type", "veth", "peer", "name", &client_if, "address",
-            CLIENT_MAC, "netns", &client.name,
+            "link",
+            "add",
+            &server_if,
+            "address",
+            SERVER_MAC,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &client_if,
+            "address",
+            CLIENT_MAC,
+            "netns",
+            &client.name,
         ]);
         server.ip(&["addr", "add", "203.0.113.1/24", "dev", &server_if]);
         server.ip(&["addr", "add", "2001:db8:1::1/64", "dev", &server_if, "nodad"]);
@@ -53,12 +65,37 @@ impl Lab {
             server.ip(&["route", "add", net, "dev", &server_if]);
         }
         for src in SOURCES.iter().chain(&["203.0.113.2", "2001:db8:1::2"]) {
-            server.ip(&["neigh", "replace", src, "lladdr", CLIENT_MAC, "dev", &server_if, "nud", "permanent"]);
+            server.ip(&[
+                "neigh",
+                "replace",
+                src,
+                "lladdr",
+                CLIENT_MAC,
+                "dev",
+                &server_if,
+                "nud",
+                "permanent",
+            ]);
         }
         for dst in [SERVER_V4, SERVER_V6] {
-            client.ip(&["neigh", "replace", dst, "lladdr", SERVER_MAC, "dev", &client_if, "nud", "permanent"]);
+            client.ip(&[
+                "neigh",
+                "replace",
+                dst,
+                "lladdr",
+                SERVER_MAC,
+                "dev",
+                &client_if,
+                "nud",
+                "permanent",
+            ]);
         }
-        Lab { server_if, client_if, client, server }
+        Lab {
+            server_if,
+            client_if,
+            client,
+            server,
+        }
     }
 
     /// The server address of `src`'s family.

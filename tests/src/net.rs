@@ -58,7 +58,11 @@ impl BannerServer {
                 }
             }));
         }
-        BannerServer { stop, threads, accepted }
+        BannerServer {
+            stop,
+            threads,
+            accepted,
+        }
     }
 }
 
@@ -104,7 +108,10 @@ pub fn http_get(ns: &NetNs, addr: SocketAddr, path: &str) -> Option<String> {
         let mut out = String::new();
         s.read_to_string(&mut out).ok()?;
         let (head, body) = out.split_once("\r\n\r\n")?;
-        head.split_whitespace().nth(1).is_some_and(|c| c == "200").then(|| body.to_string())
+        head.split_whitespace()
+            .nth(1)
+            .is_some_and(|c| c == "200")
+            .then(|| body.to_string())
     })
 }
 
@@ -123,7 +130,10 @@ pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
         } else {
             continue;
         };
-        if labels.iter().all(|(k, v)| label_part.split(',').any(|kv| kv == format!("{k}=\"{v}\""))) {
+        if labels
+            .iter()
+            .all(|(k, v)| label_part.split(',').any(|kv| kv == format!("{k}=\"{v}\"")))
+        {
             sum += value.trim().parse::<f64>().unwrap_or(0.0);
         }
     }
@@ -140,7 +150,8 @@ pub struct SentCounters<'a> {
 impl<'a> SentCounters<'a> {
     pub fn install(ns: &'a NetNs, sources: &[&str], ports: &[u16]) -> SentCounters<'a> {
         let table = "rgtest".to_string();
-        let mut rules = format!("table inet {table} {{\n chain out {{\n  type filter hook output priority 0; policy accept;\n");
+        let mut rules =
+            format!("table inet {table} {{\n chain out {{\n  type filter hook output priority 0; policy accept;\n");
         for src in sources {
             let fam = if src.contains(':') { "ip6" } else { "ip" };
             for port in ports {

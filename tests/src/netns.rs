@@ -12,12 +12,19 @@ static SEQ: AtomicU32 = AtomicU32::new(0);
 
 /// A unique short name: `<prefix><pid>-<n>` (fits interface names too).
 pub fn unique(prefix: &str) -> String {
-    format!("{prefix}{}-{}", std::process::id() % 100_000, SEQ.fetch_add(1, Ordering::Relaxed))
+    format!(
+        "{prefix}{}-{}",
+        std::process::id() % 100_000,
+        SEQ.fetch_add(1, Ordering::Relaxed)
+    )
 }
 
 /// Runs a command; panics with its output when it fails.
 pub fn sh(args: &[&str]) -> String {
-    let out = Command::new(args[0]).args(&args[1..]).output().unwrap_or_else(|e| panic!("failed to run {args:?}: {e}"));
+    let out = Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .unwrap_or_else(|e| panic!("failed to run {args:?}: {e}"));
     assert!(
         out.status.success(),
         "{args:?} failed: {}\n{}{}",
@@ -48,7 +55,10 @@ impl NetNs {
     /// A handle to the same namespace for another thread; dropping it does
     /// not delete the namespace.
     pub fn borrow(other: &NetNs) -> NetNs {
-        NetNs { name: other.name.clone(), owned: false }
+        NetNs {
+            name: other.name.clone(),
+            owned: false,
+        }
     }
 
     /// `ip -n NAME ARGS…`

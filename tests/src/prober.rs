@@ -43,7 +43,12 @@ impl Prober {
         let errors = Arc::new(std::sync::Mutex::new(Vec::new()));
         let mut threads = Vec::new();
         for (src, is_allowed) in [(allowed, true), (denied, false)] {
-            let (stop, tally, errors, ns) = (Arc::clone(&stop), Arc::clone(&tally), Arc::clone(&errors), NetNs::borrow(client));
+            let (stop, tally, errors, ns) = (
+                Arc::clone(&stop),
+                Arc::clone(&tally),
+                Arc::clone(&errors),
+                NetNs::borrow(client),
+            );
             threads.push(std::thread::spawn(move || {
                 for _ in 0..10_000 {
                     if stop.load(Ordering::Relaxed) {
@@ -61,7 +66,10 @@ impl Prober {
                         }
                         (false, Ok(_)) => {
                             tally.denied_admitted.fetch_add(1, Ordering::Relaxed);
-                            errors.lock().expect("not poisoned").push(format!("denied {src} admitted"));
+                            errors
+                                .lock()
+                                .expect("not poisoned")
+                                .push(format!("denied {src} admitted"));
                         }
                         (false, Err(_)) => {
                             tally.denied_blocked.fetch_add(1, Ordering::Relaxed);
@@ -71,13 +79,25 @@ impl Prober {
                 }
             }));
         }
-        Prober { stop, threads, tally, errors }
+        Prober {
+            stop,
+            threads,
+            tally,
+            errors,
+        }
     }
 
     /// Stops and joins the threads; returns the tally and the first errors.
     pub fn finish(mut self) -> (Arc<Tally>, Vec<String>) {
         self.halt();
-        let errors = self.errors.lock().expect("not poisoned").iter().take(20).cloned().collect();
+        let errors = self
+            .errors
+            .lock()
+            .expect("not poisoned")
+            .iter()
+            .take(20)
+            .cloned()
+            .collect();
         (Arc::clone(&self.tally), errors)
     }
 

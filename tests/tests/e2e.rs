@@ -27,7 +27,10 @@ const DENIED_TIMEOUT: Duration = Duration::from_millis(1200);
 fn write_config(lab: &Lab, dir: &TempDir, mode: &str, xdp_mode: &str) -> (PathBuf, DetachOnDrop) {
     // The relay guard reads its allowlist from a file, Spamhaus-style comments
     // included; the submission guard lists its prefixes inline.
-    dir.write("relay-allow.txt", "# peers\n192.0.2.10 ; office relay\n2001:db8:a::/48\n\n");
+    dir.write(
+        "relay-allow.txt",
+        "# peers\n192.0.2.10 ; office relay\n2001:db8:a::/48\n\n",
+    );
     let pin_dir = PathBuf::from(format!("/sys/fs/bpf/{}", unique("rg-test-")));
     let config = dir.write(
         "relay-guard.toml",
@@ -69,7 +72,12 @@ fn guard_of(port: u16) -> &'static str {
 }
 
 fn scrape(lab: &Lab) -> String {
-    http_get(&lab.server, METRICS.parse::<SocketAddr>().expect("constant"), "/metrics").expect("metrics endpoint answers")
+    http_get(
+        &lab.server,
+        METRICS.parse::<SocketAddr>().expect("constant"),
+        "/metrics",
+    )
+    .expect("metrics endpoint answers")
 }
 
 /// Waits until every (source, port) count in /metrics equals what nftables
@@ -93,7 +101,10 @@ fn assert_counts_match(lab: &Lab, sent: &SentCounters<'_>, verdict_of: impl Fn(&
                 let got = metric(&text, "relay_guard_packets_total", &labels);
                 #[expect(clippy::cast_precision_loss, reason = "test counts are small")]
                 if got != want as f64 {
-                    mismatches.push(format!("{src} -> :{port} {}: sent {want}, counted {got}", verdict_of(src)));
+                    mismatches.push(format!(
+                        "{src} -> :{port} {}: sent {want}, counted {got}",
+                        verdict_of(src)
+                    ));
                 }
                 assert!(want > 0, "the test sent nothing from {src} to :{port}");
             }
@@ -106,7 +117,11 @@ fn assert_counts_match(lab: &Lab, sent: &SentCounters<'_>, verdict_of: impl Fn(&
             );
             return;
         }
-        assert!(Instant::now() < deadline, "counters do not match what was sent:\n{}\n{text}", mismatches.join("\n"));
+        assert!(
+            Instant::now() < deadline,
+            "counters do not match what was sent:\n{}\n{text}",
+            mismatches.join("\n")
+        );
         std::thread::sleep(Duration::from_millis(200));
     }
 }
@@ -129,12 +144,17 @@ fn enforce(xdp_mode: &str, test: &str) {
         for port in GUARDED {
             let r = connect_banner(&lab.client, ip(src), dst, port, DENIED_TIMEOUT);
             if allowed {
-                let banner = r.unwrap_or_else(|e| panic!("allowed {src} -> {dst}:{port} failed: {e}\n{}", agent.log_text()));
+                let banner =
+                    r.unwrap_or_else(|e| panic!("allowed {src} -> {dst}:{port} failed: {e}\n{}", agent.log_text()));
                 assert_eq!(banner, BANNER, "allowed {src} -> :{port} read a wrong banner");
                 admitted += 1;
             } else {
                 let e = r.expect_err(&format!("denied {src} -> {dst}:{port} connected"));
-                assert_eq!(e.kind(), std::io::ErrorKind::TimedOut, "denied {src} -> :{port}: want a timeout (dropped SYN), got {e}");
+                assert_eq!(
+                    e.kind(),
+                    std::io::ErrorKind::TimedOut,
+                    "denied {src} -> :{port}: want a timeout (dropped SYN), got {e}"
+                );
             }
         }
         let banner = connect_banner(&lab.client, ip(src), dst, OPEN, Duration::from_secs(3))
@@ -142,29 +162,90 @@ fn enforce(xdp_mode: &str, test: &str) {
         assert_eq!(banner, BANNER);
         admitted += 1;
     }
-    assert_eq!(server.accepted.load(Ordering::Relaxed), admitted, "the server accepted a connection it should not have");
-    assert_counts_match(&lab, &sent, |src| if src == DENIED_V4 || src == DENIED_V6 { "dropped" } else { "passed" });
+    assert_eq!(
+        server.accepted.load(Ordering::Relaxed),
+        admitted,
+        "the server accepted a connection it should not have"
+    );
+    assert_counts_match(&lab, &sent, |src| {
+        if src == DENIED_V4 || src == DENIED_V6 {
+            "dropped"
+        } else {
+            "passed"
+        }
+    });
 
     let text = scrape(&lab);
-    assert_eq!(metric(&text, "relay_guard_build_info", &[("version", env!("CARGO_PKG_VERSION"))]), 1.0, "{text}");
-    assert_eq!(metric(&text, "relay_guard_allowlist_prefixes", &[("guard", "relay"), ("family", "ipv4")]), 1.0, "{text}");
+    assert_eq!(
+        metric(
+            &text,
+            "relay_guard_build_info",
+            &[("version", env!("CARGO_PKG_VERSION"))]
+        ),
+        1.0,
+        "{text}"
+    );
+    assert_eq!(
+        metric(
+            &text,
+            "relay_guard_allowlist_prefixes",
+            &[("guard", "relay"), ("family", "ipv4")]
+        ),
+        1.0,
+        "{text}"
+    );
     let log = agent.log_text();
-    assert!(log.contains(&format!("mode=\"{}\"", if xdp_mode == "skb" { "skb" } else { "native" })), "{log}");
+    assert!(
+        log.contains(&format!(
+            "mode=\"{}\"",
+            if xdp_mode == "skb" { "skb" } else { "native" }
+        )),
+        "{log}"
+    );
     let status = agent.stop();
-    assert!(status.success(), "agent did not exit cleanly on SIGTERM: {status}\n{}", agent.log_text());
+    assert!(
+        status.success(),
+        "agent did not exit cleanly on SIGTERM: {status}\n{}",
+        agent.log_text()
+    );
 
     // The filter outlives the agent: the relay does not reopen.
-    let r = connect_banner(&lab.client, ip(DENIED_V4), ip(relay_guard_tests::lab::SERVER_V4), 25, DENIED_TIMEOUT);
-    assert!(r.is_err(), "a denied source connected after the agent exited: the filter must stay attached");
-    assert!(lab.server.ip(&["link", "show", "dev", &lab.server_if]).contains(" xdp"), "XDP gone after agent exit");
+    let r = connect_banner(
+        &lab.client,
+        ip(DENIED_V4),
+        ip(relay_guard_tests::lab::SERVER_V4),
+        25,
+        DENIED_TIMEOUT,
+    );
+    assert!(
+        r.is_err(),
+        "a denied source connected after the agent exited: the filter must stay attached"
+    );
+    assert!(
+        lab.server.ip(&["link", "show", "dev", &lab.server_if]).contains(" xdp"),
+        "XDP gone after agent exit"
+    );
 
     // `detach` removes program, link and pins; the port opens again.
     let (status, out) = cli(&config, &["detach"]);
     assert!(status.success(), "detach failed: {out}");
-    assert!(!detach.pin_dir.exists(), "detach left {} behind", detach.pin_dir.display());
-    assert!(!lab.server.ip(&["link", "show", "dev", &lab.server_if]).contains(" xdp"), "XDP still attached after detach");
-    let banner = connect_banner(&lab.client, ip(DENIED_V4), ip(relay_guard_tests::lab::SERVER_V4), 25, Duration::from_secs(3))
-        .expect("after detach every source connects");
+    assert!(
+        !detach.pin_dir.exists(),
+        "detach left {} behind",
+        detach.pin_dir.display()
+    );
+    assert!(
+        !lab.server.ip(&["link", "show", "dev", &lab.server_if]).contains(" xdp"),
+        "XDP still attached after detach"
+    );
+    let banner = connect_banner(
+        &lab.client,
+        ip(DENIED_V4),
+        ip(relay_guard_tests::lab::SERVER_V4),
+        25,
+        Duration::from_secs(3),
+    )
+    .expect("after detach every source connects");
     assert_eq!(banner, BANNER);
 }
 
@@ -191,10 +272,22 @@ fn monitor_mode_passes_everything_and_counts_would_drop() {
     let _agent = Agent::start(&lab.server, config, &dir);
     for src in SOURCES {
         for port in GUARDED {
-            let banner = connect_banner(&lab.client, ip(src), Lab::server_addr_for(src), port, Duration::from_secs(3))
-                .unwrap_or_else(|e| panic!("monitor mode: {src} -> :{port} failed: {e}"));
+            let banner = connect_banner(
+                &lab.client,
+                ip(src),
+                Lab::server_addr_for(src),
+                port,
+                Duration::from_secs(3),
+            )
+            .unwrap_or_else(|e| panic!("monitor mode: {src} -> :{port} failed: {e}"));
             assert_eq!(banner, BANNER);
         }
     }
-    assert_counts_match(&lab, &sent, |src| if src == DENIED_V4 || src == DENIED_V6 { "would_drop" } else { "passed" });
+    assert_counts_match(&lab, &sent, |src| {
+        if src == DENIED_V4 || src == DENIED_V6 {
+            "would_drop"
+        } else {
+            "passed"
+        }
+    });
 }

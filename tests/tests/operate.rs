@@ -57,7 +57,12 @@ fn replace(path: &Path, text: &str) {
 }
 
 fn scrape(lab: &Lab) -> String {
-    http_get(&lab.server, METRICS.parse::<SocketAddr>().expect("constant"), "/metrics").expect("metrics answer")
+    http_get(
+        &lab.server,
+        METRICS.parse::<SocketAddr>().expect("constant"),
+        "/metrics",
+    )
+    .expect("metrics answer")
 }
 
 /// Polls /metrics until `metric(name) >= want` (bounded), returning the text.
@@ -76,7 +81,13 @@ fn wait_metric(lab: &Lab, name: &str, want: f64) -> String {
 fn assert_gate(lab: &Lab, what: &str) {
     let ok = connect_banner(&lab.client, ip(ALLOWED_V4), ip(SERVER_V4), 25, ALLOWED_TIMEOUT);
     assert!(ok.is_ok(), "{what}: allowed source failed: {ok:?}");
-    let denied = connect_banner(&lab.client, ip(DENIED_V4), ip(SERVER_V4), 25, Duration::from_millis(400));
+    let denied = connect_banner(
+        &lab.client,
+        ip(DENIED_V4),
+        ip(SERVER_V4),
+        25,
+        Duration::from_millis(400),
+    );
     assert!(denied.is_err(), "{what}: denied source got through");
 }
 
@@ -100,7 +111,11 @@ fn restarts_without_a_gap_and_with_counters_kept() {
     let mut second = Agent::spawn(&lab.server, config.clone(), &dir, &["run"]);
     let status = second.wait(Duration::from_secs(10));
     assert!(!status.success(), "a second agent on one pin_dir must refuse");
-    assert!(second.log_text().contains("another relay-guard agent"), "{}", second.log_text());
+    assert!(
+        second.log_text().contains("another relay-guard agent"),
+        "{}",
+        second.log_text()
+    );
 
     let prober = Prober::start(&lab.client, ip(ALLOWED_V4), ip(DENIED_V4), ip(SERVER_V4), 25);
     for i in 0..20 {
@@ -115,18 +130,36 @@ fn restarts_without_a_gap_and_with_counters_kept() {
         // While no agent runs, the pinned filter keeps guarding.
         std::thread::sleep(Duration::from_millis(100));
         a = Agent::start(&lab.server, config.clone(), &dir);
-        assert!(a.log_text().contains("adopted pinned maps"), "restart {i} did not adopt:\n{}", a.log_text());
+        assert!(
+            a.log_text().contains("adopted pinned maps"),
+            "restart {i} did not adopt:\n{}",
+            a.log_text()
+        );
     }
     std::thread::sleep(Duration::from_millis(300));
     let (tally, errors) = prober.finish();
-    let (ok, failed) = (tally.allowed_ok.load(Ordering::Relaxed), tally.allowed_failed.load(Ordering::Relaxed));
-    let (blocked, admitted) = (tally.denied_blocked.load(Ordering::Relaxed), tally.denied_admitted.load(Ordering::Relaxed));
-    println!("20 restarts (10 SIGKILL): allowed {ok} ok / {failed} failed; denied {blocked} blocked / {admitted} admitted");
-    assert!(ok > 20 && blocked > 20, "the prober ran too little: {ok} allowed, {blocked} denied");
+    let (ok, failed) = (
+        tally.allowed_ok.load(Ordering::Relaxed),
+        tally.allowed_failed.load(Ordering::Relaxed),
+    );
+    let (blocked, admitted) = (
+        tally.denied_blocked.load(Ordering::Relaxed),
+        tally.denied_admitted.load(Ordering::Relaxed),
+    );
+    println!(
+        "20 restarts (10 SIGKILL): allowed {ok} ok / {failed} failed; denied {blocked} blocked / {admitted} admitted"
+    );
+    assert!(
+        ok > 20 && blocked > 20,
+        "the prober ran too little: {ok} allowed, {blocked} denied"
+    );
     assert_eq!((failed, admitted), (0, 0), "gap during restarts: {errors:?}");
     // Counters survived every restart (maps adopted, never recreated).
     let dropped_after = metric(&scrape(&lab), "relay_guard_packets_total", &[("verdict", "dropped")]);
-    assert!(dropped_after >= dropped_before + blocked as f64, "counters were reset: {dropped_before} -> {dropped_after}");
+    assert!(
+        dropped_after >= dropped_before + blocked as f64,
+        "counters were reset: {dropped_before} -> {dropped_after}"
+    );
 }
 
 #[test]
@@ -138,7 +171,9 @@ fn reload_under_traffic_has_no_gap_and_touches_only_changed_entries() {
     let dir = TempDir::new();
     let _server = BannerServer::start(&lab.server, &[25]);
     // A large list: 10,000 /32s in 10.x (never used as sources) plus the one that matters.
-    let mut big: String = (0..10_000u32).map(|i| format!("10.{}.{}.{} ; filler\n", i >> 16 & 255, i >> 8 & 255, i & 255)).collect();
+    let mut big: String = (0..10_000u32)
+        .map(|i| format!("10.{}.{}.{} ; filler\n", i >> 16 & 255, i >> 8 & 255, i & 255))
+        .collect();
     big.push_str("192.0.2.10\n");
     let (config, _detach) = setup(&lab, &dir, &big);
     let mut agent = Agent::start(&lab.server, config.clone(), &dir);
@@ -151,11 +186,21 @@ fn reload_under_traffic_has_no_gap_and_touches_only_changed_entries() {
     let v6_probe = |what: &str, want_ok: bool| {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
-            let r = connect_banner(&lab.client, ip(ALLOWED_V6), "2001:db8:1::1".parse().expect("addr"), 25, ALLOWED_TIMEOUT);
+            let r = connect_banner(
+                &lab.client,
+                ip(ALLOWED_V6),
+                "2001:db8:1::1".parse().expect("addr"),
+                25,
+                ALLOWED_TIMEOUT,
+            );
             if r.is_ok() == want_ok {
                 return;
             }
-            assert!(Instant::now() < deadline, "{what}: {ALLOWED_V6} -> :25 gave {r:?}\n{}", agent.log_text());
+            assert!(
+                Instant::now() < deadline,
+                "{what}: {ALLOWED_V6} -> :25 gave {r:?}\n{}",
+                agent.log_text()
+            );
             std::thread::sleep(Duration::from_millis(200));
         }
     };
@@ -175,14 +220,27 @@ fn reload_under_traffic_has_no_gap_and_touches_only_changed_entries() {
         let m = wait_metric(&lab, "relay_guard_config_reloads_total", before + 1.0);
         // A write may fire the watcher as well as SIGHUP: let a second reload of the same content settle.
         std::thread::sleep(Duration::from_millis(400));
-        assert_eq!(metric(&m, "relay_guard_config_reload_failures_total", &[]), 0.0, "{}", agent.log_text());
+        assert_eq!(
+            metric(&m, "relay_guard_config_reload_failures_total", &[]),
+            0.0,
+            "{}",
+            agent.log_text()
+        );
         assert_eq!(metric(&m, "relay_guard_config_last_reload_successful", &[]), 1.0);
         v6_probe(&format!("after reload {i}"), i % 2 == 1);
     }
     let (tally, errors) = prober.finish();
-    let (ok, failed) = (tally.allowed_ok.load(Ordering::Relaxed), tally.allowed_failed.load(Ordering::Relaxed));
-    let (blocked, admitted) = (tally.denied_blocked.load(Ordering::Relaxed), tally.denied_admitted.load(Ordering::Relaxed));
-    println!("6 reloads of a 10,001-entry list: allowed {ok} ok / {failed} failed; denied {blocked} blocked / {admitted} admitted");
+    let (ok, failed) = (
+        tally.allowed_ok.load(Ordering::Relaxed),
+        tally.allowed_failed.load(Ordering::Relaxed),
+    );
+    let (blocked, admitted) = (
+        tally.denied_blocked.load(Ordering::Relaxed),
+        tally.denied_admitted.load(Ordering::Relaxed),
+    );
+    println!(
+        "6 reloads of a 10,001-entry list: allowed {ok} ok / {failed} failed; denied {blocked} blocked / {admitted} admitted"
+    );
     assert!(ok > 5 && blocked > 5, "the prober ran too little");
     assert_eq!((failed, admitted), (0, 0), "gap during reloads: {errors:?}");
 
@@ -197,7 +255,12 @@ fn reload_under_traffic_has_no_gap_and_touches_only_changed_entries() {
     let deadline = Instant::now() + Duration::from_secs(10);
     let (written, removed) = loop {
         let log = agent.log_text();
-        let last = log.lines().rev().find(|l| l.contains("config reloaded")).unwrap_or("").to_string();
+        let last = log
+            .lines()
+            .rev()
+            .find(|l| l.contains("config reloaded"))
+            .unwrap_or("")
+            .to_string();
         let field = |name: &str| {
             last.split_whitespace()
                 .find_map(|w| w.strip_prefix(&format!("{name}=")))
@@ -212,7 +275,11 @@ fn reload_under_traffic_has_no_gap_and_touches_only_changed_entries() {
         std::thread::sleep(Duration::from_millis(100));
     };
     println!("one-line change to a 10,001-entry list: {written} kernel entries written, {removed} removed");
-    assert!((1..=3).contains(&written) && removed == 0, "a one-line change touched {written} written / {removed} removed entries:\n{}", agent.log_text());
+    assert!(
+        (1..=3).contains(&written) && removed == 0,
+        "a one-line change touched {written} written / {removed} removed entries:\n{}",
+        agent.log_text()
+    );
     let status = agent.stop();
     assert!(status.success());
 }
@@ -254,9 +321,24 @@ fn invalid_reloads_change_nothing_and_are_reported() {
     let dup_port = format!("{good}\n[[guard]]\nname = \"again\"\nports = [25]\nallow = [\"203.0.113.0/24\"]\n");
     let missing = good.replace("relay-allow.txt", "gone.txt");
     let cases = [
-        ("bad CIDR", bad_cidr, false, "relay-guard.toml:10: guard `relay`: deny entry `192.0.2.300/25`"),
-        ("unknown key", unknown_key, true, "relay-guard.toml:5: unknown field `colour`"),
-        ("duplicate port", dup_port, false, "port `25` of guard `again` already belongs to guard `relay`"),
+        (
+            "bad CIDR",
+            bad_cidr,
+            false,
+            "relay-guard.toml:10: guard `relay`: deny entry `192.0.2.300/25`",
+        ),
+        (
+            "unknown key",
+            unknown_key,
+            true,
+            "relay-guard.toml:5: unknown field `colour`",
+        ),
+        (
+            "duplicate port",
+            dup_port,
+            false,
+            "port `25` of guard `again` already belongs to guard `relay`",
+        ),
         ("missing file", missing, true, "allow_files `gone.txt`: cannot read"),
     ];
     for (what, text, sighup, needle) in cases {
@@ -267,13 +349,23 @@ fn invalid_reloads_change_nothing_and_are_reported() {
         }
         // Every attempt counts: the file change and the SIGHUP may both be one.
         let m = wait_metric(&lab, "relay_guard_config_reload_failures_total", before + 1.0);
-        assert_eq!(metric(&m, "relay_guard_config_last_reload_successful", &[]), 0.0, "{what}");
+        assert_eq!(
+            metric(&m, "relay_guard_config_last_reload_successful", &[]),
+            0.0,
+            "{what}"
+        );
         let log = wait_log(&agent, needle);
-        assert!(log.contains(needle), "{what}: the log does not name the problem ({needle}):\n{log}");
+        assert!(
+            log.contains(needle),
+            "{what}: the log does not name the problem ({needle}):\n{log}"
+        );
         assert_gate(&lab, what);
         // The kernel still holds the last good policy.
         let (_, out) = cli(&config, &["explain", ALLOWED_V4, "25"]);
-        assert!(out.contains("kernel: port 25 -> guard") && out.contains("ALLOW") && out.contains("is invalid"), "{what}: {out}");
+        assert!(
+            out.contains("kernel: port 25 -> guard") && out.contains("ALLOW") && out.contains("is invalid"),
+            "{what}: {out}"
+        );
     }
     replace(&config, &good);
     let m = wait_metric(&lab, "relay_guard_config_last_reload_successful", 1.0);
@@ -292,7 +384,13 @@ fn operator_cli_reads_the_pinned_maps() {
     let (config, detach) = setup(&lab, &dir, "192.0.2.10\n2001:db8:a::/48\n");
     let mut agent = Agent::start(&lab.server, config.clone(), &dir);
     assert_gate(&lab, "start");
-    let _ = connect_banner(&lab.client, ip(DENIED_V6), "2001:db8:1::1".parse().expect("addr"), 25, Duration::from_millis(300));
+    let _ = connect_banner(
+        &lab.client,
+        ip(DENIED_V6),
+        "2001:db8:1::1".parse().expect("addr"),
+        25,
+        Duration::from_millis(300),
+    );
 
     // Metrics pass promtool.
     let text = scrape(&lab);
@@ -302,11 +400,19 @@ fn operator_cli_reads_the_pinned_maps() {
         .arg(format!("promtool check metrics < {}", file.display()))
         .output()
         .expect("promtool");
-    assert!(out.status.success(), "promtool check metrics failed:\n{}{}\n{text}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "promtool check metrics failed:\n{}{}\n{text}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
 
     // Rate-limited blocked-source events reach the log.
     let log = wait_log(&agent, "198.51.100.20 -> port 25");
-    assert!(log.contains("dropped 198.51.100.20 -> port 25"), "no blocked-source event in the log:\n{log}");
+    assert!(
+        log.contains("dropped 198.51.100.20 -> port 25"),
+        "no blocked-source event in the log:\n{log}"
+    );
 
     let status = agent.stop();
     assert!(status.success());
@@ -320,7 +426,13 @@ fn operator_cli_reads_the_pinned_maps() {
     assert_eq!(v["guarded_ports"][0], 25);
     assert_eq!(v["config_matches_kernel"], true);
     assert!(v["agent_pid"].is_null());
-    assert!(v["counters"].as_array().expect("array").iter().any(|c| c["verdict"] == "dropped" && c["packets"].as_u64() > Some(0)));
+    assert!(
+        v["counters"]
+            .as_array()
+            .expect("array")
+            .iter()
+            .any(|c| c["verdict"] == "dropped" && c["packets"].as_u64() > Some(0))
+    );
 
     let (st, out) = cli(&config, &["explain", DENIED_V4, "25"]);
     assert!(st.success(), "{out}");
@@ -344,20 +456,37 @@ fn operator_cli_reads_the_pinned_maps() {
     let (st, out) = cli(&config, &["top", "--json"]);
     assert!(st.success(), "{out}");
     let v: serde_json::Value = serde_json::from_str(&out).expect("JSON");
-    let sources: Vec<&str> = v.as_array().expect("array").iter().filter_map(|r| r["source"].as_str()).collect();
+    let sources: Vec<&str> = v
+        .as_array()
+        .expect("array")
+        .iter()
+        .filter_map(|r| r["source"].as_str())
+        .collect();
     assert!(sources.contains(&DENIED_V4) && sources.contains(&DENIED_V6), "{out}");
-    assert!(!sources.contains(&ALLOWED_V4), "an allowed source is listed as blocked: {out}");
+    assert!(
+        !sources.contains(&ALLOWED_V4),
+        "an allowed source is listed as blocked: {out}"
+    );
 
     // Detach leaves no program, link or pin behind.
     let link = lab.server.ip(&["-j", "link", "show", "dev", &lab.server_if]);
     let v: serde_json::Value = serde_json::from_str(&link).expect("ip -j");
-    let prog_id = v[0]["xdp"]["prog"]["id"].as_u64().expect("an XDP program is attached while detached agent is down");
+    let prog_id = v[0]["xdp"]["prog"]["id"]
+        .as_u64()
+        .expect("an XDP program is attached while detached agent is down");
     let (st, out) = cli(&config, &["detach"]);
     assert!(st.success(), "{out}");
     assert!(!detach.pin_dir.exists());
     assert!(!lab.server.ip(&["link", "show", "dev", &lab.server_if]).contains(" xdp"));
-    let shown = std::process::Command::new("bpftool").args(["prog", "show", "id", &prog_id.to_string()]).output().expect("bpftool");
-    assert!(!shown.status.success(), "program {prog_id} is still loaded after detach: {}", String::from_utf8_lossy(&shown.stdout));
+    let shown = std::process::Command::new("bpftool")
+        .args(["prog", "show", "id", &prog_id.to_string()])
+        .output()
+        .expect("bpftool");
+    assert!(
+        !shown.status.success(),
+        "program {prog_id} is still loaded after detach: {}",
+        String::from_utf8_lossy(&shown.stdout)
+    );
 }
 
 #[test]
@@ -374,10 +503,28 @@ fn state_of_another_layout_is_replaced_not_misread() {
     let old = detach.pin_dir.join("layout-0").join("maps");
     std::fs::create_dir_all(&old).expect("mkdir on bpffs");
     let old_map = old.join("RG_PORTS");
-    sh(&["bpftool", "map", "create", old_map.to_str().expect("utf-8"), "type", "array", "key", "4", "value", "8", "entries", "4", "name", "RG_PORTS"]);
+    sh(&[
+        "bpftool",
+        "map",
+        "create",
+        old_map.to_str().expect("utf-8"),
+        "type",
+        "array",
+        "key",
+        "4",
+        "value",
+        "8",
+        "entries",
+        "4",
+        "name",
+        "RG_PORTS",
+    ]);
     let agent = Agent::start(&lab.server, config, &dir);
     let log = agent.log_text();
-    assert!(log.contains("another layout"), "no log line about replacing the old layout:\n{log}");
+    assert!(
+        log.contains("another layout"),
+        "no log line about replacing the old layout:\n{log}"
+    );
     assert!(!detach.pin_dir.join("layout-0").exists(), "old layout left in place");
     assert_gate(&lab, "after replacing an old layout");
 }
@@ -409,7 +556,13 @@ fn kubernetes_configmap_symlink_swap_reloads() {
     let _detach = DetachOnDrop::new(config.clone(), pin_dir.clone());
     let _agent = Agent::start(&lab.server, config, &dir);
     let v6 = |want_ok: bool, what: &str| {
-        let r = connect_banner(&lab.client, ip(ALLOWED_V6), "2001:db8:1::1".parse().expect("addr"), 25, ALLOWED_TIMEOUT);
+        let r = connect_banner(
+            &lab.client,
+            ip(ALLOWED_V6),
+            "2001:db8:1::1".parse().expect("addr"),
+            25,
+            ALLOWED_TIMEOUT,
+        );
         assert_eq!(r.is_ok(), want_ok, "{what}: {r:?}");
     };
     v6(false, "before the swap");
@@ -448,23 +601,43 @@ fn reload_attaches_new_interfaces_and_detaches_removed_ones() {
 
     // An interface that does not exist: the reload fails, nothing changes.
     let before = metric(&scrape(&lab), "relay_guard_config_reload_failures_total", &[]);
-    let missing = good.replacen(&format!("[\"{}\"]", lab.server_if), &format!("[\"{}\", \"rg-nope0\"]", lab.server_if), 1);
+    let missing = good.replacen(
+        &format!("[\"{}\"]", lab.server_if),
+        &format!("[\"{}\", \"rg-nope0\"]", lab.server_if),
+        1,
+    );
     replace(&config, &missing);
     wait_metric(&lab, "relay_guard_config_reload_failures_total", before + 1.0);
-    assert!(wait_log(&agent, "rg-nope0").contains("interface `rg-nope0` does not exist"), "{}", agent.log_text());
+    assert!(
+        wait_log(&agent, "rg-nope0").contains("interface `rg-nope0` does not exist"),
+        "{}",
+        agent.log_text()
+    );
 
     // Adding `lo` attaches to it on reload; removing it detaches.
     let before = metric(&scrape(&lab), "relay_guard_config_reloads_total", &[]);
-    let with_lo = good.replacen(&format!("[\"{}\"]", lab.server_if), &format!("[\"{}\", \"lo\"]", lab.server_if), 1);
+    let with_lo = good.replacen(
+        &format!("[\"{}\"]", lab.server_if),
+        &format!("[\"{}\", \"lo\"]", lab.server_if),
+        1,
+    );
     replace(&config, &with_lo);
     wait_metric(&lab, "relay_guard_config_reloads_total", before + 1.0);
-    assert!(xdp_on_lo(), "lo not attached after a reload that added it:\n{}", agent.log_text());
+    assert!(
+        xdp_on_lo(),
+        "lo not attached after a reload that added it:\n{}",
+        agent.log_text()
+    );
     assert!(detach.pin_dir.join("layout-2").join("links").join("lo").exists() || xdp_on_lo());
     assert_gate(&lab, "with lo added");
 
     let before = metric(&scrape(&lab), "relay_guard_config_reloads_total", &[]);
     replace(&config, &good);
     wait_metric(&lab, "relay_guard_config_reloads_total", before + 1.0);
-    assert!(!xdp_on_lo(), "lo still attached after a reload that removed it:\n{}", agent.log_text());
+    assert!(
+        !xdp_on_lo(),
+        "lo still attached after a reload that removed it:\n{}",
+        agent.log_text()
+    );
     assert_gate(&lab, "with lo removed");
 }

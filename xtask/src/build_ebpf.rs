@@ -22,11 +22,17 @@ pub fn build(opts: &Options) -> anyhow::Result<PathBuf> {
         c.arg("--release");
     }
     toolchain::run(&mut c).context("building relay-guard (and its XDP program)")?;
-    let bin = workspace_root().join("target").join(if opts.release { "release" } else { "debug" }).join("relay-guard");
+    let bin = workspace_root()
+        .join("target")
+        .join(if opts.release { "release" } else { "debug" })
+        .join("relay-guard");
     println!("xtask: built {}", bin.display());
     Ok(bin)
 }
 
 pub fn workspace_root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask is in the workspace").to_path_buf()
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask is in the workspace")
+        .to_path_buf()
 }

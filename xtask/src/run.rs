@@ -67,7 +67,10 @@ fn example_config_for(interface: Option<String>) -> anyhow::Result<PathBuf> {
     let dest = root.join("target").join("relay-guard.run.toml");
     fs::create_dir_all(dest.parent().expect("has a parent"))?;
     fs::write(&dest, out.join("\n") + "\n").with_context(|| format!("failed to write {}", dest.display()))?;
-    println!("xtask: guarding interface {iface} with the example config (see {})", dest.display());
+    println!(
+        "xtask: guarding interface {iface} with the example config (see {})",
+        dest.display()
+    );
     Ok(dest)
 }
 

@@ -72,7 +72,14 @@ pub fn test(opts: &Options) -> anyhow::Result<()> {
 
     if !opts.privileged_only {
         let mut c = toolchain::cmd("cargo");
-        c.args(["test", "--workspace", "--exclude", "relay-guard-tests", "--exclude", "relay-guard-ebpf"]);
+        c.args([
+            "test",
+            "--workspace",
+            "--exclude",
+            "relay-guard-tests",
+            "--exclude",
+            "relay-guard-ebpf",
+        ]);
         if let Some(f) = &opts.filter {
             c.arg("--").arg(f);
         }
@@ -101,7 +108,10 @@ pub fn test(opts: &Options) -> anyhow::Result<()> {
     }
 
     println!();
-    println!("{} passed, {} failed, {} skipped", tally.passed, tally.failed, tally.ignored);
+    println!(
+        "{} passed, {} failed, {} skipped",
+        tally.passed, tally.failed, tally.ignored
+    );
     if !failures.is_empty() {
         bail!("failed: {}", failures.join(", "));
     }
@@ -124,7 +134,10 @@ fn ensure_tools() -> anyhow::Result<()> {
         return Ok(());
     }
     if !is_root() {
-        bail!("missing Debian packages {missing:?}; install them (apt-get install {})", missing.join(" "));
+        bail!(
+            "missing Debian packages {missing:?}; install them (apt-get install {})",
+            missing.join(" ")
+        );
     }
     if missing.contains(&"postfix") {
         // The tests use only the standalone smtp-sink and smtp-source; tell
@@ -156,7 +169,13 @@ fn on_path(tool: &str) -> bool {
 /// Builds the privileged test crate and returns its test executables.
 fn test_executables() -> anyhow::Result<Vec<String>> {
     let out = toolchain::cmd("cargo")
-        .args(["test", "--package", "relay-guard-tests", "--no-run", "--message-format=json"])
+        .args([
+            "test",
+            "--package",
+            "relay-guard-tests",
+            "--no-run",
+            "--message-format=json",
+        ])
         .stderr(Stdio::inherit())
         .output()
         .context("failed to build the privileged tests")?;
@@ -165,7 +184,9 @@ fn test_executables() -> anyhow::Result<Vec<String>> {
     }
     let mut exes = Vec::new();
     for line in String::from_utf8_lossy(&out.stdout).lines() {
-        let Ok(msg) = serde_json::from_str::<serde_json::Value>(line) else { continue };
+        let Ok(msg) = serde_json::from_str::<serde_json::Value>(line) else {
+            continue;
+        };
         if msg["reason"] == "compiler-artifact"
             && msg["profile"]["test"] == true
             && let Some(exe) = msg["executable"].as_str()
@@ -179,7 +200,10 @@ fn test_executables() -> anyhow::Result<Vec<String>> {
 /// Runs a libtest-based command, echoing its output and adding up its
 /// `test result:` lines. Returns whether it succeeded.
 fn run_counting(c: &mut Command, tally: &mut Tally) -> anyhow::Result<bool> {
-    let mut child = c.stdout(Stdio::piped()).spawn().with_context(|| format!("failed to start {c:?}"))?;
+    let mut child = c
+        .stdout(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("failed to start {c:?}"))?;
     let stdout = child.stdout.take().expect("piped");
     for line in BufReader::new(stdout).lines() {
         let line = line?;
@@ -208,20 +232,37 @@ fn run_counting(c: &mut Command, tally: &mut Tally) -> anyhow::Result<bool> {
 /// venv). Says what it installs; does nothing when they are there.
 fn ensure_deploy_tools() -> anyhow::Result<()> {
     if !on_path("cargo-deb") {
-        println!("xtask: installing cargo-deb {CARGO_DEB_VERSION} from crates.io (cargo install --locked), for the Debian package test");
-        toolchain::run(toolchain::cmd("cargo").args(["install", "cargo-deb", "--locked", "--version", CARGO_DEB_VERSION]))?;
+        println!(
+            "xtask: installing cargo-deb {CARGO_DEB_VERSION} from crates.io (cargo install --locked), for the Debian package test"
+        );
+        toolchain::run(toolchain::cmd("cargo").args([
+            "install",
+            "cargo-deb",
+            "--locked",
+            "--version",
+            CARGO_DEB_VERSION,
+        ]))?;
     }
     if on_path("kubernetes-validate") {
         return Ok(());
     }
     if !is_root() {
-        bail!("kubernetes-validate is missing; run `cargo xtask test` as root to install it, or `pip install kubernetes-validate`");
+        bail!(
+            "kubernetes-validate is missing; run `cargo xtask test` as root to install it, or `pip install kubernetes-validate`"
+        );
     }
     let venv = std::path::Path::new(KUBERNETES_VALIDATE_VENV);
     println!(
         "xtask: installing kubernetes-validate from PyPI into a venv at {KUBERNETES_VALIDATE_VENV}, linked as /usr/local/bin/kubernetes-validate, for the Kubernetes manifest test"
     );
-    let make_venv = || Command::new("/usr/bin/python3").arg("-m").arg("venv").arg(venv).output().is_ok_and(|o| o.status.success());
+    let make_venv = || {
+        Command::new("/usr/bin/python3")
+            .arg("-m")
+            .arg("venv")
+            .arg(venv)
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
     if !make_venv() {
         // Debian's python3 makes venvs only with python3-venv (ensurepip).
         let _ = std::fs::remove_dir_all(venv);

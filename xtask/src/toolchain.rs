@@ -18,9 +18,9 @@ pub const NIGHTLY: &str = "nightly";
 const BPF_LINKER_VERSION: &str = "^0.13";
 
 pub fn cargo_home() -> PathBuf {
-    env::var_os("CARGO_HOME").map(PathBuf::from).unwrap_or_else(|| {
-        PathBuf::from(env::var_os("HOME").unwrap_or_else(|| "/root".into())).join(".cargo")
-    })
+    env::var_os("CARGO_HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env::var_os("HOME").unwrap_or_else(|| "/root".into())).join(".cargo"))
 }
 
 /// PATH with `$CARGO_HOME/bin` first, for every child process.
@@ -76,7 +76,10 @@ pub fn ensure() -> anyhow::Result<()> {
 }
 
 fn bpf_linker_works() -> bool {
-    cmd("bpf-linker").arg("--version").output().is_ok_and(|o| o.status.success())
+    cmd("bpf-linker")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success())
 }
 
 fn install_bpf_linker() -> anyhow::Result<()> {
@@ -114,11 +117,21 @@ fn install_bpf_linker() -> anyhow::Result<()> {
         display(&lib)
     );
     run(cmd("cargo")
-        .args(["install", "bpf-linker", "--version", BPF_LINKER_VERSION, "--no-default-features", "--features"])
+        .args([
+            "install",
+            "bpf-linker",
+            "--version",
+            BPF_LINKER_VERSION,
+            "--no-default-features",
+            "--features",
+        ])
         .arg(format!("llvm-{llvm_major}"))
         .env("LLVM_PREFIX", &prefix))?;
     if !bpf_linker_works() {
-        bail!("bpf-linker was installed but does not run; check {}", prefix_lib.display());
+        bail!(
+            "bpf-linker was installed but does not run; check {}",
+            prefix_lib.display()
+        );
     }
     println!("xtask: bpf-linker installed in {}", display(&cargo_home().join("bin")));
     Ok(())

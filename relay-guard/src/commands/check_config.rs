@@ -41,7 +41,10 @@ pub fn execute(path: &Path, json: bool) -> i32 {
                     .iter()
                     .map(|e| serde_json::json!({"file": e.file, "line": e.line, "error": e.what}))
                     .collect();
-                println!("{}", serde_json::json!({"valid": false, "config": path, "errors": errs}));
+                println!(
+                    "{}",
+                    serde_json::json!({"valid": false, "config": path, "errors": errs})
+                );
             } else {
                 for e in &errors.0 {
                     eprintln!("{e}");

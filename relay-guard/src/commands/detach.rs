@@ -9,7 +9,10 @@ use crate::pins::{AgentLock, Pins};
 pub fn execute(config_path: &Path) -> anyhow::Result<()> {
     let pin_dir = super::pin_dir_of(config_path)?;
     if let Some(pid) = AgentLock::holder(&pin_dir) {
-        bail!("an agent (pid {pid}) is running with pin_dir `{}`; stop it first, then detach", pin_dir.display());
+        bail!(
+            "an agent (pid {pid}) is running with pin_dir `{}`; stop it first, then detach",
+            pin_dir.display()
+        );
     }
     if !pin_dir.exists() {
         let _ = std::fs::remove_file(crate::pins::lock_path(&pin_dir));
@@ -33,7 +36,11 @@ pub fn execute(config_path: &Path) -> anyhow::Result<()> {
     println!(
         "detached from {} interface(s){}; removed {}",
         links.len(),
-        if links.is_empty() { String::new() } else { format!(" ({})", links.join(", ")) },
+        if links.is_empty() {
+            String::new()
+        } else {
+            format!(" ({})", links.join(", "))
+        },
         pin_dir.display()
     );
     Ok(())

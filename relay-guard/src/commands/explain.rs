@@ -43,7 +43,11 @@ pub fn execute(config_path: &Path, addr: IpAddr, port: u16, as_json: bool) -> an
             None
         }
     };
-    let name_of = |gi: u8| guards.get(usize::from(gi)).map_or(format!("guard{}", gi + 1), |g| g.name.clone());
+    let name_of = |gi: u8| {
+        guards
+            .get(usize::from(gi))
+            .map_or(format!("guard{}", gi + 1), |g| g.name.clone())
+    };
 
     let agree = match (&config_side, &kernel_side) {
         _ if config_error.is_some() => false,
@@ -70,13 +74,26 @@ pub fn execute(config_path: &Path, addr: IpAddr, port: u16, as_json: bool) -> an
                 "prefix": prefix.map(|p| p.to_string()),
             }),
         });
-        let c = if let Some(e) = &config_error { json!({"error": e}) } else { c };
-        println!("{}", serde_json::to_string_pretty(&json!({"address": addr, "port": port, "config": c, "kernel": k, "agree": agree}))?);
+        let c = if let Some(e) = &config_error {
+            json!({"error": e})
+        } else {
+            c
+        };
+        println!(
+            "{}",
+            serde_json::to_string_pretty(
+                &json!({"address": addr, "port": port, "config": c, "kernel": k, "agree": agree})
+            )?
+        );
         return Ok(if agree { 0 } else { 1 });
     }
 
     match &config_side {
-        _ if config_error.is_some() => println!("config: {} is invalid:\n{}", config_path.display(), config_error.as_deref().unwrap_or("")),
+        _ if config_error.is_some() => println!(
+            "config: {} is invalid:\n{}",
+            config_path.display(),
+            config_error.as_deref().unwrap_or("")
+        ),
         None => println!("config: port {port} is in no guard: {addr} passes untouched"),
         Some((_, name, allowed, entry)) => {
             let why = match entry {
@@ -88,7 +105,10 @@ pub fn execute(config_path: &Path, addr: IpAddr, port: u16, as_json: bool) -> an
                 ),
                 None => "no entry matches (no match: deny)".to_string(),
             };
-            println!("config: port {port} belongs to guard `{name}`; {why} => {}", if *allowed { "ALLOW" } else { "DENY" });
+            println!(
+                "config: port {port} belongs to guard `{name}`; {why} => {}",
+                if *allowed { "ALLOW" } else { "DENY" }
+            );
         }
     }
     match kernel_side {

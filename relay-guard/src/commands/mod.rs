@@ -36,5 +36,6 @@ pub fn pin_dir_of(config_path: &std::path::Path) -> anyhow::Result<std::path::Pa
         .ok()
         .and_then(|t| t.try_into().ok())
         .unwrap_or(PinDirOnly { pin_dir: None });
-    Ok(v.pin_dir.map_or_else(|| crate::config::DEFAULT_PIN_DIR.into(), Into::into))
+    Ok(v.pin_dir
+        .map_or_else(|| crate::config::DEFAULT_PIN_DIR.into(), Into::into))
 }

@@ -13,8 +13,8 @@ use crate::{
     config::Config,
     counters,
     loader::{self, Loaded},
-    pins::{self, AgentLock, Pins},
     metrics::{self, AgentMetrics, LabelState},
+    pins::{self, AgentLock, Pins},
     policy::Policy,
     reload::{self, FileWatch},
     sync,
@@ -26,8 +26,7 @@ pub async fn execute(config_path: &Path) -> anyhow::Result<()> {
     let pins = Pins::new(&cfg.pin_dir);
     pins::ensure_bpffs(&cfg.pin_dir)?;
     let _lock = AgentLock::acquire(&cfg.pin_dir)?;
-    let mut loaded =
-        Loaded::load_pinned(&pins).map_err(|e| with_hint(e, "failed to load the XDP program"))?;
+    let mut loaded = Loaded::load_pinned(&pins).map_err(|e| with_hint(e, "failed to load the XDP program"))?;
     if loaded.adopted {
         info!(pin_dir = %cfg.pin_dir.display(), "adopted pinned maps (allowlists and counters kept)");
     }
@@ -41,21 +40,36 @@ pub async fn execute(config_path: &Path) -> anyhow::Result<()> {
     strip_entries(&mut cfg);
     let stats = sync::apply(&mut loaded.maps, &policy).context("failed to fill the maps")?;
     drop(policy);
-    info!(written = stats.written, removed = stats.removed, unchanged = stats.unchanged, "maps synced");
+    info!(
+        written = stats.written,
+        removed = stats.removed,
+        unchanged = stats.unchanged,
+        "maps synced"
+    );
 
     let mut interfaces = HashMap::new();
     for iface in &cfg.interfaces {
-        let a = loaded.attach(iface, cfg.xdp_mode).map_err(|e| with_hint(e, "failed to attach"))?;
+        let a = loaded
+            .attach(iface, cfg.xdp_mode)
+            .map_err(|e| with_hint(e, "failed to attach"))?;
         interfaces.insert(a.ifindex, a.interface.clone());
     }
     loaded.prune(&cfg.interfaces);
     info!(mode = ?cfg.mode, interfaces = ?cfg.interfaces, "relay-guard is guarding");
 
     let slots = counters::slots(&loaded.maps).context("failed to read counter slots")?;
-    let labels = Arc::new(RwLock::new(LabelState { interfaces: interfaces.clone(), slots, ..base_labels }));
+    let labels = Arc::new(RwLock::new(LabelState {
+        interfaces: interfaces.clone(),
+        slots,
+        ..base_labels
+    }));
     let agent = AgentMetrics::default();
     agent.reload_succeeded();
-    let registry = Arc::new(metrics::registry(Arc::clone(&loaded.maps.counters), Arc::clone(&labels), &agent));
+    let registry = Arc::new(metrics::registry(
+        Arc::clone(&loaded.maps.counters),
+        Arc::clone(&labels),
+        &agent,
+    ));
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut metrics_task = None;
@@ -66,7 +80,8 @@ pub async fn execute(config_path: &Path) -> anyhow::Result<()> {
             let _ = rx.wait_for(|s| *s).await;
         };
         // Bind now so a taken port is a start-up error, not a silent loss.
-        let std_listener = std::net::TcpListener::bind(addr).with_context(|| format!("failed to listen on {addr} (metrics_listen)"))?;
+        let std_listener = std::net::TcpListener::bind(addr)
+            .with_context(|| format!("failed to listen on {addr} (metrics_listen)"))?;
         drop(std_listener);
         metrics_task = Some(tokio::spawn(async move {
             if let Err(e) = metrics::serve(addr, listener_registry, shutdown).await {
@@ -99,7 +114,9 @@ pub async fn execute(config_path: &Path) -> anyhow::Result<()> {
     let mut sighup = signal(SignalKind::hangup())?;
     let mut current = cfg;
     let watched_files = |c: &Config| -> Vec<std::path::PathBuf> {
-        std::iter::once(config_path.to_path_buf()).chain(c.list_files.iter().cloned()).collect()
+        std::iter::once(config_path.to_path_buf())
+            .chain(c.list_files.iter().cloned())
+            .collect()
     };
     let mut watch = FileWatch::new(&watched_files(&current));
     let mut seen = current.fingerprint;
@@ -188,16 +205,26 @@ fn reload(
     let labels = LabelState::new(&new, interfaces.clone(), counters::Slots::default());
     strip_entries(&mut new);
     let stats = sync::apply(&mut loaded.maps, &policy)?;
-    info!(written = stats.written, removed = stats.removed, unchanged = stats.unchanged, "config reloaded");
+    info!(
+        written = stats.written,
+        removed = stats.removed,
+        unchanged = stats.unchanged,
+        "config reloaded"
+    );
     // New interfaces are attached once the maps hold the new policy; removed
     // ones are detached (their pinned links unpinned).
     for iface in new.interfaces.iter().filter(|i| !current.interfaces.contains(i)) {
-        let a = loaded.attach(iface, new.xdp_mode).with_context(|| format!("policy applied, but attaching to new interface `{iface}` failed"))?;
+        let a = loaded
+            .attach(iface, new.xdp_mode)
+            .with_context(|| format!("policy applied, but attaching to new interface `{iface}` failed"))?;
         interfaces.insert(a.ifindex, a.interface.clone());
     }
     interfaces.retain(|_, name| new.interfaces.contains(name));
     loaded.prune(&new.interfaces);
-    let labels = LabelState { interfaces: interfaces.clone(), ..labels };
+    let labels = LabelState {
+        interfaces: interfaces.clone(),
+        ..labels
+    };
     Ok((new, labels))
 }
 

@@ -22,7 +22,8 @@ pub fn execute(config_path: &Path, as_json: bool) -> anyhow::Result<()> {
     let pin_dir = super::pin_dir_of(config_path)?;
     let pins = Pins::new(&pin_dir);
     let mut km = kernel::open(&pins)?;
-    let (ports, blocks, long_blocks, v6_prefixes, kmode) = kernel::summary(&km).context("failed to read the pinned maps")?;
+    let (ports, blocks, long_blocks, v6_prefixes, kmode) =
+        kernel::summary(&km).context("failed to read the pinned maps")?;
     let agent = AgentLock::holder(&pin_dir);
     let links = pins.pinned_links();
 
@@ -30,14 +31,26 @@ pub fn execute(config_path: &Path, as_json: bool) -> anyhow::Result<()> {
     let cfg = Config::load(config_path);
     let slots = counters::slots(&km).context("failed to read counter slots")?;
     // Interface names as this process sees them (run it in the agent's netns for names).
-    let names = slots.ifaces.values().filter_map(|&i| ifname(i).map(|n| (i, n))).collect();
-    let mut labels = LabelState { slots, interfaces: names, ..LabelState::default() };
+    let names = slots
+        .ifaces
+        .values()
+        .filter_map(|&i| ifname(i).map(|n| (i, n)))
+        .collect();
+    let mut labels = LabelState {
+        slots,
+        interfaces: names,
+        ..LabelState::default()
+    };
     let mut drift = None;
     if let Ok(cfg) = &cfg {
         let named = LabelState::new(cfg, labels.interfaces.clone(), labels.slots.clone());
         labels = named;
         // A dry run of the sync: anything it would change is drift.
-        drift = Some(!sync::plan(&mut km, &Policy::compile(cfg)).context("failed to compare with the config")?.is_noop());
+        drift = Some(
+            !sync::plan(&mut km, &Policy::compile(cfg))
+                .context("failed to compare with the config")?
+                .is_noop(),
+        );
     }
     let snap = snapshot(&km.counters, &labels).context("failed to read counters")?;
     let mode_name = if kmode == mode::MONITOR { "monitor" } else { "enforce" };
@@ -59,18 +72,41 @@ pub fn execute(config_path: &Path, as_json: bool) -> anyhow::Result<()> {
         return Ok(());
     }
     println!("pin_dir:     {} (layout {LAYOUT_VERSION})", pin_dir.display());
-    println!("agent:       {}", agent.map_or("not running (the filter stays attached)".to_string(), |p| format!("running, pid {p}")));
-    println!("interfaces:  {}", if links.is_empty() { "none attached".to_string() } else { links.join(", ") });
+    println!(
+        "agent:       {}",
+        agent.map_or("not running (the filter stays attached)".to_string(), |p| format!(
+            "running, pid {p}"
+        ))
+    );
+    println!(
+        "interfaces:  {}",
+        if links.is_empty() {
+            "none attached".to_string()
+        } else {
+            links.join(", ")
+        }
+    );
     println!("mode:        {mode_name}");
-    println!("ports:       {}", ports.iter().map(ToString::to_string).collect::<Vec<_>>().join(", "));
-    println!("tables:      {blocks} IPv4 /24 blocks with a match ({long_blocks} with longer prefixes), {v6_prefixes} IPv6 prefixes");
+    println!(
+        "ports:       {}",
+        ports.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ")
+    );
+    println!(
+        "tables:      {blocks} IPv4 /24 blocks with a match ({long_blocks} with longer prefixes), {v6_prefixes} IPv6 prefixes"
+    );
     match (&cfg, drift) {
         (Ok(_), Some(false)) => println!("config:      kernel maps match {}", config_path.display()),
-        (Ok(_), _) => println!("config:      kernel maps DIFFER from {} (reload the agent: SIGHUP)", config_path.display()),
+        (Ok(_), _) => println!(
+            "config:      kernel maps DIFFER from {} (reload the agent: SIGHUP)",
+            config_path.display()
+        ),
         (Err(e), _) => println!("config:      {} is invalid:\n{e}", config_path.display()),
     }
     println!();
-    println!("{:<16} {:<14} {:>5} {:<5} {:<10} {:>12}", "INTERFACE", "GUARD", "PORT", "FAM", "VERDICT", "PACKETS");
+    println!(
+        "{:<16} {:<14} {:>5} {:<5} {:<10} {:>12}",
+        "INTERFACE", "GUARD", "PORT", "FAM", "VERDICT", "PACKETS"
+    );
     for ((i, g, p, f, v), n) in &snap.packets {
         println!("{i:<16} {g:<14} {p:>5} {f:<5} {v:<10} {n:>12}");
     }

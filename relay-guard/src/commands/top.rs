@@ -21,7 +21,9 @@ fn monotonic_ns() -> u64 {
 pub fn execute(config_path: &Path, limit: usize, as_json: bool) -> anyhow::Result<()> {
     let pin_dir = super::pin_dir_of(config_path)?;
     let km = kernel::open(&Pins::new(&pin_dir))?;
-    let names: Vec<String> = Config::load(config_path).map(|c| c.guards.into_iter().map(|g| g.name).collect()).unwrap_or_default();
+    let names: Vec<String> = Config::load(config_path)
+        .map(|c| c.guards.into_iter().map(|g| g.name).collect())
+        .unwrap_or_default();
     // Merge the per-CPU cache slots by source: packets add up, the latest
     // sighting wins for last-seen, port, guard and verdict.
     let mut merged: std::collections::BTreeMap<(u8, [u8; 16]), relay_guard_common::SourceStats> = Default::default();
@@ -50,8 +52,19 @@ pub fn execute(config_path: &Path, limit: usize, as_json: bool) -> anyhow::Resul
     rows.sort_by(|a, b| b.1.packets.cmp(&a.1.packets).then(a.0.cmp(&b.0)));
     rows.truncate(limit);
     let now = monotonic_ns();
-    let guard = |g: u8| names.get(usize::from(g)).cloned().unwrap_or_else(|| format!("guard{}", g + 1));
-    let vname = |v: u8| if v == verdict::WOULD_DROP { "would_drop" } else { "dropped" };
+    let guard = |g: u8| {
+        names
+            .get(usize::from(g))
+            .cloned()
+            .unwrap_or_else(|| format!("guard{}", g + 1))
+    };
+    let vname = |v: u8| {
+        if v == verdict::WOULD_DROP {
+            "would_drop"
+        } else {
+            "dropped"
+        }
+    };
     #[expect(clippy::cast_precision_loss, reason = "seconds for display")]
     let ago = |ns: u64| now.saturating_sub(ns) as f64 / 1e9;
     if as_json {
@@ -62,7 +75,10 @@ pub fn execute(config_path: &Path, limit: usize, as_json: bool) -> anyhow::Resul
         println!("{}", serde_json::to_string_pretty(&out)?);
         return Ok(());
     }
-    println!("{:<40} {:>12} {:>10} {:>6} {:<14} {:<10}", "SOURCE", "PACKETS", "LAST SEEN", "PORT", "GUARD", "VERDICT");
+    println!(
+        "{:<40} {:>12} {:>10} {:>6} {:<14} {:<10}",
+        "SOURCE", "PACKETS", "LAST SEEN", "PORT", "GUARD", "VERDICT"
+    );
     for (a, s) in &rows {
         println!(
             "{:<40} {:>12} {:>9.1}s {:>6} {:<14} {:<10}",

@@ -261,7 +261,13 @@ fn spec_mx_example_parses_with_spamhaus_drop_file() {
             line: 3
         }
     );
-    assert_eq!(entry(mx, "2001:db8:bad::/48").origin, Origin { file: drop.into(), line: 5 });
+    assert_eq!(
+        entry(mx, "2001:db8:bad::/48").origin,
+        Origin {
+            file: drop.into(),
+            line: 5
+        }
+    );
 }
 
 #[test]
