@@ -110,3 +110,24 @@ impl Default for Lab {
         Self::new()
     }
 }
+
+/// A test address, parsed.
+pub fn ip(s: &str) -> IpAddr {
+    s.parse().expect("test address parses")
+}
+
+/// The `family` label value of a source address.
+pub fn family(src: &str) -> &'static str {
+    if src.contains(':') { "ipv6" } else { "ipv4" }
+}
+
+/// The agent's /metrics, scraped inside the server namespace.
+pub fn scrape(lab: &Lab) -> String {
+    let addr = crate::agent::METRICS.parse().expect("constant");
+    crate::net::http_get(&lab.server, addr, "/metrics").expect("metrics endpoint answers")
+}
+
+/// A pin_dir of its own for one test (`/sys/fs/bpf/<prefix><pid>-<n>`).
+pub fn pin_dir(prefix: &str) -> std::path::PathBuf {
+    std::path::PathBuf::from(format!("/sys/fs/bpf/{}", unique(prefix)))
+}

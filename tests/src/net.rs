@@ -148,14 +148,25 @@ pub struct SentCounters<'a> {
 }
 
 impl<'a> SentCounters<'a> {
+    /// Counts every TCP segment.
     pub fn install(ns: &'a NetNs, sources: &[&str], ports: &[u16]) -> SentCounters<'a> {
-        let table = "rgtest".to_string();
+        SentCounters::with_match(ns, "rgtest", sources, ports, "")
+    }
+
+    /// Counts pure SYNs only (SYN set, ACK clear): when this equals
+    /// [`SentCounters::install`]'s count for a source, it never got past the
+    /// first handshake step.
+    pub fn install_syns(ns: &'a NetNs, sources: &[&str], ports: &[u16]) -> SentCounters<'a> {
+        SentCounters::with_match(ns, "rgsyn", sources, ports, "tcp flags & (syn | ack) == syn ")
+    }
+
+    fn with_match(ns: &'a NetNs, table: &str, sources: &[&str], ports: &[u16], extra: &str) -> SentCounters<'a> {
         let mut rules =
             format!("table inet {table} {{\n chain out {{\n  type filter hook output priority 0; policy accept;\n");
         for src in sources {
             let fam = if src.contains(':') { "ip6" } else { "ip" };
             for port in ports {
-                rules += &format!("  {fam} saddr {src} tcp dport {port} counter comment \"{src} {port}\"\n");
+                rules += &format!("  {fam} saddr {src} tcp dport {port} {extra}counter comment \"{src} {port}\"\n");
             }
         }
         rules += " }\n}\n";
@@ -163,7 +174,10 @@ impl<'a> SentCounters<'a> {
         std::fs::write(&file, rules).expect("write nft rules");
         ns.exec(&["nft", "-f", file.to_str().expect("utf-8")]);
         let _ = std::fs::remove_file(&file);
-        SentCounters { ns, table }
+        SentCounters {
+            ns,
+            table: table.to_string(),
+        }
     }
 
     /// Packets sent from `src` to `port` so far.
@@ -181,6 +195,6 @@ impl<'a> SentCounters<'a> {
                 }
             }
         }
-        panic!("no nft counter for {want}")
+        panic!("no nft counter for {want} in table {}", self.table)
     }
 }

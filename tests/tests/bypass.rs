@@ -12,7 +12,7 @@
 //! /metrics counts each denied variant as dropped or malformed.
 use std::{
     collections::BTreeSet,
-    net::{Ipv4Addr, Ipv6Addr, SocketAddr},
+    net::{Ipv4Addr, Ipv6Addr},
     os::fd::{AsRawFd, FromRawFd, OwnedFd},
     path::PathBuf,
     process::Command,
@@ -23,8 +23,8 @@ use relay_guard::{config::Config, model, policy::Policy};
 use relay_guard_common::family;
 use relay_guard_tests::{
     agent::{Agent, METRICS, TempDir, agent_bin},
-    lab::{ALLOWED_V4, ALLOWED_V6, DENIED_V4, DENIED_V6, Lab, SERVER_V4, SERVER_V6},
-    net::{http_get, metric},
+    lab::{ALLOWED_V4, ALLOWED_V6, DENIED_V4, DENIED_V6, Lab, SERVER_V4, SERVER_V6, scrape},
+    net::metric,
     netns::{NetNs, unique},
     packet::{Ext, Ipv4, Ipv6, Tcp, Vlan, ipv4_options, proto, tcp_flags, tcp_v4, tcp_v6},
     require,
@@ -374,15 +374,6 @@ fn variants(policy: &Policy) -> Vec<Variant> {
         }
     }
     out
-}
-
-fn scrape(lab: &Lab) -> String {
-    http_get(
-        &lab.server,
-        METRICS.parse::<SocketAddr>().expect("constant"),
-        "/metrics",
-    )
-    .expect("metrics endpoint answers")
 }
 
 fn bypass(xdp_mode: &str, test: &str) {

@@ -6,7 +6,6 @@
 //! to everyone, and that /metrics counts exactly the TCP segments the client
 //! sent (measured independently with nftables counters in the client).
 use std::{
-    net::{IpAddr, SocketAddr},
     path::PathBuf,
     sync::atomic::Ordering,
     time::{Duration, Instant},
@@ -14,9 +13,8 @@ use std::{
 
 use relay_guard_tests::{
     agent::{Agent, DetachOnDrop, METRICS, TempDir, cli},
-    lab::{ALLOWED_V4, ALLOWED_V6, DENIED_V4, DENIED_V6, Lab, SOURCES},
-    net::{BANNER, BannerServer, SentCounters, connect_banner, http_get, metric},
-    netns::unique,
+    lab::{ALLOWED_V4, ALLOWED_V6, DENIED_V4, DENIED_V6, Lab, SOURCES, family, ip, pin_dir, scrape},
+    net::{BANNER, BannerServer, SentCounters, connect_banner, metric},
     require,
 };
 
@@ -31,7 +29,7 @@ fn write_config(lab: &Lab, dir: &TempDir, mode: &str, xdp_mode: &str) -> (PathBu
         "relay-allow.txt",
         "# peers\n192.0.2.10 ; office relay\n2001:db8:a::/48\n\n",
     );
-    let pin_dir = PathBuf::from(format!("/sys/fs/bpf/{}", unique("rg-test-")));
+    let pin_dir = pin_dir("rg-test-");
     let config = dir.write(
         "relay-guard.toml",
         &format!(
@@ -59,25 +57,8 @@ allow_files = ["relay-allow.txt"]
     (config.clone(), DetachOnDrop::new(config, pin_dir))
 }
 
-fn ip(s: &str) -> IpAddr {
-    s.parse().expect("test address parses")
-}
-
-fn family(src: &str) -> &'static str {
-    if src.contains(':') { "ipv6" } else { "ipv4" }
-}
-
 fn guard_of(port: u16) -> &'static str {
     if port == 25 { "relay" } else { "submission" }
-}
-
-fn scrape(lab: &Lab) -> String {
-    http_get(
-        &lab.server,
-        METRICS.parse::<SocketAddr>().expect("constant"),
-        "/metrics",
-    )
-    .expect("metrics endpoint answers")
 }
 
 /// Waits until every (source, port) count in /metrics equals what nftables

@@ -2,7 +2,6 @@
 //! operator CLI, metrics that pass promtool, and a clean detach. Real agent
 //! binary, real XDP on veth between namespaces, real TCP.
 use std::{
-    net::{IpAddr, SocketAddr},
     path::{Path, PathBuf},
     sync::atomic::Ordering,
     time::{Duration, Instant},
@@ -11,20 +10,16 @@ use std::{
 use nix::sys::signal::Signal;
 use relay_guard_tests::{
     agent::{Agent, DetachOnDrop, METRICS, TempDir, cli},
-    lab::{ALLOWED_V4, ALLOWED_V6, DENIED_V4, DENIED_V6, Lab, SERVER_V4},
-    net::{BannerServer, connect_banner, http_get, metric},
-    netns::{sh, unique},
+    lab::{ALLOWED_V4, ALLOWED_V6, DENIED_V4, DENIED_V6, Lab, SERVER_V4, ip, pin_dir, scrape},
+    net::{BannerServer, connect_banner, metric},
+    netns::sh,
     prober::{ALLOWED_TIMEOUT, Prober},
     require,
 };
 
-fn ip(s: &str) -> IpAddr {
-    s.parse().expect("test address parses")
-}
-
 /// A config whose relay guard (port 25) reads `relay-allow.txt`.
 fn setup(lab: &Lab, dir: &TempDir, allow_list: &str) -> (PathBuf, DetachOnDrop) {
-    let pin_dir = PathBuf::from(format!("/sys/fs/bpf/{}", unique("rg-test-")));
+    let pin_dir = pin_dir("rg-test-");
     dir.write("relay-allow.txt", allow_list);
     let config = dir.write("relay-guard.toml", &config_text(lab, &pin_dir, ""));
     (config.clone(), DetachOnDrop::new(config, pin_dir))
@@ -54,15 +49,6 @@ fn replace(path: &Path, text: &str) {
     let tmp = path.with_extension("tmp");
     std::fs::write(&tmp, text).expect("write");
     std::fs::rename(&tmp, path).expect("rename");
-}
-
-fn scrape(lab: &Lab) -> String {
-    http_get(
-        &lab.server,
-        METRICS.parse::<SocketAddr>().expect("constant"),
-        "/metrics",
-    )
-    .expect("metrics answer")
 }
 
 /// Polls /metrics until `metric(name) >= want` (bounded), returning the text.
@@ -537,7 +523,7 @@ fn kubernetes_configmap_symlink_swap_reloads() {
     let lab = Lab::new();
     let dir = TempDir::new();
     let _server = BannerServer::start(&lab.server, &[25]);
-    let pin_dir = PathBuf::from(format!("/sys/fs/bpf/{}", unique("rg-test-")));
+    let pin_dir = pin_dir("rg-test-");
     // The layout kubelet makes for a ConfigMap volume: files are symlinks
     // through `..data`, which is swapped atomically to a new timestamped dir.
     let mount = dir.0.join("configmap");

@@ -20,19 +20,19 @@
 //!   client sent.
 use std::{
     collections::BTreeMap,
-    net::{IpAddr, SocketAddr},
     path::PathBuf,
     time::{Duration, Instant},
 };
 
 use relay_guard_tests::{
     agent::{Agent, DetachOnDrop, METRICS, TempDir},
-    lab::{ALLOWED_V4, ALLOWED_V6, DENIED_V4, DENIED_V6, Lab, SERVER_V4, SERVER_V6, SOURCES},
-    net::{SentCounters, http_get, metric},
-    netns::unique,
+    lab::{
+        ALLOWED_V4, ALLOWED_V6, DENIED_V4, DENIED_V6, Lab, SERVER_V4, SERVER_V6, SOURCES, family, ip, pin_dir, scrape,
+    },
+    net::{SentCounters, metric},
     prometheus::{self, Prometheus, Sample, parse_samples},
     require,
-    smtp::{SMTP_PORTS, SmtpSink, SynCounters, set_syn_retries, smtp_source, swaks, swaks_speaks_ipv6},
+    smtp::{SMTP_PORTS, SmtpSink, set_syn_retries, smtp_source, swaks, swaks_speaks_ipv6},
 };
 
 const TOOLS: &[&str] = &["smtp-sink", "swaks", "smtp-source", "prometheus"];
@@ -45,7 +45,7 @@ const ALLOWED: [&str; 2] = [ALLOWED_V4, ALLOWED_V6];
 const DENIED: [&str; 2] = [DENIED_V4, DENIED_V6];
 
 fn write_config(lab: &Lab, dir: &TempDir, mode: &str) -> (PathBuf, DetachOnDrop) {
-    let pin_dir = PathBuf::from(format!("/sys/fs/bpf/{}", unique("rg-smtp-")));
+    let pin_dir = pin_dir("rg-smtp-");
     let config = dir.write(
         "relay-guard.toml",
         &format!(
@@ -72,29 +72,12 @@ allow = ["{ALLOWED_V4}", "2001:db8:a::/48"]
     (config.clone(), DetachOnDrop::new(config, pin_dir))
 }
 
-fn ip(s: &str) -> IpAddr {
-    s.parse().expect("test address parses")
-}
-
-fn family(src: &str) -> &'static str {
-    if src.contains(':') { "ipv6" } else { "ipv4" }
-}
-
 fn guard_of(port: u16) -> &'static str {
     if port == 25 { "relay" } else { "submission" }
 }
 
 fn is_denied(src: &str) -> bool {
     DENIED.contains(&src)
-}
-
-fn scrape(lab: &Lab) -> String {
-    http_get(
-        &lab.server,
-        METRICS.parse::<SocketAddr>().expect("constant"),
-        "/metrics",
-    )
-    .expect("metrics endpoint answers")
 }
 
 /// Starts smtp-sink on both server addresses and the three ports, and makes
@@ -282,7 +265,7 @@ fn print_numbers(
     mode: &str,
     sink: &mut SmtpSink,
     sent: &SentCounters<'_>,
-    syns: &SynCounters<'_>,
+    syns: &SentCounters<'_>,
     text: &str,
     lab: &Lab,
 ) {
@@ -322,7 +305,7 @@ fn smtp_end_to_end(test: &str, mode: &str) {
     let dir = TempDir::new();
     let mut sink = sinks(&lab, &dir);
     let sent = SentCounters::install(&lab.client, &SOURCES, &SMTP_PORTS);
-    let syns = SynCounters::install(&lab.client, &SOURCES, &SMTP_PORTS);
+    let syns = SentCounters::install_syns(&lab.client, &SOURCES, &SMTP_PORTS);
     let (config, _detach) = write_config(&lab, &dir, mode);
     let agent = Agent::start(&lab.server, config, &dir);
 
@@ -392,7 +375,7 @@ fn prometheus_scrapes_packet_counters() {
     let dir = TempDir::new();
     let mut sink = sinks(&lab, &dir);
     let sent = SentCounters::install(&lab.client, &SOURCES, &SMTP_PORTS);
-    let syns = SynCounters::install(&lab.client, &SOURCES, &SMTP_PORTS);
+    let syns = SentCounters::install_syns(&lab.client, &SOURCES, &SMTP_PORTS);
     let (config, _detach) = write_config(&lab, &dir, "enforce");
     let agent = Agent::start(&lab.server, config, &dir);
     let mut prom = Prometheus::start(&lab.server, &dir, METRICS);
