@@ -28,7 +28,7 @@
 //! mislead), as root.
 use std::{path::PathBuf, process::Command};
 
-use anyhow::{Context as _, bail};
+use anyhow::Context as _;
 
 use crate::{build_ebpf, run::is_root, toolchain};
 
@@ -204,33 +204,5 @@ pub fn bench(opts: &Options) -> anyhow::Result<()> {
 
 /// Installs (as root, with apt-get) the Debian packages of missing tools.
 fn ensure_tools() -> anyhow::Result<()> {
-    let mut missing: Vec<&str> = TOOLS
-        .iter()
-        .filter(|(tool, _)| !on_path(tool))
-        .map(|&(_, pkg)| pkg)
-        .collect();
-    missing.dedup();
-    if missing.is_empty() {
-        return Ok(());
-    }
-    if !is_root() {
-        bail!(
-            "missing Debian packages {missing:?}; install them (apt-get install {})",
-            missing.join(" ")
-        );
-    }
-    println!("xtask: installing Debian packages {}", missing.join(" "));
-    toolchain::run(Command::new("apt-get").args(["update", "-qq"]))?;
-    toolchain::run(
-        Command::new("apt-get")
-            .args(["install", "-y", "-qq", "--no-install-recommends"])
-            .args(&missing)
-            .env("DEBIAN_FRONTEND", "noninteractive"),
-    )
-}
-
-fn on_path(tool: &str) -> bool {
-    std::env::split_paths(&toolchain::path_env())
-        .chain(["/usr/sbin".into(), "/sbin".into(), "/usr/bin".into()])
-        .any(|d| d.join(tool).is_file())
+    toolchain::ensure_debian_tools(TOOLS)
 }

@@ -123,47 +123,7 @@ pub fn test(opts: &Options) -> anyhow::Result<()> {
 
 /// Installs (as root, with apt-get) the Debian packages of missing tools.
 fn ensure_tools() -> anyhow::Result<()> {
-    let mut missing: Vec<&str> = TOOLS
-        .iter()
-        .filter(|(tool, _)| !on_path(tool))
-        .map(|&(_, pkg)| pkg)
-        .collect();
-    missing.sort_unstable();
-    missing.dedup();
-    if missing.is_empty() {
-        return Ok(());
-    }
-    if !is_root() {
-        bail!(
-            "missing Debian packages {missing:?}; install them (apt-get install {})",
-            missing.join(" ")
-        );
-    }
-    if missing.contains(&"postfix") {
-        // The tests use only the standalone smtp-sink and smtp-source; tell
-        // the package not to configure (or start) a mail server on this host.
-        println!("xtask: preseeding postfix as \"No configuration\" (no local mail server is set up)");
-        let mut c = Command::new("debconf-set-selections").stdin(Stdio::piped()).spawn()?;
-        if let Some(stdin) = c.stdin.as_mut() {
-            use std::io::Write as _;
-            stdin.write_all(b"postfix postfix/main_mailer_type select No configuration\n")?;
-        }
-        c.wait()?;
-    }
-    println!("xtask: installing Debian packages {}", missing.join(" "));
-    toolchain::run(Command::new("apt-get").args(["update", "-qq"]))?;
-    toolchain::run(
-        Command::new("apt-get")
-            .args(["install", "-y", "-qq", "--no-install-recommends"])
-            .args(&missing)
-            .env("DEBIAN_FRONTEND", "noninteractive"),
-    )
-}
-
-fn on_path(tool: &str) -> bool {
-    std::env::split_paths(&toolchain::path_env())
-        .chain(["/usr/sbin".into(), "/sbin".into()])
-        .any(|d| d.join(tool).is_file())
+    toolchain::ensure_debian_tools(TOOLS)
 }
 
 /// Builds the privileged test crate and returns its test executables.
@@ -231,7 +191,7 @@ fn run_counting(c: &mut Command, tally: &mut Tally) -> anyhow::Result<bool> {
 /// cargo-deb (`cargo install --locked`) and kubernetes-validate (pip, in a
 /// venv). Says what it installs; does nothing when they are there.
 fn ensure_deploy_tools() -> anyhow::Result<()> {
-    if !on_path("cargo-deb") {
+    if !toolchain::on_path("cargo-deb") {
         println!(
             "xtask: installing cargo-deb {CARGO_DEB_VERSION} from crates.io (cargo install --locked), for the Debian package test"
         );
@@ -243,7 +203,7 @@ fn ensure_deploy_tools() -> anyhow::Result<()> {
             CARGO_DEB_VERSION,
         ]))?;
     }
-    if on_path("kubernetes-validate") {
+    if toolchain::on_path("kubernetes-validate") {
         return Ok(());
     }
     if !is_root() {

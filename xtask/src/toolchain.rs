@@ -140,3 +140,52 @@ fn install_bpf_linker() -> anyhow::Result<()> {
 fn display(p: &Path) -> String {
     p.display().to_string()
 }
+
+/// Whether `tool` is on PATH (or in an sbin directory). An absolute path is
+/// checked as it is (`join` replaces the directory).
+pub fn on_path(tool: &str) -> bool {
+    env::split_paths(&path_env())
+        .chain(["/usr/sbin".into(), "/sbin".into(), "/usr/bin".into()])
+        .any(|d| d.join(tool).is_file())
+}
+
+/// Installs, as root with apt-get, the Debian package of every `(tool,
+/// package)` whose tool is missing; says what it installs, and does nothing
+/// when all are there.
+pub fn ensure_debian_tools(tools: &[(&str, &str)]) -> anyhow::Result<()> {
+    let mut missing: Vec<&str> = tools
+        .iter()
+        .filter(|(tool, _)| !on_path(tool))
+        .map(|&(_, pkg)| pkg)
+        .collect();
+    missing.sort_unstable();
+    missing.dedup();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    if !crate::run::is_root() {
+        bail!(
+            "missing Debian packages {missing:?}; install them (apt-get install {})",
+            missing.join(" ")
+        );
+    }
+    if missing.contains(&"postfix") {
+        // The tests use only the standalone smtp-sink and smtp-source; tell
+        // the package not to configure (or start) a mail server on this host.
+        println!("xtask: preseeding postfix as \"No configuration\" (no local mail server is set up)");
+        let mut c = Command::new("debconf-set-selections")
+            .stdin(std::process::Stdio::piped())
+            .spawn()?;
+        if let Some(stdin) = c.stdin.as_mut() {
+            use std::io::Write as _;
+            stdin.write_all(b"postfix postfix/main_mailer_type select No configuration\n")?;
+        }
+        c.wait()?;
+    }
+    println!("xtask: installing Debian packages {}", missing.join(" "));
+    run(Command::new("apt-get").args(["update", "-qq"]))?;
+    run(Command::new("apt-get")
+        .args(["install", "-y", "-qq", "--no-install-recommends"])
+        .args(&missing)
+        .env("DEBIAN_FRONTEND", "noninteractive"))
+}
