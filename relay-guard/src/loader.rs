@@ -203,23 +203,15 @@ impl Maps {
     }
 }
 
-/// How the program is held on one interface.
-#[derive(Debug)]
-enum Hold {
-    /// Owned by the program: detached when the agent exits (unpinned use).
-    Owned(XdpLinkId),
-    /// Pinned bpf_link: stays attached after the agent exits.
-    Pinned(PathBuf),
-}
-
-/// One interface the program is attached to.
-#[derive(Debug)]
+/// One interface the program is attached to. With pins, the link is pinned
+/// and outlives the agent; without, the program owns it (and detaches it
+/// when dropped).
+#[derive(Debug, Clone)]
 pub struct Attachment {
     pub interface: String,
     pub ifindex: u32,
     /// "native", "skb", or "adopted" (an existing pinned link, updated in place).
     pub mode: &'static str,
-    hold: Hold,
 }
 
 /// The loaded program and its maps. Without pins, dropping it detaches the
@@ -228,7 +220,6 @@ pub struct Loaded {
     /// Owns the program (and unpinned links).
     ebpf: Ebpf,
     pub maps: Maps,
-    pub attached: Vec<Attachment>,
     /// Where state is pinned, if it is.
     pins: Option<Pins>,
     /// True when the maps were adopted from pinned state (counters kept).
@@ -312,7 +303,6 @@ impl Loaded {
         Ok(Loaded {
             ebpf,
             maps,
-            attached: Vec::new(),
             pins: pins.cloned(),
             adopted,
             logger,
@@ -333,7 +323,7 @@ impl Loaded {
     /// (`bpf_link_update`: no instant without a filter); otherwise a new
     /// bpf_link is made and pinned. `auto` tries native (driver) mode and
     /// falls back to generic (skb) mode with a log line saying so.
-    pub fn attach(&mut self, interface: &str, mode: XdpMode) -> Result<&Attachment, LoadError> {
+    pub fn attach(&mut self, interface: &str, mode: XdpMode) -> Result<Attachment, LoadError> {
         let ifindex = ifindex(interface)?;
         self.maps.register_iface(ifindex)?;
         if let Some(pins) = self.pins.clone() {
@@ -347,14 +337,11 @@ impl Loaded {
                 match self.adopt_link(&path, &pins.link(interface)) {
                     Ok(()) => {
                         info!(interface, pin = %path.display(), "replaced the program on the pinned link atomically");
-                        let hold = Hold::Pinned(pins.link(interface));
-                        self.attached.push(Attachment {
+                        return Ok(Attachment {
                             interface: interface.to_string(),
                             ifindex,
                             mode: "adopted",
-                            hold,
                         });
-                        return Ok(self.attached.last().expect("just pushed"));
                     }
                     Err(e) => {
                         warn!(interface, pin = %path.display(), error = %e, "pinned link is unusable (interface gone or recreated?); attaching anew");
@@ -373,17 +360,14 @@ impl Loaded {
             match self.program().attach_to_if_index(ifindex, aya_mode) {
                 Ok(link) => {
                     info!(interface, mode = name, "attached XDP program");
-                    let hold = match self.pins.clone() {
-                        Some(pins) => self.pin_link(link, &pins.link(interface))?,
-                        None => Hold::Owned(link),
-                    };
-                    self.attached.push(Attachment {
+                    if let Some(pins) = self.pins.clone() {
+                        self.pin_link(link, &pins.link(interface))?;
+                    }
+                    return Ok(Attachment {
                         interface: interface.to_string(),
                         ifindex,
                         mode: name,
-                        hold,
                     });
-                    return Ok(self.attached.last().expect("just pushed"));
                 }
                 Err(source) => {
                     if mode == XdpMode::Auto && name == "native" {
@@ -426,7 +410,7 @@ impl Loaded {
     }
 
     /// Pins a newly made link so it outlives the agent.
-    fn pin_link(&mut self, id: XdpLinkId, path: &Path) -> Result<Hold, LoadError> {
+    fn pin_link(&mut self, id: XdpLinkId, path: &Path) -> Result<(), LoadError> {
         let link = self.program().take_link(id).map_err(|source| LoadError::Verifier {
             name: PROGRAM_NAME,
             source,
@@ -439,7 +423,7 @@ impl Loaded {
                     path: path.to_path_buf(),
                     source,
                 })?;
-                Ok(Hold::Pinned(path.to_path_buf()))
+                Ok(())
             }
             Err(e) => {
                 // Only a kernel without bpf_link for XDP gets here (netlink attach).
@@ -468,24 +452,6 @@ impl Loaded {
         for other in pins.other_layouts() {
             info!(path = %other.display(), "removing pinned state of another layout version (replaced by this one)");
             let _ = std::fs::remove_dir_all(&other);
-        }
-    }
-
-    /// Detaches from every interface: owned links are detached, pinned ones
-    /// unpinned (the kernel detaches a link when its last reference goes).
-    pub fn detach_all(&mut self) {
-        let links: Vec<_> = self.attached.drain(..).collect();
-        for a in links {
-            match a.hold {
-                Hold::Owned(id) => {
-                    if let Err(e) = self.program().detach(id) {
-                        warn!(interface = a.interface, error = %e, "failed to detach");
-                    }
-                }
-                Hold::Pinned(path) => {
-                    let _ = std::fs::remove_file(path);
-                }
-            }
         }
     }
 }
