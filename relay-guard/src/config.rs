@@ -15,6 +15,8 @@ use ipnet::IpNet;
 use serde::Deserialize;
 use toml::Spanned;
 
+use crate::lists::{ListFile, ListIndex};
+
 /// Where the agent looks for its config unless `--config` says otherwise.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/relay-guard/relay-guard.toml";
 /// Default bpffs directory for pinned program, links and maps.
@@ -172,6 +174,16 @@ pub struct Config {
 impl Config {
     /// Reads, parses and validates the config at `path`, with its list files.
     pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
+        Self::read(path, false).map(|(c, _)| c)
+    }
+
+    /// [`Config::load`], also returning what a later reload needs to apply a
+    /// list-file edit as a delta (see [`crate::lists`]).
+    pub fn load_indexed(path: &Path) -> Result<(Config, ListIndex), ConfigErrors> {
+        Self::read(path, true).map(|(c, i)| (c, i.expect("indexing was asked for")))
+    }
+
+    fn read(path: &Path, index: bool) -> Result<(Config, Option<ListIndex>), ConfigErrors> {
         let text = fs::read_to_string(path).map_err(|e| {
             ConfigErrors(vec![ConfigError {
                 file: path.to_path_buf(),
@@ -179,12 +191,16 @@ impl Config {
                 what: format!("cannot read config: {e}"),
             }])
         })?;
-        Self::parse(path, &text)
+        Self::parse_inner(path, &text, index)
     }
 
     /// Parses and validates `text` as if read from `path` (list files are
     /// resolved relative to the config's directory).
     pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigErrors> {
+        Self::parse_inner(path, text, false).map(|(c, _)| c)
+    }
+
+    fn parse_inner(path: &Path, text: &str, index: bool) -> Result<(Config, Option<ListIndex>), ConfigErrors> {
         let mut fp = std::hash::DefaultHasher::new();
         std::hash::Hash::hash(path, &mut fp);
         std::hash::Hash::hash(text.as_bytes(), &mut fp);
@@ -195,6 +211,11 @@ impl Config {
             text,
             errors: Vec::new(),
             list_files: Vec::new(),
+            index: index.then(|| ListIndex {
+                config_text: text.as_bytes().to_vec(),
+                config_path: Some(std::sync::Arc::from(path)),
+                ..ListIndex::default()
+            }),
         };
         let raw: RawConfig = match toml::from_str(text) {
             Ok(raw) => raw,
@@ -216,7 +237,7 @@ impl Config {
         };
         let config = v.validate(raw);
         if v.errors.is_empty() {
-            Ok(config)
+            Ok((config, v.index))
         } else {
             v.errors.sort_by(|a, b| (&a.file, a.line).cmp(&(&b.file, b.line)));
             Err(ConfigErrors(v.errors))
@@ -233,6 +254,8 @@ struct Validator<'a> {
     text: &'a str,
     errors: Vec<ConfigError>,
     list_files: Vec<PathBuf>,
+    /// Built when a reload will want it.
+    index: Option<ListIndex>,
 }
 
 impl Validator<'_> {
@@ -418,6 +441,8 @@ impl Validator<'_> {
         }
 
         let mut entries: Vec<Entry> = Vec::new();
+        // For the index: which list file each parsed file's origins stand for.
+        let mut file_ids: Vec<(std::sync::Arc<Path>, u16)> = Vec::new();
         for (list, action, key) in [(&g.allow, Action::Allow, "allow"), (&g.deny, Action::Deny, "deny")] {
             for s in list {
                 match parse_net(s.get_ref()) {
@@ -448,6 +473,18 @@ impl Validator<'_> {
                 match read {
                     Ok(text) => {
                         let (parsed, errs) = parse_list(&file, &text, action);
+                        if let Some(ix) = &mut self.index {
+                            let id = u16::try_from(ix.files.len()).unwrap_or(crate::lists::INLINE);
+                            if let Some(first) = parsed.first() {
+                                file_ids.push((std::sync::Arc::clone(&first.origin.file), id));
+                            }
+                            ix.files.push(ListFile {
+                                path: std::sync::Arc::from(file.as_path()),
+                                guard: index,
+                                action,
+                                bytes: text.into_bytes(),
+                            });
+                        }
                         if entries.is_empty() {
                             entries = parsed;
                         } else {
@@ -468,6 +505,19 @@ impl Validator<'_> {
         // A stable sort keeps the first occurrence first among equals; the
         // dedup is in place (a 1M-entry list is not copied).
         entries.sort_by_key(|e| e.net);
+        if let Some(ix) = &mut self.index {
+            let all = entries
+                .iter()
+                .map(|e| {
+                    let id = file_ids
+                        .iter()
+                        .find(|(f, _)| std::sync::Arc::ptr_eq(f, &e.origin.file))
+                        .map_or(crate::lists::INLINE, |&(_, id)| id);
+                    crate::lists::indexed(e, id)
+                })
+                .collect();
+            ix.push_guard(all);
+        }
         let mut conflicts = Vec::new();
         entries.dedup_by(|later, kept| {
             if later.net != kept.net {
@@ -529,6 +579,11 @@ pub fn parse_net(s: &str) -> Result<IpNet, String> {
 /// Parses a list file: one address or CIDR a line; `#` and `;` start
 /// comments (so Spamhaus DROP lines like `1.10.16.0/20 ; SBL256894` load).
 pub fn parse_list(file: &Path, text: &str, action: Action) -> (Vec<Entry>, Vec<ConfigError>) {
+    parse_list_from(file, text, action, 1)
+}
+
+/// [`parse_list`] of a part of a file whose first line is line `first`.
+pub fn parse_list_from(file: &Path, text: &str, action: Action, first: usize) -> (Vec<Entry>, Vec<ConfigError>) {
     let shared: std::sync::Arc<Path> = std::sync::Arc::from(file);
     // Sized up front: a 1M-line list must not pass through a doubled Vec.
     let mut entries = Vec::with_capacity(text.bytes().filter(|&b| b == b'\n').count() + 1);
@@ -540,7 +595,7 @@ pub fn parse_list(file: &Path, text: &str, action: Action) -> (Vec<Entry>, Vec<C
         }
         let origin = Origin {
             file: std::sync::Arc::clone(&shared),
-            line: i + 1,
+            line: i + first,
         };
         match parse_net(content) {
             Ok(net) => entries.push(Entry { net, action, origin }),

@@ -114,6 +114,8 @@ mod tests {
         std::fs::write(&config, text).expect("write");
         let cfg = crate::config::Config::load(&config).expect("valid");
         assert_eq!(cfg.fingerprint, fingerprint(&config, &cfg.list_files));
+        let (_, index) = crate::config::Config::load_indexed(&config).expect("valid");
+        assert_eq!(index.fingerprint(), cfg.fingerprint, "a delta reload's fingerprint");
         std::fs::write(dir.join("b.txt"), "198.51.100.8\n").expect("write");
         assert_ne!(
             cfg.fingerprint,

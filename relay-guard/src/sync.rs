@@ -12,13 +12,15 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use aya::maps::lpm_trie::Key;
-use relay_guard_common::{AllowMask, COUNTER_PORT_SLOTS, GuardedPort, MAX_MASKS, PORT_SLOTS, Settings, maps};
+use relay_guard_common::{
+    AllowMask, COUNTER_PORT_SLOTS, GuardedPort, LONG_BLOCK, MAX_MASKS, PORT_SLOTS, Settings, maps,
+};
 
 use crate::{
     error::SyncError,
     loader::Maps,
     policy::Policy,
-    tables::{BLOCKS, Palette, V4Tables},
+    tables::{BLOCKS, LongSpec, Palette, PaletteFull, V4Tables},
 };
 
 /// What a sync changed (or, from [`plan`], would change), in kernel entries.
@@ -36,14 +38,30 @@ impl SyncStats {
     }
 }
 
+/// What the agent knows of the IPv4 tables in the kernel after a sync, so
+/// the next one can be a delta ([`apply_delta`]) instead of a full diff.
+#[derive(Debug)]
+pub struct Shadow {
+    pub palette: Palette,
+    /// References to each mask index from `RG_TBL24` and `RG_LONG24`.
+    pub refs: Vec<u32>,
+    /// `RG_LONG24` as written.
+    pub long: BTreeMap<u32, LongSpec>,
+}
+
 /// Applies `policy` to `maps`.
 pub fn apply(maps: &mut Maps, policy: &Policy) -> Result<SyncStats, SyncError> {
-    run(maps, policy, true)
+    run(maps, policy, true).map(|(st, _)| st)
+}
+
+/// [`apply`], also returning the [`Shadow`] a later [`apply_delta`] needs.
+pub fn apply_full(maps: &mut Maps, policy: &Policy) -> Result<(SyncStats, Shadow), SyncError> {
+    run(maps, policy, true).map(|(st, sh)| (st, sh.expect("written")))
 }
 
 /// Counts what [`apply`] would change, writing nothing (drift detection).
 pub fn plan(maps: &mut Maps, policy: &Policy) -> Result<SyncStats, SyncError> {
-    run(maps, policy, false)
+    run(maps, policy, false).map(|(st, _)| st)
 }
 
 fn merr(op: &'static str, map: &'static str, what: impl Into<String>) -> impl FnOnce(aya::maps::MapError) -> SyncError {
@@ -51,7 +69,7 @@ fn merr(op: &'static str, map: &'static str, what: impl Into<String>) -> impl Fn
     move |source| SyncError::Map { op, map, what, source }
 }
 
-fn run(maps: &mut Maps, policy: &Policy, write: bool) -> Result<SyncStats, SyncError> {
+fn run(maps: &mut Maps, policy: &Policy, write: bool) -> Result<(SyncStats, Option<Shadow>), SyncError> {
     let mut st = SyncStats::default();
 
     // ---- IPv4 tables, computed against the kernel's mask palette ----
@@ -215,6 +233,7 @@ fn run(maps: &mut Maps, policy: &Policy, write: bool) -> Result<SyncStats, SyncE
                 .map_err(merr("remove", maps::PREFIXES_V6, what))?;
         }
     }
+    let mut unused = Vec::new();
     for (i, &m) in palette.masks.iter().enumerate().skip(1) {
         if m != 0 && !tables.used[i] {
             st.removed += 1;
@@ -224,6 +243,222 @@ fn run(maps: &mut Maps, policy: &Policy, write: bool) -> Result<SyncStats, SyncE
                     .set(i, 0, 0)
                     .map_err(merr("clear", maps::MASKS, format!("index {i}")))?;
             }
+            unused.push(u16::try_from(i).expect("< MAX_MASKS"));
+        }
+    }
+    if !write {
+        return Ok((st, None));
+    }
+    for i in unused {
+        palette.release(i);
+    }
+    palette.take_allocated();
+    let mut refs = vec![0u32; MAX_MASKS as usize];
+    for &e in &tables.tbl24 {
+        if e & LONG_BLOCK == 0 {
+            refs[usize::from(e)] += 1;
+        }
+    }
+    for spec in tables.long.values() {
+        spec_refs(&mut refs, spec, 1);
+    }
+    Ok((
+        st,
+        Some(Shadow {
+            palette,
+            refs,
+            long: tables.long,
+        }),
+    ))
+}
+
+/// An IPv6 prefix (length, network) and its new value; `None`: removed.
+pub type V6Change = ((u8, [u8; 16]), Option<AllowMask>);
+
+/// Adds (`sign` 1) or removes (-1) the references of a long block.
+fn spec_refs(refs: &mut [u32], spec: &LongSpec, sign: i32) {
+    for idx in std::iter::once(spec.base).chain(spec.prefixes.iter().map(|&(_, _, i)| i)) {
+        let r = &mut refs[usize::from(idx)];
+        *r = r.wrapping_add_signed(sign);
+    }
+}
+
+fn mask_v4(a: u32, len: u8) -> u32 {
+    if len == 0 {
+        0
+    } else {
+        a & (u32::MAX << (32 - u32::from(len)))
+    }
+}
+
+/// Applies a change of `policy` (already updated) confined to the prefixes
+/// `v4` (IPv4 keys whose mask changed, appeared or went) and `v6` (IPv6
+/// keys with their new value, `None`: removed), against the kernel state
+/// described by `shadow`. Same phases and guarantees as [`apply`]; the
+/// cost is proportional to the /24 blocks those prefixes cover, not to the
+/// size of the policy. On error the shadow no longer describes the kernel:
+/// the caller must fall back to [`apply`].
+pub fn apply_delta(
+    maps: &mut Maps,
+    shadow: &mut Shadow,
+    policy: &Policy,
+    v4: &[(u8, [u8; 4])],
+    v6: &[V6Change],
+) -> Result<SyncStats, SyncError> {
+    let mut st = SyncStats::default();
+    let full = |e: PaletteFull| SyncError::Capacity { what: e.to_string() };
+    shadow.palette.recycle();
+
+    // Dirty /24 ranges: aligned powers of two, so two either nest or are disjoint.
+    let mut ranges: Vec<(u32, u32, u8)> = v4
+        .iter()
+        .map(|&(len, a)| {
+            let block = u32::from_be_bytes(a) >> 8;
+            let l = len.min(24);
+            let start = block & !((1u32 << (24 - u32::from(l))) - 1);
+            (start, start + (1u32 << (24 - u32::from(l))), l)
+        })
+        .collect();
+    ranges.sort_by(|a, b| a.0.cmp(&b.0).then(b.1.cmp(&a.1)));
+    let mut merged: Vec<(u32, u32, u8)> = Vec::new();
+    for r in ranges {
+        match merged.last() {
+            Some(&(_, end, _)) if r.0 < end => {}
+            _ => merged.push(r),
+        }
+    }
+
+    let mut tbl_writes: Vec<(usize, u16)> = Vec::new();
+    let mut long_writes: Vec<(u32, LongSpec)> = Vec::new();
+    let mut long_gone: Vec<u32> = Vec::new();
+    let mut dropped: Vec<u16> = Vec::new();
+    for (start, end, l) in merged {
+        let first = start << 8;
+        let last = ((end - 1) << 8) | 0xff;
+        // The longest stored prefix shorter than the range that contains it.
+        let mut base = 0u16;
+        for len in (0..l).rev() {
+            if let Some(m) = policy.v4.get(&(len, mask_v4(first, len).to_be_bytes())) {
+                base = shadow.palette.index(m.allow).ok_or(PaletteFull).map_err(full)?;
+                break;
+            }
+        }
+        let mut painted = vec![base; (end - start) as usize];
+        for len in l..=24 {
+            for (&(_, a), m) in policy.v4.range((len, first.to_be_bytes())..=(len, last.to_be_bytes())) {
+                let idx = shadow.palette.index(m.allow).ok_or(PaletteFull).map_err(full)?;
+                let s = ((u32::from_be_bytes(a) >> 8) - start) as usize;
+                let n = 1usize << (24 - u32::from(len));
+                painted[s..s + n].fill(idx);
+            }
+        }
+        let mut long: BTreeMap<u32, Vec<(u8, u8, u16)>> = BTreeMap::new();
+        for len in 25..=32u8 {
+            for (&(_, a), m) in policy.v4.range((len, first.to_be_bytes())..=(len, last.to_be_bytes())) {
+                let idx = shadow.palette.index(m.allow).ok_or(PaletteFull).map_err(full)?;
+                let a = u32::from_be_bytes(a);
+                long.entry(a >> 8).or_default().push((len, (a & 0xff) as u8, idx));
+            }
+        }
+        for block in start..end {
+            let b = block as usize;
+            let here = painted[b - start as usize];
+            let old = maps.tbl24.get(b);
+            let old_spec = shadow.long.get(&block);
+            let new_spec = long.remove(&block).map(|prefixes| LongSpec { base: here, prefixes });
+            let new = if new_spec.is_some() { LONG_BLOCK } else { here };
+            if old == new && old_spec == new_spec.as_ref() {
+                st.unchanged += 1;
+                continue;
+            }
+            // References: the old entry's go, the new entry's come.
+            if old & LONG_BLOCK == 0 {
+                shadow.refs[usize::from(old)] -= 1;
+                dropped.push(old);
+            }
+            if let Some(spec) = old_spec {
+                spec_refs(&mut shadow.refs, spec, -1);
+                dropped.push(spec.base);
+                dropped.extend(spec.prefixes.iter().map(|&(_, _, i)| i));
+            }
+            if new & LONG_BLOCK == 0 {
+                shadow.refs[usize::from(new)] += 1;
+            }
+            match new_spec {
+                Some(spec) => {
+                    spec_refs(&mut shadow.refs, &spec, 1);
+                    if old_spec != Some(&spec) {
+                        long_writes.push((block, spec));
+                    }
+                }
+                None if old_spec.is_some() => long_gone.push(block),
+                None => {}
+            }
+            if old != new {
+                tbl_writes.push((b, new));
+            }
+        }
+    }
+
+    // Phase 1a: masks first taken by this sync.
+    for i in shadow.palette.take_allocated() {
+        st.written += 1;
+        let m = shadow.palette.masks[usize::from(i)];
+        maps.masks
+            .set(u32::from(i), m, 0)
+            .map_err(merr("write", maps::MASKS, format!("index {i}")))?;
+    }
+    // Phase 1b: long blocks, before the /24 entries that point at them.
+    for (block, spec) in long_writes {
+        st.written += 1;
+        maps.long24
+            .insert(block, *spec.hosts(), 0)
+            .map_err(merr("write", maps::LONG24, block_name(block)))?;
+        shadow.long.insert(block, spec);
+    }
+    // Phase 1c: the /24 table.
+    for &(b, v) in &tbl_writes {
+        st.written += 1;
+        maps.tbl24.set(b, v);
+    }
+    // IPv6 additions and changes.
+    for &((len, addr), m) in v6 {
+        if let Some(mask) = m {
+            st.written += 1;
+            let what = format!("prefix {}/{len}", std::net::Ipv6Addr::from(addr));
+            maps.v6
+                .insert(&Key::new(u32::from(len), addr), mask, 0)
+                .map_err(merr("write", maps::PREFIXES_V6, what))?;
+        }
+    }
+
+    // Phase 2: removals.
+    for block in long_gone {
+        st.removed += 1;
+        shadow.long.remove(&block);
+        maps.long24
+            .remove(&block)
+            .map_err(merr("remove", maps::LONG24, block_name(block)))?;
+    }
+    for &((len, addr), m) in v6 {
+        if m.is_none() {
+            st.removed += 1;
+            let what = format!("prefix {}/{len}", std::net::Ipv6Addr::from(addr));
+            match maps.v6.remove(&Key::new(u32::from(len), addr)) {
+                Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
+                Err(e) => return Err(merr("remove", maps::PREFIXES_V6, what)(e)),
+            }
+        }
+    }
+    dropped.sort_unstable();
+    dropped.dedup();
+    for i in dropped {
+        if i != 0 && shadow.refs[usize::from(i)] == 0 && shadow.palette.masks[usize::from(i)] != 0 {
+            st.removed += 1;
+            maps.masks
+                .set(u32::from(i), 0, 0)
+                .map_err(merr("clear", maps::MASKS, format!("index {i}")))?;
+            shadow.palette.release(i);
         }
     }
     Ok(st)

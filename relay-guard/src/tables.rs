@@ -27,6 +27,12 @@ pub struct Palette {
     by_mask: HashMap<u64, u16>,
     /// Indices that were free when the palette was read from the kernel.
     free: Vec<u16>,
+    /// Indices handed out since [`Palette::take_allocated`] last ran: their
+    /// masks must reach the kernel before any table references them.
+    allocated: Vec<u16>,
+    /// Indices released by the current sync: free only from the next one,
+    /// so no reader that still holds one sees it with a new meaning.
+    released: Vec<u16>,
 }
 
 impl Palette {
@@ -43,7 +49,13 @@ impl Palette {
             }
         }
         free.reverse();
-        Palette { masks, by_mask, free }
+        Palette {
+            masks,
+            by_mask,
+            free,
+            allocated: Vec::new(),
+            released: Vec::new(),
+        }
     }
 
     /// An empty palette (nothing in the kernel yet).
@@ -62,7 +74,28 @@ impl Palette {
         let i = self.free.pop()?;
         self.masks[usize::from(i)] = mask;
         self.by_mask.insert(mask, i);
+        self.allocated.push(i);
         Some(i)
+    }
+
+    /// The indices allocated since the last call.
+    pub fn take_allocated(&mut self) -> Vec<u16> {
+        std::mem::take(&mut self.allocated)
+    }
+
+    /// Marks index `i` unused (its kernel entry is being cleared). It is
+    /// handed out again only after [`Palette::recycle`].
+    pub fn release(&mut self, i: u16) {
+        let m = std::mem::take(&mut self.masks[usize::from(i)]);
+        if self.by_mask.get(&m) == Some(&i) {
+            self.by_mask.remove(&m);
+        }
+        self.released.push(i);
+    }
+
+    /// Makes the indices released by an earlier sync available again.
+    pub fn recycle(&mut self) {
+        self.free.append(&mut self.released);
     }
 }
 

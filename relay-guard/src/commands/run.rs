@@ -12,6 +12,7 @@ use tracing::{error, info, warn};
 use crate::{
     config::Config,
     counters,
+    incremental::{DeltaError, Live},
     loader::{self, Loaded},
     metrics::{self, AgentMetrics, LabelState},
     pins::{self, AgentLock, Pins},
@@ -21,7 +22,7 @@ use crate::{
 };
 
 pub async fn execute(config_path: &Path) -> anyhow::Result<()> {
-    let cfg = Config::load(config_path).map_err(|e| anyhow::anyhow!("invalid config:\n{e}"))?;
+    let (cfg, index) = Config::load_indexed(config_path).map_err(|e| anyhow::anyhow!("invalid config:\n{e}"))?;
     loader::bump_memlock_rlimit();
     let pins = Pins::new(&cfg.pin_dir);
     pins::ensure_bpffs(&cfg.pin_dir)?;
@@ -38,8 +39,9 @@ pub async fn execute(config_path: &Path) -> anyhow::Result<()> {
     let policy = Policy::compile(&cfg);
     let base_labels = LabelState::new(&cfg, HashMap::new(), counters::Slots::default());
     strip_entries(&mut cfg);
-    let stats = sync::apply(&mut loaded.maps, &policy).context("failed to fill the maps")?;
-    drop(policy);
+    let (stats, shadow) = sync::apply_full(&mut loaded.maps, &policy).context("failed to fill the maps")?;
+    // Kept for reloads that only edit list files (applied as deltas).
+    let mut live = Some(Live::new(&cfg, index, policy, shadow));
     info!(
         written = stats.written,
         removed = stats.removed,
@@ -140,7 +142,18 @@ pub async fn execute(config_path: &Path) -> anyhow::Result<()> {
         // What a failed attempt saw (taken before it reads): a later change
         // of any of these bytes triggers another attempt.
         let attempted = reload::fingerprint(config_path, &current.list_files);
-        let outcome = reload(&mut loaded, &current, config_path, &mut interfaces);
+        let outcome = match delta_reload(&mut loaded, &mut live, &current, config_path, &interfaces) {
+            Some(outcome) => outcome,
+            None => {
+                // The old state is rebuilt by the full reload: drop it first
+                // so a large list is not held twice.
+                live = None;
+                reload(&mut loaded, &current, config_path, &mut interfaces).map(|(new, labels, fresh)| {
+                    live = fresh;
+                    (new, labels)
+                })
+            }
+        };
         // Counted when the attempt is over, so a scrape that sees the count
         // move also sees its outcome (the kernel maps are already synced).
         match outcome {
@@ -180,13 +193,60 @@ pub async fn execute(config_path: &Path) -> anyhow::Result<()> {
 }
 
 /// Validates the config at `path` and, only if it is valid, syncs the maps.
+/// A reload that only edited list files, applied as a delta (see
+/// [`crate::incremental`]). `None`: take the full path.
+fn delta_reload(
+    loaded: &mut Loaded,
+    live: &mut Option<Live>,
+    current: &Config,
+    path: &Path,
+    interfaces: &HashMap<u32, String>,
+) -> Option<anyhow::Result<(Config, LabelState)>> {
+    let state = live.as_mut()?;
+    match state.reload(&mut loaded.maps, path) {
+        Ok(None) => None,
+        Ok(Some(applied)) => {
+            info!(
+                written = applied.stats.written,
+                removed = applied.stats.removed,
+                lines_parsed = applied.lines,
+                decisions_changed = applied.changes,
+                "config reloaded"
+            );
+            let mut new = current.clone();
+            new.fingerprint = state.index.fingerprint();
+            let labels = LabelState {
+                guards: state.guard_names.clone(),
+                allow_counts: state
+                    .guard_names
+                    .iter()
+                    .zip(&applied.allow_counts)
+                    .map(|(n, &(v4, v6))| (n.clone(), v4, v6))
+                    .collect(),
+                interfaces: interfaces.clone(),
+                slots: counters::Slots::default(),
+            };
+            Some(Ok((new, labels)))
+        }
+        Err(DeltaError::Invalid(e)) => Some(Err(anyhow::anyhow!("invalid config:\n{e}"))),
+        Err(DeltaError::Sync(e)) => {
+            // The kernel is partly updated: a full reload diffs against it.
+            error!(error = %e, "applying the list change failed; reloading in full");
+            *live = None;
+            None
+        }
+    }
+}
+
+/// Validates the config at `path` and, only if it is valid, syncs the maps.
+/// Also returns the state for later delta reloads.
 fn reload(
     loaded: &mut Loaded,
     current: &Config,
     path: &Path,
     interfaces: &mut HashMap<u32, String>,
-) -> anyhow::Result<(Config, LabelState)> {
-    let mut new = Config::load(path).map_err(|e| anyhow::anyhow!("invalid config:\n{e}"))?;
+) -> anyhow::Result<(Config, LabelState, Option<Live>)> {
+    let (mut new, index) = Config::load_indexed(path).map_err(|e| anyhow::anyhow!("invalid config:\n{e}"))?;
     for (what, changed) in [
         ("xdp_mode", new.xdp_mode != current.xdp_mode),
         ("metrics_listen", new.metrics_listen != current.metrics_listen),
@@ -204,7 +264,8 @@ fn reload(
     let policy = Policy::compile(&new);
     let labels = LabelState::new(&new, interfaces.clone(), counters::Slots::default());
     strip_entries(&mut new);
-    let stats = sync::apply(&mut loaded.maps, &policy)?;
+    let (stats, shadow) = sync::apply_full(&mut loaded.maps, &policy)?;
+    let live = Live::new(&new, index, policy, shadow);
     info!(
         written = stats.written,
         removed = stats.removed,
@@ -225,7 +286,7 @@ fn reload(
         interfaces: interfaces.clone(),
         ..labels
     };
-    Ok((new, labels))
+    Ok((new, labels, Some(live)))
 }
 
 /// Adds `what` and, when the kernel said EPERM somewhere down the chain,
