@@ -201,7 +201,7 @@ impl Config {
     }
 
     fn parse_inner(path: &Path, text: &str, index: bool) -> Result<(Config, Option<ListIndex>), ConfigErrors> {
-        let mut fp = std::hash::DefaultHasher::new();
+        let mut fp = crate::reload::fingerprint_hasher();
         std::hash::Hash::hash(path, &mut fp);
         std::hash::Hash::hash(text.as_bytes(), &mut fp);
         let mut v = Validator {
@@ -247,7 +247,7 @@ impl Config {
 
 struct Validator<'a> {
     /// Hash of the bytes read so far (see [`Config::fingerprint`]).
-    fp: std::hash::DefaultHasher,
+    fp: foldhash::quality::FoldHasher<'static>,
     path: &'a Path,
     /// `path`, shared by every inline entry's origin.
     file: std::sync::Arc<Path>,
@@ -566,6 +566,13 @@ impl Validator<'_> {
 /// is an error that suggests the network form.
 pub fn parse_net(s: &str) -> Result<IpNet, String> {
     let s = s.trim();
+    if let Some(net) = parse_net_fast(s) {
+        return if net.addr() == net.network() {
+            Ok(net)
+        } else {
+            Err(format!("host bits set; did you mean `{}`?", net.trunc()))
+        };
+    }
     if let Ok(addr) = s.parse::<std::net::IpAddr>() {
         return Ok(IpNet::from(addr));
     }
@@ -574,6 +581,22 @@ pub fn parse_net(s: &str) -> Result<IpNet, String> {
         Ok(net) => Ok(net),
         Err(_) => Err("not an IP address or CIDR".into()),
     }
+}
+
+/// The common forms, `ADDR` and `ADDR/LEN` with LEN plain decimal, without
+/// ipnet's slower general parser (a 1M-line list spends most of its load
+/// time here). `None`: anything else, left to the general parser.
+fn parse_net_fast(s: &str) -> Option<IpNet> {
+    let (addr, len) = match s.split_once('/') {
+        None => return s.parse::<std::net::IpAddr>().ok().map(IpNet::from),
+        Some(parts) => parts,
+    };
+    let plain = !len.is_empty() && len.len() <= 3 && len.bytes().all(|b| b.is_ascii_digit());
+    if !plain || (len.len() > 1 && len.starts_with('0')) {
+        return None;
+    }
+    let addr = addr.parse::<std::net::IpAddr>().ok()?;
+    IpNet::new(addr, len.parse().ok()?).ok()
 }
 
 /// Parses a list file: one address or CIDR a line; `#` and `;` start

@@ -31,6 +31,8 @@ pub struct Live {
     pub policy: Policy,
     pub shadow: Shadow,
     pub guard_names: Vec<String>,
+    /// Per guard: allow entries (IPv4, IPv6), kept up to date by deltas.
+    counts: Vec<(usize, usize)>,
 }
 
 /// A delta reload that was applied.
@@ -47,8 +49,8 @@ pub struct Applied {
 
 impl Live {
     /// The allow entries per guard and family (unique networks).
-    pub fn allow_counts(&self) -> Vec<(usize, usize)> {
-        self.index
+    fn count_allow(index: &ListIndex) -> Vec<(usize, usize)> {
+        index
             .guards
             .iter()
             .map(|entries| {
@@ -89,19 +91,30 @@ impl Live {
         let lines = pending.lines;
         let changes = pending.changes.clone();
         self.index.commit(pending);
+        for &(g, net, before, after) in &changes {
+            let (v4, v6) = &mut self.counts[g];
+            let n = if net.addr().is_ipv4() { v4 } else { v6 };
+            if before == Some(Action::Allow) {
+                *n -= 1;
+            }
+            if after == Some(Action::Allow) {
+                *n += 1;
+            }
+        }
         let (v4, v6) = policy_delta(&self.index, &mut self.policy, &changes);
         let stats = sync::apply_delta(maps, &mut self.shadow, &self.policy, &v4, &v6).map_err(DeltaError::Sync)?;
         Ok(Some(Applied {
             stats,
             lines,
             changes: changes.len(),
-            allow_counts: self.allow_counts(),
+            allow_counts: self.counts.clone(),
         }))
     }
 
     /// Builds the state after a full load and sync.
     pub fn new(cfg: &Config, index: ListIndex, policy: Policy, shadow: Shadow) -> Live {
         Live {
+            counts: Self::count_allow(&index),
             index,
             policy,
             shadow,

@@ -83,6 +83,8 @@ struct FileEdit {
     old_lines: u32,
     new_lines: u32,
     added: Vec<Indexed>,
+    /// The occurrences the region held (to remove).
+    removed: Vec<Indexed>,
     bytes: Vec<u8>,
 }
 
@@ -97,26 +99,20 @@ fn family_of(net: &IpNet) -> usize {
 }
 
 fn lines_in(bytes: &[u8]) -> u32 {
-    u32::try_from(bytes.iter().filter(|&&b| b == b'\n').count()).unwrap_or(u32::MAX)
+    u32::try_from(memchr::memchr_iter(b'\n', bytes).count()).unwrap_or(u32::MAX)
 }
 
 /// (head, tail) byte lengths common to `old` and `new`, each made of whole
 /// lines and not overlapping.
 fn common_lines(old: &[u8], new: &[u8]) -> (usize, usize) {
     let max = old.len().min(new.len());
-    let mut head = old.iter().zip(new).take_while(|(a, b)| a == b).count();
+    let mut head = common_prefix(old, new);
     // Back to the start of the line the difference is in.
     if head < old.len() || head < new.len() {
         head = old[..head].iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
     }
     let room = max - head;
-    let mut tail = old
-        .iter()
-        .rev()
-        .zip(new.iter().rev())
-        .take(room)
-        .take_while(|(a, b)| a == b)
-        .count();
+    let mut tail = common_suffix(&old[old.len() - room..], &new[new.len() - room..]);
     // The tail must start at a line start in both.
     while tail > 0 {
         let o = old.len() - tail;
@@ -128,6 +124,34 @@ fn common_lines(old: &[u8], new: &[u8]) -> (usize, usize) {
         tail -= 1;
     }
     (head, tail)
+}
+
+/// Length of the common prefix, compared a block at a time (memcmp).
+fn common_prefix(a: &[u8], b: &[u8]) -> usize {
+    const BLOCK: usize = 4096;
+    let n = a.len().min(b.len());
+    let mut i = 0;
+    while i + BLOCK <= n && a[i..i + BLOCK] == b[i..i + BLOCK] {
+        i += BLOCK;
+    }
+    i + a[i..n].iter().zip(&b[i..n]).take_while(|(x, y)| x == y).count()
+}
+
+/// Length of the common suffix, compared a block at a time.
+fn common_suffix(a: &[u8], b: &[u8]) -> usize {
+    const BLOCK: usize = 4096;
+    let n = a.len().min(b.len());
+    let (a, b) = (&a[a.len() - n..], &b[b.len() - n..]);
+    let mut i = 0;
+    while i + BLOCK <= n && a[n - i - BLOCK..n - i] == b[n - i - BLOCK..n - i] {
+        i += BLOCK;
+    }
+    i + a[..n - i]
+        .iter()
+        .rev()
+        .zip(b[..n - i].iter().rev())
+        .take_while(|(x, y)| x == y)
+        .count()
 }
 
 impl ListIndex {
@@ -214,13 +238,15 @@ impl ListIndex {
             let (gone, _) = parse_list_from(&f.path, old_text, f.action, first as usize);
             let (new, errs) = parse_list_from(&f.path, new_text, f.action, first as usize);
             errors.extend(errs);
-            removed.extend(gone.iter().map(|e| (file, to_indexed(e, file))));
+            let gone: Vec<Indexed> = gone.iter().map(|e| to_indexed(e, file)).collect();
+            removed.extend(gone.iter().map(|e| (file, *e)));
             edits.push(FileEdit {
                 file,
                 first,
                 old_lines: count(old_text, old_lines),
                 new_lines: count(new_text, new_lines),
                 added: new.iter().map(|e| to_indexed(e, file)).collect(),
+                removed: gone,
                 bytes,
             });
         }
@@ -295,7 +321,21 @@ impl ListIndex {
             let g = self.files[usize::from(ed.file)].guard;
             let shift = i64::from(ed.new_lines) - i64::from(ed.old_lines);
             let entries = &mut self.guards[g];
-            entries.retain(|e| !ed.removes(e));
+            if ed.removed.len() < 64 {
+                // Found by network: no pass over the whole list.
+                for r in &ed.removed {
+                    let start = entries.partition_point(|x| x.net < r.net);
+                    if let Some(off) = entries[start..]
+                        .iter()
+                        .take_while(|x| x.net == r.net)
+                        .position(|x| x.file == r.file && x.line == r.line)
+                    {
+                        entries.remove(start + off);
+                    }
+                }
+            } else {
+                entries.retain(|e| !ed.removes(e));
+            }
             if shift != 0 {
                 for e in entries.iter_mut() {
                     if e.file == ed.file && e.line >= ed.first + ed.old_lines {
@@ -323,7 +363,7 @@ impl ListIndex {
     /// [`crate::reload::fingerprint`] of the bytes this index holds.
     pub fn fingerprint(&self) -> u64 {
         use std::hash::{Hash as _, Hasher as _};
-        let mut h = std::hash::DefaultHasher::new();
+        let mut h = crate::reload::fingerprint_hasher();
         if let Some(p) = &self.config_path {
             Path::hash(p, &mut h);
         }

@@ -142,25 +142,34 @@ pub async fn execute(config_path: &Path) -> anyhow::Result<()> {
         // What a failed attempt saw (taken before it reads): a later change
         // of any of these bytes triggers another attempt.
         let attempted = reload::fingerprint(config_path, &current.list_files);
-        let outcome = match delta_reload(&mut loaded, &mut live, &current, config_path, &interfaces) {
-            Some(outcome) => outcome,
+        // A delta leaves ports and interfaces as they were: the counter
+        // slots stay, and are not read again (131k map lookups).
+        let slots_now = labels
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .slots
+            .clone();
+        let outcome = match delta_reload(&mut loaded, &mut live, &current, config_path, &interfaces, slots_now) {
+            Some(outcome) => outcome.map(|(new, labels)| (new, labels, false)),
             None => {
                 // The old state is rebuilt by the full reload: drop it first
                 // so a large list is not held twice.
                 live = None;
                 reload(&mut loaded, &current, config_path, &mut interfaces).map(|(new, labels, fresh)| {
                     live = fresh;
-                    (new, labels)
+                    (new, labels, true)
                 })
             }
         };
         // Counted when the attempt is over, so a scrape that sees the count
         // move also sees its outcome (the kernel maps are already synced).
         match outcome {
-            Ok((new, mut new_labels)) => {
-                match counters::slots(&loaded.maps) {
-                    Ok(slots) => new_labels.slots = slots,
-                    Err(e) => warn!(error = %e, "failed to read counter slots; metrics labels may lag"),
+            Ok((new, mut new_labels, refresh_slots)) => {
+                if refresh_slots {
+                    match counters::slots(&loaded.maps) {
+                        Ok(slots) => new_labels.slots = slots,
+                        Err(e) => warn!(error = %e, "failed to read counter slots; metrics labels may lag"),
+                    }
                 }
                 *labels.write().unwrap_or_else(std::sync::PoisonError::into_inner) = new_labels;
                 agent.reload_succeeded();
@@ -201,6 +210,7 @@ fn delta_reload(
     current: &Config,
     path: &Path,
     interfaces: &HashMap<u32, String>,
+    slots: counters::Slots,
 ) -> Option<anyhow::Result<(Config, LabelState)>> {
     let state = live.as_mut()?;
     match state.reload(&mut loaded.maps, path) {
@@ -224,7 +234,7 @@ fn delta_reload(
                     .map(|(n, &(v4, v6))| (n.clone(), v4, v6))
                     .collect(),
                 interfaces: interfaces.clone(),
-                slots: counters::Slots::default(),
+                slots,
             };
             Some(Ok((new, labels)))
         }

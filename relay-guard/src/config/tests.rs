@@ -801,3 +801,40 @@ fn duplicate_entry_across_inline_and_list_file_is_kept_once() {
     );
     assert_eq!(cfg.list_files, vec![dir.path().join("a.txt"), dir.path().join("b.txt")]);
 }
+
+/// The fast path of `parse_net` agrees with the general parser on every
+/// input it accepts, and leaves the rest to it.
+#[test]
+fn fast_net_parser_agrees_with_ipnet() {
+    for s in [
+        "192.0.2.0/24",
+        "192.0.2.5/24",
+        "192.0.2.0/024",
+        "192.0.2.0/+24",
+        "192.0.2.0/33",
+        "192.0.2.0/",
+        "/24",
+        "192.0.2.0/2 4",
+        "0.0.0.0/0",
+        "2001:db8::/32",
+        "2001:db8::1/128",
+        "2001:db8::/129",
+        "::/0",
+        "::ffff:192.0.2.1/128",
+        "192.0.2.1",
+        "2001:db8::7",
+        "192.0.2.0/24/8",
+        "192.0.2",
+        "1.2.3.4/0",
+        "01.2.3.4/8",
+        "2001:db8::%eth0/64",
+    ] {
+        let general = match s.parse::<std::net::IpAddr>() {
+            Ok(a) => Ok(IpNet::from(a)),
+            Err(_) => s.parse::<IpNet>().map_err(|_| ()),
+        };
+        if let Some(fast) = super::parse_net_fast(s) {
+            assert_eq!(Ok(fast), general, "`{s}`");
+        }
+    }
+}

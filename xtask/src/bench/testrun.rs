@@ -118,6 +118,13 @@ pub struct SizeCosts {
 #[derive(Debug, Clone)]
 pub struct DiffSync {
     pub size: usize,
+    /// `Live::reload` of the edited list file: what the agent does on a reload.
+    pub delta: Vec<Duration>,
+    /// Lines it parsed and kernel entries it wrote, removed (last run).
+    pub delta_lines: usize,
+    pub delta_written: usize,
+    pub delta_removed: usize,
+    /// A full `sync::apply` of the changed policy, for comparison.
     pub apply: Vec<Duration>,
     pub parse: Duration,
     pub compile: Duration,
@@ -127,6 +134,12 @@ pub struct DiffSync {
 }
 
 impl DiffSync {
+    pub fn delta_median(&self) -> Duration {
+        Duration::from_secs_f64(median(
+            &self.delta.iter().map(Duration::as_secs_f64).collect::<Vec<_>>(),
+        ))
+    }
+
     pub fn apply_median(&self) -> Duration {
         Duration::from_secs_f64(median(
             &self.apply.iter().map(Duration::as_secs_f64).collect::<Vec<_>>(),
@@ -359,8 +372,43 @@ fn diff_sync(plan: &Plan, dir: &Path, list: &[IpNet], loaded: &mut Loaded) -> an
     if plan.diff_runs % 2 == 1 {
         sync::apply(&mut loaded.maps, &policy0).context("sync::apply (back to the original list)")?;
     }
+    drop((policy0, policy1));
+
+    // The agent's path: the list file edited in place, `Live::reload`.
+    let (cfg0, index) = Config::load_indexed(&p0).map_err(|e| anyhow::anyhow!("bench config is invalid:\n{e}"))?;
+    let policy = Policy::compile(&cfg0);
+    drop(cfg0);
+    let (_, shadow) = sync::apply_full(&mut loaded.maps, &policy).context("sync::apply_full")?;
+    let cfg0 = Config::parse(&p0, &t0).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let mut live = relay_guard::incremental::Live::new(&cfg0, index, policy, shadow);
+    drop(cfg0);
+    let list0 = dir.join(format!("allow-{max}.txt"));
+    let mut delta = Vec::new();
+    let (mut delta_lines, mut delta_written, mut delta_removed) = (0, 0, 0);
+    for i in 0..plan.diff_runs.max(2) {
+        check_stop()?;
+        prefixes::write_list(&list0, if i % 2 == 0 { &changed } else { original })?;
+        let t = Instant::now();
+        let applied = live
+            .reload(&mut loaded.maps, &p0)
+            .map_err(|e| anyhow::anyhow!("{e}"))?
+            .context("a one-line edit must be applied as a delta")?;
+        delta.push(t.elapsed());
+        delta_lines = applied.lines;
+        delta_written = applied.stats.written;
+        delta_removed = applied.stats.removed;
+    }
+    if plan.diff_runs.max(2) % 2 == 1 {
+        prefixes::write_list(&list0, original)?;
+        live.reload(&mut loaded.maps, &p0).map_err(|e| anyhow::anyhow!("{e}"))?;
+    }
+    drop(live);
     let d = DiffSync {
         size: max,
+        delta,
+        delta_lines,
+        delta_written,
+        delta_removed,
         apply,
         parse: parse_time,
         compile,
@@ -369,7 +417,11 @@ fn diff_sync(plan: &Plan, dir: &Path, list: &[IpNet], loaded: &mut Loaded) -> an
         line,
     };
     println!(
-        "bench:   sync::apply median {:.1} ms (written {}, removed {}); re-parse {:.0} ms, compile {:.0} ms",
+        "bench:   delta reload median {:.1} ms ({} lines parsed, written {}, removed {}); full sync::apply median {:.1} ms (written {}, removed {}); re-parse {:.0} ms, compile {:.0} ms",
+        ms(d.delta_median()),
+        d.delta_lines,
+        d.delta_written,
+        d.delta_removed,
         ms(d.apply_median()),
         d.written,
         d.removed,
