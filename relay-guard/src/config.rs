@@ -443,6 +443,8 @@ impl Validator<'_> {
         let mut entries: Vec<Entry> = Vec::new();
         // For the index: which list file each parsed file's origins stand for.
         let mut file_ids: Vec<(std::sync::Arc<Path>, u16)> = Vec::new();
+        // The list files in the order read, to order equal networks.
+        let mut file_order: Vec<std::sync::Arc<Path>> = Vec::new();
         for (list, action, key) in [(&g.allow, Action::Allow, "allow"), (&g.deny, Action::Deny, "deny")] {
             for s in list {
                 match parse_net(s.get_ref()) {
@@ -473,6 +475,9 @@ impl Validator<'_> {
                 match read {
                     Ok(text) => {
                         let (parsed, errs) = parse_list(&file, &text, action);
+                        if let Some(first) = parsed.first() {
+                            file_order.push(std::sync::Arc::clone(&first.origin.file));
+                        }
                         if let Some(ix) = &mut self.index {
                             let id = u16::try_from(ix.files.len()).unwrap_or(crate::lists::INLINE);
                             if let Some(first) = parsed.first() {
@@ -502,9 +507,21 @@ impl Validator<'_> {
         }
 
         // Same prefix twice: harmless if the same action, an error if not.
-        // A stable sort keeps the first occurrence first among equals; the
-        // dedup is in place (a 1M-entry list is not copied).
-        entries.sort_by_key(|e| e.net);
+        // Equal networks are ordered as they were written (inline allow,
+        // inline deny, then each list file by line), so the first occurrence
+        // is kept: what a stable sort gives, from an in-place unstable sort
+        // (no 1M-entry scratch copy). The dedup is in place too.
+        let place = |e: &Entry| -> (usize, usize) {
+            let source = match file_order
+                .iter()
+                .position(|f| std::sync::Arc::ptr_eq(f, &e.origin.file))
+            {
+                Some(i) => i + 2,
+                None => usize::from(e.action == Action::Deny),
+            };
+            (source, e.origin.line)
+        };
+        entries.sort_unstable_by(|a, b| a.net.cmp(&b.net).then_with(|| place(a).cmp(&place(b))));
         if let Some(ix) = &mut self.index {
             let all = entries
                 .iter()
