@@ -129,19 +129,25 @@ pub const fn counter_slots(index: u32) -> (u32, u32, u8, u8) {
 /// Slots per CPU of the blocked-source cache (a power of two).
 pub const SOURCE_SLOTS: u32 = 4096;
 
-/// Cache slot of a source address (network order; IPv4 in the first 4 bytes):
-/// a multiplicative hash of the address words. Two sources that share a slot
-/// take turns in it; `top` is a ranking of recent heavy hitters, the exact
-/// totals are the counters.
+/// log2 of [`SOURCE_SLOTS`].
+const SOURCE_SLOT_BITS: u32 = SOURCE_SLOTS.trailing_zeros();
+
+/// Cache slot of an IPv4 source: a multiplicative hash of the address as a
+/// native-order word of its network-order bytes. Two sources that share a
+/// slot take turns in it; `top` is a ranking of recent heavy hitters, the
+/// exact totals are the counters.
 #[inline(always)]
-pub const fn source_slot(addr: &[u8; 16]) -> u32 {
-    let w0 = u32::from_be_bytes([addr[0], addr[1], addr[2], addr[3]]);
-    let w1 = u32::from_be_bytes([addr[4], addr[5], addr[6], addr[7]]);
-    let w2 = u32::from_be_bytes([addr[8], addr[9], addr[10], addr[11]]);
-    let w3 = u32::from_be_bytes([addr[12], addr[13], addr[14], addr[15]]);
-    let h = (w0 ^ w1.rotate_left(7) ^ w2.rotate_left(13) ^ w3.rotate_left(19)).wrapping_mul(0x9e37_79b1);
-    h >> (32 - SOURCE_SLOTS.trailing_zeros())
+pub const fn source_slot_v4(addr: u32) -> u32 {
+    addr.wrapping_mul(0x9e37_79b1) >> (32 - SOURCE_SLOT_BITS)
 }
+
+/// Cache slot of an IPv6 source: the same kind of hash over the address as
+/// two native-order words of its network-order bytes.
+#[inline(always)]
+pub const fn source_slot_v6(w0: u64, w1: u64) -> u32 {
+    ((w0 ^ w1.rotate_left(32)).wrapping_mul(0x9e37_79b9_7f4a_7c15) >> (64 - SOURCE_SLOT_BITS)) as u32
+}
+
 /// At most one log event per blocked source per this many nanoseconds.
 pub const EVENT_INTERVAL_NS: u64 = 1_000_000_000;
 
@@ -281,6 +287,8 @@ const _: () =
 const _: () = assert!(size_of::<Settings>() == 4);
 const _: () = assert!(size_of::<SourceKey>() == 20);
 const _: () = assert!(size_of::<SourceStats>() == 48);
+// The program compares and writes the address as two u64 words.
+const _: () = assert!(core::mem::offset_of!(SourceStats, source) % 8 == 0);
 
 #[cfg(feature = "user")]
 mod pod {
