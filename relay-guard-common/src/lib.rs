@@ -54,7 +54,7 @@ pub mod maps {
 /// Version of the map layout. Pinned state lives under `layout-<N>/`, so an
 /// agent never opens maps whose layout it does not know. Bump it whenever a
 /// map's name, type, key, value or capacity changes.
-pub const LAYOUT_VERSION: u32 = 2;
+pub const LAYOUT_VERSION: u32 = 3;
 
 /// Number of entries in [`maps::PORTS`]: one per TCP port.
 pub const PORT_SLOTS: u32 = 65_536;
@@ -254,6 +254,11 @@ pub struct SourceStats {
     pub last_seen_ns: u64,
     /// Same clock: the last log event for this source from this CPU.
     pub last_event_ns: u64,
+    /// `bpf_jiffies64` when `last_seen_ns` was last read from the clock. The
+    /// clock is read again only once the tick has moved on: a flood from one
+    /// source reads it at most once per tick, not once per packet, and
+    /// `last_seen_ns` stays within a tick of the truth.
+    pub last_tick: u64,
     /// The source this slot counts (all zero: empty slot).
     pub source: SourceKey,
     /// Destination port of the last such packet (host order).
@@ -286,7 +291,7 @@ const _: () =
     assert!(counter_index(IFACE_SLOTS - 1, COUNTER_PORT_SLOTS - 1, family::UNKNOWN, 4) == COUNTER_ENTRIES - 1);
 const _: () = assert!(size_of::<Settings>() == 4);
 const _: () = assert!(size_of::<SourceKey>() == 20);
-const _: () = assert!(size_of::<SourceStats>() == 48);
+const _: () = assert!(size_of::<SourceStats>() == 56);
 // The program compares and writes the address as two u64 words.
 const _: () = assert!(core::mem::offset_of!(SourceStats, source) % 8 == 0);
 

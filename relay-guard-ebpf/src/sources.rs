@@ -11,8 +11,15 @@
 //! once a second.
 //!
 //! Cost on the drop path: the address is compared as two 64-bit words (an
-//! IPv4 source is one 32-bit word and a zero).
-use aya_ebpf::{helpers::bpf_ktime_get_coarse_ns, programs::XdpContext};
+//! IPv4 source is one 32-bit word and a zero), and the clock is read only
+//! when the tick (`bpf_jiffies64`, which the verifier inlines to one load)
+//! has moved on since the slot last read it. The coarse clock advances only
+//! at a tick, so `last_seen_ns` (and the one-second event limit) stays within
+//! a tick of reading the clock on every packet.
+use aya_ebpf::{
+    helpers::{bpf_jiffies64, bpf_ktime_get_coarse_ns},
+    programs::XdpContext,
+};
 use aya_log_ebpf::info;
 use relay_guard_common::{EVENT_INTERVAL_NS, family, source_slot_v4, source_slot_v6, verdict};
 
@@ -53,8 +60,8 @@ fn touch(slot: u32, w0: u64, w1: u64, fam: u8, port: u16, guard: u8, v: u8) -> b
     let Some(s) = SOURCES.get_ptr_mut(slot) else {
         return false;
     };
-    // SAFETY: a helper without arguments.
-    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    // SAFETY: a helper without arguments; the verifier inlines it.
+    let tick = unsafe { bpf_jiffies64() };
     // SAFETY: `s` is this CPU's slot of a live array element; XDP runs one
     // packet at a time per CPU, so nothing else writes it meanwhile. The
     // address is 8-aligned inside the value (checked in relay-guard-common).
@@ -68,10 +75,18 @@ fn touch(slot: u32, w0: u64, w1: u64, fam: u8, port: u16, guard: u8, v: u8) -> b
             (*s).source.family = fam;
             (*s).packets = 1;
             (*s).last_event_ns = 0;
+            (*s).last_tick = tick.wrapping_sub(1);
         }
         (*s).last_port = port;
         (*s).last_guard = guard;
         (*s).last_verdict = v;
+        if (*s).last_tick == tick {
+            // Same tick: the coarse clock has not moved since the last read.
+            return false;
+        }
+        // SAFETY: a helper without arguments.
+        let now = bpf_ktime_get_coarse_ns();
+        (*s).last_tick = tick;
         (*s).last_seen_ns = now;
         let due = (*s).last_event_ns == 0 || now.wrapping_sub((*s).last_event_ns) >= EVENT_INTERVAL_NS;
         if due {
