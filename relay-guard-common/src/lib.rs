@@ -54,7 +54,7 @@ pub mod maps {
 /// Version of the map layout. Pinned state lives under `layout-<N>/`, so an
 /// agent never opens maps whose layout it does not know. Bump it whenever a
 /// map's name, type, key, value or capacity changes.
-pub const LAYOUT_VERSION: u32 = 2;
+pub const LAYOUT_VERSION: u32 = 3;
 
 /// Number of entries in [`maps::PORTS`]: one per TCP port.
 pub const PORT_SLOTS: u32 = 65_536;
@@ -129,19 +129,25 @@ pub const fn counter_slots(index: u32) -> (u32, u32, u8, u8) {
 /// Slots per CPU of the blocked-source cache (a power of two).
 pub const SOURCE_SLOTS: u32 = 4096;
 
-/// Cache slot of a source address (network order; IPv4 in the first 4 bytes):
-/// a multiplicative hash of the address words. Two sources that share a slot
-/// take turns in it; `top` is a ranking of recent heavy hitters, the exact
-/// totals are the counters.
+/// log2 of [`SOURCE_SLOTS`].
+const SOURCE_SLOT_BITS: u32 = SOURCE_SLOTS.trailing_zeros();
+
+/// Cache slot of an IPv4 source: a multiplicative hash of the address as a
+/// native-order word of its network-order bytes. Two sources that share a
+/// slot take turns in it; `top` is a ranking of recent heavy hitters, the
+/// exact totals are the counters.
 #[inline(always)]
-pub const fn source_slot(addr: &[u8; 16]) -> u32 {
-    let w0 = u32::from_be_bytes([addr[0], addr[1], addr[2], addr[3]]);
-    let w1 = u32::from_be_bytes([addr[4], addr[5], addr[6], addr[7]]);
-    let w2 = u32::from_be_bytes([addr[8], addr[9], addr[10], addr[11]]);
-    let w3 = u32::from_be_bytes([addr[12], addr[13], addr[14], addr[15]]);
-    let h = (w0 ^ w1.rotate_left(7) ^ w2.rotate_left(13) ^ w3.rotate_left(19)).wrapping_mul(0x9e37_79b1);
-    h >> (32 - SOURCE_SLOTS.trailing_zeros())
+pub const fn source_slot_v4(addr: u32) -> u32 {
+    addr.wrapping_mul(0x9e37_79b1) >> (32 - SOURCE_SLOT_BITS)
 }
+
+/// Cache slot of an IPv6 source: the same kind of hash over the address as
+/// two native-order words of its network-order bytes.
+#[inline(always)]
+pub const fn source_slot_v6(w0: u64, w1: u64) -> u32 {
+    ((w0 ^ w1.rotate_left(32)).wrapping_mul(0x9e37_79b9_7f4a_7c15) >> (64 - SOURCE_SLOT_BITS)) as u32
+}
+
 /// At most one log event per blocked source per this many nanoseconds.
 pub const EVENT_INTERVAL_NS: u64 = 1_000_000_000;
 
@@ -248,6 +254,11 @@ pub struct SourceStats {
     pub last_seen_ns: u64,
     /// Same clock: the last log event for this source from this CPU.
     pub last_event_ns: u64,
+    /// `bpf_jiffies64` when `last_seen_ns` was last read from the clock. The
+    /// clock is read again only once the tick has moved on: a flood from one
+    /// source reads it at most once per tick, not once per packet, and
+    /// `last_seen_ns` stays within a tick of the truth.
+    pub last_tick: u64,
     /// The source this slot counts (all zero: empty slot).
     pub source: SourceKey,
     /// Destination port of the last such packet (host order).
@@ -280,7 +291,9 @@ const _: () =
     assert!(counter_index(IFACE_SLOTS - 1, COUNTER_PORT_SLOTS - 1, family::UNKNOWN, 4) == COUNTER_ENTRIES - 1);
 const _: () = assert!(size_of::<Settings>() == 4);
 const _: () = assert!(size_of::<SourceKey>() == 20);
-const _: () = assert!(size_of::<SourceStats>() == 48);
+const _: () = assert!(size_of::<SourceStats>() == 56);
+// The program compares and writes the address as two u64 words.
+const _: () = assert!(core::mem::offset_of!(SourceStats, source) % 8 == 0);
 
 #[cfg(feature = "user")]
 mod pod {

@@ -4,7 +4,8 @@
 //! `parsing_helpers.h`): it reads its header at the cursor, checks bounds
 //! before every access, advances the cursor past the header (variable lengths
 //! come from the header itself, never from a fixed size), and returns the next
-//! protocol in host byte order, or a [`Stop`] saying why parsing ended.
+//! protocol in host byte order (the IP parsers: the source address, through
+//! an out-parameter), or a [`Stop`] saying why parsing ended.
 use core::mem::size_of;
 
 use aya_ebpf::programs::XdpContext;

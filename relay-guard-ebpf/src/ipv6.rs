@@ -1,4 +1,6 @@
 //! IPv6 and a bounded walk over its extension headers.
+use core::mem::MaybeUninit;
+
 use crate::cursor::{Cursor, Stop, be16};
 
 const IPV6_HLEN: usize = 40;
@@ -19,20 +21,40 @@ fn is_ext(next: u8) -> bool {
     )
 }
 
+/// A source address: network-order bytes held as two native-order words, so
+/// the source cache compares it in two steps.
+pub struct V6Src(pub [u64; 2]);
+
+impl V6Src {
+    /// The address bytes (network order).
+    #[inline(always)]
+    pub fn bytes(&self) -> [u8; 16] {
+        // SAFETY: [u64; 2] and [u8; 16] have the same size, and any bits are valid.
+        unsafe { core::mem::transmute::<[u64; 2], [u8; 16]>(self.0) }
+    }
+}
+
 /// Parses the fixed header, walks up to [`MAX_IPV6_EXT`] extension headers,
-/// and returns the source address when the next header is TCP.
+/// and succeeds, with the source address written to `src`, when the next
+/// header is TCP (an out-parameter for the reason given at
+/// `ipv4::parse_ipv4`; uninitialised, because zeroing it first is a call to
+/// memset). On success all 16 bytes are written.
 /// A non-first fragment, or a chain ending in anything but TCP (UDP, ICMPv6,
 /// ESP, no-next-header), is `NotOurs`. A truncated header, a wrong version, or
 /// a chain still going after the last step is `Malformed`.
 #[inline(always)]
-pub fn parse_ipv6(c: &mut Cursor) -> Result<[u8; 16], Stop> {
+pub fn parse_ipv6(c: &mut Cursor, src: &mut MaybeUninit<V6Src>) -> Result<(), Stop> {
     let ip = c.peek::<IPV6_HLEN>(Stop::MALFORMED_V6)?;
     if ip[0] >> 4 != 6 {
         return Err(Stop::MALFORMED_V6);
     }
     let mut next = ip[6];
-    let mut src = [0u8; 16];
-    src.copy_from_slice(&ip[8..24]);
+    // Byte by byte: a slice copy becomes a call to memcpy.
+    let bytes = src.as_mut_ptr().cast::<u8>();
+    for i in 0..16 {
+        // SAFETY: i < 16, inside the V6Src.
+        unsafe { bytes.add(i).write(ip[8 + i]) };
+    }
     c.skip(IPV6_HLEN, Stop::MALFORMED_V6)?;
 
     for _ in 0..MAX_IPV6_EXT {
@@ -42,7 +64,7 @@ pub fn parse_ipv6(c: &mut Cursor) -> Result<[u8; 16], Stop> {
         next = skip_ext(c, next)?;
     }
     if next == IPPROTO_TCP {
-        Ok(src)
+        Ok(())
     } else if is_ext(next) {
         Err(Stop::MALFORMED_V6)
     } else {

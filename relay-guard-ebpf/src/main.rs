@@ -17,6 +17,8 @@ mod sources;
 mod tcp;
 mod verdict;
 
+use core::mem::MaybeUninit;
+
 use aya_ebpf::{
     bindings::{
         BPF_F_MMAPABLE, BPF_F_NO_PREALLOC,
@@ -28,8 +30,8 @@ use aya_ebpf::{
 };
 use relay_guard_common::{
     AllowMask, COUNTER_ENTRIES, GuardedPort, IFACE_TABLE, IfaceSlot, LongBlock, MAX_LONG_BLOCKS, MAX_MASKS,
-    MAX_PREFIXES, PORT_SLOTS, SOURCE_SLOTS, Settings, SourceKey, SourceStats, TBL24_ENTRIES, V6Addr, counter_index,
-    family, mode, verdict as v,
+    MAX_PREFIXES, PORT_SLOTS, SOURCE_SLOTS, Settings, SourceStats, TBL24_ENTRIES, V6Addr, counter_index, family, mode,
+    verdict as v,
 };
 
 use crate::cursor::{Cursor, Stop};
@@ -66,49 +68,97 @@ static SOURCES: PerCpuArray<SourceStats> = PerCpuArray::with_max_entries(SOURCE_
 
 // ---- Entry ----
 
-/// A TCP segment to a guarded port, judged.
-struct Judged {
-    port: u16,
-    /// Counter slot of the port.
-    slot: u16,
-    guard: u8,
-    family: u8,
-    allowed: bool,
-    /// Source address, network order; IPv4 in the first 4 bytes.
-    src: [u8; 16],
-}
-
 /// `frags`: the program declares multi-buffer support, so it attaches to
 /// jumbo-MTU interfaces; it reads headers in the first buffer only.
+///
+/// Each family runs its own path to the exit, so the IPv4 path never carries
+/// a 16-byte address; both end in the same counting [`exit`].
 #[xdp(frags)]
 pub fn relay_guard(ctx: XdpContext) -> u32 {
-    match judge(&ctx) {
-        Err(Stop::NotOurs) => XDP_PASS,
-        Err(Stop::Malformed(fam)) => {
-            let verdict = if monitor() {
-                v::MALFORMED_PASSED
-            } else {
-                v::MALFORMED_DROPPED
-            };
-            exit(&ctx, 0, fam, verdict)
-        }
-        Ok(j) => {
-            let verdict = match (j.allowed, monitor()) {
-                (true, _) => v::PASSED,
-                (false, true) => v::WOULD_DROP,
-                (false, false) => v::DROPPED,
-            };
-            if !j.allowed {
-                let src = SourceKey {
-                    addr: j.src,
-                    family: j.family,
-                    _pad: [0; 3],
-                };
-                sources::record(&ctx, &src, j.port, j.guard, verdict);
-            }
-            exit(&ctx, u32::from(j.slot), j.family, verdict)
-        }
+    let mut c = Cursor::new(&ctx);
+    match eth::parse_eth(&mut c) {
+        Ok(eth::ETH_P_IP) => judge_v4(&ctx, &mut c),
+        Ok(eth::ETH_P_IPV6) => judge_v6(&ctx, &mut c),
+        Ok(_) => XDP_PASS,
+        Err(stop) => stopped(&ctx, stop),
     }
+}
+
+/// `?` for the parsers: on a [`Stop`], return its action from the caller.
+macro_rules! parsed {
+    ($ctx:expr, $e:expr) => {
+        match $e {
+            Ok(v) => v,
+            Err(stop) => return stopped($ctx, stop),
+        }
+    };
+}
+
+/// The action for a packet whose parse stopped: not ours passes uncounted;
+/// malformed goes to [`malformed`].
+#[inline(always)]
+fn stopped(ctx: &XdpContext, stop: Stop) -> u32 {
+    match stop {
+        Stop::NotOurs => XDP_PASS,
+        Stop::Malformed(fam) => malformed(ctx, fam),
+    }
+}
+
+/// Malformed: dropped (passed in monitor mode) and counted. Out of line:
+/// rare, and it keeps the judged paths short.
+#[inline(never)]
+fn malformed(ctx: &XdpContext, fam: u8) -> u32 {
+    let verdict = if monitor() {
+        v::MALFORMED_PASSED
+    } else {
+        v::MALFORMED_DROPPED
+    };
+    exit(ctx, 0, fam, verdict)
+}
+
+/// IPv4: parse, port, table lookup; only a source that is not allowed
+/// reads the mode and touches the source cache.
+#[inline(always)]
+fn judge_v4(ctx: &XdpContext, c: &mut Cursor) -> u32 {
+    let mut src = [0u8; 4];
+    parsed!(ctx, ipv4::parse_ipv4(c, &mut src));
+    let port = parsed!(ctx, tcp::parse_tcp(c, family::IPV4));
+    let Some(gp) = verdict::guard_of(port) else {
+        return XDP_PASS;
+    };
+    let slot = u32::from(gp.slot);
+    if verdict::allowed_v4(src, gp.guard) {
+        return exit(ctx, slot, family::IPV4, v::PASSED);
+    }
+    let verdict = not_allowed();
+    sources::record_v4(ctx, src, port, gp.guard, verdict);
+    exit(ctx, slot, family::IPV4, verdict)
+}
+
+#[inline(always)]
+fn judge_v6(ctx: &XdpContext, c: &mut Cursor) -> u32 {
+    let mut src = MaybeUninit::uninit();
+    parsed!(ctx, ipv6::parse_ipv6(c, &mut src));
+    // SAFETY: parse_ipv6 succeeded, so it wrote all of `src`.
+    let src = unsafe { src.assume_init() };
+    let port = parsed!(ctx, tcp::parse_tcp(c, family::IPV6));
+    let Some(gp) = verdict::guard_of(port) else {
+        return XDP_PASS;
+    };
+    let slot = u32::from(gp.slot);
+    if verdict::allowed_v6(src.bytes(), gp.guard) {
+        return exit(ctx, slot, family::IPV6, v::PASSED);
+    }
+    let verdict = not_allowed();
+    sources::record_v6(ctx, &src, port, gp.guard, verdict);
+    exit(ctx, slot, family::IPV6, verdict)
+}
+
+/// The verdict for a source that is not allowed: dropped, or would_drop in
+/// monitor mode.
+#[inline(always)]
+fn not_allowed() -> u8 {
+    if monitor() { v::WOULD_DROP } else { v::DROPPED }
 }
 
 #[inline(always)]
@@ -123,47 +173,6 @@ fn exit(ctx: &XdpContext, port_slot: u32, fam: u8, verdict: u8) -> u32 {
     match verdict {
         v::DROPPED | v::MALFORMED_DROPPED => XDP_DROP,
         _ => XDP_PASS,
-    }
-}
-
-#[inline(always)]
-fn judge(ctx: &XdpContext) -> Result<Judged, Stop> {
-    let mut c = Cursor::new(ctx);
-    match eth::parse_eth(&mut c)? {
-        eth::ETH_P_IP => {
-            let src = ipv4::parse_ipv4(&mut c)?;
-            let port = tcp::parse_tcp(&mut c, family::IPV4)?;
-            let gp = verdict::guard_of(port).ok_or(Stop::NotOurs)?;
-            let mut addr = [0u8; 16];
-            addr[0] = src[0];
-            addr[1] = src[1];
-            addr[2] = src[2];
-            addr[3] = src[3];
-            let allowed = verdict::allowed_v4(src, gp.guard);
-            Ok(Judged {
-                port,
-                slot: gp.slot,
-                guard: gp.guard,
-                family: family::IPV4,
-                allowed,
-                src: addr,
-            })
-        }
-        eth::ETH_P_IPV6 => {
-            let src = ipv6::parse_ipv6(&mut c)?;
-            let port = tcp::parse_tcp(&mut c, family::IPV6)?;
-            let gp = verdict::guard_of(port).ok_or(Stop::NotOurs)?;
-            let allowed = verdict::allowed_v6(src, gp.guard);
-            Ok(Judged {
-                port,
-                slot: gp.slot,
-                guard: gp.guard,
-                family: family::IPV6,
-                allowed,
-                src,
-            })
-        }
-        _ => Err(Stop::NotOurs),
     }
 }
 

@@ -614,7 +614,15 @@ fn reload_attaches_new_interfaces_and_detaches_removed_ones() {
         "lo not attached after a reload that added it:\n{}",
         agent.log_text()
     );
-    assert!(detach.pin_dir.join("layout-2").join("links").join("lo").exists() || xdp_on_lo());
+    assert!(
+        detach
+            .pin_dir
+            .join(format!("layout-{}", relay_guard_common::LAYOUT_VERSION))
+            .join("links")
+            .join("lo")
+            .exists()
+            || xdp_on_lo()
+    );
     assert_gate(&lab, "with lo added");
 
     let before = metric(&scrape(&lab), "relay_guard_config_reloads_total", &[]);

@@ -1,5 +1,8 @@
 //! `relay-guard top`: the sources dropped (or would-dropped) most often, from
-//! the kernel's LRU map of blocked sources.
+//! the kernel's per-CPU cache of blocked sources (`RG_SOURCES`). A cache slot
+//! holds one source at a time, so the ranking is approximate: recent heavy
+//! hitters. "Last seen" is within a tick of the last drop (the program reads
+//! the clock once per tick per slot).
 use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
     path::Path,
