@@ -3,22 +3,26 @@
 //!
 //! Order matters for "no gap". Phase 1 writes everything new or changed:
 //! new masks (into indices no table references), then long blocks, then the
-//! /24 table, then IPv6 prefixes, ports and the mode. Phase 2 removes what is
-//! stale: ports, long blocks, IPv6 prefixes, and finally unreferenced masks.
+//! /24 table, then the IPv6 trie (new nodes and leaves into unlinked indices,
+//! then the entries that link them; see `tables6`), ports and the mode.
+//! Phase 2 removes what is stale: ports, long blocks, and finally masks that
+//! neither family references. IPv6 nodes and leaves that were unlinked are
+//! left as they are (a lookup may still be inside them) and reused by a
+//! later sync.
 //! Every single write is atomic for the XDP program (one aligned store or one
 //! map update), and at every instant each entry holds its old or its new
 //! value, both of which allow an address that is allowed before and after.
 //! Entries that did not change are not touched.
 use std::collections::{BTreeMap, BTreeSet};
 
-use aya::maps::lpm_trie::Key;
-use relay_guard_common::{AllowMask, COUNTER_PORT_SLOTS, GuardedPort, MAX_MASKS, PORT_SLOTS, Settings, maps};
+use relay_guard_common::{COUNTER_PORT_SLOTS, GuardedPort, MAX_MASKS, PORT_SLOTS, Settings, maps};
 
 use crate::{
     error::SyncError,
     loader::Maps,
     policy::Policy,
     tables::{BLOCKS, Palette, V4Tables},
+    tables6::V6Write,
 };
 
 /// What a sync changed (or, from [`plan`], would change), in kernel entries.
@@ -65,6 +69,14 @@ fn run(maps: &mut Maps, policy: &Policy, write: bool) -> Result<SyncStats, SyncE
     }
     let mut palette = Palette::from_kernel(kernel_masks.clone());
     let tables = V4Tables::build(&policy.v4, &mut palette).map_err(|e| SyncError::Capacity { what: e.to_string() })?;
+    // The IPv6 trie as the kernel holds it, rebuilt toward the policy
+    // (allocating its masks in the same palette, before anything is written).
+    let mut v6tables = maps.v6.read_tables();
+    let v6plan = v6tables
+        .build(&policy.v6, &mut palette)
+        .map_err(|e| SyncError::Capacity { what: e.to_string() })?;
+    let mut used = tables.used.clone();
+    v6tables.mark_used(&mut used);
 
     let mut have_long: BTreeSet<u32> = BTreeSet::new();
     for k in maps.long24.keys() {
@@ -109,23 +121,20 @@ fn run(maps: &mut Maps, policy: &Policy, write: bool) -> Result<SyncStats, SyncE
         }
     }
 
-    // ---- IPv6 prefixes ----
-    let mut have_v6: BTreeMap<(u8, [u8; 16]), AllowMask> = BTreeMap::new();
-    for item in maps.v6.iter() {
-        let (k, v) = item.map_err(merr("read", maps::PREFIXES_V6, "entries"))?;
-        have_v6.insert((u8::try_from(k.prefix_len()).unwrap_or(u8::MAX), k.data()), v);
-    }
-    for (&(len, addr), mask) in &policy.v6 {
-        if have_v6.get(&(len, addr)) == Some(mask) {
-            st.unchanged += 1;
-            continue;
-        }
-        st.written += 1;
-        if write {
-            let what = format!("prefix {}/{len}", std::net::Ipv6Addr::from(addr));
-            maps.v6
-                .insert(&Key::new(u32::from(len), addr), mask, 0)
-                .map_err(merr("write", maps::PREFIXES_V6, what))?;
+    // Phase 1d: the IPv6 trie, children before the entries that link them
+    // (the plan's order); freed nodes and leaves are only unlinked.
+    st.written += v6plan.writes.len();
+    st.removed += v6plan.freed_nodes.len() + v6plan.freed_leaves.len();
+    let (nodes, leaves) = v6tables.counts();
+    let fresh = v6plan
+        .writes
+        .iter()
+        .filter(|w| matches!(w, V6Write::Node { .. } | V6Write::Leaf { .. }))
+        .count();
+    st.unchanged += (nodes + leaves) as usize - fresh.min((nodes + leaves) as usize);
+    if write {
+        for w in &v6plan.writes {
+            maps.v6.apply(w);
         }
     }
 
@@ -206,17 +215,8 @@ fn run(maps: &mut Maps, policy: &Policy, write: bool) -> Result<SyncStats, SyncE
                 .map_err(merr("remove", maps::LONG24, block_name(block)))?;
         }
     }
-    for &(len, addr) in have_v6.keys().filter(|k| !policy.v6.contains_key(k)) {
-        st.removed += 1;
-        if write {
-            let what = format!("prefix {}/{len}", std::net::Ipv6Addr::from(addr));
-            maps.v6
-                .remove(&Key::new(u32::from(len), addr))
-                .map_err(merr("remove", maps::PREFIXES_V6, what))?;
-        }
-    }
     for (i, &m) in palette.masks.iter().enumerate().skip(1) {
-        if m != 0 && !tables.used[i] {
+        if m != 0 && !used[i] {
             st.removed += 1;
             if write {
                 let i = u32::try_from(i).expect("< MAX_MASKS");
