@@ -337,7 +337,7 @@ fn changed_keys(old: &V6Map, new: &V6Map) -> Vec<(u8, [u8; 16])> {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
 
     #[test]
     fn full_build_agrees_with_longest_prefix(
