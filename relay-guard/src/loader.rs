@@ -1,9 +1,11 @@
 //! Loads the embedded XDP object, hands out typed map handles, and attaches
 //! the program to interfaces in the configured XDP mode.
 //!
-//! Typed handles (`Array::try_from`, `LpmTrie::try_from`, …) check key and
+//! Typed handles (`Array::try_from`, `HashMap::try_from`, …) check key and
 //! value sizes against the object at start-up, so a layout mismatch between
-//! the agent and the program is an error here, not a misread later.
+//! the agent and the program is an error here, not a misread later; the
+//! mmapable arrays (`RG_TBL24`, the IPv6 trie) are mapped into memory, the
+//! IPv6 ones after checking their value size, capacity and flags.
 use std::{
     os::fd::AsRawFd as _,
     path::{Path, PathBuf},
