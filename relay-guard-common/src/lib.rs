@@ -26,8 +26,15 @@ pub mod maps {
     /// `Array<u64>`: mask index → allow bits (bit g: guard g allows). Index 0
     /// is all zeros: no match, deny.
     pub const MASKS: &str = "RG_MASKS";
-    /// `LpmTrie<[u8; 16], AllowMask>`: IPv6 prefixes of every guard.
-    pub const PREFIXES_V6: &str = "RG_PREFIXES_V6";
+    /// `Array<[u32; 2]>`, mmapable: the IPv6 first level, one entry (see
+    /// [`super::v6`]) per top 16 bits of the address (slot `s` is lane `s & 1`
+    /// of entry `s >> 1`: array values are 8-byte aligned when mmapable).
+    pub const V6_TOP: &str = "RG_V6_TOP";
+    /// `Array<V6Node>`, mmapable: multibit-trie nodes, 16 entries (4 address
+    /// bits) each. Index 0 is never a node.
+    pub const V6_NODES: &str = "RG_V6_NODES";
+    /// `Array<V6Leaf>`, mmapable: path-compressed subtrees holding one prefix.
+    pub const V6_LEAVES: &str = "RG_V6_LEAVES";
     /// `Array<IfaceSlot>` indexed by `ifindex & 0xffff`: counter slot of an interface.
     pub const IFACES: &str = "RG_IFACES";
     /// `PerCpuArray<u64>` indexed by [`super::counter_index`].
@@ -39,15 +46,7 @@ pub mod maps {
     pub const SOURCES: &str = "RG_SOURCES";
     /// Every map the program must define (and the agent pins).
     pub const ALL: &[&str] = &[
-        PORTS,
-        TBL24,
-        LONG24,
-        MASKS,
-        PREFIXES_V6,
-        IFACES,
-        COUNTERS,
-        SETTINGS,
-        SOURCES,
+        PORTS, TBL24, LONG24, MASKS, V6_TOP, V6_NODES, V6_LEAVES, IFACES, COUNTERS, SETTINGS, SOURCES,
     ];
 }
 
@@ -60,8 +59,6 @@ pub const LAYOUT_VERSION: u32 = 3;
 pub const PORT_SLOTS: u32 = 65_536;
 /// Guards are bits of [`AllowMask::allow`].
 pub const MAX_GUARDS: usize = 64;
-/// Capacity of the IPv6 LPM trie.
-pub const MAX_PREFIXES: u32 = 1 << 21;
 /// Entries of [`maps::TBL24`]: four /24 blocks per entry.
 pub const TBL24_ENTRIES: u32 = 1 << 22;
 /// [`maps::TBL24`] value: look the host up in [`maps::LONG24`].
@@ -72,6 +69,61 @@ pub const MAX_MASKS: u32 = 0x8000;
 pub const MAX_LONG_BLOCKS: u32 = 1 << 19;
 /// Value of [`maps::LONG24`]: mask index per host of the /24.
 pub type LongBlock = [u16; 256];
+
+/// The IPv6 multibit trie: its entry encoding and sizes.
+///
+/// An entry (in [`maps::V6_TOP`] or a [`V6Node`]) is a `u32` whose top two
+/// bits tell what it is: `00` a mask index into [`maps::MASKS`] (0: deny),
+/// [`v6::NODE`] a node index, [`v6::LEAF`] a leaf index; `11` is never
+/// written and denies. The top level consumes 16 address bits, each node 4
+/// more, so a walk reads at most [`v6::NODE_LEVELS`] nodes.
+pub mod v6 {
+    /// Tag bits of an entry.
+    pub const TAG: u32 = 0xC000_0000;
+    /// Tag of a node index.
+    pub const NODE: u32 = 0x4000_0000;
+    /// Tag of a leaf index.
+    pub const LEAF: u32 = 0x8000_0000;
+    /// Index bits of an entry.
+    pub const INDEX: u32 = 0x3FFF_FFFF;
+    /// Address bits the top level consumes.
+    pub const TOP_BITS: u32 = 16;
+    /// Top-level slots (`u32` entries).
+    pub const TOP_SLOTS: u32 = 1 << TOP_BITS;
+    /// Entries of [`super::maps::V6_TOP`]: two slots per entry.
+    pub const TOP_ENTRIES: u32 = TOP_SLOTS / 2;
+    /// Address bits a node consumes.
+    pub const STRIDE: u32 = 4;
+    /// Most nodes on one path: depths 16, 20, …, 124.
+    pub const NODE_LEVELS: u32 = (128 - TOP_BITS) / STRIDE;
+    /// Capacity of [`super::maps::V6_NODES`] (64 B each: 32 MiB).
+    pub const NODE_CAPACITY: u32 = 1 << 19;
+    /// Capacity of [`super::maps::V6_LEAVES`] (24 B each: 36 MiB).
+    pub const LEAF_CAPACITY: u32 = 3 << 19;
+}
+
+/// A node of the IPv6 trie: one entry per value of the next 4 address bits.
+pub type V6Node = [u32; 16];
+
+/// A leaf of the IPv6 trie: the one stored prefix below the entry that points
+/// here (path compression). Addresses inside `addr/len` take `inside`, the
+/// rest of the entry's range `outside`. Leaves are never changed in place.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct V6Leaf {
+    /// Network address, network byte order.
+    pub addr: [u8; 16],
+    /// Prefix length, longer than the depth of the entry pointing here.
+    pub len: u8,
+    /// Must be zero.
+    pub _pad0: u8,
+    /// Mask index for addresses inside the prefix.
+    pub inside: u16,
+    /// Mask index for the rest of the entry's range.
+    pub outside: u16,
+    /// Must be zero.
+    pub _pad1: [u8; 2],
+}
 
 /// Interface slots in the counters; slot 0 counts interfaces without one.
 pub const IFACE_SLOTS: u32 = 16;
@@ -202,7 +254,7 @@ pub struct IfaceSlot {
     pub slot: u32,
 }
 
-/// Value of the LPM tries.
+/// Allow bits of one compiled prefix (the values of [`maps::MASKS`]).
 ///
 /// Compiled so that for the longest stored prefix P that contains an address,
 /// bit `g` is set exactly when guard `g`'s own longest entry containing P is
@@ -277,11 +329,6 @@ pub struct Settings {
     pub mode: u32,
 }
 
-/// IPv4 LPM key data: the address in network byte order (LPM compares MSB-first).
-pub type V4Addr = [u8; 4];
-/// IPv6 LPM key data: the address in network byte order.
-pub type V6Addr = [u8; 16];
-
 const _: () = assert!(size_of::<GuardedPort>() == 4);
 const _: () = assert!(size_of::<AllowMask>() == 8);
 const _: () = assert!(size_of::<CounterKey>() == 12);
@@ -290,6 +337,11 @@ const _: () = assert!(size_of::<LongBlock>() == 512);
 const _: () =
     assert!(counter_index(IFACE_SLOTS - 1, COUNTER_PORT_SLOTS - 1, family::UNKNOWN, 4) == COUNTER_ENTRIES - 1);
 const _: () = assert!(size_of::<Settings>() == 4);
+const _: () = assert!(size_of::<V6Node>() == 64);
+const _: () = assert!(size_of::<V6Leaf>() == 24);
+const _: () = assert!(v6::NODE_LEVELS == 28);
+const _: () = assert!(MAX_MASKS <= v6::NODE);
+const _: () = assert!(v6::NODE_CAPACITY <= v6::INDEX && v6::LEAF_CAPACITY <= v6::INDEX);
 const _: () = assert!(size_of::<SourceKey>() == 20);
 const _: () = assert!(size_of::<SourceStats>() == 56);
 // The program compares and writes the address as two u64 words.
@@ -305,4 +357,5 @@ mod pod {
     unsafe impl aya::Pod for super::IfaceSlot {}
     unsafe impl aya::Pod for super::SourceKey {}
     unsafe impl aya::Pod for super::SourceStats {}
+    unsafe impl aya::Pod for super::V6Leaf {}
 }

@@ -1,7 +1,7 @@
 //! relay-guard's XDP program: drops TCP segments to guarded ports whose
 //! source is not allowed by the owning guard.
 //!
-//! Flow: parse (eth → ipv4/ipv6 → tcp) → verdict (port → guard → LPM) →
+//! Flow: parse (eth → ipv4/ipv6 → tcp) → verdict (port → guard → table) →
 //! one exit that counts and maps to an action. There are three outcomes, kept
 //! apart: not ours (pass, uncounted), a judged verdict, and malformed (drop in
 //! enforce mode, pass in monitor mode, counted either way). Nothing fails open.
@@ -25,12 +25,12 @@ use aya_ebpf::{
         xdp_action::{XDP_DROP, XDP_PASS},
     },
     macros::{map, xdp},
-    maps::{Array, HashMap, LpmTrie, PerCpuArray},
+    maps::{Array, HashMap, PerCpuArray},
     programs::XdpContext,
 };
 use relay_guard_common::{
-    AllowMask, COUNTER_ENTRIES, GuardedPort, IFACE_TABLE, IfaceSlot, LongBlock, MAX_LONG_BLOCKS, MAX_MASKS,
-    MAX_PREFIXES, PORT_SLOTS, SOURCE_SLOTS, Settings, SourceStats, TBL24_ENTRIES, V6Addr, counter_index, family, mode,
+    COUNTER_ENTRIES, GuardedPort, IFACE_TABLE, IfaceSlot, LongBlock, MAX_LONG_BLOCKS, MAX_MASKS, PORT_SLOTS,
+    SOURCE_SLOTS, Settings, SourceStats, TBL24_ENTRIES, V6Leaf, V6Node, counter_index, family, mode, v6 as trie,
     verdict as v,
 };
 
@@ -51,8 +51,16 @@ static LONG24: HashMap<u32, LongBlock> = HashMap::with_max_entries(MAX_LONG_BLOC
 #[map(name = "RG_MASKS")]
 static MASKS: Array<u64> = Array::with_max_entries(MAX_MASKS, 0);
 
-#[map(name = "RG_PREFIXES_V6")]
-static PREFIXES_V6: LpmTrie<V6Addr, AllowMask> = LpmTrie::with_max_entries(MAX_PREFIXES, 0);
+/// The IPv6 multibit trie (see `relay_guard_common::v6`), mmapable so the
+/// agent writes it as memory.
+#[map(name = "RG_V6_TOP")]
+static V6_TOP: Array<[u32; 2]> = Array::with_max_entries(trie::TOP_ENTRIES, BPF_F_MMAPABLE);
+
+#[map(name = "RG_V6_NODES")]
+static V6_NODES: Array<V6Node> = Array::with_max_entries(trie::NODE_CAPACITY, BPF_F_MMAPABLE);
+
+#[map(name = "RG_V6_LEAVES")]
+static V6_LEAVES: Array<V6Leaf> = Array::with_max_entries(trie::LEAF_CAPACITY, BPF_F_MMAPABLE);
 
 #[map(name = "RG_IFACES")]
 static IFACES: Array<IfaceSlot> = Array::with_max_entries(IFACE_TABLE, 0);

@@ -6,11 +6,12 @@
 //! IPv4 uses a DIR-24-8 style table, so a lookup costs the same at 10 and at
 //! 1,000,000 prefixes: one array read for the /24 block, one hash read only
 //! for the few blocks that hold longer prefixes, one array read for the mask.
-//! IPv6 uses the kernel's LPM trie.
-use aya_ebpf::maps::lpm_trie::Key;
-use relay_guard_common::{AllowMask, GuardedPort, LONG_BLOCK, MAX_GUARDS};
+//! IPv6 uses a multibit trie with the same property: one top-level read for
+//! the first 16 bits, at most 28 node reads of 4 bits each (a handful in
+//! practice, path compression ends lone prefixes in a leaf), one mask read.
+use relay_guard_common::{GuardedPort, LONG_BLOCK, MAX_GUARDS, v6};
 
-use crate::{LONG24, MASKS, PORTS, PREFIXES_V6, TBL24};
+use crate::{LONG24, MASKS, PORTS, TBL24, V6_LEAVES, V6_NODES, V6_TOP};
 
 /// The owner of `port`, if the port is guarded.
 #[inline(always)]
@@ -52,10 +53,78 @@ pub fn allowed_v4(src: [u8; 4], guard: u8) -> bool {
     }
 }
 
+/// Whether `guard` allows mask index `idx` (0: deny).
 #[inline(always)]
-pub fn allowed_v6(src: [u8; 16], guard: u8) -> bool {
-    match PREFIXES_V6.get(Key::new(128, src)) {
-        Some(AllowMask { allow }) => bit(*allow, guard),
+fn mask_allows(idx: u32, guard: u8) -> bool {
+    if idx == 0 {
+        return false;
+    }
+    match MASKS.get(idx) {
+        Some(allow) => bit(*allow, guard),
         None => false,
     }
+}
+
+#[inline(always)]
+pub fn allowed_v6(src: [u8; 16], guard: u8) -> bool {
+    let hi = u64::from_be_bytes([src[0], src[1], src[2], src[3], src[4], src[5], src[6], src[7]]);
+    let lo = u64::from_be_bytes([src[8], src[9], src[10], src[11], src[12], src[13], src[14], src[15]]);
+    let slot = (hi >> 48) as u32;
+    // Two slots per entry; `& 1` keeps the lane index provably in bounds.
+    let Some(lanes) = V6_TOP.get(slot >> 1) else {
+        return false;
+    };
+    let mut e = lanes[(slot & 1) as usize];
+    // Node i consumes address bits 16 + 4i .. 20 + 4i.
+    let mut i = 0u32;
+    while i < v6::NODE_LEVELS {
+        if e & v6::TAG != v6::NODE {
+            break;
+        }
+        let Some(node) = V6_NODES.get(e & v6::INDEX) else {
+            return false;
+        };
+        let nibble = if i < 12 {
+            hi >> (44 - 4 * i)
+        } else {
+            lo >> (108 - 4 * i)
+        };
+        e = node[(nibble & 15) as usize];
+        i += 1;
+    }
+    let idx = match e & v6::TAG {
+        0 => e,
+        v6::LEAF => {
+            let Some(leaf) = V6_LEAVES.get(e & v6::INDEX) else {
+                return false;
+            };
+            let a = &leaf.addr;
+            let ahi = u64::from_be_bytes([a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7]]);
+            let alo = u64::from_be_bytes([a[8], a[9], a[10], a[11], a[12], a[13], a[14], a[15]]);
+            let len = u32::from(leaf.len);
+            // Network masks of the prefix's two halves; every shift is in 1..=63.
+            let mhi = if len >= 64 {
+                u64::MAX
+            } else if len == 0 {
+                0
+            } else {
+                u64::MAX << (64 - len)
+            };
+            let mlo = if len >= 128 {
+                u64::MAX
+            } else if len <= 64 {
+                0
+            } else {
+                u64::MAX << (128 - len)
+            };
+            if ((hi ^ ahi) & mhi) | ((lo ^ alo) & mlo) == 0 {
+                u32::from(leaf.inside)
+            } else {
+                u32::from(leaf.outside)
+            }
+        }
+        // A node below the last level, or a tag never written: deny.
+        _ => return false,
+    };
+    mask_allows(idx, guard)
 }

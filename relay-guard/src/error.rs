@@ -19,6 +19,8 @@ pub enum LoadError {
         #[source]
         source: aya::maps::MapError,
     },
+    #[error("map `{name}` has an unexpected layout: {what}")]
+    MapLayout { name: &'static str, what: String },
     #[error("the kernel rejected program `{name}` (verifier log follows)")]
     Verifier {
         name: &'static str,

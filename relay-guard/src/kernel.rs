@@ -2,7 +2,7 @@
 //! and `top`: they work whether or not an agent is running.
 use std::net::IpAddr;
 
-use aya::maps::{Map, MapData, lpm_trie::Key};
+use aya::maps::{Map, MapData};
 use ipnet::IpNet;
 use relay_guard_common::{LONG_BLOCK, MAX_GUARDS};
 
@@ -23,9 +23,9 @@ pub fn open(pins: &Pins) -> Result<Maps, LoadError> {
 }
 
 /// What the XDP program decides for (`addr`, `port`) from these maps, read
-/// the way the program reads them. `prefix` is the kernel's deciding unit: the
-/// IPv6 prefix, or for IPv4 the /24 block or (in a block with longer
-/// prefixes) the /32 host entry.
+/// the way the program reads them. `prefix` is the kernel's deciding unit: for
+/// IPv4 the /24 block or (in a block with longer prefixes) the /32 host
+/// entry; for IPv6 the range of the trie entry, or a leaf's prefix.
 pub fn lookup(maps: &Maps, addr: IpAddr, port: u16) -> Result<Lookup, aya::maps::MapError> {
     let gp = maps.ports.get(&u32::from(port), 0)?;
     if gp.active == 0 {
@@ -54,37 +54,28 @@ pub fn lookup(maps: &Maps, addr: IpAddr, port: u16) -> Result<Lookup, aya::maps:
                 prefix: (idx != 0).then_some(unit),
             }
         }
-        IpAddr::V6(a) => match maps.v6.get(&Key::new(128, a.octets()), 0) {
-            Ok(m) => {
-                // The LPM lookup returns the value only: find the prefix it came from.
-                let mut prefix = None;
-                for item in maps.v6.iter() {
-                    let (k, v) = item?;
-                    let len = u8::try_from(k.prefix_len()).unwrap_or(128);
-                    let net = IpNet::new(IpAddr::from(k.data()), len).expect("len <= 128");
-                    if v == m && net.contains(&addr) && prefix.is_none_or(|p: IpNet| p.prefix_len() < len) {
-                        prefix = Some(net);
-                    }
-                }
-                Lookup::Judged {
-                    guard,
-                    allowed: bit(m.allow),
-                    prefix,
-                }
-            }
-            Err(aya::maps::MapError::KeyNotFound) => Lookup::Judged {
+        IpAddr::V6(a) => {
+            let hit = maps.v6.lookup(a.octets());
+            let allow = if hit.mask_index == 0 {
+                0
+            } else {
+                maps.masks.get(&u32::from(hit.mask_index), 0)?
+            };
+            Lookup::Judged {
                 guard,
-                allowed: false,
-                prefix: None,
-            },
-            Err(e) => return Err(e),
-        },
+                allowed: bit(allow),
+                prefix: (hit.mask_index != 0).then(|| IpNet::new(IpAddr::from(hit.net), hit.len).expect("len <= 128")),
+            }
+        }
     })
 }
 
 /// Counts of what the kernel holds: (guarded ports, /24 blocks with a
-/// match, long blocks, IPv6 prefixes, mode).
-pub fn summary(maps: &Maps) -> Result<(Vec<u16>, usize, usize, usize, u32), aya::maps::MapError> {
+/// match, long blocks, IPv6 trie (nodes, leaves), mode).
+pub type Summary = (Vec<u16>, usize, usize, (u32, u32), u32);
+
+/// What the kernel holds, counted (see [`Summary`]).
+pub fn summary(maps: &Maps) -> Result<Summary, aya::maps::MapError> {
     let mut ports = Vec::new();
     for p in 0..relay_guard_common::PORT_SLOTS {
         if maps.ports.get(&p, 0)?.active != 0 {
@@ -93,7 +84,7 @@ pub fn summary(maps: &Maps) -> Result<(Vec<u16>, usize, usize, usize, u32), aya:
     }
     let blocks = (0..crate::tables::BLOCKS).filter(|&b| maps.tbl24.get(b) != 0).count();
     let long = maps.long24.keys().count();
-    let v6 = maps.v6.keys().count();
+    let v6 = maps.v6.read_tables().counts();
     let mode = maps.settings.get(&0, 0)?.mode;
     Ok((ports, blocks, long, v6, mode))
 }

@@ -22,6 +22,7 @@ pub mod policy;
 pub mod reload;
 pub mod sync;
 pub mod tables;
+pub mod tables6;
 
 /// The XDP object built from `relay-guard-ebpf` by `build.rs`. Empty when
 /// built with `AYA_BUILD_SKIP=1`.

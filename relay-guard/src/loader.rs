@@ -1,9 +1,11 @@
 //! Loads the embedded XDP object, hands out typed map handles, and attaches
 //! the program to interfaces in the configured XDP mode.
 //!
-//! Typed handles (`Array::try_from`, `LpmTrie::try_from`, …) check key and
+//! Typed handles (`Array::try_from`, `HashMap::try_from`, …) check key and
 //! value sizes against the object at start-up, so a layout mismatch between
-//! the agent and the program is an error here, not a misread later.
+//! the agent and the program is an error here, not a misread later; the
+//! mmapable arrays (`RG_TBL24`, the IPv6 trie) are mapped into memory, the
+//! IPv6 ones after checking their value size, capacity and flags.
 use std::{
     os::fd::AsRawFd as _,
     path::{Path, PathBuf},
@@ -12,7 +14,7 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, LpmTrie, Map, MapData, PerCpuArray, PerCpuValues},
+    maps::{Array, HashMap, Map, MapData, PerCpuArray, PerCpuValues},
     programs::{
         Xdp, XdpMode as AyaXdpMode,
         links::{FdLink, PinnedLink},
@@ -20,12 +22,18 @@ use aya::{
     },
 };
 use relay_guard_common::{
-    AllowMask, COUNTER_PORT_SLOTS, GuardedPort, IFACE_SLOTS, IFACE_TABLE, IfaceSlot, LongBlock, Settings, SourceStats,
-    TBL24_ENTRIES, V6Addr, VERDICT_SLOTS, counter_index, maps,
+    COUNTER_PORT_SLOTS, GuardedPort, IFACE_SLOTS, IFACE_TABLE, IfaceSlot, LongBlock, Settings, SourceStats,
+    TBL24_ENTRIES, V6Leaf, V6Node, VERDICT_SLOTS, counter_index, maps, v6,
 };
 use tracing::{info, warn};
 
-use crate::{EBPF_OBJECT, PROGRAM_NAME, config::XdpMode, error::LoadError, pins::Pins};
+use crate::{
+    EBPF_OBJECT, PROGRAM_NAME,
+    config::XdpMode,
+    error::LoadError,
+    pins::Pins,
+    tables6::{V6Hit, V6Tables, V6Write, walk},
+};
 
 /// Every map of the program, typed.
 pub struct Maps {
@@ -33,7 +41,7 @@ pub struct Maps {
     pub tbl24: Tbl24,
     pub long24: HashMap<MapData, u32, LongBlock>,
     pub masks: Array<MapData, u64>,
-    pub v6: LpmTrie<MapData, V6Addr, AllowMask>,
+    pub v6: V6Arrays,
     pub ifaces: Array<MapData, IfaceSlot>,
     pub settings: Array<MapData, Settings>,
     /// Shared with the metrics collector, which reads it at scrape time.
@@ -108,6 +116,213 @@ impl Drop for Tbl24 {
     }
 }
 
+/// A `BPF_F_MMAPABLE` array mapped into the agent's memory. Pages count
+/// toward the agent's RSS only once touched, so readers follow links rather
+/// than scan.
+pub struct MmapArray {
+    /// Keeps the map (and so the mapping's backing) alive.
+    _map: MapData,
+    ptr: *mut u8,
+    bytes: usize,
+    value_size: usize,
+    entries: u32,
+}
+
+// SAFETY: the mapping is plain shared memory; entries that the XDP program
+// may be reading are only changed by single aligned u32 stores (atomic), and
+// only the agent writes.
+unsafe impl Send for MmapArray {}
+// SAFETY: as above.
+unsafe impl Sync for MmapArray {}
+
+impl MmapArray {
+    /// Maps `map`, after checking it is a mmapable array of `entries`
+    /// values of `value_size` bytes (a multiple of 8, as the kernel lays
+    /// mmapable arrays out).
+    fn new(name: &'static str, map: MapData, value_size: usize, entries: u32) -> Result<MmapArray, LoadError> {
+        use std::os::fd::AsFd as _;
+        const BPF_F_MMAPABLE: u32 = 1 << 10;
+        assert!(value_size.is_multiple_of(8), "mmapable array values are 8-byte aligned");
+        let info = map.info().map_err(|source| LoadError::MapType { name, source })?;
+        if info.value_size() as usize != value_size
+            || info.max_entries() != entries
+            || info.map_flags() & BPF_F_MMAPABLE == 0
+        {
+            return Err(LoadError::MapLayout {
+                name,
+                what: format!(
+                    "value size {}, {} entries, flags {:#x}; expected {value_size}, {entries}, mmapable",
+                    info.value_size(),
+                    info.max_entries(),
+                    info.map_flags()
+                ),
+            });
+        }
+        let bytes = value_size * entries as usize;
+        let fd = map.fd().as_fd().as_raw_fd();
+        // SAFETY: mapping a BPF array created with BPF_F_MMAPABLE (checked),
+        // shared, at offset 0 for its exact size.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                bytes,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                fd,
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(LoadError::Pin {
+                op: "mmap",
+                path: name.into(),
+                source: std::io::Error::last_os_error(),
+            });
+        }
+        Ok(MmapArray {
+            _map: map,
+            ptr: p.cast(),
+            bytes,
+            value_size,
+            entries,
+        })
+    }
+
+    /// The `u32` at word `word` of value `index`, or None out of range.
+    fn word(&self, index: u32, word: usize) -> Option<&std::sync::atomic::AtomicU32> {
+        if index >= self.entries || (word + 1) * 4 > self.value_size {
+            return None;
+        }
+        // SAFETY: in bounds (checked), 4-byte aligned (values are 8-byte
+        // aligned in a page-aligned mapping), inside the live mapping; the
+        // memory is shared with the kernel, so only atomic access is used.
+        Some(unsafe {
+            std::sync::atomic::AtomicU32::from_ptr(self.ptr.add(index as usize * self.value_size + word * 4).cast())
+        })
+    }
+
+    /// Value `index` as raw bytes copied out (None out of range).
+    fn read<T: Copy + Default>(&self, index: u32) -> Option<T> {
+        if index >= self.entries || size_of::<T>() > self.value_size {
+            return None;
+        }
+        // SAFETY: in bounds, aligned for T (align <= 8), inside the mapping;
+        // T is plain data (integers only).
+        Some(unsafe {
+            self.ptr
+                .add(index as usize * self.value_size)
+                .cast::<T>()
+                .read_volatile()
+        })
+    }
+
+    /// Writes value `index` whole. Only for values nothing links yet.
+    fn write<T: Copy>(&self, index: u32, v: T) {
+        assert!(index < self.entries && size_of::<T>() <= self.value_size);
+        // SAFETY: in bounds (checked), aligned, inside the mapping.
+        unsafe {
+            self.ptr
+                .add(index as usize * self.value_size)
+                .cast::<T>()
+                .write_volatile(v)
+        }
+    }
+}
+
+impl Drop for MmapArray {
+    fn drop(&mut self) {
+        // SAFETY: unmapping exactly what `new` mapped.
+        unsafe { libc::munmap(self.ptr.cast(), self.bytes) };
+    }
+}
+
+/// The IPv6 trie's arrays (`RG_V6_TOP`, `RG_V6_NODES`, `RG_V6_LEAVES`),
+/// mapped: the agent reads and writes them as memory.
+pub struct V6Arrays {
+    top: MmapArray,
+    nodes: MmapArray,
+    leaves: MmapArray,
+}
+
+impl V6Arrays {
+    fn new(top: MapData, nodes: MapData, leaves: MapData) -> Result<V6Arrays, LoadError> {
+        Ok(V6Arrays {
+            top: MmapArray::new(maps::V6_TOP, top, 8, v6::TOP_ENTRIES)?,
+            nodes: MmapArray::new(maps::V6_NODES, nodes, size_of::<V6Node>(), v6::NODE_CAPACITY)?,
+            leaves: MmapArray::new(maps::V6_LEAVES, leaves, size_of::<V6Leaf>(), v6::LEAF_CAPACITY)?,
+        })
+    }
+
+    /// Top-level entry `slot` (0..65536).
+    pub fn top(&self, slot: usize) -> u32 {
+        let s = u32::try_from(slot).expect("< 65536");
+        self.top
+            .word(s >> 1, (s & 1) as usize)
+            .expect("slot < TOP_SLOTS")
+            .load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    pub fn node(&self, index: u32) -> Option<V6Node> {
+        let mut n = [0u32; 16];
+        for (c, e) in n.iter_mut().enumerate() {
+            *e = self.nodes.word(index, c)?.load(std::sync::atomic::Ordering::Acquire);
+        }
+        Some(n)
+    }
+
+    pub fn leaf(&self, index: u32) -> Option<V6Leaf> {
+        self.leaves.read(index)
+    }
+
+    /// What the XDP program finds for `addr`.
+    pub fn lookup(&self, addr: [u8; 16]) -> V6Hit {
+        walk(addr, |s| self.top(s), |i| self.node(i), |i| self.leaf(i))
+    }
+
+    /// The tables the kernel holds (following links only).
+    pub fn read_tables(&self) -> V6Tables {
+        V6Tables::from_kernel(
+            v6::NODE_CAPACITY,
+            v6::LEAF_CAPACITY,
+            |s| self.top(s),
+            |i| self.node(i).unwrap_or([u32::MAX; 16]),
+            |i| self.leaf(i).unwrap_or_default(),
+        )
+    }
+
+    /// Performs one write of a plan. Content goes to unlinked indices as
+    /// plain stores; links are single u32 stores with release ordering, so
+    /// a CPU that sees the link sees the content.
+    pub fn apply(&self, w: &V6Write) {
+        use std::sync::atomic::Ordering::Release;
+        match *w {
+            V6Write::Leaf { index, leaf } => {
+                self.leaves.write(index, leaf);
+            }
+            V6Write::Node { index, node } => {
+                for (c, &e) in node.iter().enumerate() {
+                    self.nodes
+                        .word(index, c)
+                        .expect("index < NODE_CAPACITY")
+                        .store(e, Release);
+                }
+            }
+            V6Write::NodeEntry { index, slot, value } => self
+                .nodes
+                .word(index, usize::from(slot))
+                .expect("index < NODE_CAPACITY")
+                .store(value, Release),
+            V6Write::Top { slot, value } => {
+                let s = u32::from(slot);
+                self.top
+                    .word(s >> 1, (s & 1) as usize)
+                    .expect("slot < TOP_SLOTS")
+                    .store(value, Release);
+            }
+        }
+    }
+}
+
 impl Maps {
     /// Typed handles from the maps of a loaded object, or opened from pins.
     pub fn from_source(mut get: impl FnMut(&'static str) -> Result<Map, LoadError>) -> Result<Maps, LoadError> {
@@ -122,12 +337,17 @@ impl Maps {
             })?,
             _ => return Err(LoadError::NoMap { name: maps::TBL24 }),
         };
+        let mut array = |name| match get(name)? {
+            Map::Array(data) => Ok(data),
+            _ => Err(LoadError::NoMap { name }),
+        };
+        let v6 = V6Arrays::new(array(maps::V6_TOP)?, array(maps::V6_NODES)?, array(maps::V6_LEAVES)?)?;
         Ok(Maps {
             ports: typed(maps::PORTS, get(maps::PORTS)?)?,
             tbl24,
             long24: typed(maps::LONG24, get(maps::LONG24)?)?,
             masks: typed(maps::MASKS, get(maps::MASKS)?)?,
-            v6: typed(maps::PREFIXES_V6, get(maps::PREFIXES_V6)?)?,
+            v6,
             ifaces: typed(maps::IFACES, get(maps::IFACES)?)?,
             settings: typed(maps::SETTINGS, get(maps::SETTINGS)?)?,
             counters: Arc::new(Mutex::new(typed(maps::COUNTERS, get(maps::COUNTERS)?)?)),

@@ -26,9 +26,9 @@ use crate::config::{Action, Config, Guard, Mode};
 pub struct Policy {
     /// `RG_PORTS`: guarded port → owner.
     pub ports: BTreeMap<u16, GuardedPort>,
-    /// `RG_PREFIXES_V4`: (prefix length, network address) → mask.
+    /// IPv4: (prefix length, network address) → mask (compiled into `tables`).
     pub v4: BTreeMap<(u8, [u8; 4]), AllowMask>,
-    /// `RG_PREFIXES_V6`.
+    /// IPv6, the same way (compiled into the trie of `tables6`).
     pub v6: BTreeMap<(u8, [u8; 16]), AllowMask>,
     /// `RG_SETTINGS.mode`.
     pub mode: u32,

@@ -3,15 +3,23 @@
 //!
 //! Order matters for "no gap". Phase 1 writes everything new or changed:
 //! new masks (into indices no table references), then long blocks, then the
-//! /24 table, then IPv6 prefixes, ports and the mode. Phase 2 removes what is
-//! stale: ports, long blocks, IPv6 prefixes, and finally unreferenced masks.
+//! /24 table, then the IPv6 trie (new nodes and leaves into unlinked indices,
+//! then the entries that link them; see `tables6`), ports and the mode.
+//! Phase 2 removes what is stale: ports and long blocks. Masks that neither
+//! family references any more, and IPv6 nodes and leaves that were
+//! unlinked, are left as they are (a lookup may still be about to read
+//! them): the next sync clears such masks if still unreferenced, and reuses
+//! such nodes and leaves.
+//!
+//! [`apply`] diffs the whole policy against the kernel (start-up, config
+//! changes); [`apply_delta`] writes only what a list edit touched, from the
+//! [`Shadow`] the previous sync left (see `incremental`).
 //! Every single write is atomic for the XDP program (one aligned store or one
 //! map update), and at every instant each entry holds its old or its new
 //! value, both of which allow an address that is allowed before and after.
 //! Entries that did not change are not touched.
 use std::collections::{BTreeMap, BTreeSet};
 
-use aya::maps::lpm_trie::Key;
 use relay_guard_common::{
     AllowMask, COUNTER_PORT_SLOTS, GuardedPort, LONG_BLOCK, MAX_MASKS, PORT_SLOTS, Settings, maps,
 };
@@ -21,6 +29,7 @@ use crate::{
     loader::Maps,
     policy::Policy,
     tables::{BLOCKS, LongSpec, Palette, PaletteFull, V4Tables},
+    tables6::{V6Tables, V6Write},
 };
 
 /// What a sync changed (or, from [`plan`], would change), in kernel entries.
@@ -47,21 +56,28 @@ pub struct Shadow {
     pub refs: Vec<u32>,
     /// `RG_LONG24` as written.
     pub long: BTreeMap<u32, LongSpec>,
+    /// The IPv6 trie as written.
+    pub v6: V6Tables,
+    /// Mask indices no table referenced after the last sync: the next one
+    /// clears those still unreferenced (never the sync that unlinked them).
+    pub stale: Vec<u16>,
 }
 
 /// Applies `policy` to `maps`.
 pub fn apply(maps: &mut Maps, policy: &Policy) -> Result<SyncStats, SyncError> {
-    run(maps, policy, true).map(|(st, _)| st)
+    run(maps, policy, true, &[]).map(|(st, _)| st)
 }
 
 /// [`apply`], also returning the [`Shadow`] a later [`apply_delta`] needs.
-pub fn apply_full(maps: &mut Maps, policy: &Policy) -> Result<(SyncStats, Shadow), SyncError> {
-    run(maps, policy, true).map(|(st, sh)| (st, sh.expect("written")))
+/// `stale` is [`Shadow::stale`] of the previous sync, if known.
+pub fn apply_full(maps: &mut Maps, policy: &Policy, stale: &[u16]) -> Result<(SyncStats, Shadow), SyncError> {
+    run(maps, policy, true, stale).map(|(st, sh)| (st, sh.expect("written")))
 }
 
 /// Counts what [`apply`] would change, writing nothing (drift detection).
+/// Unreferenced masks are not drift: no lookup reaches them.
 pub fn plan(maps: &mut Maps, policy: &Policy) -> Result<SyncStats, SyncError> {
-    run(maps, policy, false).map(|(st, _)| st)
+    run(maps, policy, false, &[]).map(|(st, _)| st)
 }
 
 fn merr(op: &'static str, map: &'static str, what: impl Into<String>) -> impl FnOnce(aya::maps::MapError) -> SyncError {
@@ -69,7 +85,12 @@ fn merr(op: &'static str, map: &'static str, what: impl Into<String>) -> impl Fn
     move |source| SyncError::Map { op, map, what, source }
 }
 
-fn run(maps: &mut Maps, policy: &Policy, write: bool) -> Result<(SyncStats, Option<Shadow>), SyncError> {
+fn run(
+    maps: &mut Maps,
+    policy: &Policy,
+    write: bool,
+    stale_before: &[u16],
+) -> Result<(SyncStats, Option<Shadow>), SyncError> {
     let mut st = SyncStats::default();
 
     // ---- IPv4 tables, computed against the kernel's mask palette ----
@@ -83,6 +104,14 @@ fn run(maps: &mut Maps, policy: &Policy, write: bool) -> Result<(SyncStats, Opti
     }
     let mut palette = Palette::from_kernel(kernel_masks.clone());
     let tables = V4Tables::build(&policy.v4, &mut palette).map_err(|e| SyncError::Capacity { what: e.to_string() })?;
+    // The IPv6 trie as the kernel holds it, rebuilt toward the policy
+    // (allocating its masks in the same palette, before anything is written).
+    let mut v6tables = maps.v6.read_tables();
+    let v6plan = v6tables
+        .build(&policy.v6, &mut palette)
+        .map_err(|e| SyncError::Capacity { what: e.to_string() })?;
+    let mut used = tables.used.clone();
+    v6tables.mark_used(&mut used);
 
     let mut have_long: BTreeSet<u32> = BTreeSet::new();
     for k in maps.long24.keys() {
@@ -127,23 +156,20 @@ fn run(maps: &mut Maps, policy: &Policy, write: bool) -> Result<(SyncStats, Opti
         }
     }
 
-    // ---- IPv6 prefixes ----
-    let mut have_v6: BTreeMap<(u8, [u8; 16]), AllowMask> = BTreeMap::new();
-    for item in maps.v6.iter() {
-        let (k, v) = item.map_err(merr("read", maps::PREFIXES_V6, "entries"))?;
-        have_v6.insert((u8::try_from(k.prefix_len()).unwrap_or(u8::MAX), k.data()), v);
-    }
-    for (&(len, addr), mask) in &policy.v6 {
-        if have_v6.get(&(len, addr)) == Some(mask) {
-            st.unchanged += 1;
-            continue;
-        }
-        st.written += 1;
-        if write {
-            let what = format!("prefix {}/{len}", std::net::Ipv6Addr::from(addr));
-            maps.v6
-                .insert(&Key::new(u32::from(len), addr), mask, 0)
-                .map_err(merr("write", maps::PREFIXES_V6, what))?;
+    // Phase 1d: the IPv6 trie, children before the entries that link them
+    // (the plan's order); freed nodes and leaves are only unlinked.
+    st.written += v6plan.writes.len();
+    st.removed += v6plan.freed_nodes.len() + v6plan.freed_leaves.len();
+    let (nodes, leaves) = v6tables.counts();
+    let fresh = v6plan
+        .writes
+        .iter()
+        .filter(|w| matches!(w, V6Write::Node { .. } | V6Write::Leaf { .. }))
+        .count();
+    st.unchanged += (nodes + leaves) as usize - fresh.min((nodes + leaves) as usize);
+    if write {
+        for w in &v6plan.writes {
+            maps.v6.apply(w);
         }
     }
 
@@ -224,33 +250,26 @@ fn run(maps: &mut Maps, policy: &Policy, write: bool) -> Result<(SyncStats, Opti
                 .map_err(merr("remove", maps::LONG24, block_name(block)))?;
         }
     }
-    for &(len, addr) in have_v6.keys().filter(|k| !policy.v6.contains_key(k)) {
-        st.removed += 1;
-        if write {
-            let what = format!("prefix {}/{len}", std::net::Ipv6Addr::from(addr));
-            maps.v6
-                .remove(&Key::new(u32::from(len), addr))
-                .map_err(merr("remove", maps::PREFIXES_V6, what))?;
-        }
-    }
-    let mut unused = Vec::new();
-    for (i, &m) in palette.masks.iter().enumerate().skip(1) {
-        if m != 0 && !tables.used[i] {
-            st.removed += 1;
-            if write {
-                let i = u32::try_from(i).expect("< MAX_MASKS");
+    // Masks no table references any more are not cleared now: a lookup
+    // that read an old table entry an instant ago may still be about to read
+    // its mask. They are cleared by the next sync, if still unreferenced.
+    let mut stale = Vec::new();
+    for i in 1..u16::try_from(MAX_MASKS).expect("fits") {
+        let m = palette.masks[usize::from(i)];
+        if m != 0 && !used[usize::from(i)] {
+            if write && stale_before.contains(&i) {
+                st.removed += 1;
                 maps.masks
-                    .set(i, 0, 0)
+                    .set(u32::from(i), 0, 0)
                     .map_err(merr("clear", maps::MASKS, format!("index {i}")))?;
+                palette.release(i);
+            } else {
+                stale.push(i);
             }
-            unused.push(u16::try_from(i).expect("< MAX_MASKS"));
         }
     }
     if !write {
         return Ok((st, None));
-    }
-    for i in unused {
-        palette.release(i);
     }
     palette.take_allocated();
     let mut refs = vec![0u32; MAX_MASKS as usize];
@@ -268,6 +287,8 @@ fn run(maps: &mut Maps, policy: &Policy, write: bool) -> Result<(SyncStats, Opti
             palette,
             refs,
             long: tables.long,
+            v6: v6tables,
+            stale,
         }),
     ))
 }
@@ -327,6 +348,19 @@ pub fn apply_delta(
             _ => merged.push(r),
         }
     }
+
+    // The IPv6 trie: only the top slots the changed prefixes touch.
+    let v6plan = if v6.is_empty() {
+        None
+    } else {
+        let changed = v6.iter().map(|&(key, _)| key);
+        Some(
+            shadow
+                .v6
+                .update(&policy.v6, changed, &mut shadow.palette)
+                .map_err(|e| SyncError::Capacity { what: e.to_string() })?,
+        )
+    };
 
     let mut tbl_writes: Vec<(usize, u16)> = Vec::new();
     let mut long_writes: Vec<(u32, LongSpec)> = Vec::new();
@@ -421,14 +455,12 @@ pub fn apply_delta(
         st.written += 1;
         maps.tbl24.set(b, v);
     }
-    // IPv6 additions and changes.
-    for &((len, addr), m) in v6 {
-        if let Some(mask) = m {
-            st.written += 1;
-            let what = format!("prefix {}/{len}", std::net::Ipv6Addr::from(addr));
-            maps.v6
-                .insert(&Key::new(u32::from(len), addr), mask, 0)
-                .map_err(merr("write", maps::PREFIXES_V6, what))?;
+    // Phase 1d: the IPv6 trie (see `tables6`): children before links.
+    if let Some(plan) = &v6plan {
+        st.written += plan.writes.len();
+        st.removed += plan.freed_nodes.len() + plan.freed_leaves.len();
+        for w in &plan.writes {
+            maps.v6.apply(w);
         }
     }
 
@@ -440,26 +472,33 @@ pub fn apply_delta(
             .remove(&block)
             .map_err(merr("remove", maps::LONG24, block_name(block)))?;
     }
-    for &((len, addr), m) in v6 {
-        if m.is_none() {
-            st.removed += 1;
-            let what = format!("prefix {}/{len}", std::net::Ipv6Addr::from(addr));
-            match maps.v6.remove(&Key::new(u32::from(len), addr)) {
-                Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
-                Err(e) => return Err(merr("remove", maps::PREFIXES_V6, what)(e)),
+    // Masks: clear those the previous sync left unreferenced and that still
+    // are; those unreferenced since this sync wait for the next one.
+    let stale_before = std::mem::take(&mut shadow.stale);
+    let mut candidates = dropped;
+    if v6plan.is_some() {
+        candidates.extend((1..MAX_MASKS).map(|i| u16::try_from(i).expect("< MAX_MASKS")));
+    }
+    candidates.retain(|&i| i != 0 && shadow.refs[usize::from(i)] == 0 && shadow.palette.masks[usize::from(i)] != 0);
+    if !stale_before.is_empty() || !candidates.is_empty() {
+        let mut used6 = vec![false; MAX_MASKS as usize];
+        shadow.v6.mark_used(&mut used6);
+        let free = |i: u16, refs: &[u32]| refs[usize::from(i)] == 0 && !used6[usize::from(i)];
+        for &i in &stale_before {
+            if free(i, &shadow.refs) && shadow.palette.masks[usize::from(i)] != 0 {
+                st.removed += 1;
+                maps.masks
+                    .set(u32::from(i), 0, 0)
+                    .map_err(merr("clear", maps::MASKS, format!("index {i}")))?;
+                shadow.palette.release(i);
             }
         }
-    }
-    dropped.sort_unstable();
-    dropped.dedup();
-    for i in dropped {
-        if i != 0 && shadow.refs[usize::from(i)] == 0 && shadow.palette.masks[usize::from(i)] != 0 {
-            st.removed += 1;
-            maps.masks
-                .set(u32::from(i), 0, 0)
-                .map_err(merr("clear", maps::MASKS, format!("index {i}")))?;
-            shadow.palette.release(i);
-        }
+        candidates.sort_unstable();
+        candidates.dedup();
+        shadow.stale = candidates
+            .into_iter()
+            .filter(|&i| free(i, &shadow.refs) && shadow.palette.masks[usize::from(i)] != 0)
+            .collect();
     }
     Ok(st)
 }

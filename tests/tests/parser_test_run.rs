@@ -24,12 +24,13 @@ use relay_guard::{
     config::{Action, Config, Entry, Guard, Mode, Origin, XdpMode},
     loader::{Loaded, Maps},
     model::{self, Outcome},
-    policy::Policy,
+    policy::{Lookup, Policy},
     sync,
+    tables6::V6End,
 };
 use relay_guard_common::{CounterKey, MAX_GUARDS, family};
 use relay_guard_tests::{
-    packet::{FrameGen, Targets, base_frames, hex, truncations},
+    packet::{FrameGen, Ipv6, Targets, Tcp, base_frames, hex, proto, tcp_v6, truncations},
     require,
 };
 
@@ -48,7 +49,23 @@ fn seed() -> u64 {
 /// Prefix lengths drawn around each anchor address; nested ones make the
 /// allow /24 → deny /25 → allow /32 carve-outs of SPEC.md.
 const V4_LENS: [u8; 10] = [8, 16, 20, 23, 24, 25, 26, 28, 31, 32];
-const V6_LENS: [u8; 12] = [32, 36, 40, 44, 48, 52, 56, 64, 96, 120, 127, 128];
+/// IPv6 lengths: level boundaries of the trie (multiples of 4) and lengths
+/// between them, expanded over several entries (15: above the top level).
+const V6_LENS: [u8; 18] = [
+    15, 32, 33, 36, 40, 44, 45, 48, 52, 56, 58, 64, 66, 96, 99, 120, 127, 128,
+];
+
+/// Fixed IPv6 entries of the first guard, in a /46 no anchor reaches, so the
+/// trie always has a node path with pushed masks (1234::/48 holds two deeper
+/// prefixes), a leaf (1235::/48 holds only the /66), and an expanded /47
+/// alone (1236::/48 and 1237::/48 are mask entries from it).
+const FIXED_V6: [(&str, Action); 5] = [
+    ("2001:db8:1234::/47", Action::Allow),
+    ("2001:db8:1234:5678::/64", Action::Deny),
+    ("2001:db8:1234:5678::9/128", Action::Allow),
+    ("2001:db8:1235:abcd::/66", Action::Deny),
+    ("2001:db8:1236::/47", Action::Allow),
+];
 
 fn v4_anchor(rng: &mut StdRng) -> Ipv4Addr {
     let base: [u8; 3] = *[[192, 0, 2], [198, 51, 100], [203, 0, 113], [198, 18, 0], [198, 19, 7]]
@@ -145,6 +162,11 @@ fn random_config(rng: &mut StdRng, mode: Mode) -> Config {
             if rng.random_bool(0.2) {
                 entries.insert("0.0.0.0/0".into(), Action::Allow);
                 entries.insert("::/0".into(), Action::Allow);
+            }
+            if gi == 0 {
+                for (net, action) in FIXED_V6 {
+                    entries.insert(net.into(), action);
+                }
             }
             Guard {
                 name: format!("g{gi}"),
@@ -265,6 +287,67 @@ fn differential(test: &str, mode: Mode) {
     for (label, base) in &bases {
         frames.extend(truncations(base).map(|t| (*label, t.to_vec())));
     }
+    // SYNs from each part of the fixed IPv6 entries' trie: leaves (inside and
+    // outside), the expanded /47, masks pushed down from it.
+    for src in [
+        "2001:db8:1234:5678::9",
+        "2001:db8:1234:5678::1",
+        "2001:db8:1235:abcd::1",
+        "2001:db8:1235::1",
+        "2001:db8:1236::1",
+        "2001:db8:1237:ffff::1",
+        "2001:db8:1234:1::1",
+    ] {
+        let ip = Ipv6::new(src.parse().expect("constant"), targets.dst_v6, proto::TCP);
+        frames.push(("v6 trie probe", tcp_v6(&[], &ip, &Tcp::syn(40_000, port, 1))));
+    }
+
+    // Which parts of the IPv6 trie the judged IPv6 frames exercise, read
+    // from the kernel's arrays.
+    let mut trie_paths: BTreeMap<&str, u64> = BTreeMap::new();
+    for (_, frame) in &frames {
+        let Outcome::Judged {
+            family: family::IPV6,
+            port,
+            ..
+        } = model::judge(frame, &policy)
+        else {
+            continue;
+        };
+        let src = ipv6_source(frame);
+        let hit = loaded.maps.v6.lookup(src.octets());
+        let decided_by = match policy.lookup(IpAddr::V6(src), port) {
+            Lookup::Judged { prefix, .. } => prefix.map(|p| p.prefix_len()),
+            Lookup::NotGuarded => None,
+        };
+        if hit.nodes > 0 {
+            *trie_paths.entry("through a node").or_default() += 1;
+        }
+        let kind = match hit.end {
+            V6End::LeafInside => "leaf, inside its prefix",
+            V6End::LeafOutside => "leaf, outside its prefix",
+            V6End::Mask if decided_by.is_some_and(|l| l != hit.len && l > 16) => "expanded or pushed mask entry",
+            V6End::Mask => "mask entry",
+            V6End::Broken => "broken link",
+        };
+        *trie_paths.entry(kind).or_default() += 1;
+    }
+    println!("{test}: judged IPv6 frames by IPv6 trie path: {trie_paths:?}");
+    for want in [
+        "through a node",
+        "leaf, inside its prefix",
+        "leaf, outside its prefix",
+        "expanded or pushed mask entry",
+    ] {
+        assert!(
+            trie_paths.contains_key(want),
+            "{test}: seed {seed}: no judged IPv6 frame hit `{want}` in the trie: {trie_paths:?}"
+        );
+    }
+    assert!(
+        !trie_paths.contains_key("broken link"),
+        "{test}: seed {seed}: {trie_paths:?}"
+    );
 
     let prog = loaded.program();
     let mut expected: BTreeMap<CounterKey, u64> = BTreeMap::new();
@@ -360,6 +443,17 @@ fn differential(test: &str, mode: Mode) {
         delta, expected,
         "{test}: seed {seed}: kernel counters (left) differ from the model's counter keys (right)"
     );
+}
+
+/// The source of an IPv6 frame the model judged (so well formed): after the
+/// Ethernet header and up to two VLAN tags.
+fn ipv6_source(frame: &[u8]) -> Ipv6Addr {
+    let mut l3 = 14;
+    while matches!(u16::from_be_bytes([frame[l3 - 2], frame[l3 - 1]]), 0x8100 | 0x88a8) {
+        l3 += 4;
+    }
+    let src: [u8; 16] = frame[l3 + 8..l3 + 24].try_into().expect("16 bytes");
+    Ipv6Addr::from(src)
 }
 
 #[test]

@@ -39,7 +39,7 @@ pub async fn execute(config_path: &Path) -> anyhow::Result<()> {
     let policy = Policy::compile(&cfg);
     let base_labels = LabelState::new(&cfg, HashMap::new(), counters::Slots::default());
     strip_entries(&mut cfg);
-    let (stats, shadow) = sync::apply_full(&mut loaded.maps, &policy).context("failed to fill the maps")?;
+    let (stats, shadow) = sync::apply_full(&mut loaded.maps, &policy, &[]).context("failed to fill the maps")?;
     // Kept for reloads that only edit list files (applied as deltas).
     let mut live = Some(Live::new(&cfg, index, policy, shadow));
     info!(
@@ -153,9 +153,10 @@ pub async fn execute(config_path: &Path) -> anyhow::Result<()> {
             Some(outcome) => outcome.map(|(new, labels)| (new, labels, false)),
             None => {
                 // The old state is rebuilt by the full reload: drop it first
-                // so a large list is not held twice.
-                live = None;
-                reload(&mut loaded, &current, config_path, &mut interfaces).map(|(new, labels, fresh)| {
+                // so a large list is not held twice (keeping the masks it
+                // left for the next sync to clear).
+                let stale = live.take().map(|l| l.shadow.stale).unwrap_or_default();
+                reload(&mut loaded, &current, config_path, &mut interfaces, &stale).map(|(new, labels, fresh)| {
                     live = fresh;
                     (new, labels, true)
                 })
@@ -255,6 +256,7 @@ fn reload(
     current: &Config,
     path: &Path,
     interfaces: &mut HashMap<u32, String>,
+    stale: &[u16],
 ) -> anyhow::Result<(Config, LabelState, Option<Live>)> {
     let (mut new, index) = Config::load_indexed(path).map_err(|e| anyhow::anyhow!("invalid config:\n{e}"))?;
     for (what, changed) in [
@@ -274,7 +276,7 @@ fn reload(
     let policy = Policy::compile(&new);
     let labels = LabelState::new(&new, interfaces.clone(), counters::Slots::default());
     strip_entries(&mut new);
-    let (stats, shadow) = sync::apply_full(&mut loaded.maps, &policy)?;
+    let (stats, shadow) = sync::apply_full(&mut loaded.maps, &policy, stale)?;
     let live = Live::new(&new, index, policy, shadow);
     info!(
         written = stats.written,

@@ -22,7 +22,7 @@ pub fn execute(config_path: &Path, as_json: bool) -> anyhow::Result<()> {
     let pin_dir = super::pin_dir_of(config_path)?;
     let pins = Pins::new(&pin_dir);
     let mut km = kernel::open(&pins)?;
-    let (ports, blocks, long_blocks, v6_prefixes, kmode) =
+    let (ports, blocks, long_blocks, (v6_nodes, v6_leaves), kmode) =
         kernel::summary(&km).context("failed to read the pinned maps")?;
     let agent = AgentLock::holder(&pin_dir);
     let links = pins.pinned_links();
@@ -63,7 +63,7 @@ pub fn execute(config_path: &Path, as_json: bool) -> anyhow::Result<()> {
         let out = json!({
             "pin_dir": pin_dir, "layout": LAYOUT_VERSION,
             "agent_pid": agent, "interfaces": links, "mode": mode_name,
-            "guarded_ports": ports, "ipv4_blocks": blocks, "ipv4_long_blocks": long_blocks, "prefixes_v6": v6_prefixes,
+            "guarded_ports": ports, "ipv4_blocks": blocks, "ipv4_long_blocks": long_blocks, "ipv6_nodes": v6_nodes, "ipv6_leaves": v6_leaves,
             "config_matches_kernel": drift.map(|d| !d),
             "config_error": cfg.as_ref().err().map(ToString::to_string),
             "counters": counters, "malformed": snap.malformed,
@@ -92,7 +92,7 @@ pub fn execute(config_path: &Path, as_json: bool) -> anyhow::Result<()> {
         ports.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ")
     );
     println!(
-        "tables:      {blocks} IPv4 /24 blocks with a match ({long_blocks} with longer prefixes), {v6_prefixes} IPv6 prefixes"
+        "tables:      {blocks} IPv4 /24 blocks with a match ({long_blocks} with longer prefixes), IPv6 trie of {v6_nodes} nodes and {v6_leaves} leaves"
     );
     match (&cfg, drift) {
         (Ok(_), Some(false)) => println!("config:      kernel maps match {}", config_path.display()),

@@ -1,0 +1,655 @@
+//! IPv6 lookup tables: a multibit trie compiled from [`Policy::v6`]. Pure: no
+//! aya types, no I/O.
+//!
+//! The top level has one entry per top 16 address bits; each node has 16
+//! entries for the next 4 bits, so a lookup reads at most 28 nodes and its
+//! cost does not grow with the number of prefixes. An entry (see
+//! [`relay_guard_common::v6`]) is a mask index (shared palette with IPv4,
+//! 0: deny), a node index, or a leaf index. Prefixes whose length is not a
+//! level boundary are expanded over the entries they cover (controlled
+//! prefix expansion), and every terminal entry holds the mask of the longest
+//! prefix containing its range (leaf pushing). A subtree that holds exactly
+//! one stored prefix longer than its depth is a leaf instead: the prefix and
+//! two mask indices (inside it, and the rest of the range), compared with one
+//! masked compare, so a random /128 costs one leaf, not 28 nodes.
+//!
+//! # Updates without a gap
+//!
+//! A [`V6Tables`] mirrors what the kernel arrays hold. [`V6Tables::build`]
+//! (every top slot) and [`V6Tables::update`] (only the top slots that the
+//! changed prefixes touch) rewrite it toward a policy and return the kernel
+//! writes, in an order that keeps every concurrent lookup on the old or the
+//! new verdict:
+//!
+//! - a node keeps its index while a node exists at its path, and only its
+//!   changed entries are written (one aligned `u32` store each);
+//! - new content (a node that did not exist, a leaf) goes into an index no
+//!   entry references, written completely before the one store that links
+//!   it ([`V6Plan::writes`] is ordered children before parents);
+//! - leaves are never changed in place: a different leaf is a new index;
+//! - indices freed by one call are not reused by that call (quarantine), only
+//!   by later ones, when no lookup can still be inside the old subtree;
+//! - mask indices come from the [`Palette`], which keeps them stable while
+//!   referenced ([`V6Tables::mark_used`] adds the IPv6 references).
+//!
+//! On a path, entries that point at a kept node never change, so a lookup
+//! meets at most one changed entry: before it, it reads only unchanged
+//! entries; after it, only the complete old or the complete new subtree.
+use std::collections::BTreeMap;
+
+use relay_guard_common::{AllowMask, MAX_MASKS, V6Leaf, V6Node, v6};
+
+use crate::tables::{Palette, PaletteFull};
+
+/// Depth (address bits consumed) of the top level.
+const TOP_DEPTH: u8 = 16;
+/// Entry value that is never written: the kernel's entry must be rewritten.
+const INVALID: u32 = u32::MAX;
+
+/// One kernel write, in the order [`V6Plan::writes`] lists them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum V6Write {
+    /// A leaf at an index nothing references yet.
+    Leaf { index: u32, leaf: V6Leaf },
+    /// A whole node at an index nothing references yet.
+    Node { index: u32, node: V6Node },
+    /// One entry of a linked node: a single aligned `u32` store.
+    NodeEntry { index: u32, slot: u8, value: u32 },
+    /// One top-level entry: a single aligned `u32` store.
+    Top { slot: u16, value: u32 },
+}
+
+/// What a [`V6Tables::build`] or [`V6Tables::update`] changed.
+#[derive(Debug, Clone, Default)]
+pub struct V6Plan {
+    /// Kernel writes, children before the entries that link them.
+    pub writes: Vec<V6Write>,
+    /// Node indices no longer linked (quarantined until the next call).
+    pub freed_nodes: Vec<u32>,
+    /// Leaf indices no longer linked (quarantined until the next call).
+    pub freed_leaves: Vec<u32>,
+}
+
+/// A capacity of the IPv6 tables, or the mask palette, is exhausted.
+#[derive(Debug, Clone, Copy, thiserror::Error)]
+pub enum V6Full {
+    #[error(
+        "the IPv6 trie needs more than {0} nodes (map RG_V6_NODES is full; nodes freed by a sync are reused from the next one)"
+    )]
+    Nodes(u32),
+    #[error(
+        "the IPv6 trie needs more than {0} leaves (map RG_V6_LEAVES is full; leaves freed by a sync are reused from the next one)"
+    )]
+    Leaves(u32),
+    #[error(transparent)]
+    Palette(#[from] PaletteFull),
+}
+
+/// What a lookup found: the mask index and the deciding unit (the range of
+/// the terminal entry, or the leaf's prefix), as (length, network address).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct V6Hit {
+    pub mask_index: u16,
+    pub len: u8,
+    pub net: [u8; 16],
+    /// Nodes read on the way.
+    pub nodes: u8,
+    /// What ended the walk.
+    pub end: V6End,
+}
+
+/// The kind of entry that decided a lookup.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum V6End {
+    /// A mask entry (a prefix ending at, or expanded over, this range).
+    Mask,
+    /// A leaf, the address inside its prefix.
+    LeafInside,
+    /// A leaf, the address outside its prefix.
+    LeafOutside,
+    /// A link the walk could not follow: deny.
+    Broken,
+}
+
+/// The IPv6 trie as the kernel holds it (or will, once the plan is written).
+#[derive(Debug, Clone)]
+pub struct V6Tables {
+    /// One entry per top 16 bits.
+    pub top: Vec<u32>,
+    /// Node contents by index (index 0 unused; unlinked indices are stale).
+    nodes: Vec<V6Node>,
+    /// Leaf contents by index (index 0 unused).
+    leaves: Vec<V6Leaf>,
+    /// Allocatable indices (lowest last), below `nodes.len()` / `leaves.len()`.
+    free_nodes: Vec<u32>,
+    free_leaves: Vec<u32>,
+    /// Freed by the current call; allocatable from the next one.
+    quarantine_nodes: Vec<u32>,
+    quarantine_leaves: Vec<u32>,
+    /// Indices a kernel entry may still name although it is rewritten
+    /// (see [`V6Tables::from_kernel`]): quarantined for the first call.
+    held_nodes: Vec<u32>,
+    held_leaves: Vec<u32>,
+    node_cap: u32,
+    leaf_cap: u32,
+    live_nodes: u32,
+    live_leaves: u32,
+}
+
+/// A stored prefix below the top level: address, length, mask index.
+#[derive(Debug, Clone, Copy)]
+struct P {
+    addr: u128,
+    len: u8,
+    idx: u16,
+}
+
+fn mask128(a: u128, len: u8) -> u128 {
+    if len == 0 {
+        0
+    } else {
+        a & (u128::MAX << (128 - u32::from(len)))
+    }
+}
+
+/// The 4 address bits a node at `depth` consumes.
+fn nibble(a: u128, depth: u8) -> usize {
+    ((a >> (124 - u32::from(depth))) & 15) as usize
+}
+
+fn top_slot(a: u128) -> usize {
+    (a >> 112) as usize
+}
+
+/// Whether `addr` lies inside the leaf's prefix.
+pub fn leaf_contains(leaf: &V6Leaf, addr: [u8; 16]) -> bool {
+    leaf.len <= 128 && mask128(u128::from_be_bytes(addr), leaf.len) == u128::from_be_bytes(leaf.addr)
+}
+
+/// The lookup the XDP program does, over any reader of the three arrays
+/// (`node`/`leaf` return None for an index the array does not have). Any
+/// failure is a deny (mask index 0).
+pub fn walk(
+    addr: [u8; 16],
+    top: impl Fn(usize) -> u32,
+    node: impl Fn(u32) -> Option<V6Node>,
+    leaf: impl Fn(u32) -> Option<V6Leaf>,
+) -> V6Hit {
+    let a = u128::from_be_bytes(addr);
+    let mut nodes = 0u8;
+    let mut depth = TOP_DEPTH;
+    let unit = |len: u8, idx: u32, nodes: u8, end: V6End| V6Hit {
+        mask_index: u16::try_from(idx)
+            .ok()
+            .filter(|&i| u32::from(i) < MAX_MASKS)
+            .unwrap_or(0),
+        len,
+        net: mask128(a, len).to_be_bytes(),
+        nodes,
+        end,
+    };
+    let mut e = top(top_slot(a));
+    for _ in 0..v6::NODE_LEVELS {
+        if e & v6::TAG != v6::NODE {
+            break;
+        }
+        let Some(n) = node(e & v6::INDEX) else {
+            return unit(depth, 0, nodes, V6End::Broken);
+        };
+        e = n[nibble(a, depth)];
+        depth += 4;
+        nodes += 1;
+    }
+    match e & v6::TAG {
+        0 => unit(depth, e, nodes, V6End::Mask),
+        v6::LEAF => match leaf(e & v6::INDEX) {
+            Some(l) if leaf_contains(&l, addr) => {
+                let mut hit = unit(l.len, u32::from(l.inside), nodes, V6End::LeafInside);
+                hit.net = l.addr;
+                hit
+            }
+            Some(l) => unit(depth, u32::from(l.outside), nodes, V6End::LeafOutside),
+            None => unit(depth, 0, nodes, V6End::Broken),
+        },
+        _ => unit(depth, 0, nodes, V6End::Broken),
+    }
+}
+
+impl V6Tables {
+    /// Empty tables (nothing in the kernel yet) with the kernel's capacities.
+    pub fn new() -> V6Tables {
+        V6Tables::with_capacity(v6::NODE_CAPACITY, v6::LEAF_CAPACITY)
+    }
+
+    /// Empty tables with the given capacities (indices 1..cap).
+    pub fn with_capacity(node_cap: u32, leaf_cap: u32) -> V6Tables {
+        V6Tables {
+            top: vec![0; v6::TOP_SLOTS as usize],
+            nodes: vec![[0; 16]],
+            leaves: vec![V6Leaf::default()],
+            free_nodes: Vec::new(),
+            free_leaves: Vec::new(),
+            quarantine_nodes: Vec::new(),
+            quarantine_leaves: Vec::new(),
+            held_nodes: Vec::new(),
+            held_leaves: Vec::new(),
+            node_cap,
+            leaf_cap,
+            live_nodes: 0,
+            live_leaves: 0,
+        }
+    }
+
+    /// The tables the kernel holds, read by following links from the top
+    /// (so only linked nodes and leaves are read). Indices nothing links are
+    /// free. An entry the kernel could not follow (bad tag, index out of
+    /// range, a node or leaf linked twice, too deep) is kept as an invalid
+    /// value, so the next build rewrites it; an index such an entry names is
+    /// quarantined, not allocated, while the entry may still point at it.
+    pub fn from_kernel(
+        node_cap: u32,
+        leaf_cap: u32,
+        top: impl Fn(usize) -> u32,
+        mut node: impl FnMut(u32) -> V6Node,
+        mut leaf: impl FnMut(u32) -> V6Leaf,
+    ) -> V6Tables {
+        let mut t = V6Tables::with_capacity(node_cap, leaf_cap);
+        let mut node_seen = vec![false; node_cap as usize];
+        let mut leaf_seen = vec![false; leaf_cap as usize];
+        let mut held_nodes = Vec::new();
+        let mut held_leaves = Vec::new();
+        // (node holding the entry, or None for the top; slot; depth).
+        let mut stack: Vec<(Option<u32>, usize, u8)> = Vec::new();
+        for s in 0..v6::TOP_SLOTS as usize {
+            t.top[s] = top(s);
+            if t.top[s] & v6::TAG != 0 {
+                stack.push((None, s, TOP_DEPTH));
+            }
+        }
+        while let Some((at, s, depth)) = stack.pop() {
+            let e = match at {
+                None => t.top[s],
+                Some(n) => t.nodes[n as usize][s],
+            };
+            let i = e & v6::INDEX;
+            let ok = match e & v6::TAG {
+                v6::NODE if i != 0 && i < node_cap && depth <= 124 && !node_seen[i as usize] => {
+                    node_seen[i as usize] = true;
+                    let content = node(i);
+                    if t.nodes.len() <= i as usize {
+                        t.nodes.resize(i as usize + 1, [0; 16]);
+                    }
+                    t.nodes[i as usize] = content;
+                    t.live_nodes += 1;
+                    for (c, &child) in content.iter().enumerate() {
+                        if child & v6::TAG != 0 {
+                            stack.push((Some(i), c, depth + 4));
+                        }
+                    }
+                    true
+                }
+                v6::LEAF if i != 0 && i < leaf_cap && !leaf_seen[i as usize] => {
+                    let l = leaf(i);
+                    let valid = l.len > depth
+                        && l.len <= 128
+                        && u32::from(l.inside) < MAX_MASKS
+                        && u32::from(l.outside) < MAX_MASKS
+                        && mask128(u128::from_be_bytes(l.addr), l.len) == u128::from_be_bytes(l.addr);
+                    leaf_seen[i as usize] = true;
+                    if t.leaves.len() <= i as usize {
+                        t.leaves.resize(i as usize + 1, V6Leaf::default());
+                    }
+                    if valid {
+                        t.leaves[i as usize] = l;
+                        t.live_leaves += 1;
+                    } else {
+                        held_leaves.push(i);
+                    }
+                    valid
+                }
+                v6::NODE if i != 0 && i < node_cap => {
+                    // Linked twice (or too deep): keep the index out of allocation.
+                    if !node_seen[i as usize] {
+                        node_seen[i as usize] = true;
+                        held_nodes.push(i);
+                    }
+                    false
+                }
+                _ => false,
+            };
+            if !ok {
+                match at {
+                    None => t.top[s] = INVALID,
+                    Some(n) => t.nodes[n as usize][s] = INVALID,
+                }
+            }
+        }
+        // Held indices must lie below the high-water mark, or allocation
+        // would hand them out past the free list.
+        let top_held = held_nodes.iter().map(|&i| i as usize + 1).max().unwrap_or(0);
+        if t.nodes.len() < top_held {
+            t.nodes.resize(top_held, [0; 16]);
+        }
+        t.free_nodes = (1..t.nodes.len() as u32)
+            .rev()
+            .filter(|&i| !node_seen[i as usize])
+            .collect();
+        t.free_leaves = (1..t.leaves.len() as u32)
+            .rev()
+            .filter(|&i| !leaf_seen[i as usize])
+            .collect();
+        t.held_nodes = held_nodes;
+        t.held_leaves = held_leaves;
+        t
+    }
+
+    /// Linked (nodes, leaves).
+    pub fn counts(&self) -> (u32, u32) {
+        (self.live_nodes, self.live_leaves)
+    }
+
+    /// What the XDP program finds for `addr` in these tables.
+    pub fn lookup(&self, addr: [u8; 16]) -> V6Hit {
+        walk(
+            addr,
+            |s| self.top[s],
+            |i| self.nodes.get(i as usize).copied(),
+            |i| self.leaves.get(i as usize).copied(),
+        )
+    }
+
+    /// Marks every mask index the tables reference in `used` (index → bool).
+    pub fn mark_used(&self, used: &mut [bool]) {
+        let mut mark = |i: u32| {
+            if let Some(u) = used.get_mut(i as usize) {
+                *u = true;
+            }
+        };
+        let mut stack: Vec<u32> = self.top.clone();
+        while let Some(e) = stack.pop() {
+            let i = e & v6::INDEX;
+            match e & v6::TAG {
+                0 => mark(e),
+                v6::NODE => stack.extend_from_slice(&self.nodes[i as usize]),
+                v6::LEAF => {
+                    let l = &self.leaves[i as usize];
+                    mark(u32::from(l.inside));
+                    mark(u32::from(l.outside));
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// Rewrites every top slot toward `v6` (a full build), keeping the
+    /// indices of what is already here. One call is one sync: apply its
+    /// plan before the next call. On error the tables are unusable (read
+    /// them again from the kernel); nothing of the plan has been written.
+    pub fn build(&mut self, v6: &BTreeMap<(u8, [u8; 16]), AllowMask>, palette: &mut Palette) -> Result<V6Plan, V6Full> {
+        self.begin();
+        let mut short: Vec<P> = Vec::new();
+        let mut deep: Vec<P> = Vec::new();
+        for (&(len, addr), m) in v6 {
+            let p = P {
+                addr: u128::from_be_bytes(addr),
+                len,
+                idx: palette.index(m.allow).ok_or(PaletteFull)?,
+            };
+            if len <= TOP_DEPTH {
+                short.push(p);
+            } else {
+                deep.push(p);
+            }
+        }
+        let inh = paint_top(&mut short);
+        deep.sort_unstable_by_key(|p| (p.addr, p.len));
+        let mut plan = V6Plan::default();
+        let mut rest = &deep[..];
+        for (s, &inh) in inh.iter().enumerate() {
+            let n = rest.partition_point(|p| top_slot(p.addr) == s);
+            let (here, after) = rest.split_at(n);
+            rest = after;
+            self.rebuild_slot(s, here, inh, &mut plan)?;
+        }
+        Ok(plan)
+    }
+
+    /// Rewrites only the top slots that the `changed` prefixes (added,
+    /// removed, or with a new mask) touch; `v6` is the whole new set. The
+    /// lookups are then those of a full [`build`](Self::build) of `v6`.
+    pub fn update(
+        &mut self,
+        v6: &BTreeMap<(u8, [u8; 16]), AllowMask>,
+        changed: impl IntoIterator<Item = (u8, [u8; 16])>,
+        palette: &mut Palette,
+    ) -> Result<V6Plan, V6Full> {
+        let mut slots: Vec<usize> = Vec::new();
+        let mut all = false;
+        for (len, addr) in changed {
+            let a = u128::from_be_bytes(addr);
+            if len <= TOP_DEPTH {
+                let first = top_slot(mask128(a, len));
+                let n = 1usize << (TOP_DEPTH - len);
+                if n >= 4096 {
+                    all = true;
+                    break;
+                }
+                slots.extend(first..first + n);
+            } else {
+                slots.push(top_slot(a));
+            }
+        }
+        slots.sort_unstable();
+        slots.dedup();
+        if all || slots.len() >= 4096 {
+            return self.build(v6, palette);
+        }
+        self.begin();
+        let mut plan = V6Plan::default();
+        for s in slots {
+            let lo = (s as u128) << 112;
+            let hi = lo | ((1u128 << 112) - 1);
+            let mut inh = 0;
+            for len in (0..=TOP_DEPTH).rev() {
+                if let Some(m) = v6.get(&(len, mask128(lo, len).to_be_bytes())) {
+                    inh = palette.index(m.allow).ok_or(PaletteFull)?;
+                    break;
+                }
+            }
+            let mut here = Vec::new();
+            for len in TOP_DEPTH + 1..=128 {
+                for (&(l, addr), m) in v6.range((len, lo.to_be_bytes())..=(len, hi.to_be_bytes())) {
+                    here.push(P {
+                        addr: u128::from_be_bytes(addr),
+                        len: l,
+                        idx: palette.index(m.allow).ok_or(PaletteFull)?,
+                    });
+                }
+            }
+            here.sort_unstable_by_key(|p| (p.addr, p.len));
+            self.rebuild_slot(s, &here, inh, &mut plan)?;
+        }
+        Ok(plan)
+    }
+
+    /// Starts a call: what the previous call freed becomes allocatable.
+    fn begin(&mut self) {
+        self.free_nodes.append(&mut self.quarantine_nodes);
+        self.free_leaves.append(&mut self.quarantine_leaves);
+        self.quarantine_nodes.append(&mut self.held_nodes);
+        self.quarantine_leaves.append(&mut self.held_leaves);
+        // Lowest index last: allocation stays compact (fewer pages touched).
+        self.free_nodes.sort_unstable_by(|a, b| b.cmp(a));
+        self.free_leaves.sort_unstable_by(|a, b| b.cmp(a));
+    }
+
+    fn rebuild_slot(&mut self, s: usize, ps: &[P], inh: u16, plan: &mut V6Plan) -> Result<(), V6Full> {
+        let old = self.top[s];
+        let new = self.entry(TOP_DEPTH, (s as u128) << 112, ps, inh, old, plan)?;
+        if new != old {
+            plan.writes.push(V6Write::Top {
+                slot: u16::try_from(s).expect("< 65536"),
+                value: new,
+            });
+            self.top[s] = new;
+        }
+        Ok(())
+    }
+
+    /// The entry for the /`depth` range at `base`: `ps` are the stored
+    /// prefixes inside it longer than `depth` (sorted by address, then
+    /// length), `inh` the mask index of the longest one containing the range,
+    /// `old` the entry there now. Pushes the writes the new subtree needs,
+    /// frees what the old one no longer uses, and returns the new entry.
+    fn entry(&mut self, depth: u8, base: u128, ps: &[P], inh: u16, old: u32, plan: &mut V6Plan) -> Result<u32, V6Full> {
+        let new = match ps {
+            [] => u32::from(inh),
+            [p] => {
+                let leaf = V6Leaf {
+                    addr: p.addr.to_be_bytes(),
+                    len: p.len,
+                    inside: p.idx,
+                    outside: inh,
+                    ..V6Leaf::default()
+                };
+                if old & v6::TAG == v6::LEAF && self.leaves[(old & v6::INDEX) as usize] == leaf {
+                    return Ok(old);
+                }
+                let i = self.alloc_leaf()?;
+                self.leaves[i as usize] = leaf;
+                plan.writes.push(V6Write::Leaf { index: i, leaf });
+                v6::LEAF | i
+            }
+            _ => {
+                let (i, fresh) = if old & v6::TAG == v6::NODE {
+                    (old & v6::INDEX, false)
+                } else {
+                    (self.alloc_node()?, true)
+                };
+                let mut content = if fresh { [INVALID; 16] } else { self.nodes[i as usize] };
+                // Children's inherited masks: prefixes ending within this
+                // node's 4 bits are expanded over the children they cover,
+                // shortest first so the longest wins.
+                let mut child_inh = [inh; 16];
+                let mut shorts: Vec<P> = ps.iter().filter(|p| p.len <= depth + 4).copied().collect();
+                shorts.sort_unstable_by_key(|p| p.len);
+                for p in &shorts {
+                    let k = u32::from(depth + 4 - p.len);
+                    let first = (nibble(p.addr, depth) >> k) << k;
+                    child_inh[first..first + (1 << k)].fill(p.idx);
+                }
+                let longs: Vec<P>;
+                let deeper: &[P] = if shorts.is_empty() {
+                    ps
+                } else {
+                    longs = ps.iter().filter(|p| p.len > depth + 4).copied().collect();
+                    &longs
+                };
+                let mut rest = deeper;
+                for c in 0..16 {
+                    let n = rest.partition_point(|p| nibble(p.addr, depth) == c);
+                    let (here, after) = rest.split_at(n);
+                    rest = after;
+                    let child_base = base | ((c as u128) << (124 - u32::from(depth)));
+                    let e = self.entry(depth + 4, child_base, here, child_inh[c], content[c], plan)?;
+                    if !fresh && e != content[c] {
+                        plan.writes.push(V6Write::NodeEntry {
+                            index: i,
+                            slot: u8::try_from(c).expect("< 16"),
+                            value: e,
+                        });
+                    }
+                    content[c] = e;
+                }
+                self.nodes[i as usize] = content;
+                if fresh {
+                    plan.writes.push(V6Write::Node {
+                        index: i,
+                        node: content,
+                    });
+                }
+                v6::NODE | i
+            }
+        };
+        if new != old {
+            self.free(old, plan);
+        }
+        Ok(new)
+    }
+
+    /// Frees what `e` links (a leaf, or a node and everything below it).
+    fn free(&mut self, e: u32, plan: &mut V6Plan) {
+        let i = e & v6::INDEX;
+        match e & v6::TAG {
+            v6::LEAF => {
+                self.quarantine_leaves.push(i);
+                self.live_leaves -= 1;
+                plan.freed_leaves.push(i);
+            }
+            v6::NODE => {
+                let content = self.nodes[i as usize];
+                self.quarantine_nodes.push(i);
+                self.live_nodes -= 1;
+                plan.freed_nodes.push(i);
+                for c in content {
+                    self.free(c, plan);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn alloc_node(&mut self) -> Result<u32, V6Full> {
+        let i = match self.free_nodes.pop() {
+            Some(i) => i,
+            None => {
+                let i = u32::try_from(self.nodes.len()).expect("bounded by the capacity");
+                if i >= self.node_cap {
+                    return Err(V6Full::Nodes(self.node_cap.saturating_sub(1)));
+                }
+                self.nodes.push([0; 16]);
+                i
+            }
+        };
+        self.live_nodes += 1;
+        Ok(i)
+    }
+
+    fn alloc_leaf(&mut self) -> Result<u32, V6Full> {
+        let i = match self.free_leaves.pop() {
+            Some(i) => i,
+            None => {
+                let i = u32::try_from(self.leaves.len()).expect("bounded by the capacity");
+                if i >= self.leaf_cap {
+                    return Err(V6Full::Leaves(self.leaf_cap.saturating_sub(1)));
+                }
+                self.leaves.push(V6Leaf::default());
+                i
+            }
+        };
+        self.live_leaves += 1;
+        Ok(i)
+    }
+}
+
+impl Default for V6Tables {
+    fn default() -> Self {
+        V6Tables::new()
+    }
+}
+
+/// The top-level inherited mask index per slot from the prefixes of length
+/// 0..=16 (painted shortest first).
+fn paint_top(short: &mut [P]) -> Vec<u16> {
+    short.sort_unstable_by_key(|p| p.len);
+    let mut inh = vec![0u16; v6::TOP_SLOTS as usize];
+    for p in short.iter() {
+        let first = top_slot(p.addr);
+        let n = 1usize << (TOP_DEPTH - p.len);
+        inh[first..first + n].fill(p.idx);
+    }
+    inh
+}
+
+#[cfg(test)]
+mod tests;
