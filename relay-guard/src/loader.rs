@@ -52,67 +52,172 @@ pub struct Maps {
 /// The counter array, shared with the metrics collector.
 pub type Counters = Arc<Mutex<PerCpuArray<MapData, u64>>>;
 
-/// `RG_TBL24`, mapped into the agent's memory (`BPF_F_MMAPABLE`): 16M /24
-/// entries are compared and written as memory, not one syscall each.
-pub struct Tbl24 {
+/// A `BPF_F_MMAPABLE` map's memory, mapped into the agent a chunk at a
+/// time. The kernel maps every page of a BPF map mmap at once, so mapping a
+/// 32 MiB array whole costs 32 MiB of RSS; here the whole address range is
+/// reserved (no memory) and each chunk is mapped over it on first access
+/// (the base pointer never moves, so references stay valid), and
+/// [`Region::release`] gives the chunks back when no reference is held.
+struct Region {
     /// Keeps the map (and so the mapping's backing) alive.
-    _map: MapData,
-    ptr: *mut u16,
+    map: MapData,
+    base: *mut u8,
+    bytes: usize,
+    mapped: Vec<std::sync::atomic::AtomicBool>,
+    lock: Mutex<()>,
 }
 
-// SAFETY: the mapping is plain shared memory; every access is a single
-// aligned u16 load or store (volatile), and only the agent writes.
-unsafe impl Send for Tbl24 {}
+/// Granule of [`Region`] mappings (a multiple of the page size).
+const CHUNK: usize = 1 << 20;
+
+// SAFETY: the memory is shared with the kernel; the agent accesses it with
+// single aligned loads and stores (volatile or atomic), and chunk mappings
+// are made under `lock`.
+unsafe impl Send for Region {}
 // SAFETY: as above.
-unsafe impl Sync for Tbl24 {}
+unsafe impl Sync for Region {}
+
+impl Region {
+    fn new(map: MapData, bytes: usize) -> std::io::Result<Region> {
+        // SAFETY: an anonymous, inaccessible reservation: no memory, only addresses.
+        let base = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                bytes,
+                libc::PROT_NONE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        if base == libc::MAP_FAILED {
+            return Err(std::io::Error::last_os_error());
+        }
+        let chunks = bytes.div_ceil(CHUNK);
+        let r = Region {
+            map,
+            base: base.cast(),
+            bytes,
+            mapped: (0..chunks).map(|_| std::sync::atomic::AtomicBool::new(false)).collect(),
+            lock: Mutex::new(()),
+        };
+        // Map the first chunk now, so a map that cannot be mapped fails here.
+        r.ensure(0, 1)?;
+        Ok(r)
+    }
+
+    /// Maps the chunks holding bytes `off..off + len`.
+    fn ensure(&self, off: usize, len: usize) -> std::io::Result<()> {
+        use std::{os::fd::AsFd as _, sync::atomic::Ordering};
+        let (first, last) = (off / CHUNK, (off + len - 1) / CHUNK);
+        for c in first..=last {
+            if self.mapped[c].load(Ordering::Acquire) {
+                continue;
+            }
+            let _g = self.lock.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            if self.mapped[c].load(Ordering::Acquire) {
+                continue;
+            }
+            let start = c * CHUNK;
+            let size = CHUNK.min(self.bytes - start);
+            let fd = self.map.fd().as_fd().as_raw_fd();
+            // SAFETY: replaces part of our own reservation (MAP_FIXED inside
+            // it) with the map's pages at the same offset; `bytes` is the
+            // map's size, so the range is inside the map.
+            let p = unsafe {
+                libc::mmap(
+                    self.base.add(start).cast(),
+                    size,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_SHARED | libc::MAP_FIXED,
+                    fd,
+                    libc::off_t::try_from(start).expect("fits"),
+                )
+            };
+            if p == libc::MAP_FAILED {
+                return Err(std::io::Error::last_os_error());
+            }
+            self.mapped[c].store(true, Ordering::Release);
+        }
+        Ok(())
+    }
+
+    /// A pointer to bytes `off..off + len`, mapped. Panics if the kernel
+    /// refuses to map a chunk it mapped before (the map is alive: it cannot).
+    fn at(&self, off: usize, len: usize) -> *mut u8 {
+        assert!(off + len <= self.bytes);
+        self.ensure(off, len).expect("mapping a chunk of a live BPF map");
+        // SAFETY: in bounds (checked) of the reservation.
+        unsafe { self.base.add(off) }
+    }
+
+    /// Unmaps every chunk (their RSS goes; the kernel keeps the data).
+    fn release(&mut self) {
+        use std::sync::atomic::Ordering;
+        for (c, m) in self.mapped.iter().enumerate() {
+            if m.swap(false, Ordering::AcqRel) {
+                let start = c * CHUNK;
+                // SAFETY: turns our own mapped chunk back into reservation;
+                // `&mut self`: no reference into it is held.
+                unsafe {
+                    libc::mmap(
+                        self.base.add(start).cast(),
+                        CHUNK.min(self.bytes - start),
+                        libc::PROT_NONE,
+                        libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE | libc::MAP_FIXED,
+                        -1,
+                        0,
+                    )
+                };
+            }
+        }
+    }
+}
+
+impl Drop for Region {
+    fn drop(&mut self) {
+        // SAFETY: unmapping exactly the reservation `new` made (and the
+        // chunks mapped inside it).
+        unsafe { libc::munmap(self.base.cast(), self.bytes) };
+    }
+}
+
+/// `RG_TBL24`, mapped into the agent's memory (`BPF_F_MMAPABLE`): 16M /24
+/// entries are compared and written as memory, not one syscall each. Mapped
+/// a chunk at a time (see [`Region`]); a full scan calls
+/// [`Tbl24::release`] as it goes, so the table never costs its whole size
+/// in RSS.
+pub struct Tbl24 {
+    region: Region,
+}
 
 const TBL24_BYTES: usize = TBL24_ENTRIES as usize * 8;
 
 impl Tbl24 {
     fn new(map: MapData) -> Result<Tbl24, std::io::Error> {
-        use std::os::fd::AsFd as _;
-        let fd = map.fd().as_fd().as_raw_fd();
-        // SAFETY: mapping a BPF array created with BPF_F_MMAPABLE, shared,
-        // at offset 0 for its exact size.
-        let p = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                TBL24_BYTES,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                fd,
-                0,
-            )
-        };
-        if p == libc::MAP_FAILED {
-            return Err(std::io::Error::last_os_error());
-        }
         Ok(Tbl24 {
-            _map: map,
-            ptr: p.cast(),
+            region: Region::new(map, TBL24_BYTES)?,
         })
     }
 
     /// Entry of /24 block `block` (0..2^24).
     pub fn get(&self, block: usize) -> u16 {
         assert!(block < crate::tables::BLOCKS);
-        // SAFETY: in bounds (checked), aligned, inside the live mapping.
-        unsafe { self.ptr.add(block).read_volatile() }
+        // SAFETY: mapped, in bounds and aligned (`at` checks and maps).
+        unsafe { self.region.at(block * 2, 2).cast::<u16>().read_volatile() }
     }
 
     /// Sets the entry of /24 block `block`; one aligned store, so the XDP
     /// program sees the old or the new value, never a mix.
     pub fn set(&self, block: usize, v: u16) {
         assert!(block < crate::tables::BLOCKS);
-        // SAFETY: in bounds (checked), aligned, inside the live mapping.
-        unsafe { self.ptr.add(block).write_volatile(v) }
+        // SAFETY: mapped, in bounds and aligned (`at` checks and maps).
+        unsafe { self.region.at(block * 2, 2).cast::<u16>().write_volatile(v) }
     }
-}
 
-impl Drop for Tbl24 {
-    fn drop(&mut self) {
-        // SAFETY: unmapping exactly what `new` mapped.
-        unsafe { libc::munmap(self.ptr.cast(), TBL24_BYTES) };
+    /// Gives back the memory of the chunks mapped so far.
+    pub fn release(&mut self) {
+        self.region.release();
     }
 }
 
@@ -120,27 +225,18 @@ impl Drop for Tbl24 {
 /// toward the agent's RSS only once touched, so readers follow links rather
 /// than scan.
 pub struct MmapArray {
-    /// Keeps the map (and so the mapping's backing) alive.
-    _map: MapData,
-    ptr: *mut u8,
-    bytes: usize,
+    /// Mapped a chunk at a time: indices are allocated from the bottom, so
+    /// only the part in use costs RSS.
+    region: Region,
     value_size: usize,
     entries: u32,
 }
-
-// SAFETY: the mapping is plain shared memory; entries that the XDP program
-// may be reading are only changed by single aligned u32 stores (atomic), and
-// only the agent writes.
-unsafe impl Send for MmapArray {}
-// SAFETY: as above.
-unsafe impl Sync for MmapArray {}
 
 impl MmapArray {
     /// Maps `map`, after checking it is a mmapable array of `entries`
     /// values of `value_size` bytes (a multiple of 8, as the kernel lays
     /// mmapable arrays out).
     fn new(name: &'static str, map: MapData, value_size: usize, entries: u32) -> Result<MmapArray, LoadError> {
-        use std::os::fd::AsFd as _;
         const BPF_F_MMAPABLE: u32 = 1 << 10;
         assert!(value_size.is_multiple_of(8), "mmapable array values are 8-byte aligned");
         let info = map.info().map_err(|source| LoadError::MapType { name, source })?;
@@ -159,30 +255,13 @@ impl MmapArray {
             });
         }
         let bytes = value_size * entries as usize;
-        let fd = map.fd().as_fd().as_raw_fd();
-        // SAFETY: mapping a BPF array created with BPF_F_MMAPABLE (checked),
-        // shared, at offset 0 for its exact size.
-        let p = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                bytes,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                fd,
-                0,
-            )
-        };
-        if p == libc::MAP_FAILED {
-            return Err(LoadError::Pin {
-                op: "mmap",
-                path: name.into(),
-                source: std::io::Error::last_os_error(),
-            });
-        }
+        let region = Region::new(map, bytes).map_err(|source| LoadError::Pin {
+            op: "mmap",
+            path: name.into(),
+            source,
+        })?;
         Ok(MmapArray {
-            _map: map,
-            ptr: p.cast(),
-            bytes,
+            region,
             value_size,
             entries,
         })
@@ -197,7 +276,9 @@ impl MmapArray {
         // aligned in a page-aligned mapping), inside the live mapping; the
         // memory is shared with the kernel, so only atomic access is used.
         Some(unsafe {
-            std::sync::atomic::AtomicU32::from_ptr(self.ptr.add(index as usize * self.value_size + word * 4).cast())
+            std::sync::atomic::AtomicU32::from_ptr(
+                self.region.at(index as usize * self.value_size + word * 4, 4).cast(),
+            )
         })
     }
 
@@ -209,8 +290,8 @@ impl MmapArray {
         // SAFETY: in bounds, aligned for T (align <= 8), inside the mapping;
         // T is plain data (integers only).
         Some(unsafe {
-            self.ptr
-                .add(index as usize * self.value_size)
+            self.region
+                .at(index as usize * self.value_size, size_of::<T>())
                 .cast::<T>()
                 .read_volatile()
         })
@@ -221,18 +302,11 @@ impl MmapArray {
         assert!(index < self.entries && size_of::<T>() <= self.value_size);
         // SAFETY: in bounds (checked), aligned, inside the mapping.
         unsafe {
-            self.ptr
-                .add(index as usize * self.value_size)
+            self.region
+                .at(index as usize * self.value_size, size_of::<T>())
                 .cast::<T>()
                 .write_volatile(v)
         }
-    }
-}
-
-impl Drop for MmapArray {
-    fn drop(&mut self) {
-        // SAFETY: unmapping exactly what `new` mapped.
-        unsafe { libc::munmap(self.ptr.cast(), self.bytes) };
     }
 }
 

@@ -28,7 +28,7 @@ use crate::{
     error::SyncError,
     loader::Maps,
     policy::Policy,
-    tables::{BLOCKS, LongSpec, Palette, PaletteFull, V4Tables},
+    tables::{self, LongSpec, Palette, PaletteFull},
     tables6::{V6Tables, V6Write},
 };
 
@@ -102,59 +102,66 @@ fn run(
                 .map_err(merr("read", maps::MASKS, format!("index {i}")))?,
         );
     }
-    let mut palette = Palette::from_kernel(kernel_masks.clone());
-    let tables = V4Tables::build(&policy.v4, &mut palette).map_err(|e| SyncError::Capacity { what: e.to_string() })?;
-    // The IPv6 trie as the kernel holds it, rebuilt toward the policy
-    // (allocating its masks in the same palette, before anything is written).
-    let mut v6tables = maps.v6.read_tables();
-    let v6plan = v6tables
-        .build(&policy.v6, &mut palette)
-        .map_err(|e| SyncError::Capacity { what: e.to_string() })?;
-    let mut used = tables.used.clone();
-    v6tables.mark_used(&mut used);
-
+    let mut palette = Palette::from_kernel(kernel_masks);
+    let capacity = |e: PaletteFull| SyncError::Capacity { what: e.to_string() };
     let mut have_long: BTreeSet<u32> = BTreeSet::new();
     for k in maps.long24.keys() {
         have_long.insert(k.map_err(merr("read", maps::LONG24, "keys"))?);
     }
 
-    // Phase 1a: masks the new tables need, in indices nothing references yet.
-    for (i, (&new, &old)) in palette.masks.iter().zip(&kernel_masks).enumerate() {
-        if new != old && new != 0 {
+    // Phase 1 for IPv4, one /8 at a time (the whole table is never built in
+    // memory): masks first taken, then long blocks, then /24 entries.
+    let mut refs = vec![0u32; MAX_MASKS as usize];
+    let mut long_all: BTreeMap<u32, LongSpec> = BTreeMap::new();
+    const SPAN_LEN: u8 = 8;
+    let span = 1u32 << (24 - u32::from(SPAN_LEN));
+    for start in (0..1u32 << 24).step_by(span as usize) {
+        let paint = tables::paint_range(&policy.v4, &mut palette, start, start + span, SPAN_LEN).map_err(capacity)?;
+        write_masks(maps, &mut palette, &mut st, write)?;
+        for (&block, spec) in &paint.long {
+            spec_refs(&mut refs, spec, 1);
+            let hosts = spec.hosts();
+            let same = have_long.contains(&block) && maps.long24.get(&block, 0).ok().as_ref() == Some(&*hosts);
+            if same {
+                st.unchanged += 1;
+                continue;
+            }
             st.written += 1;
             if write {
-                let i = u32::try_from(i).expect("< MAX_MASKS");
-                maps.masks
-                    .set(i, new, 0)
-                    .map_err(merr("write", maps::MASKS, format!("index {i}")))?;
+                maps.long24
+                    .insert(block, *hosts, 0)
+                    .map_err(merr("write", maps::LONG24, block_name(block)))?;
             }
         }
-    }
-    // Phase 1b: long blocks, before the /24 entries that point at them.
-    for (&block, spec) in &tables.long {
-        let hosts = spec.hosts();
-        let same = have_long.contains(&block) && maps.long24.get(&block, 0).ok().as_ref() == Some(&*hosts);
-        if same {
-            st.unchanged += 1;
-            continue;
-        }
-        st.written += 1;
-        if write {
-            maps.long24
-                .insert(block, *hosts, 0)
-                .map_err(merr("write", maps::LONG24, block_name(block)))?;
-        }
-    }
-    // Phase 1c: the /24 table.
-    for block in 0..BLOCKS {
-        let new = tables.tbl24[block];
-        if maps.tbl24.get(block) != new {
-            st.written += 1;
-            if write {
-                maps.tbl24.set(block, new);
+        for (i, &new) in paint.tbl.iter().enumerate() {
+            let block = start as usize + i;
+            if new & LONG_BLOCK == 0 {
+                refs[usize::from(new)] += 1;
+            }
+            if maps.tbl24.get(block) != new {
+                st.written += 1;
+                if write {
+                    maps.tbl24.set(block, new);
+                }
             }
         }
+        // Give back the table's memory as the scan moves on (it is 32 MiB).
+        if (start / span) % 8 == 7 {
+            maps.tbl24.release();
+        }
+        long_all.extend(paint.long);
     }
+    maps.tbl24.release();
+
+    // The IPv6 trie as the kernel holds it, rebuilt toward the policy
+    // (allocating its masks in the same palette, written before any link).
+    let mut v6tables = maps.v6.read_tables();
+    let v6plan = v6tables
+        .build(&policy.v6, &mut palette)
+        .map_err(|e| SyncError::Capacity { what: e.to_string() })?;
+    write_masks(maps, &mut palette, &mut st, write)?;
+    let mut used: Vec<bool> = refs.iter().map(|&r| r > 0).collect();
+    v6tables.mark_used(&mut used);
 
     // Phase 1d: the IPv6 trie, children before the entries that link them
     // (the plan's order); freed nodes and leaves are only unlinked.
@@ -242,7 +249,7 @@ fn run(
                 .map_err(merr("clear", maps::PORTS, format!("port {port}")))?;
         }
     }
-    for &block in have_long.iter().filter(|b| !tables.long.contains_key(b)) {
+    for &block in have_long.iter().filter(|b| !long_all.contains_key(b)) {
         st.removed += 1;
         if write {
             maps.long24
@@ -271,22 +278,12 @@ fn run(
     if !write {
         return Ok((st, None));
     }
-    palette.take_allocated();
-    let mut refs = vec![0u32; MAX_MASKS as usize];
-    for &e in &tables.tbl24 {
-        if e & LONG_BLOCK == 0 {
-            refs[usize::from(e)] += 1;
-        }
-    }
-    for spec in tables.long.values() {
-        spec_refs(&mut refs, spec, 1);
-    }
     Ok((
         st,
         Some(Shadow {
             palette,
             refs,
-            long: tables.long,
+            long: long_all,
             v6: v6tables,
             stale,
         }),
@@ -296,19 +293,25 @@ fn run(
 /// An IPv6 prefix (length, network) and its new value; `None`: removed.
 pub type V6Change = ((u8, [u8; 16]), Option<AllowMask>);
 
+/// Writes the masks the palette handed out since the last call (before any
+/// table entry that references them).
+fn write_masks(maps: &mut Maps, palette: &mut Palette, st: &mut SyncStats, write: bool) -> Result<(), SyncError> {
+    for i in palette.take_allocated() {
+        st.written += 1;
+        if write {
+            maps.masks
+                .set(u32::from(i), palette.masks[usize::from(i)], 0)
+                .map_err(merr("write", maps::MASKS, format!("index {i}")))?;
+        }
+    }
+    Ok(())
+}
+
 /// Adds (`sign` 1) or removes (-1) the references of a long block.
 fn spec_refs(refs: &mut [u32], spec: &LongSpec, sign: i32) {
     for idx in std::iter::once(spec.base).chain(spec.prefixes.iter().map(|&(_, _, i)| i)) {
         let r = &mut refs[usize::from(idx)];
         *r = r.wrapping_add_signed(sign);
-    }
-}
-
-fn mask_v4(a: u32, len: u8) -> u32 {
-    if len == 0 {
-        0
-    } else {
-        a & (u32::MAX << (32 - u32::from(len)))
     }
 }
 
@@ -367,40 +370,13 @@ pub fn apply_delta(
     let mut long_gone: Vec<u32> = Vec::new();
     let mut dropped: Vec<u16> = Vec::new();
     for (start, end, l) in merged {
-        let first = start << 8;
-        let last = ((end - 1) << 8) | 0xff;
-        // The longest stored prefix shorter than the range that contains it.
-        let mut base = 0u16;
-        for len in (0..l).rev() {
-            if let Some(m) = policy.v4.get(&(len, mask_v4(first, len).to_be_bytes())) {
-                base = shadow.palette.index(m.allow).ok_or(PaletteFull).map_err(full)?;
-                break;
-            }
-        }
-        let mut painted = vec![base; (end - start) as usize];
-        for len in l..=24 {
-            for (&(_, a), m) in policy.v4.range((len, first.to_be_bytes())..=(len, last.to_be_bytes())) {
-                let idx = shadow.palette.index(m.allow).ok_or(PaletteFull).map_err(full)?;
-                let s = ((u32::from_be_bytes(a) >> 8) - start) as usize;
-                let n = 1usize << (24 - u32::from(len));
-                painted[s..s + n].fill(idx);
-            }
-        }
-        let mut long: BTreeMap<u32, Vec<(u8, u8, u16)>> = BTreeMap::new();
-        for len in 25..=32u8 {
-            for (&(_, a), m) in policy.v4.range((len, first.to_be_bytes())..=(len, last.to_be_bytes())) {
-                let idx = shadow.palette.index(m.allow).ok_or(PaletteFull).map_err(full)?;
-                let a = u32::from_be_bytes(a);
-                long.entry(a >> 8).or_default().push((len, (a & 0xff) as u8, idx));
-            }
-        }
+        let mut paint = tables::paint_range(&policy.v4, &mut shadow.palette, start, end, l).map_err(full)?;
         for block in start..end {
             let b = block as usize;
-            let here = painted[b - start as usize];
+            let new = paint.tbl[b - start as usize];
             let old = maps.tbl24.get(b);
             let old_spec = shadow.long.get(&block);
-            let new_spec = long.remove(&block).map(|prefixes| LongSpec { base: here, prefixes });
-            let new = if new_spec.is_some() { LONG_BLOCK } else { here };
+            let new_spec = paint.long.remove(&block);
             if old == new && old_spec == new_spec.as_ref() {
                 st.unchanged += 1;
                 continue;
@@ -455,6 +431,7 @@ pub fn apply_delta(
         st.written += 1;
         maps.tbl24.set(b, v);
     }
+    maps.tbl24.release();
     // Phase 1d: the IPv6 trie (see `tables6`): children before links.
     if let Some(plan) = &v6plan {
         st.written += plan.writes.len();

@@ -204,6 +204,68 @@ impl V4Tables {
     }
 }
 
+/// The /24 entries and long blocks of blocks `start..end`, an aligned
+/// range of `2^(24 - l)` blocks (the blocks of one /`l` prefix): what
+/// [`V4Tables::build`] gives for them, computed from the prefixes that
+/// overlap the range only. Entries of long blocks are [`LONG_BLOCK`].
+pub struct RangePaint {
+    pub tbl: Vec<u16>,
+    pub long: BTreeMap<u32, LongSpec>,
+}
+
+fn mask_v4(a: u32, len: u8) -> u32 {
+    if len == 0 {
+        0
+    } else {
+        a & (u32::MAX << (32 - u32::from(len)))
+    }
+}
+
+pub fn paint_range(
+    v4: &BTreeMap<(u8, [u8; 4]), AllowMask>,
+    palette: &mut Palette,
+    start: u32,
+    end: u32,
+    l: u8,
+) -> Result<RangePaint, PaletteFull> {
+    debug_assert_eq!(end - start, 1 << (24 - u32::from(l)));
+    let first = start << 8;
+    let last = ((end - 1) << 8) | 0xff;
+    // The longest stored prefix shorter than the range that contains it.
+    let mut base = 0u16;
+    for len in (0..l).rev() {
+        if let Some(m) = v4.get(&(len, mask_v4(first, len).to_be_bytes())) {
+            base = palette.index(m.allow).ok_or(PaletteFull)?;
+            break;
+        }
+    }
+    let mut tbl = vec![base; (end - start) as usize];
+    // Short to long: the longest prefix containing a block paints it last.
+    for len in l..=24 {
+        for (&(_, a), m) in v4.range((len, first.to_be_bytes())..=(len, last.to_be_bytes())) {
+            let idx = palette.index(m.allow).ok_or(PaletteFull)?;
+            let s = ((u32::from_be_bytes(a) >> 8) - start) as usize;
+            tbl[s..s + (1usize << (24 - u32::from(len)))].fill(idx);
+        }
+    }
+    let mut long: BTreeMap<u32, LongSpec> = BTreeMap::new();
+    for len in 25..=32u8 {
+        for (&(_, a), m) in v4.range((len, first.to_be_bytes())..=(len, last.to_be_bytes())) {
+            let idx = palette.index(m.allow).ok_or(PaletteFull)?;
+            let a = u32::from_be_bytes(a);
+            let block = a >> 8;
+            let slot = &mut tbl[(block - start) as usize];
+            let spec = long.entry(block).or_insert_with(|| LongSpec {
+                base: *slot,
+                prefixes: Vec::new(),
+            });
+            *slot = LONG_BLOCK;
+            spec.prefixes.push((len, (a & 0xff) as u8, idx));
+        }
+    }
+    Ok(RangePaint { tbl, long })
+}
+
 /// Checks tables against the policy they came from, for tests.
 pub fn agrees(policy: &Policy, tables: &V4Tables, palette: &Palette, addr: [u8; 4]) -> bool {
     let want = (0..=32u8).rev().find_map(|len| {
@@ -267,6 +329,35 @@ mod tests {
 
     proptest! {
         #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
+        #[test]
+        fn painting_a_range_gives_what_a_full_build_gives(
+            entries in proptest::collection::vec((0u8..=32, 0u32..4096, 0u64..8), 0..60),
+            l in 8u8..=24,
+        ) {
+            let base = u32::from_be_bytes([198, 51, 96, 0]);
+            let mut p = Policy::default();
+            for (len, off, m) in entries {
+                let a = base.wrapping_add(off * 7);
+                let net = if len == 0 { 0 } else { a & (u32::MAX << (32 - u32::from(len))) };
+                p.v4.insert((len, net.to_be_bytes()), AllowMask { allow: m });
+            }
+            let mut pal = Palette::new();
+            let t = V4Tables::build(&p.v4, &mut pal).expect("fits");
+            // The range of the /l holding the cluster, and its neighbour.
+            for start in [base >> 8 & !((1u32 << (24 - u32::from(l))) - 1), 0] {
+                let end = start + (1u32 << (24 - u32::from(l)));
+                let r = paint_range(&p.v4, &mut pal, start, end, l).expect("fits");
+                for b in start..end {
+                    prop_assert_eq!(r.tbl[(b - start) as usize], t.tbl24[b as usize]);
+                    let mut want = t.long.get(&b).cloned();
+                    if let Some(w) = &mut want {
+                        w.prefixes.sort_by_key(|&(len, host, _)| (len, host));
+                    }
+                    prop_assert_eq!(r.long.get(&b), want.as_ref());
+                }
+            }
+        }
+
         #[test]
         fn tables_agree_with_longest_prefix(
             entries in proptest::collection::vec((8u8..=32, 0u32..4096, 0u64..8), 0..60),

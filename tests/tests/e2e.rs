@@ -215,9 +215,17 @@ fn enforce(xdp_mode: &str, test: &str) {
         "detach left {} behind",
         detach.pin_dir.display()
     );
+    // The link goes when its last fd closes: another process that happens to
+    // hold it for an instant (a `bpftool link` listing) may delay that.
+    let deadline = std::time::Instant::now() + Duration::from_secs(3);
+    while lab.server.ip(&["link", "show", "dev", &lab.server_if]).contains(" xdp")
+        && std::time::Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_millis(50));
+    }
     assert!(
         !lab.server.ip(&["link", "show", "dev", &lab.server_if]).contains(" xdp"),
-        "XDP still attached after detach"
+        "XDP still attached 3 s after detach"
     );
     let banner = connect_banner(
         &lab.client,
