@@ -665,7 +665,8 @@ impl V6Tables {
     /// the same leaf, else a new index.
     fn leaf(&mut self, leaf: V6Leaf, old: u32, plan: &mut V6Plan) -> Result<u32, V6Full> {
         if old & v6::TAG == v6::LEAF && self.leaves[(old & v6::INDEX) as usize] == leaf {
-            settle(&mut self.leaf_call, old & v6::INDEX, self.call);
+            let unsettled = settle(&mut self.leaf_call, old & v6::INDEX, self.call);
+            debug_assert!(unsettled, "leaf {} kept after it was freed", old & v6::INDEX);
             return Ok(old);
         }
         let i = self.alloc_leaf()?;
@@ -684,7 +685,8 @@ impl V6Tables {
         } else {
             (self.alloc_node()?, true)
         };
-        settle(&mut self.node_call, i, self.call);
+        let unsettled = settle(&mut self.node_call, i, self.call);
+        debug_assert!(unsettled, "node {i} kept after it was freed");
         let mut content = if fresh { [INVALID; 16] } else { self.nodes[i as usize] };
         // Children's inherited masks: prefixes ending within this node's 4
         // bits are expanded over the children they cover, shortest first so
