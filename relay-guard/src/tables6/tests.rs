@@ -486,7 +486,7 @@ fn sizing_a_million_prefixes() {
         plan.writes.len(),
         start.elapsed()
     );
-    // Measured: 327,500 nodes and 997,606 leaves (516 of them skips); the rest is room for churn.
+    // Measured: 327,500 nodes and 997,606 leaves and skips; the rest is room for churn.
     assert!(nodes < v6::NODE_CAPACITY && leaves < v6::LEAF_CAPACITY);
 }
 
