@@ -33,7 +33,8 @@ pub mod maps {
     /// `Array<V6Node>`, mmapable: multibit-trie nodes, 16 entries (4 address
     /// bits) each. Index 0 is never a node.
     pub const V6_NODES: &str = "RG_V6_NODES";
-    /// `Array<V6Leaf>`, mmapable: path-compressed subtrees holding one prefix.
+    /// `Array<V6Leaf>`, mmapable: path compression, subtrees holding one prefix
+    /// (leaves) and chains of single-child nodes (skips).
     pub const V6_LEAVES: &str = "RG_V6_LEAVES";
     /// `Array<IfaceSlot>` indexed by `ifindex & 0xffff`: counter slot of an interface.
     pub const IFACES: &str = "RG_IFACES";
@@ -53,7 +54,7 @@ pub mod maps {
 /// Version of the map layout. Pinned state lives under `layout-<N>/`, so an
 /// agent never opens maps whose layout it does not know. Bump it whenever a
 /// map's name, type, key, value or capacity changes.
-pub const LAYOUT_VERSION: u32 = 3;
+pub const LAYOUT_VERSION: u32 = 4;
 
 /// Number of entries in [`maps::PORTS`]: one per TCP port.
 pub const PORT_SLOTS: u32 = 65_536;
@@ -72,11 +73,13 @@ pub type LongBlock = [u16; 256];
 
 /// The IPv6 multibit trie: its entry encoding and sizes.
 ///
-/// An entry (in [`maps::V6_TOP`] or a [`V6Node`]) is a `u32` whose top two
-/// bits tell what it is: `00` a mask index into [`maps::MASKS`] (0: deny),
-/// [`v6::NODE`] a node index, [`v6::LEAF`] a leaf index; `11` is never
+/// An entry (in [`maps::V6_TOP`], a [`V6Node`] or a [`V6Leaf`]'s `inside`)
+/// is a `u32` whose top two bits tell what it is: `00` a mask index into
+/// [`maps::MASKS`] (0: deny), [`v6::NODE`] a node index, [`v6::LEAF`] a
+/// leaf index (a leaf whose `inside` is a node is a skip); `11` is never
 /// written and denies. The top level consumes 16 address bits, each node 4
-/// more, so a walk reads at most [`v6::NODE_LEVELS`] nodes.
+/// more and each skip at least 8, so a walk takes at most
+/// [`v6::NODE_LEVELS`] steps (nodes and leaves).
 pub mod v6 {
     /// Tag bits of an entry.
     pub const TAG: u32 = 0xC000_0000;
@@ -94,7 +97,8 @@ pub mod v6 {
     pub const TOP_ENTRIES: u32 = TOP_SLOTS / 2;
     /// Address bits a node consumes.
     pub const STRIDE: u32 = 4;
-    /// Most nodes on one path: depths 16, 20, …, 124.
+    /// Most nodes on one path (depths 16, 20, …, 124), and the most steps
+    /// (nodes and leaves) of a walk: a skip stands for at least two nodes.
     pub const NODE_LEVELS: u32 = (128 - TOP_BITS) / STRIDE;
     /// Capacity of [`super::maps::V6_NODES`] (64 B each: 32 MiB).
     pub const NODE_CAPACITY: u32 = 1 << 19;
@@ -105,9 +109,12 @@ pub mod v6 {
 /// A node of the IPv6 trie: one entry per value of the next 4 address bits.
 pub type V6Node = [u32; 16];
 
-/// A leaf of the IPv6 trie: the one stored prefix below the entry that points
-/// here (path compression). Addresses inside `addr/len` take `inside`, the
-/// rest of the entry's range `outside`. Leaves are never changed in place.
+/// A leaf of the IPv6 trie (path compression): addresses of the entry's
+/// range inside `addr/len` continue with the entry `inside`, the rest take
+/// the mask index `outside`. `inside` is either a mask index (a leaf: the one
+/// stored prefix below the entry) or a node at depth `len` (a skip: a chain
+/// of nodes whose other entries all held `outside`, `len` a multiple of 4,
+/// at most 124). Leaves are never changed in place.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct V6Leaf {
@@ -117,12 +124,10 @@ pub struct V6Leaf {
     pub len: u8,
     /// Must be zero.
     pub _pad0: u8,
-    /// Mask index for addresses inside the prefix.
-    pub inside: u16,
     /// Mask index for the rest of the entry's range.
     pub outside: u16,
-    /// Must be zero.
-    pub _pad1: [u8; 2],
+    /// Entry for addresses inside the prefix: a mask index or a node.
+    pub inside: u32,
 }
 
 /// Interface slots in the counters; slot 0 counts interfaces without one.

@@ -7,8 +7,9 @@
 //! 1,000,000 prefixes: one array read for the /24 block, one hash read only
 //! for the few blocks that hold longer prefixes, one array read for the mask.
 //! IPv6 uses a multibit trie with the same property: one top-level read for
-//! the first 16 bits, at most 28 node reads of 4 bits each (a handful in
-//! practice, path compression ends lone prefixes in a leaf), one mask read.
+//! the first 16 bits, at most 28 steps (node reads of 4 bits each, or leaf
+//! reads: path compression ends lone prefixes in a leaf and skips chains of
+//! single-child nodes, so a handful in practice), one mask read.
 use relay_guard_common::{GuardedPort, LONG_BLOCK, MAX_GUARDS, v6};
 
 use crate::{LONG24, MASKS, PORTS, TBL24, V6_LEAVES, V6_NODES, V6_TOP};
@@ -75,26 +76,26 @@ pub fn allowed_v6(src: [u8; 16], guard: u8) -> bool {
         return false;
     };
     let mut e = lanes[(slot & 1) as usize];
-    // Node i consumes address bits 16 + 4i .. 20 + 4i.
+    // Address bits consumed so far; a node consumes bits depth .. depth + 4.
+    let mut depth = v6::TOP_BITS;
     let mut i = 0u32;
     while i < v6::NODE_LEVELS {
-        if e & v6::TAG != v6::NODE {
-            break;
-        }
-        let Some(node) = V6_NODES.get(e & v6::INDEX) else {
-            return false;
-        };
-        let nibble = if i < 12 {
-            hi >> (44 - 4 * i)
-        } else {
-            lo >> (108 - 4 * i)
-        };
-        e = node[(nibble & 15) as usize];
-        i += 1;
-    }
-    let idx = match e & v6::TAG {
-        0 => e,
-        v6::LEAF => {
+        let tag = e & v6::TAG;
+        if tag == v6::NODE {
+            // Only a skip sets the depth from the maps: a node must sit on a
+            // level boundary above the last bit, or the walk denies.
+            if depth > 124 || depth & 3 != 0 {
+                return false;
+            }
+            let Some(node) = V6_NODES.get(e & v6::INDEX) else {
+                return false;
+            };
+            // Bits left after this node's 4; every shift is in 0..=63.
+            let rest = 124 - depth;
+            let nibble = if rest >= 64 { hi >> (rest - 64) } else { lo >> rest };
+            e = node[(nibble & 15) as usize];
+            depth += v6::STRIDE;
+        } else if tag == v6::LEAF {
             let Some(leaf) = V6_LEAVES.get(e & v6::INDEX) else {
                 return false;
             };
@@ -118,13 +119,20 @@ pub fn allowed_v6(src: [u8; 16], guard: u8) -> bool {
                 u64::MAX << (128 - len)
             };
             if ((hi ^ ahi) & mhi) | ((lo ^ alo) & mlo) == 0 {
-                u32::from(leaf.inside)
+                // A mask index (a leaf) or the node after a skipped chain.
+                e = leaf.inside;
+                depth = len;
             } else {
-                u32::from(leaf.outside)
+                e = u32::from(leaf.outside);
             }
+        } else {
+            break;
         }
-        // A node below the last level, or a tag never written: deny.
-        _ => return false,
-    };
-    mask_allows(idx, guard)
+        i += 1;
+    }
+    // Still a node or leaf after the last step, or a tag never written: deny.
+    if e & v6::TAG != 0 {
+        return false;
+    }
+    mask_allows(e, guard)
 }

@@ -2,16 +2,33 @@
 //! aya types, no I/O.
 //!
 //! The top level has one entry per top 16 address bits; each node has 16
-//! entries for the next 4 bits, so a lookup reads at most 28 nodes and its
-//! cost does not grow with the number of prefixes. An entry (see
-//! [`relay_guard_common::v6`]) is a mask index (shared palette with IPv4,
-//! 0: deny), a node index, or a leaf index. Prefixes whose length is not a
-//! level boundary are expanded over the entries they cover (controlled
-//! prefix expansion), and every terminal entry holds the mask of the longest
-//! prefix containing its range (leaf pushing). A subtree that holds exactly
-//! one stored prefix longer than its depth is a leaf instead: the prefix and
-//! two mask indices (inside it, and the rest of the range), compared with one
-//! masked compare, so a random /128 costs one leaf, not 28 nodes.
+//! entries for the next 4 bits. An entry (see [`relay_guard_common::v6`]) is
+//! a mask index (shared palette with IPv4, 0: deny), a node index, or a leaf
+//! index. Prefixes whose length is not a level boundary are expanded over the
+//! entries they cover (controlled prefix expansion), and every terminal entry
+//! holds the mask of the longest prefix containing its range (leaf pushing).
+//!
+//! Path compression, with one kind of record ([`V6Leaf`]: a prefix, an
+//! `inside` entry for addresses in it, an `outside` mask for the rest of the
+//! entry's range), decided by one masked compare:
+//!
+//! - a subtree that holds exactly one stored prefix longer than its depth is
+//!   a *leaf* (`inside` is the prefix's mask), so a random /128 costs one
+//!   leaf, not 28 nodes;
+//! - a subtree whose stored prefixes (two or more) all lie inside one range
+//!   /D at least two levels below it, all longer than D, is a *skip* to the
+//!   node at depth D (`inside` is that node, `len` D). The nodes it stands
+//!   for would be a chain with one non-terminal entry each, and every other
+//!   entry of the chain would hold the same mask, the subtree's inherited
+//!   one (no stored prefix ends in the chain, so leaf pushing gives them all
+//!   the mask of the longest prefix containing the subtree): that is
+//!   `outside`. A chain beside which a prefix ends is cut there: above it a
+//!   skip (or nodes), at it a node.
+//!
+//! So every node on a path (but the top level) either branches or has a
+//! prefix ending in it, and a walk is at most 28 steps, nodes or leaves: a
+//! source next to /128s that share all but their last bits reads one skip
+//! and one node below their common ancestor, not a chain of nodes.
 //!
 //! # Updates without a gap
 //!
@@ -21,20 +38,25 @@
 //! writes, in an order that keeps every concurrent lookup on the old or the
 //! new verdict:
 //!
-//! - a node keeps its index while a node exists at its path, and only its
-//!   changed entries are written (one aligned `u32` store each);
+//! - a node keeps its index while a node exists at its path (its depth and
+//!   address bits, whether the path above it is nodes or a skip), and only
+//!   its changed entries are written (one aligned `u32` store each);
 //! - new content (a node that did not exist, a leaf) goes into an index no
 //!   entry references, written completely before the one store that links
 //!   it ([`V6Plan::writes`] is ordered children before parents);
-//! - leaves are never changed in place: a different leaf is a new index;
+//! - leaves are never changed in place: a different leaf is a new index (a
+//!   new skip may lead to a kept node; a kept leaf may move below a new node);
 //! - indices freed by one call are not reused by that call (quarantine), only
 //!   by later ones, when no lookup can still be inside the old subtree;
 //! - mask indices come from the [`Palette`], which keeps them stable while
 //!   referenced ([`V6Tables::mark_used`] adds the IPv6 references).
 //!
-//! On a path, entries that point at a kept node never change, so a lookup
-//! meets at most one changed entry: before it, it reads only unchanged
-//! entries; after it, only the complete old or the complete new subtree.
+//! An address's verdict is decided by the entries its walk reads. Of those,
+//! the entries that lead to a kept node (or kept leaf) by way of new content
+//! only ever lead to it, and a skip's `outside` and `inside` are never both
+//! read, so a lookup depends on at most one changed entry: before it, it
+//! reads only unchanged entries; after it, only the complete old or the
+//! complete new subtree (a kept node's entries each change once).
 use std::collections::BTreeMap;
 
 use relay_guard_common::{AllowMask, MAX_MASKS, V6Leaf, V6Node, v6};
@@ -94,6 +116,8 @@ pub struct V6Hit {
     pub net: [u8; 16],
     /// Nodes read on the way.
     pub nodes: u8,
+    /// Skips followed on the way (the address inside their prefix).
+    pub skips: u8,
     /// What ended the walk.
     pub end: V6End,
 }
@@ -107,6 +131,8 @@ pub enum V6End {
     LeafInside,
     /// A leaf, the address outside its prefix.
     LeafOutside,
+    /// A skip, the address outside the range it skips to (its chain's mask).
+    SkipOutside,
     /// A link the walk could not follow: deny.
     Broken,
 }
@@ -134,6 +160,11 @@ pub struct V6Tables {
     leaf_cap: u32,
     live_nodes: u32,
     live_leaves: u32,
+    /// The current call's number, and per index the last call that settled
+    /// it (kept, written or freed): a freeing walk stops there.
+    call: u32,
+    node_call: Vec<u32>,
+    leaf_call: Vec<u32>,
 }
 
 /// A stored prefix below the top level: address, length, mask index.
@@ -162,8 +193,14 @@ fn top_slot(a: u128) -> usize {
 }
 
 /// Whether `addr` lies inside the leaf's prefix.
+/// (A length over 128 compares all 128 bits, as the XDP program does.)
 pub fn leaf_contains(leaf: &V6Leaf, addr: [u8; 16]) -> bool {
-    leaf.len <= 128 && mask128(u128::from_be_bytes(addr), leaf.len) == u128::from_be_bytes(leaf.addr)
+    mask128(u128::from_be_bytes(addr), leaf.len.min(128)) == u128::from_be_bytes(leaf.addr)
+}
+
+/// Whether the leaf is a skip (its `inside` is a node).
+pub fn is_skip(leaf: &V6Leaf) -> bool {
+    leaf.inside & v6::TAG == v6::NODE
 }
 
 /// The lookup the XDP program does, over any reader of the three arrays
@@ -176,43 +213,87 @@ pub fn walk(
     leaf: impl Fn(u32) -> Option<V6Leaf>,
 ) -> V6Hit {
     let a = u128::from_be_bytes(addr);
-    let mut nodes = 0u8;
-    let mut depth = TOP_DEPTH;
-    let unit = |len: u8, idx: u32, nodes: u8, end: V6End| V6Hit {
-        mask_index: u16::try_from(idx)
-            .ok()
-            .filter(|&i| u32::from(i) < MAX_MASKS)
-            .unwrap_or(0),
-        len,
-        net: mask128(a, len).to_be_bytes(),
-        nodes,
-        end,
+    let mut hit = V6Hit {
+        mask_index: 0,
+        len: TOP_DEPTH,
+        net: [0; 16],
+        nodes: 0,
+        skips: 0,
+        end: V6End::Mask,
     };
+    let mut depth = TOP_DEPTH;
+    // The leaf whose inside the walk took last, and whether it was a skip.
+    let mut inside: Option<V6Leaf> = None;
     let mut e = top(top_slot(a));
     for _ in 0..v6::NODE_LEVELS {
-        if e & v6::TAG != v6::NODE {
-            break;
-        }
-        let Some(n) = node(e & v6::INDEX) else {
-            return unit(depth, 0, nodes, V6End::Broken);
-        };
-        e = n[nibble(a, depth)];
-        depth += 4;
-        nodes += 1;
-    }
-    match e & v6::TAG {
-        0 => unit(depth, e, nodes, V6End::Mask),
-        v6::LEAF => match leaf(e & v6::INDEX) {
-            Some(l) if leaf_contains(&l, addr) => {
-                let mut hit = unit(l.len, u32::from(l.inside), nodes, V6End::LeafInside);
-                hit.net = l.addr;
-                hit
+        match e & v6::TAG {
+            v6::NODE => {
+                let n = match node(e & v6::INDEX) {
+                    Some(n) if depth <= 124 && depth.is_multiple_of(4) => n,
+                    _ => return broken(a, depth, hit),
+                };
+                e = n[nibble(a, depth)];
+                depth += 4;
+                hit.nodes += 1;
+                inside = None;
             }
-            Some(l) => unit(depth, u32::from(l.outside), nodes, V6End::LeafOutside),
-            None => unit(depth, 0, nodes, V6End::Broken),
-        },
-        _ => unit(depth, 0, nodes, V6End::Broken),
+            v6::LEAF => {
+                let Some(l) = leaf(e & v6::INDEX) else {
+                    return broken(a, depth, hit);
+                };
+                if leaf_contains(&l, addr) {
+                    e = l.inside;
+                    depth = l.len;
+                    if is_skip(&l) {
+                        hit.skips += 1;
+                    }
+                    inside = Some(l);
+                } else {
+                    e = u32::from(l.outside);
+                    hit.end = if is_skip(&l) {
+                        V6End::SkipOutside
+                    } else {
+                        V6End::LeafOutside
+                    };
+                    break;
+                }
+            }
+            _ => break,
+        }
     }
+    if e & v6::TAG != 0 {
+        return broken(a, depth, hit);
+    }
+    hit.mask_index = u16::try_from(e).ok().filter(|&i| u32::from(i) < MAX_MASKS).unwrap_or(0);
+    hit.len = depth.min(128);
+    hit.net = mask128(a, hit.len).to_be_bytes();
+    if let Some(l) = inside.filter(|l| !is_skip(l)) {
+        hit.end = V6End::LeafInside;
+        hit.net = l.addr;
+    }
+    hit
+}
+
+fn broken(a: u128, depth: u8, hit: V6Hit) -> V6Hit {
+    V6Hit {
+        mask_index: 0,
+        len: depth.min(128),
+        net: mask128(a, depth.min(128)).to_be_bytes(),
+        end: V6End::Broken,
+        ..hit
+    }
+}
+
+/// Where a stored prefix sits below a `depth` entry holding `ps` (two or
+/// more, sorted): the deepest level boundary D above every prefix's length
+/// with every prefix inside one /D. A node there is the first that branches
+/// or has a prefix ending in it; the levels between are a chain.
+fn split_depth(depth: u8, ps: &[P]) -> u8 {
+    let (first, last) = (ps[0].addr, ps[ps.len() - 1].addr);
+    let common = (first ^ last).leading_zeros().min(128) as u8;
+    let shortest = ps.iter().map(|p| p.len).min().unwrap_or(depth + 1);
+    let d = common.min(shortest - 1) & !3;
+    d.max(depth)
 }
 
 impl V6Tables {
@@ -237,15 +318,20 @@ impl V6Tables {
             leaf_cap,
             live_nodes: 0,
             live_leaves: 0,
+            call: 0,
+            node_call: Vec::new(),
+            leaf_call: Vec::new(),
         }
     }
 
     /// The tables the kernel holds, read by following links from the top
     /// (so only linked nodes and leaves are read). Indices nothing links are
-    /// free. An entry the kernel could not follow (bad tag, index out of
-    /// range, a node or leaf linked twice, too deep) is kept as an invalid
-    /// value, so the next build rewrites it; an index such an entry names is
-    /// quarantined, not allocated, while the entry may still point at it.
+    /// free. An entry the kernel could not follow, or that the builder would
+    /// not write (bad tag, index out of range, a node or leaf linked twice,
+    /// a node too deep, a leaf that does not fit its place), is kept as an
+    /// invalid value, so the next build rewrites it; an index such an entry
+    /// names is quarantined, not allocated, while the entry may still point
+    /// at it.
     pub fn from_kernel(
         node_cap: u32,
         leaf_cap: u32,
@@ -266,35 +352,51 @@ impl V6Tables {
                 stack.push((None, s, TOP_DEPTH));
             }
         }
+        let node_free = |i: u32, seen: &[bool]| i != 0 && i < node_cap && !seen[i as usize];
         while let Some((at, s, depth)) = stack.pop() {
             let e = match at {
                 None => t.top[s],
                 Some(n) => t.nodes[n as usize][s],
             };
             let i = e & v6::INDEX;
+            // The node an entry (or a valid skip) links, at `depth`: taken.
+            let mut take_node = |t: &mut V6Tables, i: u32, depth: u8, seen: &mut [bool], stack: &mut Vec<_>| {
+                seen[i as usize] = true;
+                let content = node(i);
+                if t.nodes.len() <= i as usize {
+                    t.nodes.resize(i as usize + 1, [0; 16]);
+                }
+                t.nodes[i as usize] = content;
+                t.live_nodes += 1;
+                for (c, &child) in content.iter().enumerate() {
+                    if child & v6::TAG != 0 {
+                        stack.push((Some(i), c, depth + 4));
+                    }
+                }
+            };
             let ok = match e & v6::TAG {
-                v6::NODE if i != 0 && i < node_cap && depth <= 124 && !node_seen[i as usize] => {
-                    node_seen[i as usize] = true;
-                    let content = node(i);
-                    if t.nodes.len() <= i as usize {
-                        t.nodes.resize(i as usize + 1, [0; 16]);
-                    }
-                    t.nodes[i as usize] = content;
-                    t.live_nodes += 1;
-                    for (c, &child) in content.iter().enumerate() {
-                        if child & v6::TAG != 0 {
-                            stack.push((Some(i), c, depth + 4));
-                        }
-                    }
+                v6::NODE if depth <= 124 && node_free(i, &node_seen) => {
+                    take_node(&mut t, i, depth, &mut node_seen, &mut stack);
                     true
                 }
                 v6::LEAF if i != 0 && i < leaf_cap && !leaf_seen[i as usize] => {
                     let l = leaf(i);
-                    let valid = l.len > depth
+                    let fits = l.len > depth
                         && l.len <= 128
-                        && u32::from(l.inside) < MAX_MASKS
                         && u32::from(l.outside) < MAX_MASKS
                         && mask128(u128::from_be_bytes(l.addr), l.len) == u128::from_be_bytes(l.addr);
+                    let next = l.inside & v6::INDEX;
+                    let valid = fits
+                        && match l.inside & v6::TAG {
+                            0 => l.inside < MAX_MASKS,
+                            v6::NODE => {
+                                l.len <= 124
+                                    && l.len.is_multiple_of(4)
+                                    && l.len >= depth + 8
+                                    && node_free(next, &node_seen)
+                            }
+                            _ => false,
+                        };
                     leaf_seen[i as usize] = true;
                     if t.leaves.len() <= i as usize {
                         t.leaves.resize(i as usize + 1, V6Leaf::default());
@@ -302,17 +404,23 @@ impl V6Tables {
                     if valid {
                         t.leaves[i as usize] = l;
                         t.live_leaves += 1;
+                        if is_skip(&l) {
+                            take_node(&mut t, next, l.len, &mut node_seen, &mut stack);
+                        }
                     } else {
                         held_leaves.push(i);
+                        // The kernel may still follow it to a node: keep that too.
+                        if is_skip(&l) && node_free(next, &node_seen) {
+                            node_seen[next as usize] = true;
+                            held_nodes.push(next);
+                        }
                     }
                     valid
                 }
-                v6::NODE if i != 0 && i < node_cap => {
-                    // Linked twice (or too deep): keep the index out of allocation.
-                    if !node_seen[i as usize] {
-                        node_seen[i as usize] = true;
-                        held_nodes.push(i);
-                    }
+                v6::NODE if node_free(i, &node_seen) => {
+                    // Too deep: keep the index out of allocation.
+                    node_seen[i as usize] = true;
+                    held_nodes.push(i);
                     false
                 }
                 _ => false,
@@ -373,8 +481,8 @@ impl V6Tables {
                 v6::NODE => stack.extend_from_slice(&self.nodes[i as usize]),
                 v6::LEAF => {
                     let l = &self.leaves[i as usize];
-                    mark(u32::from(l.inside));
                     mark(u32::from(l.outside));
+                    stack.push(l.inside);
                 }
                 _ => {}
             }
@@ -474,6 +582,7 @@ impl V6Tables {
 
     /// Starts a call: what the previous call freed becomes allocatable.
     fn begin(&mut self) {
+        self.call += 1;
         self.free_nodes.append(&mut self.quarantine_nodes);
         self.free_leaves.append(&mut self.quarantine_leaves);
         self.quarantine_nodes.append(&mut self.held_nodes);
@@ -485,7 +594,8 @@ impl V6Tables {
 
     fn rebuild_slot(&mut self, s: usize, ps: &[P], inh: u16, plan: &mut V6Plan) -> Result<(), V6Full> {
         let old = self.top[s];
-        let new = self.entry(TOP_DEPTH, (s as u128) << 112, ps, inh, old, plan)?;
+        let ps = prune(ps, inh);
+        let new = self.entry(TOP_DEPTH, (s as u128) << 112, &ps, inh, old, plan)?;
         if new != old {
             plan.writes.push(V6Write::Top {
                 slot: u16::try_from(s).expect("< 65536"),
@@ -499,76 +609,50 @@ impl V6Tables {
     /// The entry for the /`depth` range at `base`: `ps` are the stored
     /// prefixes inside it longer than `depth` (sorted by address, then
     /// length), `inh` the mask index of the longest one containing the range,
-    /// `old` the entry there now. Pushes the writes the new subtree needs,
-    /// frees what the old one no longer uses, and returns the new entry.
+    /// `old` what the range holds now: the entry there, or (below a new node)
+    /// what the old tables hold for the range (see [`Self::descend`]). Pushes
+    /// the writes the new subtree needs, frees what the old one no longer
+    /// uses, and returns the new entry.
     fn entry(&mut self, depth: u8, base: u128, ps: &[P], inh: u16, old: u32, plan: &mut V6Plan) -> Result<u32, V6Full> {
         let new = match ps {
             [] => u32::from(inh),
-            [p] => {
-                let leaf = V6Leaf {
+            [p] => self.leaf(
+                V6Leaf {
                     addr: p.addr.to_be_bytes(),
                     len: p.len,
-                    inside: p.idx,
                     outside: inh,
+                    inside: u32::from(p.idx),
                     ..V6Leaf::default()
-                };
-                if old & v6::TAG == v6::LEAF && self.leaves[(old & v6::INDEX) as usize] == leaf {
-                    return Ok(old);
-                }
-                let i = self.alloc_leaf()?;
-                self.leaves[i as usize] = leaf;
-                plan.writes.push(V6Write::Leaf { index: i, leaf });
-                v6::LEAF | i
-            }
+                },
+                old,
+                plan,
+            )?,
             _ => {
-                let (i, fresh) = if old & v6::TAG == v6::NODE {
-                    (old & v6::INDEX, false)
-                } else {
-                    (self.alloc_node()?, true)
-                };
-                let mut content = if fresh { [INVALID; 16] } else { self.nodes[i as usize] };
-                // Children's inherited masks: prefixes ending within this
-                // node's 4 bits are expanded over the children they cover,
-                // shortest first so the longest wins.
-                let mut child_inh = [inh; 16];
-                let mut shorts: Vec<P> = ps.iter().filter(|p| p.len <= depth + 4).copied().collect();
-                shorts.sort_unstable_by_key(|p| p.len);
-                for p in &shorts {
-                    let k = u32::from(depth + 4 - p.len);
-                    let first = (nibble(p.addr, depth) >> k) << k;
-                    child_inh[first..first + (1 << k)].fill(p.idx);
-                }
-                let longs: Vec<P>;
-                let deeper: &[P] = if shorts.is_empty() {
-                    ps
-                } else {
-                    longs = ps.iter().filter(|p| p.len > depth + 4).copied().collect();
-                    &longs
-                };
-                let mut rest = deeper;
-                for c in 0..16 {
-                    let n = rest.partition_point(|p| nibble(p.addr, depth) == c);
-                    let (here, after) = rest.split_at(n);
-                    rest = after;
-                    let child_base = base | ((c as u128) << (124 - u32::from(depth)));
-                    let e = self.entry(depth + 4, child_base, here, child_inh[c], content[c], plan)?;
-                    if !fresh && e != content[c] {
-                        plan.writes.push(V6Write::NodeEntry {
-                            index: i,
-                            slot: u8::try_from(c).expect("< 16"),
-                            value: e,
-                        });
+                let d = split_depth(depth, ps);
+                if d >= depth + 8 {
+                    // A chain: a skip to the node at depth d.
+                    let at = mask128(ps[0].addr, d);
+                    let mut was = old;
+                    let mut k = depth;
+                    while k < d {
+                        was = self.descend(was, k, nibble(at, k));
+                        k += 4;
                     }
-                    content[c] = e;
+                    let n = self.node(d, at, ps, inh, was, plan)?;
+                    self.leaf(
+                        V6Leaf {
+                            addr: at.to_be_bytes(),
+                            len: d,
+                            outside: inh,
+                            inside: n,
+                            ..V6Leaf::default()
+                        },
+                        old,
+                        plan,
+                    )?
+                } else {
+                    self.node(depth, base, ps, inh, old, plan)?
                 }
-                self.nodes[i as usize] = content;
-                if fresh {
-                    plan.writes.push(V6Write::Node {
-                        index: i,
-                        node: content,
-                    });
-                }
-                v6::NODE | i
             }
         };
         if new != old {
@@ -577,16 +661,123 @@ impl V6Tables {
         Ok(new)
     }
 
-    /// Frees what `e` links (a leaf, or a node and everything below it).
+    /// The leaf `leaf` where the old tables hold `old`: `old` itself if it is
+    /// the same leaf, else a new index.
+    fn leaf(&mut self, leaf: V6Leaf, old: u32, plan: &mut V6Plan) -> Result<u32, V6Full> {
+        if old & v6::TAG == v6::LEAF && self.leaves[(old & v6::INDEX) as usize] == leaf {
+            let unsettled = settle(&mut self.leaf_call, old & v6::INDEX, self.call);
+            debug_assert!(unsettled, "leaf {} kept after it was freed", old & v6::INDEX);
+            return Ok(old);
+        }
+        let i = self.alloc_leaf()?;
+        settle(&mut self.leaf_call, i, self.call);
+        self.leaves[i as usize] = leaf;
+        plan.writes.push(V6Write::Leaf { index: i, leaf });
+        Ok(v6::LEAF | i)
+    }
+
+    /// The node for the /`depth` range at `base` holding `ps` (as
+    /// [`Self::entry`]): the old node if `old` is one (the same path), its
+    /// changed entries rewritten, else a new one.
+    fn node(&mut self, depth: u8, base: u128, ps: &[P], inh: u16, old: u32, plan: &mut V6Plan) -> Result<u32, V6Full> {
+        let (i, fresh) = if old & v6::TAG == v6::NODE {
+            (old & v6::INDEX, false)
+        } else {
+            (self.alloc_node()?, true)
+        };
+        let unsettled = settle(&mut self.node_call, i, self.call);
+        debug_assert!(unsettled, "node {i} kept after it was freed");
+        let mut content = if fresh { [INVALID; 16] } else { self.nodes[i as usize] };
+        // Children's inherited masks: prefixes ending within this node's 4
+        // bits are expanded over the children they cover, shortest first so
+        // the longest wins.
+        let mut child_inh = [inh; 16];
+        let mut shorts: Vec<P> = ps.iter().filter(|p| p.len <= depth + 4).copied().collect();
+        shorts.sort_unstable_by_key(|p| p.len);
+        for p in &shorts {
+            let k = u32::from(depth + 4 - p.len);
+            let first = (nibble(p.addr, depth) >> k) << k;
+            child_inh[first..first + (1 << k)].fill(p.idx);
+        }
+        let longs: Vec<P>;
+        let deeper: &[P] = if shorts.is_empty() {
+            ps
+        } else {
+            longs = ps.iter().filter(|p| p.len > depth + 4).copied().collect();
+            &longs
+        };
+        let mut rest = deeper;
+        for c in 0..16 {
+            let n = rest.partition_point(|p| nibble(p.addr, depth) == c);
+            let (here, after) = rest.split_at(n);
+            rest = after;
+            let child_base = base | ((c as u128) << (124 - u32::from(depth)));
+            // A new node's children: what the old tables hold there.
+            let was = if fresh { self.descend(old, depth, c) } else { content[c] };
+            let e = self.entry(depth + 4, child_base, here, child_inh[c], was, plan)?;
+            if !fresh && e != content[c] {
+                plan.writes.push(V6Write::NodeEntry {
+                    index: i,
+                    slot: u8::try_from(c).expect("< 16"),
+                    value: e,
+                });
+            }
+            content[c] = e;
+        }
+        self.nodes[i as usize] = content;
+        if fresh {
+            plan.writes.push(V6Write::Node {
+                index: i,
+                node: content,
+            });
+        }
+        Ok(v6::NODE | i)
+    }
+
+    /// What the old tables hold for child `c` of the /`depth` range whose
+    /// old content is `e`, as an entry: a node's entry, the same skip while
+    /// the child still lies above its node (or that node, at its depth), and
+    /// nothing reusable (0) otherwise. So a node keeps its index, and a leaf
+    /// can be kept, when the path above them changes between nodes and skips.
+    fn descend(&self, e: u32, depth: u8, c: usize) -> u32 {
+        let i = (e & v6::INDEX) as usize;
+        match e & v6::TAG {
+            v6::NODE => self.nodes[i][c],
+            v6::LEAF => {
+                let l = &self.leaves[i];
+                let a = u128::from_be_bytes(l.addr);
+                if !is_skip(l) || l.len <= depth || nibble(a, depth) != c {
+                    0
+                } else if l.len == depth + 4 {
+                    l.inside
+                } else {
+                    e
+                }
+            }
+            _ => 0,
+        }
+    }
+
+    /// Frees what `e` links (a leaf, or a node, and everything below them)
+    /// but what this call already settled: content it keeps (and what lies
+    /// below, which its own rebuild frees) or already freed.
     fn free(&mut self, e: u32, plan: &mut V6Plan) {
         let i = e & v6::INDEX;
         match e & v6::TAG {
             v6::LEAF => {
+                if !settle(&mut self.leaf_call, i, self.call) {
+                    return;
+                }
                 self.quarantine_leaves.push(i);
                 self.live_leaves -= 1;
                 plan.freed_leaves.push(i);
+                let inside = self.leaves[i as usize].inside;
+                self.free(inside, plan);
             }
             v6::NODE => {
+                if !settle(&mut self.node_call, i, self.call) {
+                    return;
+                }
                 let content = self.nodes[i as usize];
                 self.quarantine_nodes.push(i);
                 self.live_nodes -= 1;
@@ -636,6 +827,40 @@ impl Default for V6Tables {
     fn default() -> Self {
         V6Tables::new()
     }
+}
+
+/// `ps` (sorted by address, then length) without the prefixes that change
+/// no lookup: those with the mask of the longest other prefix containing
+/// them (or `inh`, the slot's). Then no stored prefix ends in a chain whose
+/// other entries all hold one mask, and such a chain is always a skip.
+fn prune(ps: &[P], inh: u16) -> Vec<P> {
+    let mut out = Vec::with_capacity(ps.len());
+    // The kept prefixes containing the current one, outermost first.
+    let mut around: Vec<P> = Vec::new();
+    for &p in ps {
+        while around
+            .last()
+            .is_some_and(|q| mask128(p.addr, q.len) != q.addr || q.len >= p.len)
+        {
+            around.pop();
+        }
+        if around.last().map_or(inh, |q| q.idx) != p.idx {
+            around.push(p);
+            out.push(p);
+        }
+    }
+    out
+}
+
+/// Marks index `i` settled by call `call`; false if it already was.
+fn settle(calls: &mut Vec<u32>, i: u32, call: u32) -> bool {
+    let i = i as usize;
+    if calls.len() <= i {
+        calls.resize(i + 1, 0);
+    }
+    let fresh = calls[i] != call;
+    calls[i] = call;
+    fresh
 }
 
 /// The top-level inherited mask index per slot from the prefixes of length

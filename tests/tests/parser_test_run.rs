@@ -55,16 +55,21 @@ const V6_LENS: [u8; 18] = [
     15, 32, 33, 36, 40, 44, 45, 48, 52, 56, 58, 64, 66, 96, 99, 120, 127, 128,
 ];
 
-/// Fixed IPv6 entries of the first guard, in a /46 no anchor reaches, so the
-/// trie always has a node path with pushed masks (1234::/48 holds two deeper
-/// prefixes), a leaf (1235::/48 holds only the /66), and an expanded /47
-/// alone (1236::/48 and 1237::/48 are mask entries from it).
-const FIXED_V6: [(&str, Action); 5] = [
+/// Fixed IPv6 entries of the first guard, in 2001:db8:1234::/45, which no
+/// anchor reaches, so the trie always has a node path with pushed masks
+/// (1234::/48 holds two deeper prefixes, a skip from /48 down to the node at
+/// /60 where the /64 ends, then a leaf), a leaf (1235::/48 holds only the
+/// /66), an expanded /47 alone (1236::/48 and 1237::/48 are mask entries from
+/// it), and two /128s that share all but their last bits (a skip from /48
+/// down to the last node: 1238::7 between them is denied).
+const FIXED_V6: [(&str, Action); 7] = [
     ("2001:db8:1234::/47", Action::Allow),
     ("2001:db8:1234:5678::/64", Action::Deny),
     ("2001:db8:1234:5678::9/128", Action::Allow),
     ("2001:db8:1235:abcd::/66", Action::Deny),
     ("2001:db8:1236::/47", Action::Allow),
+    ("2001:db8:1238::6/128", Action::Allow),
+    ("2001:db8:1238::8/128", Action::Allow),
 ];
 
 fn v4_anchor(rng: &mut StdRng) -> Ipv4Addr {
@@ -297,6 +302,9 @@ fn differential(test: &str, mode: Mode) {
         "2001:db8:1236::1",
         "2001:db8:1237:ffff::1",
         "2001:db8:1234:1::1",
+        "2001:db8:1238::6",
+        "2001:db8:1238::7",
+        "2001:db8:1238:0:1::7",
     ] {
         let ip = Ipv6::new(src.parse().expect("constant"), targets.dst_v6, proto::TCP);
         frames.push(("v6 trie probe", tcp_v6(&[], &ip, &Tcp::syn(40_000, port, 1))));
@@ -323,9 +331,13 @@ fn differential(test: &str, mode: Mode) {
         if hit.nodes > 0 {
             *trie_paths.entry("through a node").or_default() += 1;
         }
+        if hit.skips > 0 {
+            *trie_paths.entry("through a skip").or_default() += 1;
+        }
         let kind = match hit.end {
             V6End::LeafInside => "leaf, inside its prefix",
             V6End::LeafOutside => "leaf, outside its prefix",
+            V6End::SkipOutside => "skip, outside its prefix",
             V6End::Mask if decided_by.is_some_and(|l| l != hit.len && l > 16) => "expanded or pushed mask entry",
             V6End::Mask => "mask entry",
             V6End::Broken => "broken link",
@@ -338,6 +350,8 @@ fn differential(test: &str, mode: Mode) {
         "leaf, inside its prefix",
         "leaf, outside its prefix",
         "expanded or pushed mask entry",
+        "through a skip",
+        "skip, outside its prefix",
     ] {
         assert!(
             trie_paths.contains_key(want),

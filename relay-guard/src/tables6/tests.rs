@@ -45,6 +45,10 @@ impl Kernel {
                 }
                 v6::LEAF => {
                     assert!(l.insert(e & v6::INDEX), "leaf {} linked twice", e & v6::INDEX);
+                    let leaf = &self.leaves[(e & v6::INDEX) as usize];
+                    if is_skip(leaf) {
+                        stack.push(leaf.inside);
+                    }
                 }
                 _ => {}
             }
@@ -198,7 +202,12 @@ fn nested_prefixes_nodes_leaves_and_expansion() {
     assert_eq!(allow(&t, "3001::fff8:0:0:1"), 16);
     assert_eq!(allow(&t, "3001::fff0:0:0:1"), 8);
     assert_eq!(t.top[0x3001] & v6::TAG, v6::LEAF);
-    assert_eq!(t.top[0x2001] & v6::TAG, v6::NODE);
+    // Everything in 2001::/16 is inside 2001:db8:a110::/48: a skip to the node where it ends.
+    let skip = t.leaves[(t.top[0x2001] & v6::INDEX) as usize];
+    assert_eq!(t.top[0x2001] & v6::TAG, v6::LEAF);
+    assert!(is_skip(&skip));
+    assert_eq!((skip.len, skip.addr, skip.outside), (44, a("2001:db8:a110::"), 0));
+    assert_eq!(t.lookup(a("2001:db8:a120::1")).end, V6End::SkipOutside);
     // Same policy again: nothing to write.
     let again = t.build(&v6, &mut pal).expect("fits");
     assert!(again.writes.is_empty(), "{:?}", again.writes);
@@ -219,7 +228,8 @@ fn random_128s_cost_one_leaf_each() {
     let mut t = V6Tables::new();
     t.build(&v6, &mut pal).expect("fits");
     let (nodes, leaves) = t.counts();
-    assert_eq!(leaves, 1000);
+    // One leaf each, and the skip from 2001::/16 down to 2001:db8::/32.
+    assert_eq!(leaves, 1001);
     assert!(nodes < 1000, "{nodes} nodes for 1000 random /128s");
 }
 
@@ -255,7 +265,7 @@ fn capacity_errors_name_what_is_full() {
 fn replacing_every_leaf_needs_room_for_both_until_the_next_sync() {
     let a = |x: u128| x.to_be_bytes();
     let one: V6Map = (0..8u128)
-        .map(|i| ((128, a((0x2001u128 << 112) | (i << 100))), AllowMask { allow: 1 }))
+        .map(|i| ((128, a(((0x2001 + i) << 112) | 1)), AllowMask { allow: 1 }))
         .collect();
     let two: V6Map = one.keys().map(|&k| (k, AllowMask { allow: 2 })).collect();
     let mut pal = Palette::new();
@@ -476,6 +486,180 @@ fn sizing_a_million_prefixes() {
         plan.writes.len(),
         start.elapsed()
     );
-    // Measured: 328,880 nodes and 997,090 leaves; the rest is room for churn.
+    // Measured: 327,500 nodes and 997,606 leaves and skips; the rest is room for churn.
     assert!(nodes < v6::NODE_CAPACITY && leaves < v6::LEAF_CAPACITY);
+}
+
+const BEEF: u128 = 0x2001_0db8_beef_0000_0000_0000_0000_0000;
+
+#[test]
+fn a_source_beside_128s_reads_one_skip_and_one_node() {
+    let a = |x: u128| x.to_be_bytes();
+    // The bench's case: two /128s that share all but their last bits, alone.
+    let mut v6 = V6Map::new();
+    v6.insert((128, a(BEEF | 6)), AllowMask { allow: 1 });
+    v6.insert((128, a(BEEF | 8)), AllowMask { allow: 1 });
+    let mut pal = Palette::new();
+    let mut t = V6Tables::new();
+    t.build(&v6, &mut pal).expect("fits");
+    let hit = t.lookup(a(BEEF | 7));
+    assert_eq!(
+        (hit.mask_index, hit.nodes, hit.skips, hit.end),
+        (0, 1, 1, V6End::Mask),
+        "{hit:?}"
+    );
+    assert_eq!(allow_of(&pal, t.lookup(a(BEEF | 6))), 1);
+    assert_eq!(t.counts(), (1, 1));
+    let out = t.lookup(a(BEEF | (1 << 70)));
+    assert_eq!((out.mask_index, out.end, out.len), (0, V6End::SkipOutside, 16));
+
+    // Under an allowed /48 (another mask): a skip to a node at /44 (the /48
+    // ends there), then a skip to the last node.
+    v6.insert((48, a(BEEF)), AllowMask { allow: 2 });
+    let changed = [(48, a(BEEF))];
+    let mut k = Kernel::new(64, 64);
+    let mut t = V6Tables::with_capacity(64, 64);
+    let mut pal = Palette::new();
+    let first: V6Map = v6.iter().filter(|(k, _)| k.0 == 128).map(|(k, v)| (*k, *v)).collect();
+    for w in &t.build(&first, &mut pal).expect("fits").writes {
+        k.apply(w);
+    }
+    let last = t.leaves[(t.top[0x2001] & v6::INDEX) as usize].inside;
+    assert_eq!(last & v6::TAG, v6::NODE);
+    let plan = t.update(&v6, changed, &mut pal).expect("fits");
+    apply_checking_no_gap(&mut k, &plan, &pal, &first, &v6, &probes(&[&v6], &[BEEF | 7])).expect("no gap");
+    let hit = k.lookup(a(BEEF | 7));
+    assert_eq!((hit.nodes, hit.skips, hit.end), (2, 2, V6End::Mask), "{hit:?}");
+    assert_eq!(allow_of(&pal, hit), 2);
+    let out = k.lookup(a(BEEF | (1 << 70)));
+    assert_eq!((allow_of(&pal, out), out.end, out.len), (2, V6End::SkipOutside, 48));
+    // The last node kept its index: the skip above it was replaced, not the node.
+    assert!(k.reachable().0.contains(&(last & v6::INDEX)));
+    assert!(
+        !plan
+            .writes
+            .iter()
+            .any(|w| matches!(w, V6Write::Node { index, .. } if *index == last & v6::INDEX))
+    );
+}
+
+/// Every chain of two or more nodes whose other entries all hold one mask
+/// is a skip: no linked node has a single non-terminal entry, a node,
+/// which has one too, with every other entry of both the same mask.
+fn assert_no_chains(t: &V6Tables) -> Result<(), TestCaseError> {
+    let single = |n: &V6Node| -> Option<(u32, u32)> {
+        let links: Vec<u32> = n.iter().copied().filter(|&e| e & v6::TAG != 0).collect();
+        let masks: BTreeSet<u32> = n.iter().copied().filter(|&e| e & v6::TAG == 0).collect();
+        match (links.as_slice(), masks.len()) {
+            ([l], 1) if l & v6::TAG == v6::NODE => Some((*l & v6::INDEX, *masks.first().expect("one"))),
+            _ => None,
+        }
+    };
+    let mut stack = t.top.clone();
+    while let Some(e) = stack.pop() {
+        match e & v6::TAG {
+            v6::NODE => {
+                let n = t.nodes[(e & v6::INDEX) as usize];
+                if let Some((child, m)) = single(&n) {
+                    let below = single(&t.nodes[child as usize]);
+                    prop_assert!(
+                        below.is_none_or(|(_, m2)| m2 != m),
+                        "node {} starts a chain of single-child nodes",
+                        e & v6::INDEX
+                    );
+                }
+                stack.extend_from_slice(&n);
+            }
+            v6::LEAF => stack.push(t.leaves[(e & v6::INDEX) as usize].inside),
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// Prefixes around 2001:db8:beef::/48: /128 neighbours, and prefixes that
+/// cut or cover their chain, so skips appear, split, merge and go.
+fn neighbour_strategy() -> impl Strategy<Value = (u8, [u8; 16], u64)> {
+    (
+        prop::sample::select(vec![
+            (128u8, 0u128),
+            (128, 6),
+            (128, 7),
+            (128, 8),
+            (128, 0x10),
+            (128, 1 << 64),
+            (128, (1 << 64) | 6),
+            (127, 6),
+            (124, 0),
+            (120, 0),
+            (100, 0),
+            (96, 0),
+            (64, 0),
+            (64, 1 << 64),
+            (49, 0),
+            (48, 0),
+            (44, 0),
+            (32, 0),
+        ]),
+        0u64..4,
+    )
+        .prop_map(|((len, off), m)| (len, mask128(BEEF | off, len).to_be_bytes(), m))
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+
+    #[test]
+    fn neighbour_chains_compress_and_update_without_gap(
+        start in proptest::collection::vec(neighbour_strategy(), 0..8),
+        steps in proptest::collection::vec(
+            (proptest::collection::vec(neighbour_strategy(), 0..3), proptest::collection::vec(any::<prop::sample::Index>(), 0..3), any::<bool>()),
+            1..8,
+        ),
+    ) {
+        let cap = 256;
+        let mut pal = Palette::new();
+        let mut cur = to_map(&start);
+        let mut t = V6Tables::with_capacity(cap, cap);
+        let mut k = Kernel::new(cap, cap);
+        let extra: Vec<u128> = (0..20).map(|i| BEEF | i).chain([BEEF | (1 << 64) | 7, BEEF | (1 << 70)]).collect();
+        let plan = t.build(&cur, &mut pal).expect("fits");
+        apply_checking_no_gap(&mut k, &plan, &pal, &V6Map::new(), &cur, &probes(&[&cur], &extra))?;
+        assert_no_chains(&t)?;
+        for (adds, dels, reread) in steps {
+            let mut next = cur.clone();
+            let keys: Vec<_> = cur.keys().copied().collect();
+            for d in &dels {
+                if !keys.is_empty() {
+                    next.remove(&keys[d.index(keys.len())]);
+                }
+            }
+            for (len, a, m) in adds {
+                next.insert((len, a), AllowMask { allow: m });
+            }
+            if reread {
+                t = k.read(cap, cap);
+            }
+            let plan = t.update(&next, changed_keys(&cur, &next), &mut pal).expect("fits");
+            let ps = probes(&[&cur, &next], &extra);
+            apply_checking_no_gap(&mut k, &plan, &pal, &cur, &next, &ps)?;
+            check_against(&next, &t, &pal, &ps)?;
+            assert_no_chains(&t)?;
+            let mut fresh = V6Tables::with_capacity(cap, cap);
+            let mut pal2 = pal.clone();
+            fresh.build(&next, &mut pal2).expect("fits");
+            prop_assert_eq!(t.counts(), fresh.counts());
+            for &p in &ps {
+                prop_assert_eq!(t.lookup(p), k.lookup(p));
+                prop_assert_eq!(t.lookup(p).nodes, fresh.lookup(p).nodes);
+                prop_assert!(t.lookup(p).end != V6End::Broken);
+            }
+            // Read back, the kernel's tables rebuild to nothing.
+            let mut back = k.read(cap, cap);
+            prop_assert_eq!(back.counts(), t.counts());
+            let again = back.build(&next, &mut pal).expect("fits");
+            prop_assert!(again.writes.is_empty(), "rebuild of read-back tables writes {:?}", again.writes);
+            cur = next;
+        }
+    }
 }

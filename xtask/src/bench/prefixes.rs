@@ -7,7 +7,11 @@
 //! never overlap the documentation ranges, so the test sources decide
 //! exactly as intended: 192.0.2.0/24 and 2001:db8:a110::/48 are the
 //! (fixed, first) allowed entries, and 198.51.100.0/24 and 2001:db8:dead::/48
-//! are allowed by no entry.
+//! are allowed by no entry. Two more fixed entries, 2001:db8:beef::6/128 and
+//! 2001:db8:beef::8/128, are the IPv6 trie's worst case: /128s that share all
+//! but their last bits, with a denied source between them
+//! ([`BESIDE_V6`]), whose lookup walks the whole depth of the trie unless
+//! chains of single-child nodes are compressed.
 use std::{
     collections::HashSet,
     io::Write as _,
@@ -24,17 +28,22 @@ pub const ALLOWED_V4: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 10);
 /// Source of the denied packets (and the base of the flood's sources).
 pub const DENIED_V4: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 7);
 pub const DENIED_V6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0xdead, 0, 0, 0, 0, 7);
+/// Denied IPv6 source between the two fixed /128s ::6 and ::8 of 2001:db8:beef::/48.
+pub const BESIDE_V6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0xbeef, 0, 0, 0, 0, 7);
 /// Destination of every test packet.
 pub const SERVER_V4: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 1);
 pub const SERVER_V6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0xffff, 0, 0, 0, 0, 1);
 
 const DOC_V4: [[u8; 3]; 3] = [[192, 0, 2], [198, 51, 100], [203, 0, 113]];
 
-/// The first two entries of every list: the allowed test ranges.
-fn fixed() -> [IpNet; 2] {
+/// The first entries of every list: the allowed test ranges, then the two
+/// /128s beside [`BESIDE_V6`].
+fn fixed() -> [IpNet; 4] {
     [
         IpNet::V4(Ipv4Net::new(Ipv4Addr::new(192, 0, 2, 0), 24).expect("valid")),
         IpNet::V6(Ipv6Net::new(Ipv6Addr::new(0x2001, 0xdb8, 0xa110, 0, 0, 0, 0, 0), 48).expect("valid")),
+        IpNet::V6(Ipv6Net::new(Ipv6Addr::new(0x2001, 0xdb8, 0xbeef, 0, 0, 0, 0, 6), 128).expect("valid")),
+        IpNet::V6(Ipv6Net::new(Ipv6Addr::new(0x2001, 0xdb8, 0xbeef, 0, 0, 0, 0, 8), 128).expect("valid")),
     ]
 }
 

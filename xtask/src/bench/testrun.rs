@@ -21,7 +21,7 @@ use super::{
     frames,
     inner::{Lab, Plan, RCV_IF},
     peers::{XDP_FILTER_CAPACITY, XdpFilter},
-    prefixes::{self, ALLOWED_V4, DENIED_V4, DENIED_V6, SERVER_V4, SERVER_V6},
+    prefixes::{self, ALLOWED_V4, BESIDE_V6, DENIED_V4, DENIED_V6, SERVER_V4, SERVER_V6},
     sys::{check_stop, median, record},
 };
 
@@ -41,6 +41,9 @@ pub struct Packet {
 
 pub const DENIED_SYN_V4: usize = 0;
 pub const DENIED_SYN_V6: usize = 2;
+/// The IPv6 trie's worst case: a source between two /128s that share all
+/// but their last bits.
+pub const BESIDE_SYN_V6: usize = 4;
 
 pub fn packets() -> Vec<Packet> {
     vec![
@@ -64,6 +67,11 @@ pub fn packets() -> Vec<Packet> {
             name: "IPv4 SYN :443",
             frame: frames::syn_v4(DENIED_V4, SERVER_V4, 443),
             expect: [XDP_PASS, XDP_PASS, XDP_DROP],
+        },
+        Packet {
+            name: "denied IPv6 SYN beside /128s",
+            frame: frames::syn_v6(BESIDE_V6, SERVER_V6, 25),
+            expect: [XDP_PASS, XDP_DROP, XDP_DROP],
         },
     ]
 }
@@ -185,7 +193,7 @@ pub fn run(plan: &Plan, lab: &Lab, dir: &Path, list: &[IpNet]) -> anyhow::Result
     let xf = match XdpFilter::load(&lab.rcv, RCV_IF) {
         Ok(xf) => {
             // Its denylist always holds the denied test sources.
-            xf.add(&[DENIED_V4], &[DENIED_V6])?;
+            xf.add(&[DENIED_V4], &[DENIED_V6, BESIDE_V6])?;
             Some(xf)
         }
         Err(e) => {
@@ -231,9 +239,9 @@ pub fn run(plan: &Plan, lab: &Lab, dir: &Path, list: &[IpNet]) -> anyhow::Result
 
         let mut xdp_filter_entries = None;
         if let Some(xf) = &xf {
-            // As many of the list's addresses as it holds (one slot per family
-            // already holds the denied test source).
-            let (v4, v6) = prefixes::exact_addresses(sub, XDP_FILTER_CAPACITY - 1);
+            // As many of the list's addresses as it holds (one or two slots
+            // per family already hold the denied test sources).
+            let (v4, v6) = prefixes::exact_addresses(sub, XDP_FILTER_CAPACITY - 2);
             xf.add(&v4[xf_have.0.min(v4.len())..], &v6[xf_have.1.min(v6.len())..])?;
             xf_have = (v4.len(), v6.len());
             xdp_filter_entries = Some(xf.entries()?);
