@@ -66,6 +66,29 @@ impl Cursor {
     }
 }
 
+/// The 8 bytes at `h[AT..AT + 8]` as one native-order word, read with one
+/// load whatever their alignment. Written in assembly because LLVM's BPF
+/// backend splits a `read_unaligned` (and any load it cannot prove aligned)
+/// into 8 byte loads, shifts and ors; the kernel accepts unaligned packet
+/// loads on architectures with efficient unaligned access (x86-64, arm64),
+/// which are the ones relay-guard targets.
+#[inline(always)]
+pub fn word<const N: usize, const AT: usize>(h: &[u8; N]) -> u64 {
+    const { assert!(AT + 8 <= N) };
+    let v: u64;
+    // SAFETY: the 8 bytes are inside `h` (asserted above), which is readable.
+    unsafe {
+        core::arch::asm!(
+            "{v} = *(u64 *)({p} + {at})",
+            p = in(reg) h.as_ptr(),
+            at = const AT,
+            v = lateout(reg) v,
+            options(pure, readonly, nostack, preserves_flags),
+        );
+    }
+    v
+}
+
 /// Big-endian u16 from two bytes.
 #[inline(always)]
 pub fn be16(hi: u8, lo: u8) -> u16 {

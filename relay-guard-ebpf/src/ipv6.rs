@@ -1,7 +1,7 @@
 //! IPv6 and a bounded walk over its extension headers.
 use core::mem::MaybeUninit;
 
-use crate::cursor::{Cursor, Stop, be16};
+use crate::cursor::{Cursor, Stop, be16, word};
 
 const IPV6_HLEN: usize = 40;
 const IPPROTO_HOPOPTS: u8 = 0;
@@ -49,12 +49,7 @@ pub fn parse_ipv6(c: &mut Cursor, src: &mut MaybeUninit<V6Src>) -> Result<(), St
         return Err(Stop::MALFORMED_V6);
     }
     let mut next = ip[6];
-    // Byte by byte: a slice copy becomes a call to memcpy.
-    let bytes = src.as_mut_ptr().cast::<u8>();
-    for i in 0..16 {
-        // SAFETY: i < 16, inside the V6Src.
-        unsafe { bytes.add(i).write(ip[8 + i]) };
-    }
+    src.write(V6Src([word::<IPV6_HLEN, 8>(ip), word::<IPV6_HLEN, 16>(ip)]));
     c.skip(IPV6_HLEN, Stop::MALFORMED_V6)?;
 
     for _ in 0..MAX_IPV6_EXT {

@@ -6,6 +6,7 @@
 //! apart: not ours (pass, uncounted), a judged verdict, and malformed (drop in
 //! enforce mode, pass in monitor mode, counted either way). Nothing fails open.
 #![no_std]
+#![feature(asm_experimental_arch)]
 #![no_main]
 
 mod counters;
