@@ -100,8 +100,8 @@ pub fn allowed_v6(src: [u8; 16], guard: u8) -> bool {
                 return false;
             };
             let a = &leaf.addr;
-            let ahi = u64::from_be_bytes([a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7]]);
-            let alo = u64::from_be_bytes([a[8], a[9], a[10], a[11], a[12], a[13], a[14], a[15]]);
+            let ahi = u64::from_be(crate::cursor::word::<16, 0>(a));
+            let alo = u64::from_be(crate::cursor::word::<16, 8>(a));
             let len = u32::from(leaf.len);
             // Network masks of the prefix's two halves; every shift is in 1..=63.
             let mhi = if len >= 64 {
