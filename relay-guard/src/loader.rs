@@ -40,6 +40,8 @@ pub struct Maps {
     pub ports: Array<MapData, GuardedPort>,
     pub tbl24: Tbl24,
     pub long24: HashMap<MapData, u32, LongBlock>,
+    /// The same map through a second fd, for a second writer thread.
+    pub long24_aux: HashMap<MapData, u32, LongBlock>,
     pub masks: Array<MapData, u64>,
     pub v6: V6Arrays,
     pub ifaces: Array<MapData, IfaceSlot>,
@@ -416,10 +418,34 @@ impl Maps {
             _ => Err(LoadError::NoMap { name }),
         };
         let v6 = V6Arrays::new(array(maps::V6_TOP)?, array(maps::V6_NODES)?, array(maps::V6_LEAVES)?)?;
+        // A second handle on RG_LONG24 (a dup of its fd), so a sync can
+        // insert long blocks from two threads.
+        let long24 = get(maps::LONG24)?;
+        let long24_aux = match &long24 {
+            Map::HashMap(data) => {
+                use std::os::fd::AsFd as _;
+                let fd = data
+                    .fd()
+                    .as_fd()
+                    .try_clone_to_owned()
+                    .map_err(|source| LoadError::Pin {
+                        op: "dup",
+                        path: maps::LONG24.into(),
+                        source,
+                    })?;
+                let dup = MapData::from_fd(fd).map_err(|source| LoadError::MapType {
+                    name: maps::LONG24,
+                    source,
+                })?;
+                typed(maps::LONG24, Map::HashMap(dup))?
+            }
+            _ => return Err(LoadError::NoMap { name: maps::LONG24 }),
+        };
         Ok(Maps {
             ports: typed(maps::PORTS, get(maps::PORTS)?)?,
             tbl24,
-            long24: typed(maps::LONG24, get(maps::LONG24)?)?,
+            long24: typed(maps::LONG24, long24)?,
+            long24_aux,
             masks: typed(maps::MASKS, get(maps::MASKS)?)?,
             v6,
             ifaces: typed(maps::IFACES, get(maps::IFACES)?)?,

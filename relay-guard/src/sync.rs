@@ -118,20 +118,22 @@ fn run(
     for start in (0..1u32 << 24).step_by(span as usize) {
         let paint = tables::paint_range(&policy.v4, &mut palette, start, start + span, SPAN_LEN).map_err(capacity)?;
         write_masks(maps, &mut palette, &mut st, write)?;
-        for (&block, spec) in &paint.long {
+        // Long blocks from two threads (two fds on the map): the kernel's
+        // hash inserts are most of a cold load.
+        let specs: Vec<(u32, &LongSpec)> = paint.long.iter().map(|(&b, sp)| (b, sp)).collect();
+        for (_, spec) in &specs {
             spec_refs(&mut refs, spec, 1);
-            let hosts = spec.hosts();
-            let same = have_long.contains(&block) && maps.long24.get(&block, 0).ok().as_ref() == Some(&*hosts);
-            if same {
-                st.unchanged += 1;
-                continue;
-            }
-            st.written += 1;
-            if write {
-                maps.long24
-                    .insert(block, *hosts, 0)
-                    .map_err(merr("write", maps::LONG24, block_name(block)))?;
-            }
+        }
+        let (first, second) = specs.split_at(specs.len() / 2);
+        let (one, two) = (&mut maps.long24, &mut maps.long24_aux);
+        let (r1, r2) = std::thread::scope(|sc| {
+            let h = sc.spawn(|| write_long(two, second, &have_long, write));
+            (write_long(one, first, &have_long, write), h.join())
+        });
+        for r in [r1, r2.unwrap_or_else(|p| std::panic::resume_unwind(p))] {
+            let (written, unchanged) = r?;
+            st.written += written;
+            st.unchanged += unchanged;
         }
         for (i, &new) in paint.tbl.iter().enumerate() {
             let block = start as usize + i;
@@ -292,6 +294,30 @@ fn run(
 
 /// An IPv6 prefix (length, network) and its new value; `None`: removed.
 pub type V6Change = ((u8, [u8; 16]), Option<AllowMask>);
+
+/// Writes `specs` into `RG_LONG24` (through `map`, one of its handles),
+/// skipping blocks the kernel already holds as they are: (written, unchanged).
+fn write_long(
+    map: &mut aya::maps::HashMap<aya::maps::MapData, u32, relay_guard_common::LongBlock>,
+    specs: &[(u32, &LongSpec)],
+    have: &BTreeSet<u32>,
+    write: bool,
+) -> Result<(usize, usize), SyncError> {
+    let (mut written, mut unchanged) = (0, 0);
+    for &(block, spec) in specs {
+        let hosts = spec.hosts();
+        if have.contains(&block) && map.get(&block, 0).ok().as_ref() == Some(&*hosts) {
+            unchanged += 1;
+            continue;
+        }
+        written += 1;
+        if write {
+            map.insert(block, *hosts, 0)
+                .map_err(merr("write", maps::LONG24, block_name(block)))?;
+        }
+    }
+    Ok((written, unchanged))
+}
 
 /// Writes the masks the palette handed out since the last call (before any
 /// table entry that references them).
