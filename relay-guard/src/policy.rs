@@ -1,7 +1,8 @@
 //! Config → kernel map contents. Pure: no aya types, no I/O.
 //!
-//! One LPM trie per family serves every guard. Its value for a prefix P is a
-//! bitmask: bit g is set when guard g's own longest entry containing P is an
+//! One set of prefixes per family serves every guard (looked up through the
+//! IPv4 tables of `tables.rs` and the IPv6 trie of `tables6.rs`, which find
+//! the longest stored prefix). Its value for a prefix P is a bitmask: bit g is set when guard g's own longest entry containing P is an
 //! allow entry. Because prefixes that contain one address are nested, the
 //! longest stored prefix containing an address A is the P that decides, and
 //! guard g's longest entry containing A is its longest entry containing P. So

@@ -55,7 +55,7 @@ impl Plan {
         }
         if *sizes.last().expect("non-empty") > 1 << 20 {
             bail!(
-                "--sizes: at most {} prefixes (relay-guard's LPM trie capacity per family)",
+                "--sizes: at most {} prefixes (what the generated lists are sized for; relay-guard's IPv6 trie and IPv4 long-block capacities are sized for a realistic 1M mix)",
                 1 << 20
             );
         }
