@@ -5,10 +5,13 @@
 //!
 //! [`ListIndex::changes`] compares the files on disk with the kept bytes. A
 //! changed file is split into a common head, a common tail and the lines in
-//! between; only those lines are parsed (old and new), so an edit of one
-//! line in a 1,000,000-line list costs a byte compare, not a re-parse. It
-//! returns `None` — the caller then does a full reload — when the config
-//! file itself changed, a file cannot be read, or the edited region is large.
+//! between. A small middle is parsed whole (old and new); a large one (a list
+//! regenerated with changes spread over it) has its old and new lines paired
+//! by content first, so only lines without a copy on the other side are
+//! parsed. An edit of one line in a 1,000,000-line list costs a byte compare,
+//! not a re-parse. It returns `None` — the caller then does a full reload —
+//! when the config file itself changed, a file cannot be read, or the edit is
+//! large.
 use std::{
     collections::BTreeMap,
     path::{Path, PathBuf},
@@ -85,14 +88,86 @@ struct FileEdit {
     added: Vec<Indexed>,
     /// The occurrences the region held (to remove).
     removed: Vec<Indexed>,
+    /// For a region matched line by line: the new line number of each old
+    /// line of the region (`u32::MAX`: gone). None: every old line is gone.
+    renumber: Option<Vec<u32>>,
     bytes: Vec<u8>,
 }
 
 impl FileEdit {
-    fn removes(&self, e: &Indexed) -> bool {
+    fn in_region(&self, e: &Indexed) -> bool {
         e.file == self.file && e.line >= self.first && e.line < self.first + self.old_lines
     }
+
+    fn removes(&self, e: &Indexed) -> bool {
+        self.in_region(e)
+            && self
+                .renumber
+                .as_ref()
+                .is_none_or(|r| r[(e.line - self.first) as usize] == u32::MAX)
+    }
 }
+
+/// Start offsets of the lines of `text` (a last line without `\n` counts).
+fn line_starts(text: &[u8]) -> Vec<u32> {
+    let mut starts = Vec::with_capacity(text.len() / 16 + 1);
+    let mut at = 0usize;
+    while at < text.len() {
+        starts.push(u32::try_from(at).expect("list files are under 4 GiB"));
+        at = memchr::memchr(b'\n', &text[at..]).map_or(text.len(), |i| at + i + 1);
+    }
+    starts
+}
+
+fn line_at<'a>(text: &'a [u8], starts: &[u32], k: usize) -> &'a [u8] {
+    let end = starts.get(k + 1).map_or(text.len(), |&e| e as usize);
+    &text[starts[k] as usize..end]
+}
+
+/// Pairs equal lines of `old` and `new` (the k-th copy of a line with the
+/// k-th): for each old line the index of its new line, `u32::MAX` if none;
+/// and which new lines were paired. Hashes are sorted, not put in a hash
+/// map, to keep memory at 16 bytes a line.
+fn match_lines(old: &[u8], os: &[u32], new: &[u8], ns: &[u32]) -> (Vec<u32>, Vec<bool>) {
+    use std::hash::{BuildHasher as _, Hasher as _};
+    let state = foldhash::quality::FixedState::with_seed(0x6c69_6e65);
+    let hashed = |text: &[u8], starts: &[u32]| -> Vec<(u64, u32)> {
+        let mut v: Vec<(u64, u32)> = (0..starts.len())
+            .map(|k| {
+                let mut h = state.build_hasher();
+                h.write(line_at(text, starts, k));
+                (h.finish(), u32::try_from(k).expect("fits"))
+            })
+            .collect();
+        v.sort_unstable();
+        v
+    };
+    let (ho, hn) = (hashed(old, os), hashed(new, ns));
+    let mut to_new = vec![u32::MAX; os.len()];
+    let mut paired = vec![false; ns.len()];
+    let (mut i, mut j) = (0, 0);
+    while i < ho.len() && j < hn.len() {
+        match ho[i].0.cmp(&hn[j].0) {
+            std::cmp::Ordering::Less => i += 1,
+            std::cmp::Ordering::Greater => j += 1,
+            std::cmp::Ordering::Equal => {
+                let (o, n) = (ho[i].1 as usize, hn[j].1 as usize);
+                // Equal hashes of different lines stay unpaired (parsed).
+                if line_at(old, os, o) == line_at(new, ns, n) {
+                    to_new[o] = u32::try_from(n).expect("fits");
+                    paired[n] = true;
+                }
+                i += 1;
+                j += 1;
+            }
+        }
+    }
+    (to_new, paired)
+}
+
+/// Above this many lines (old plus new) an edited region is matched line by
+/// line instead of being parsed whole.
+pub const SMALL_REGION: usize = 4096;
 
 fn family_of(net: &IpNet) -> usize {
     usize::from(net.addr().is_ipv6())
@@ -204,6 +279,18 @@ impl ListIndex {
     /// `Ok(None)`: take the full path (see the module documentation).
     /// `Err`: the edit is invalid; nothing was changed.
     pub fn changes(&self, config_path: &Path, guard_names: &[String]) -> Result<Option<Pending>, ConfigErrors> {
+        self.changes_with(config_path, guard_names, SMALL_REGION)
+    }
+
+    /// [`ListIndex::changes`], matching regions of more than `small` lines
+    /// line by line (a region regenerated with changes spread over it then
+    /// parses only its changed lines).
+    pub fn changes_with(
+        &self,
+        config_path: &Path,
+        guard_names: &[String],
+        small: usize,
+    ) -> Result<Option<Pending>, ConfigErrors> {
         match std::fs::read(config_path) {
             Ok(text) if text == self.config_text => {}
             _ => return Ok(None),
@@ -223,10 +310,6 @@ impl ListIndex {
             let old_mid = &f.bytes[head..f.bytes.len() - tail];
             let new_mid = &bytes[head..bytes.len() - tail];
             let (old_lines, new_lines) = (lines_in(old_mid), lines_in(new_mid));
-            lines += old_lines as usize + new_lines as usize;
-            if lines > MAX_DELTA_LINES {
-                return Ok(None);
-            }
             let Ok(new_text) = std::str::from_utf8(new_mid) else {
                 return Ok(None);
             };
@@ -234,19 +317,56 @@ impl ListIndex {
             let first = lines_in(&f.bytes[..head]) + 1;
             // A region without a final newline is the file's last line.
             let count = |t: &str, n: u32| n + u32::from(!t.is_empty() && !t.ends_with('\n'));
+            let (old_count, new_count) = (count(old_text, old_lines), count(new_text, new_lines));
             let file = u16::try_from(i).expect("list files fit u16");
-            let (gone, _) = parse_list_from(&f.path, old_text, f.action, first as usize);
-            let (new, errs) = parse_list_from(&f.path, new_text, f.action, first as usize);
+            let (gone, new, errs, renumber) = if (old_count + new_count) as usize <= small {
+                lines += (old_count + new_count) as usize;
+                let (gone, _) = parse_list_from(&f.path, old_text, f.action, first as usize);
+                let (new, errs) = parse_list_from(&f.path, new_text, f.action, first as usize);
+                (gone, new, errs, None)
+            } else {
+                // Matched line by line: only lines without a copy on the
+                // other side are parsed.
+                let (os, ns) = (line_starts(old_mid), line_starts(new_mid));
+                let (to_new, paired) = match_lines(old_mid, &os, new_mid, &ns);
+                let (mut gone, mut new, mut errs) = (Vec::new(), Vec::new(), Vec::new());
+                let text = |b: &[u8]| std::str::from_utf8(b).expect("cut at line ends of UTF-8").to_string();
+                for (k, &n) in to_new.iter().enumerate() {
+                    if n == u32::MAX {
+                        lines += 1;
+                        let line = text(line_at(old_mid, &os, k));
+                        gone.extend(parse_list_from(&f.path, &line, f.action, first as usize + k).0);
+                    }
+                }
+                for (k, &p) in paired.iter().enumerate() {
+                    if !p {
+                        lines += 1;
+                        let line = text(line_at(new_mid, &ns, k));
+                        let (e, r) = parse_list_from(&f.path, &line, f.action, first as usize + k);
+                        new.extend(e);
+                        errs.extend(r);
+                    }
+                }
+                let renumber = to_new
+                    .into_iter()
+                    .map(|n| if n == u32::MAX { n } else { first + n })
+                    .collect();
+                (gone, new, errs, Some(renumber))
+            };
+            if lines > MAX_DELTA_LINES {
+                return Ok(None);
+            }
             errors.extend(errs);
             let gone: Vec<Indexed> = gone.iter().map(|e| to_indexed(e, file)).collect();
             removed.extend(gone.iter().map(|e| (file, *e)));
             edits.push(FileEdit {
                 file,
                 first,
-                old_lines: count(old_text, old_lines),
-                new_lines: count(new_text, new_lines),
+                old_lines: old_count,
+                new_lines: new_count,
                 added: new.iter().map(|e| to_indexed(e, file)).collect(),
                 removed: gone,
+                renumber,
                 bytes,
             });
         }
@@ -336,12 +456,16 @@ impl ListIndex {
             } else {
                 entries.retain(|e| !ed.removes(e));
             }
-            if shift != 0 {
+            if shift != 0 || ed.renumber.is_some() {
                 for e in entries.iter_mut() {
-                    if e.file == ed.file && e.line >= ed.first + ed.old_lines {
-                        e.line = u32::try_from(i64::from(e.line) + shift).expect("line numbers stay positive");
+                    if e.file == ed.file {
+                        *e = shifted(e, std::slice::from_ref(&ed));
                     }
                 }
+            }
+            if ed.renumber.is_some() {
+                // Lines moved: restore file order among equal networks.
+                entries.sort_by_key(|e| (e.net, rank(e)));
             }
             for e in &ed.added {
                 self.lens[g][family_of(&e.net)] |= 1u128 << e.net.prefix_len().min(127);
@@ -397,11 +521,16 @@ fn rank(e: &Indexed) -> (u32, u32) {
 /// `e` with its line number after `edits` (lines below an edited region move).
 fn shifted(e: &Indexed, edits: &[FileEdit]) -> Indexed {
     let mut e = *e;
-    if let Some(ed) = edits.iter().find(|ed| ed.file == e.file)
-        && e.line >= ed.first + ed.old_lines
-    {
-        e.line =
-            u32::try_from(i64::from(e.line) + i64::from(ed.new_lines) - i64::from(ed.old_lines)).expect("positive");
+    if let Some(ed) = edits.iter().find(|ed| ed.file == e.file) {
+        if e.line >= ed.first + ed.old_lines {
+            e.line =
+                u32::try_from(i64::from(e.line) + i64::from(ed.new_lines) - i64::from(ed.old_lines)).expect("positive");
+        } else if let Some(r) = &ed.renumber
+            && ed.in_region(&e)
+        {
+            // Kept lines of a region matched line by line move where their copy is.
+            e.line = r[(e.line - ed.first) as usize];
+        }
     }
     e
 }

@@ -48,9 +48,16 @@ fn full(config: &Path) -> Result<(Policy, Vec<(usize, usize)>), String> {
     Ok((Policy::compile(&cfg), counts))
 }
 
-/// Applies what the files now say to `index` and `policy` as a delta.
-fn delta(index: &mut ListIndex, policy: &mut Policy, config: &Path, names: &[String]) -> Result<bool, String> {
-    match index.changes(config, names) {
+/// Applies what the files now say to `index` and `policy` as a delta
+/// (edited regions of more than `small` lines matched line by line).
+fn delta(
+    index: &mut ListIndex,
+    policy: &mut Policy,
+    config: &Path,
+    names: &[String],
+    small: usize,
+) -> Result<bool, String> {
+    match index.changes_with(config, names, small) {
         Ok(Some(p)) => {
             let changes = p.changes.clone();
             index.commit(p);
@@ -142,24 +149,35 @@ proptest! {
         let (cfg, mut index) = Config::load_indexed(&config).expect("the start is valid");
         let names_g: Vec<String> = cfg.guards.iter().map(|g| g.name.clone()).collect();
         let mut policy = Policy::compile(&cfg);
+        // The same edits, with every edited region matched line by line.
+        let (_, mut index_m) = Config::load_indexed(&config).expect("the start is valid");
+        let mut policy_m = policy.clone();
         for (file, at, del, ins) in edits {
             let before = texts[file].clone();
             texts[file] = splice(&texts[file], at, del, &ins);
             dir.write(names[file], &texts[file]);
             let want = full(&config);
-            let got = delta(&mut index, &mut policy, &config, &names_g);
-            match (want, got) {
-                (Ok((p, c)), Ok(true)) => {
+            let got = delta(&mut index, &mut policy, &config, &names_g, crate::lists::SMALL_REGION);
+            let got_m = delta(&mut index_m, &mut policy_m, &config, &names_g, 0);
+            match (want, got, got_m) {
+                (Ok((p, c)), Ok(true), Ok(true)) => {
                     prop_assert_eq!(&policy, &p, "policy after editing {}", names[file]);
-                    prop_assert_eq!(counts(&index), c);
+                    prop_assert_eq!(counts(&index), c.clone());
+                    prop_assert_eq!(&policy_m, &p, "policy after editing {} (matched lines)", names[file]);
+                    prop_assert_eq!(counts(&index_m), c);
+                    // Every occurrence, its line and its order: as a fresh load.
+                    let (_, fresh) = Config::load_indexed(&config).expect("valid");
+                    prop_assert_eq!(&index.guards, &fresh.guards, "index after editing {}", names[file]);
+                    prop_assert_eq!(&index_m.guards, &fresh.guards, "index after editing {} (matched lines)", names[file]);
                 }
-                (Err(w), Err(g)) => {
-                    prop_assert_eq!(w, g, "same errors");
+                (Err(w), Err(g), Err(gm)) => {
+                    prop_assert_eq!(&w, &g, "same errors");
+                    prop_assert_eq!(&w, &gm, "same errors (matched lines)");
                     // Invalid: nothing applied; go back to the valid text.
                     texts[file] = before;
                     dir.write(names[file], &texts[file]);
                 }
-                (w, g) => prop_assert!(false, "full {:?} but delta {:?}", w.map(|_| ()), g),
+                (w, g, gm) => prop_assert!(false, "full {:?} but delta {:?} / matched {:?}", w.map(|_| ()), g, gm),
             }
         }
     }
