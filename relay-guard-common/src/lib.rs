@@ -27,7 +27,7 @@ pub mod maps {
     /// is all zeros: no match, deny.
     pub const MASKS: &str = "RG_MASKS";
     /// `Array<[u32; 2]>`, mmapable: the IPv6 first level, one entry (see
-    /// [`super::v6`]) per top 16 bits of the address (slot `s` is lane `s & 1`
+    /// [`super::v6`]) per top 20 bits of the address (slot `s` is lane `s & 1`
     /// of entry `s >> 1`: array values are 8-byte aligned when mmapable).
     pub const V6_TOP: &str = "RG_V6_TOP";
     /// `Array<V6Node>`, mmapable: multibit-trie nodes, 16 entries (4 address
@@ -54,7 +54,7 @@ pub mod maps {
 /// Version of the map layout. Pinned state lives under `layout-<N>/`, so an
 /// agent never opens maps whose layout it does not know. Bump it whenever a
 /// map's name, type, key, value or capacity changes.
-pub const LAYOUT_VERSION: u32 = 4;
+pub const LAYOUT_VERSION: u32 = 5;
 
 /// Number of entries in [`maps::PORTS`]: one per TCP port.
 pub const PORT_SLOTS: u32 = 65_536;
@@ -77,7 +77,7 @@ pub type LongBlock = [u16; 256];
 /// is a `u32` whose top two bits tell what it is: `00` a mask index into
 /// [`maps::MASKS`] (0: deny), [`v6::NODE`] a node index, [`v6::LEAF`] a
 /// leaf index (a leaf whose `inside` is a node is a skip); `11` is never
-/// written and denies. The top level consumes 16 address bits, each node 4
+/// written and denies. The top level consumes 20 address bits, each node 4
 /// more and each skip at least 8, so a walk takes at most
 /// [`v6::NODE_LEVELS`] steps (nodes and leaves).
 pub mod v6 {
@@ -90,14 +90,14 @@ pub mod v6 {
     /// Index bits of an entry.
     pub const INDEX: u32 = 0x3FFF_FFFF;
     /// Address bits the top level consumes.
-    pub const TOP_BITS: u32 = 16;
+    pub const TOP_BITS: u32 = 20;
     /// Top-level slots (`u32` entries).
     pub const TOP_SLOTS: u32 = 1 << TOP_BITS;
     /// Entries of [`super::maps::V6_TOP`]: two slots per entry.
     pub const TOP_ENTRIES: u32 = TOP_SLOTS / 2;
     /// Address bits a node consumes.
     pub const STRIDE: u32 = 4;
-    /// Most nodes on one path (depths 16, 20, …, 124), and the most steps
+    /// Most nodes on one path (depths 20, 24, …, 124), and the most steps
     /// (nodes and leaves) of a walk: a skip stands for at least two nodes.
     pub const NODE_LEVELS: u32 = (128 - TOP_BITS) / STRIDE;
     /// Capacity of [`super::maps::V6_NODES`] (64 B each: 32 MiB).
@@ -344,7 +344,7 @@ const _: () =
 const _: () = assert!(size_of::<Settings>() == 4);
 const _: () = assert!(size_of::<V6Node>() == 64);
 const _: () = assert!(size_of::<V6Leaf>() == 24);
-const _: () = assert!(v6::NODE_LEVELS == 28);
+const _: () = assert!(v6::NODE_LEVELS == 27);
 const _: () = assert!(MAX_MASKS <= v6::NODE);
 const _: () = assert!(v6::NODE_CAPACITY <= v6::INDEX && v6::LEAF_CAPACITY <= v6::INDEX);
 const _: () = assert!(size_of::<SourceKey>() == 20);

@@ -7,7 +7,7 @@
 //! 1,000,000 prefixes: one array read for the /24 block, one hash read only
 //! for the few blocks that hold longer prefixes, one array read for the mask.
 //! IPv6 uses a multibit trie with the same property: one top-level read for
-//! the first 16 bits, at most 28 steps (node reads of 4 bits each, or leaf
+//! the first 20 bits, at most 27 steps (node reads of 4 bits each, or leaf
 //! reads: path compression ends lone prefixes in a leaf and skips chains of
 //! single-child nodes, so a handful in practice), one mask read.
 use relay_guard_common::{GuardedPort, LONG_BLOCK, MAX_GUARDS, v6};
@@ -70,7 +70,7 @@ fn mask_allows(idx: u32, guard: u8) -> bool {
 pub fn allowed_v6(src: [u8; 16], guard: u8) -> bool {
     let hi = u64::from_be_bytes([src[0], src[1], src[2], src[3], src[4], src[5], src[6], src[7]]);
     let lo = u64::from_be_bytes([src[8], src[9], src[10], src[11], src[12], src[13], src[14], src[15]]);
-    let slot = (hi >> 48) as u32;
+    let slot = (hi >> (64 - v6::TOP_BITS)) as u32;
     // Two slots per entry; `& 1` keeps the lane index provably in bounds.
     let Some(lanes) = V6_TOP.get(slot >> 1) else {
         return false;

@@ -331,7 +331,7 @@ impl V6Arrays {
 
     /// Top-level entry `slot` (0..65536).
     pub fn top(&self, slot: usize) -> u32 {
-        let s = u32::try_from(slot).expect("< 65536");
+        let s = u32::try_from(slot).expect("< TOP_SLOTS");
         self.top
             .word(s >> 1, (s & 1) as usize)
             .expect("slot < TOP_SLOTS")
@@ -389,7 +389,7 @@ impl V6Arrays {
                 .expect("index < NODE_CAPACITY")
                 .store(value, Release),
             V6Write::Top { slot, value } => {
-                let s = u32::from(slot);
+                let s = slot;
                 self.top
                     .word(s >> 1, (s & 1) as usize)
                     .expect("slot < TOP_SLOTS")

@@ -1,7 +1,7 @@
 //! IPv6 lookup tables: a multibit trie compiled from [`Policy::v6`]. Pure: no
 //! aya types, no I/O.
 //!
-//! The top level has one entry per top 16 address bits; each node has 16
+//! The top level has one entry per top 20 address bits; each node has 16
 //! entries for the next 4 bits. An entry (see [`relay_guard_common::v6`]) is
 //! a mask index (shared palette with IPv4, 0: deny), a node index, or a leaf
 //! index. Prefixes whose length is not a level boundary are expanded over the
@@ -64,7 +64,7 @@ use relay_guard_common::{AllowMask, MAX_MASKS, V6Leaf, V6Node, v6};
 use crate::tables::{Palette, PaletteFull};
 
 /// Depth (address bits consumed) of the top level.
-const TOP_DEPTH: u8 = 16;
+const TOP_DEPTH: u8 = v6::TOP_BITS as u8;
 /// Entry value that is never written: the kernel's entry must be rewritten.
 const INVALID: u32 = u32::MAX;
 
@@ -78,7 +78,7 @@ pub enum V6Write {
     /// One entry of a linked node: a single aligned `u32` store.
     NodeEntry { index: u32, slot: u8, value: u32 },
     /// One top-level entry: a single aligned `u32` store.
-    Top { slot: u16, value: u32 },
+    Top { slot: u32, value: u32 },
 }
 
 /// What a [`V6Tables::build`] or [`V6Tables::update`] changed.
@@ -140,7 +140,7 @@ pub enum V6End {
 /// The IPv6 trie as the kernel holds it (or will, once the plan is written).
 #[derive(Debug, Clone)]
 pub struct V6Tables {
-    /// One entry per top 16 bits.
+    /// One entry per top 20 bits.
     pub top: Vec<u32>,
     /// Node contents by index (index 0 unused; unlinked indices are stale).
     nodes: Vec<V6Node>,
@@ -189,7 +189,7 @@ fn nibble(a: u128, depth: u8) -> usize {
 }
 
 fn top_slot(a: u128) -> usize {
-    (a >> 112) as usize
+    (a >> (128 - u32::from(TOP_DEPTH))) as usize
 }
 
 /// Whether `addr` lies inside the leaf's prefix.
@@ -555,8 +555,8 @@ impl V6Tables {
         self.begin();
         let mut plan = V6Plan::default();
         for s in slots {
-            let lo = (s as u128) << 112;
-            let hi = lo | ((1u128 << 112) - 1);
+            let lo = (s as u128) << (128 - u32::from(TOP_DEPTH));
+            let hi = lo | ((1u128 << (128 - u32::from(TOP_DEPTH))) - 1);
             let mut inh = 0;
             for len in (0..=TOP_DEPTH).rev() {
                 if let Some(m) = v6.get(&(len, mask128(lo, len).to_be_bytes())) {
@@ -595,10 +595,17 @@ impl V6Tables {
     fn rebuild_slot(&mut self, s: usize, ps: &[P], inh: u16, plan: &mut V6Plan) -> Result<(), V6Full> {
         let old = self.top[s];
         let ps = prune(ps, inh);
-        let new = self.entry(TOP_DEPTH, (s as u128) << 112, &ps, inh, old, plan)?;
+        let new = self.entry(
+            TOP_DEPTH,
+            (s as u128) << (128 - u32::from(TOP_DEPTH)),
+            &ps,
+            inh,
+            old,
+            plan,
+        )?;
         if new != old {
             plan.writes.push(V6Write::Top {
-                slot: u16::try_from(s).expect("< 65536"),
+                slot: u32::try_from(s).expect("< TOP_SLOTS"),
                 value: new,
             });
             self.top[s] = new;

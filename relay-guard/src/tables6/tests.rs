@@ -62,7 +62,7 @@ impl Kernel {
             V6Write::Leaf { index, leaf } => self.leaves[index as usize] = leaf,
             V6Write::Node { index, node } => self.nodes[index as usize] = node,
             V6Write::NodeEntry { index, slot, value } => self.nodes[index as usize][usize::from(slot)] = value,
-            V6Write::Top { slot, value } => self.top[usize::from(slot)] = value,
+            V6Write::Top { slot, value } => self.top[slot as usize] = value,
         }
     }
 
@@ -201,10 +201,10 @@ fn nested_prefixes_nodes_leaves_and_expansion() {
     // A lone /77 under an expanded /12: a leaf, inside and outside.
     assert_eq!(allow(&t, "3001::fff8:0:0:1"), 16);
     assert_eq!(allow(&t, "3001::fff0:0:0:1"), 8);
-    assert_eq!(t.top[0x3001] & v6::TAG, v6::LEAF);
-    // Everything in 2001::/16 is inside 2001:db8:a110::/48: a skip to the node where it ends.
-    let skip = t.leaves[(t.top[0x2001] & v6::INDEX) as usize];
-    assert_eq!(t.top[0x2001] & v6::TAG, v6::LEAF);
+    assert_eq!(t.top[0x30010] & v6::TAG, v6::LEAF);
+    // Everything in 2001::/20 is inside 2001:db8:a110::/48: a skip to the node where it ends.
+    let skip = t.leaves[(t.top[0x20010] & v6::INDEX) as usize];
+    assert_eq!(t.top[0x20010] & v6::TAG, v6::LEAF);
     assert!(is_skip(&skip));
     assert_eq!((skip.len, skip.addr, skip.outside), (44, a("2001:db8:a110::"), 0));
     assert_eq!(t.lookup(a("2001:db8:a120::1")).end, V6End::SkipOutside);
@@ -510,7 +510,7 @@ fn a_source_beside_128s_reads_one_skip_and_one_node() {
     assert_eq!(allow_of(&pal, t.lookup(a(BEEF | 6))), 1);
     assert_eq!(t.counts(), (1, 1));
     let out = t.lookup(a(BEEF | (1 << 70)));
-    assert_eq!((out.mask_index, out.end, out.len), (0, V6End::SkipOutside, 16));
+    assert_eq!((out.mask_index, out.end, out.len), (0, V6End::SkipOutside, TOP_DEPTH));
 
     // Under an allowed /48 (another mask): a skip to a node at /44 (the /48
     // ends there), then a skip to the last node.
@@ -523,7 +523,7 @@ fn a_source_beside_128s_reads_one_skip_and_one_node() {
     for w in &t.build(&first, &mut pal).expect("fits").writes {
         k.apply(w);
     }
-    let last = t.leaves[(t.top[0x2001] & v6::INDEX) as usize].inside;
+    let last = t.leaves[(t.top[0x20010] & v6::INDEX) as usize].inside;
     assert_eq!(last & v6::TAG, v6::NODE);
     let plan = t.update(&v6, changed, &mut pal).expect("fits");
     apply_checking_no_gap(&mut k, &plan, &pal, &first, &v6, &probes(&[&v6], &[BEEF | 7])).expect("no gap");
