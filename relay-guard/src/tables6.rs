@@ -14,7 +14,7 @@
 //!
 //! - a subtree that holds exactly one stored prefix longer than its depth is
 //!   a *leaf* (`inside` is the prefix's mask), so a random /128 costs one
-//!   leaf, not 28 nodes;
+//!   leaf, not 27 nodes;
 //! - a subtree whose stored prefixes (two or more) all lie inside one range
 //!   /D at least two levels below it, all longer than D, is a *skip* to the
 //!   node at depth D (`inside` is that node, `len` D). The nodes it stands
@@ -26,7 +26,7 @@
 //!   skip (or nodes), at it a node.
 //!
 //! So every node on a path (but the top level) either branches or has a
-//! prefix ending in it, and a walk is at most 28 steps, nodes or leaves: a
+//! prefix ending in it, and a walk is at most 27 steps, nodes or leaves: a
 //! source next to /128s that share all but their last bits reads one skip
 //! and one node below their common ancestor, not a chain of nodes.
 //!
