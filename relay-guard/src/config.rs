@@ -530,7 +530,7 @@ impl Validator<'_> {
                         .iter()
                         .find(|(f, _)| std::sync::Arc::ptr_eq(f, &e.origin.file))
                         .map_or(crate::lists::INLINE, |&(_, id)| id);
-                    crate::lists::indexed(e, id)
+                    crate::lists::to_indexed(e, id)
                 })
                 .collect();
             ix.push_guard(all);

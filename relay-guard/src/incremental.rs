@@ -48,33 +48,6 @@ pub struct Applied {
 }
 
 impl Live {
-    /// The allow entries per guard and family (unique networks).
-    fn count_allow(index: &ListIndex) -> Vec<(usize, usize)> {
-        index
-            .guards
-            .iter()
-            .map(|entries| {
-                let mut v4 = 0;
-                let mut v6 = 0;
-                let mut prev: Option<IpNet> = None;
-                for e in entries {
-                    if prev == Some(e.net) {
-                        continue;
-                    }
-                    prev = Some(e.net);
-                    if e.action == Action::Allow {
-                        if e.net.addr().is_ipv4() {
-                            v4 += 1;
-                        } else {
-                            v6 += 1;
-                        }
-                    }
-                }
-                (v4, v6)
-            })
-            .collect()
-    }
-
     /// Tries a delta reload of `config_path`. `Ok(None)`: not applicable
     /// (the config file changed, a file is unreadable, or the edit is
     /// large); do a full reload. `Err(Invalid)`: the edit is invalid, nothing
@@ -114,13 +87,36 @@ impl Live {
     /// Builds the state after a full load and sync.
     pub fn new(cfg: &Config, index: ListIndex, policy: Policy, shadow: Shadow) -> Live {
         Live {
-            counts: Self::count_allow(&index),
+            counts: allow_counts(&index),
             index,
             policy,
             shadow,
             guard_names: cfg.guards.iter().map(|g| g.name.clone()).collect(),
         }
     }
+}
+
+/// The allow entries per guard and family (unique networks), as
+/// `Policy::allow_counts` counts them on a full load.
+pub(crate) fn allow_counts(index: &ListIndex) -> Vec<(usize, usize)> {
+    index
+        .guards
+        .iter()
+        .map(|entries| {
+            let (mut v4, mut v6) = (0, 0);
+            let mut prev: Option<IpNet> = None;
+            for e in entries.iter().filter(|e| prev.replace(e.net) != Some(e.net)) {
+                if e.action == Action::Allow {
+                    if e.net.addr().is_ipv4() {
+                        v4 += 1;
+                    } else {
+                        v6 += 1;
+                    }
+                }
+            }
+            (v4, v6)
+        })
+        .collect()
 }
 
 /// Why a delta reload did not apply.
@@ -150,12 +146,8 @@ fn compiled(index: &ListIndex, net: &IpNet) -> Option<AllowMask> {
 }
 
 /// Updates `policy` for changed guard decisions; returns the IPv4 keys whose
-/// value changed and the IPv6 keys with their new value.
-pub fn policy_delta(
-    index: &ListIndex,
-    policy: &mut Policy,
-    changes: &[Change],
-) -> (Vec<V4Key>, Vec<(V6Key, Option<AllowMask>)>) {
+/// value changed, and the IPv6 keys whose value changed.
+pub fn policy_delta(index: &ListIndex, policy: &mut Policy, changes: &[Change]) -> (Vec<V4Key>, Vec<V6Key>) {
     let nets: BTreeSet<IpNet> = changes.iter().map(|c| c.1).collect();
     // A changed network and every stored prefix inside it may change.
     let mut dirty: BTreeSet<IpNet> = BTreeSet::new();
@@ -204,7 +196,7 @@ pub fn policy_delta(
                         Some(m) => policy.v6.insert(key, m),
                         None => policy.v6.remove(&key),
                     };
-                    v6.push((key, want));
+                    v6.push(key);
                 }
             }
         }

@@ -12,11 +12,7 @@
 //! not a re-parse. It returns `None` — the caller then does a full reload —
 //! when the config file itself changed, a file cannot be read, or the edit is
 //! large.
-use std::{
-    collections::BTreeMap,
-    path::{Path, PathBuf},
-    sync::Arc,
-};
+use std::{collections::BTreeMap, path::Path, sync::Arc};
 
 use ipnet::IpNet;
 
@@ -535,23 +531,14 @@ fn shifted(e: &Indexed, edits: &[FileEdit]) -> Indexed {
     e
 }
 
-fn to_indexed(e: &Entry, file: u16) -> Indexed {
+/// An [`Indexed`] for a parsed entry of file `file`.
+pub(crate) fn to_indexed(e: &Entry, file: u16) -> Indexed {
     Indexed {
         net: e.net,
         line: u32::try_from(e.origin.line).unwrap_or(u32::MAX),
         file,
         action: e.action,
     }
-}
-
-/// Helper for the config loader: an [`Indexed`] for a parsed entry.
-pub(crate) fn indexed(e: &Entry, file: u16) -> Indexed {
-    to_indexed(e, file)
-}
-
-/// Helper for tests: the path of a list file.
-pub fn file_paths(index: &ListIndex) -> Vec<PathBuf> {
-    index.files.iter().map(|f| f.path.to_path_buf()).collect()
 }
 
 #[cfg(test)]

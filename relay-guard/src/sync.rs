@@ -20,9 +20,7 @@
 //! Entries that did not change are not touched.
 use std::collections::{BTreeMap, BTreeSet};
 
-use relay_guard_common::{
-    AllowMask, COUNTER_PORT_SLOTS, GuardedPort, LONG_BLOCK, MAX_MASKS, PORT_SLOTS, Settings, maps,
-};
+use relay_guard_common::{COUNTER_PORT_SLOTS, GuardedPort, LONG_BLOCK, MAX_MASKS, PORT_SLOTS, Settings, maps};
 
 use crate::{
     error::SyncError,
@@ -292,9 +290,6 @@ fn run(
     ))
 }
 
-/// An IPv6 prefix (length, network) and its new value; `None`: removed.
-pub type V6Change = ((u8, [u8; 16]), Option<AllowMask>);
-
 /// Writes `specs` into `RG_LONG24` (through `map`, one of its handles),
 /// skipping blocks the kernel already holds as they are: (written, unchanged).
 fn write_long(
@@ -343,7 +338,7 @@ fn spec_refs(refs: &mut [u32], spec: &LongSpec, sign: i32) {
 
 /// Applies a change of `policy` (already updated) confined to the prefixes
 /// `v4` (IPv4 keys whose mask changed, appeared or went) and `v6` (IPv6
-/// keys with their new value, `None`: removed), against the kernel state
+/// keys likewise), against the kernel state
 /// described by `shadow`. Same phases and guarantees as [`apply`]; the
 /// cost is proportional to the /24 blocks those prefixes cover, not to the
 /// size of the policy. On error the shadow no longer describes the kernel:
@@ -353,7 +348,7 @@ pub fn apply_delta(
     shadow: &mut Shadow,
     policy: &Policy,
     v4: &[(u8, [u8; 4])],
-    v6: &[V6Change],
+    v6: &[(u8, [u8; 16])],
 ) -> Result<SyncStats, SyncError> {
     let mut st = SyncStats::default();
     let full = |e: PaletteFull| SyncError::Capacity { what: e.to_string() };
@@ -382,7 +377,7 @@ pub fn apply_delta(
     let v6plan = if v6.is_empty() {
         None
     } else {
-        let changed = v6.iter().map(|&(key, _)| key);
+        let changed = v6.iter().copied();
         Some(
             shadow
                 .v6

@@ -122,6 +122,20 @@ pub struct Target {
     pub verdict: Verdict,
 }
 
+/// A target judged only when measured at its scale (`at_scale`): PASS or
+/// FAIL by `pass`, else NOT JUDGED for `why`.
+fn at_scale(name: &str, measured: String, at_scale: bool, pass: bool, why: &str) -> Target {
+    if at_scale {
+        Target {
+            name: name.into(),
+            measured,
+            verdict: Verdict::from(pass),
+        }
+    } else {
+        not_judged(name, measured, why)
+    }
+}
+
 fn not_judged(name: &str, measured: impl Into<String>, why: impl Into<String>) -> Target {
     Target {
         name: name.into(),
@@ -291,15 +305,7 @@ pub fn targets(plan: &Plan, r: &Results) -> Vec<Target> {
                 agent.as_secs_f64(),
                 ipset.as_secs_f64()
             );
-            if load_full {
-                t.push(Target {
-                    name: name.into(),
-                    measured,
-                    verdict: Verdict::from(ratio < 1.0),
-                });
-            } else {
-                t.push(not_judged(name, measured, scale_why.clone()));
-            }
+            t.push(at_scale(name, measured, load_full, ratio < 1.0, &scale_why));
         }
         _ => t.push(not_judged(name, "-", "load part not measured")),
     }
@@ -308,15 +314,7 @@ pub fn targets(plan: &Plan, r: &Results) -> Vec<Target> {
         Some(d) => {
             let m = d.delta_median();
             let measured = format!("{:.1} ms = {:.2}x the 100 ms limit", ms(m), ms(m) / 100.0);
-            if d.size == SCALE {
-                t.push(Target {
-                    name: name.into(),
-                    measured,
-                    verdict: Verdict::from(ms(m) < 100.0),
-                });
-            } else {
-                t.push(not_judged(name, measured, scale_why.clone()));
-            }
+            t.push(at_scale(name, measured, d.size == SCALE, ms(m) < 100.0, &scale_why));
         }
         None => t.push(not_judged(name, "-", "test-run part skipped")),
     }
@@ -328,15 +326,7 @@ pub fn targets(plan: &Plan, r: &Results) -> Vec<Target> {
     {
         Some(m) => {
             let measured = format!("{:.1} ms = {:.2}x the 100 ms limit", ms(m), ms(m) / 100.0);
-            if load_full {
-                t.push(Target {
-                    name: name.into(),
-                    measured,
-                    verdict: Verdict::from(ms(m) < 100.0),
-                });
-            } else {
-                t.push(not_judged(name, measured, scale_why.clone()));
-            }
+            t.push(at_scale(name, measured, load_full, ms(m) < 100.0, &scale_why));
         }
         None => t.push(not_judged(name, "-", "agent reload not measured")),
     }
@@ -345,15 +335,7 @@ pub fn targets(plan: &Plan, r: &Results) -> Vec<Target> {
         Some(kib) => {
             let mib = kib as f64 / 1024.0;
             let measured = format!("VmHWM {mib:.1} MiB = {:.2}x the 200 MiB limit", mib / 200.0);
-            if load_full {
-                t.push(Target {
-                    name: name.into(),
-                    measured,
-                    verdict: Verdict::from(mib < 200.0),
-                });
-            } else {
-                t.push(not_judged(name, measured, scale_why.clone()));
-            }
+            t.push(at_scale(name, measured, load_full, mib < 200.0, &scale_why));
         }
         None => t.push(not_judged(name, "-", "load part not measured")),
     }
