@@ -12,7 +12,7 @@ use core::mem::size_of;
 /// Map names as they appear in the object file and under the pin directory.
 ///
 /// `#[map]` in the eBPF crate needs literals, so a userspace test checks that
-/// every name in [`maps::ALL`] exists in the built object.
+/// every name in [`maps::ALL`] exists in the built object (relay-guard/tests/object.rs).
 pub mod maps {
     /// `Array<GuardedPort>` indexed by TCP destination port (host order).
     pub const PORTS: &str = "RG_PORTS";

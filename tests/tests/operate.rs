@@ -614,14 +614,15 @@ fn reload_attaches_new_interfaces_and_detaches_removed_ones() {
         "lo not attached after a reload that added it:\n{}",
         agent.log_text()
     );
+    let lo_link = detach
+        .pin_dir
+        .join(format!("layout-{}", relay_guard_common::LAYOUT_VERSION))
+        .join("links")
+        .join("lo");
     assert!(
-        detach
-            .pin_dir
-            .join(format!("layout-{}", relay_guard_common::LAYOUT_VERSION))
-            .join("links")
-            .join("lo")
-            .exists()
-            || xdp_on_lo()
+        lo_link.exists(),
+        "no pinned link {} after lo was added",
+        lo_link.display()
     );
     assert_gate(&lab, "with lo added");
 

@@ -49,29 +49,55 @@ fn example_config_for(interface: Option<String>) -> anyhow::Result<PathBuf> {
         Some(i) => i,
         None => default_route_interface()?,
     };
-    let mut replaced = false;
-    let out: Vec<String> = text
-        .lines()
-        .map(|l| {
-            if !replaced && l.trim_start().starts_with("interfaces") {
-                replaced = true;
-                format!("interfaces = [\"{iface}\"]")
-            } else {
-                l.to_string()
-            }
-        })
-        .collect();
-    if !replaced {
-        bail!("{} has no `interfaces` line", example.display());
-    }
+    let out =
+        demo_config(&text, &iface).with_context(|| format!("{} cannot be made a demo config", example.display()))?;
     let dest = root.join("target").join("relay-guard.run.toml");
     fs::create_dir_all(dest.parent().expect("has a parent"))?;
-    fs::write(&dest, out.join("\n") + "\n").with_context(|| format!("failed to write {}", dest.display()))?;
+    fs::write(&dest, out).with_context(|| format!("failed to write {}", dest.display()))?;
     println!(
         "xtask: guarding interface {iface} with the example config (see {})",
         dest.display()
     );
     Ok(dest)
+}
+
+/// The pin directory of the demo, never the default one: a demo must not
+/// adopt, change or detach an installed guard's maps and links.
+pub const DEMO_PIN_DIR: &str = "/sys/fs/bpf/relay-guard-demo";
+/// The demo's metrics address, beside an installed guard's default.
+pub const DEMO_METRICS: &str = "127.0.0.1:10948";
+
+/// The example config with `interfaces` set to `iface`, and its own
+/// `pin_dir` and `metrics_listen`, so it never touches a production instance.
+fn demo_config(example: &str, iface: &str) -> anyhow::Result<String> {
+    let mut seen = [false; 3];
+    let out: Vec<String> = example
+        .lines()
+        .map(|l| {
+            let key = l.split('=').next().unwrap_or("").trim();
+            match key {
+                "interfaces" if !seen[0] => {
+                    seen[0] = true;
+                    format!("interfaces = [\"{iface}\"]")
+                }
+                "pin_dir" if !seen[1] => {
+                    seen[1] = true;
+                    format!("pin_dir = \"{DEMO_PIN_DIR}\"   # the demo's own, never the default")
+                }
+                "metrics_listen" if !seen[2] => {
+                    seen[2] = true;
+                    format!("metrics_listen = \"{DEMO_METRICS}\"")
+                }
+                _ => l.to_string(),
+            }
+        })
+        .collect();
+    for (key, found) in ["interfaces", "pin_dir", "metrics_listen"].iter().zip(seen) {
+        if !found {
+            bail!("no `{key}` line");
+        }
+    }
+    Ok(out.join("\n") + "\n")
 }
 
 fn default_route_interface() -> anyhow::Result<String> {
@@ -93,4 +119,22 @@ pub fn is_root() -> bool {
 unsafe extern "C" {
     #[link_name = "geteuid"]
     fn libc_geteuid() -> u32;
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_demo_config_never_uses_the_default_pin_dir() {
+        let example =
+            std::fs::read_to_string(crate::build_ebpf::workspace_root().join("deploy/relay-guard.example.toml"))
+                .expect("example config");
+        let demo = super::demo_config(&example, "veth-demo").expect("demo config");
+        assert!(demo.contains("interfaces = [\"veth-demo\"]"), "{demo}");
+        assert!(
+            demo.contains(&format!("pin_dir = \"{}\"", super::DEMO_PIN_DIR)),
+            "{demo}"
+        );
+        assert!(!demo.contains("\"/sys/fs/bpf/relay-guard\""), "{demo}");
+        assert!(demo.contains(super::DEMO_METRICS), "{demo}");
+    }
 }

@@ -7,7 +7,11 @@
 //!    --message-format=json`, as aya's xtask does) and run each one as root
 //!    (directly, or under `sudo -E`), with RELAY_GUARD_BIN pointing at the agent.
 //!
-//! Ends with one line `N passed, M failed` over everything that ran.
+//! Ends with one line `N passed, M failed, K skipped` over everything that
+//! ran. A test that skipped itself (or a check inside it) at run time, for a
+//! missing privilege or tool, is counted as skipped, not passed: the tests'
+//! privilege gate (tests/src/require.rs) writes it to a log this reads.
+//! Under CI any skip fails the run.
 use std::{
     io::{BufRead as _, BufReader},
     process::{Command, Stdio},
@@ -26,49 +30,73 @@ pub struct Options {
     pub privileged_only: bool,
 }
 
-/// Commands the privileged tests run, and the Debian package of each.
-const TOOLS: &[(&str, &str)] = &[
-    ("ip", "iproute2"),
-    ("nsenter", "util-linux"),
-    ("nft", "nftables"),
-    ("smtp-sink", "postfix"),
-    ("smtp-source", "postfix"),
-    ("swaks", "swaks"),
-    // swaks speaks IPv6 only with this Perl module, which is merely a
-    // Recommends of swaks (and apt-get runs with --no-install-recommends).
-    // An absolute path: `on_path` joins it onto each PATH entry unchanged.
-    ("/usr/share/perl5/IO/Socket/INET6.pm", "libio-socket-inet6-perl"),
-    ("prometheus", "prometheus"),
-    // tests/tests/deploy.rs: the systemd unit, the alert rules, the package.
-    ("promtool", "prometheus"),
-    ("systemd-analyze", "systemd"),
-    // The unit's ExecReload; `systemd-analyze verify` checks it exists.
-    ("/bin/kill", "procps"),
-    ("setpriv", "util-linux"),
-    ("unshare", "util-linux"),
-    ("strace", "strace"),
-    ("dpkg-deb", "dpkg"),
-];
+/// `tests/tools.txt`: every program a test runs and how to install it. The
+/// tests' privilege gate refuses a tool that is not listed there, so what
+/// this installs and what the tests require cannot drift apart.
+const TOOL_LIST: &str = include_str!("../../tests/tools.txt");
 
-/// cargo-deb, from crates.io, for the Debian package test.
-const CARGO_DEB_VERSION: &str = "3.8.0";
-/// kubernetes-validate (PyPI; it ships the Kubernetes JSON schemas, so it
-/// validates offline) lives in this venv, linked into /usr/local/bin.
-const KUBERNETES_VALIDATE_VENV: &str = "/usr/local/lib/relay-guard-test-tools/venv";
+/// kubernetes-validate and other `pip:` tools live in this venv, linked into
+/// /usr/local/bin (kubernetes-validate ships the Kubernetes JSON schemas, so
+/// it validates offline).
+const PIP_VENV: &str = "/usr/local/lib/relay-guard-test-tools/venv";
+
+/// How one tool is installed.
+#[derive(Debug, PartialEq, Eq)]
+enum Installer<'a> {
+    Deb(&'a str),
+    Cargo { krate: &'a str, version: &'a str },
+    Pip(&'a str),
+}
+
+/// The `(tool, installer)` lines of [`TOOL_LIST`].
+fn tools() -> anyhow::Result<Vec<(&'static str, Installer<'static>)>> {
+    let mut out = Vec::new();
+    for (n, line) in TOOL_LIST.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let bad = || {
+            anyhow::anyhow!(
+                "tests/tools.txt:{}: want `TOOL deb:PKG|cargo:CRATE@VER|pip:PKG`, got {line:?}",
+                n + 1
+            )
+        };
+        let mut words = line.split_whitespace();
+        let (Some(tool), Some(how), None) = (words.next(), words.next(), words.next()) else {
+            return Err(bad());
+        };
+        let installer = if let Some(pkg) = how.strip_prefix("deb:") {
+            Installer::Deb(pkg)
+        } else if let Some(spec) = how.strip_prefix("cargo:") {
+            let (krate, version) = spec.split_once('@').ok_or_else(bad)?;
+            Installer::Cargo { krate, version }
+        } else if let Some(pkg) = how.strip_prefix("pip:") {
+            Installer::Pip(pkg)
+        } else {
+            return Err(bad());
+        };
+        out.push((tool, installer));
+    }
+    Ok(out)
+}
 
 #[derive(Default)]
 struct Tally {
     passed: u64,
     failed: u64,
-    ignored: u64,
+    /// libtest's `ignored` plus the tests that skipped themselves.
+    skipped: u64,
+    /// `test: reason` of each test counted as skipped at run time.
+    skip_reasons: Vec<String>,
 }
 
 pub fn test(opts: &Options) -> anyhow::Result<()> {
     toolchain::ensure()?;
     ensure_tools()?;
-    ensure_deploy_tools()?;
     let mut tally = Tally::default();
     let mut failures = Vec::new();
+    let skip_log = std::env::temp_dir().join(format!("relay-guard-skips-{}.log", std::process::id()));
 
     if !opts.privileged_only {
         let mut c = toolchain::cmd("cargo");
@@ -83,34 +111,44 @@ pub fn test(opts: &Options) -> anyhow::Result<()> {
         if let Some(f) = &opts.filter {
             c.arg("--").arg(f);
         }
-        if !run_counting(&mut c, &mut tally)? {
+        if !run_counting(&mut c, &skip_log, &mut tally)? {
             failures.push("unit tests".to_string());
         }
     }
 
     let agent = build_ebpf::build(&build_ebpf::Options { release: false })?;
+    let sudo = !is_root() && toolchain::on_path("sudo");
+    if !is_root() && !sudo {
+        println!("xtask: not root and no sudo: the privileged tests will skip themselves, and are counted as skipped");
+    }
     for exe in test_executables()? {
-        let mut c = if is_root() {
-            Command::new(&exe)
-        } else {
+        let mut c = if sudo {
             let mut c = Command::new("sudo");
             c.arg("-E").arg(&exe);
             c
+        } else {
+            Command::new(&exe)
         };
         c.env("PATH", toolchain::path_env()).env("RELAY_GUARD_BIN", &agent);
         if let Some(f) = &opts.filter {
             c.arg(f);
         }
         println!("xtask: running {}", exe.rsplit('/').next().unwrap_or(&exe));
-        if !run_counting(&mut c, &mut tally)? {
+        if !run_counting(&mut c, &skip_log, &mut tally)? {
             failures.push(exe);
         }
     }
 
     println!();
+    if !tally.skip_reasons.is_empty() {
+        println!("skipped at run time (counted as skipped, not passed):");
+        for r in &tally.skip_reasons {
+            println!("  {r}");
+        }
+    }
     println!(
         "{} passed, {} failed, {} skipped",
-        tally.passed, tally.failed, tally.ignored
+        tally.passed, tally.failed, tally.skipped
     );
     if !failures.is_empty() {
         bail!("failed: {}", failures.join(", "));
@@ -118,12 +156,91 @@ pub fn test(opts: &Options) -> anyhow::Result<()> {
     if tally.passed == 0 {
         bail!("no test ran");
     }
+    if in_ci() && tally.skipped > 0 {
+        bail!("{} test(s) skipped under CI; every test must run there", tally.skipped);
+    }
     Ok(())
 }
 
-/// Installs (as root, with apt-get) the Debian packages of missing tools.
+/// Installs every tool of `tests/tools.txt` that is missing: Debian packages
+/// with apt-get, crates with `cargo install --locked`, PyPI packages in a venv.
+/// Says what it installs; does nothing when all are there. Without root it
+/// cannot install system packages: outside CI it says so and goes on (the
+/// tests that need them are then counted as skipped); under CI it fails.
 fn ensure_tools() -> anyhow::Result<()> {
-    toolchain::ensure_debian_tools(TOOLS)
+    let tools = tools()?;
+    let debs: Vec<(&str, &str)> = tools
+        .iter()
+        .filter_map(|(t, i)| match i {
+            Installer::Deb(p) => Some((*t, *p)),
+            _ => None,
+        })
+        .collect();
+    let missing_system = debs.iter().any(|(t, _)| !toolchain::on_path(t))
+        || tools
+            .iter()
+            .any(|(t, i)| matches!(i, Installer::Pip(_)) && !toolchain::on_path(t));
+    if missing_system && !is_root() && !in_ci() {
+        println!(
+            "xtask: not root, so missing Debian and PyPI tools are not installed; the tests that need them will be reported as skipped"
+        );
+    } else {
+        toolchain::ensure_debian_tools(&debs)?;
+    }
+    for (tool, installer) in &tools {
+        if toolchain::on_path(tool) {
+            continue;
+        }
+        match installer {
+            Installer::Deb(_) => {}
+            Installer::Cargo { krate, version } => {
+                println!(
+                    "xtask: installing {krate} {version} from crates.io (cargo install --locked), for the tests that run `{tool}`"
+                );
+                toolchain::run(toolchain::cmd("cargo").args(["install", krate, "--locked", "--version", version]))?;
+            }
+            Installer::Pip(pkg) if is_root() => pip_install(tool, pkg)?,
+            Installer::Pip(_) => {}
+        }
+    }
+    Ok(())
+}
+
+/// Installs `pkg` from PyPI into [`PIP_VENV`] and links `tool` into
+/// /usr/local/bin.
+fn pip_install(tool: &str, pkg: &str) -> anyhow::Result<()> {
+    let venv = std::path::Path::new(PIP_VENV);
+    println!(
+        "xtask: installing {pkg} from PyPI into a venv at {PIP_VENV}, linked as /usr/local/bin/{tool}, for the tests that run it"
+    );
+    let make_venv = || {
+        venv.join("bin/pip").is_file()
+            || Command::new("/usr/bin/python3")
+                .arg("-m")
+                .arg("venv")
+                .arg(venv)
+                .output()
+                .is_ok_and(|o| o.status.success())
+    };
+    if !make_venv() {
+        // Debian's python3 makes venvs only with python3-venv (ensurepip).
+        let _ = std::fs::remove_dir_all(venv);
+        apt_install(&["python3-venv"])?;
+        if !make_venv() {
+            bail!("`/usr/bin/python3 -m venv {PIP_VENV}` failed after installing python3-venv");
+        }
+    }
+    toolchain::run(Command::new(venv.join("bin/pip")).args(["install", "--quiet", pkg]))?;
+    let link = std::path::Path::new("/usr/local/bin").join(tool);
+    let _ = std::fs::remove_file(&link);
+    std::os::unix::fs::symlink(venv.join("bin").join(tool), &link)
+        .with_context(|| format!("failed to link {}", link.display()))?;
+    Ok(())
+}
+
+/// Whether this is a CI run (as tests/src/require.rs decides it).
+fn in_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| matches!(v.to_ascii_lowercase().as_str(), "true" | "1" | "yes"))
 }
 
 /// Builds the privileged test crate and returns its test executables.
@@ -157,86 +274,82 @@ fn test_executables() -> anyhow::Result<Vec<String>> {
     Ok(exes)
 }
 
-/// Runs a libtest-based command, echoing its output and adding up its
-/// `test result:` lines. Returns whether it succeeded.
-fn run_counting(c: &mut Command, tally: &mut Tally) -> anyhow::Result<bool> {
+/// Runs a libtest-based command with `RELAY_GUARD_SKIP_LOG` set to
+/// `skip_log`, echoing its output and adding up its `test result:` lines. A
+/// test that passed but wrote to the skip log is counted as skipped. Returns
+/// whether the command succeeded.
+fn run_counting(c: &mut Command, skip_log: &std::path::Path, tally: &mut Tally) -> anyhow::Result<bool> {
+    let _ = std::fs::remove_file(skip_log);
     let mut child = c
+        .env("RELAY_GUARD_SKIP_LOG", skip_log)
         .stdout(Stdio::piped())
         .spawn()
         .with_context(|| format!("failed to start {c:?}"))?;
     let stdout = child.stdout.take().expect("piped");
+    let mut ok_tests = Vec::new();
     for line in BufReader::new(stdout).lines() {
         let line = line?;
         println!("{line}");
-        if let Some(rest) = line.strip_prefix("test result: ") {
-            for part in rest.split([';', '.']) {
-                let mut words = part.split_whitespace();
-                if let (Some(n), Some(what)) = (words.next(), words.next())
-                    && let Ok(n) = n.parse::<u64>()
-                {
-                    match what {
-                        "passed" => tally.passed += n,
-                        "failed" => tally.failed += n,
-                        "ignored" => tally.ignored += n,
-                        _ => {}
-                    }
-                }
+        if let Some(name) = line.strip_prefix("test ").and_then(|r| r.strip_suffix(" ... ok")) {
+            ok_tests.push(name.to_string());
+        }
+        if let Some(counts) = parse_result_line(&line) {
+            tally.passed += counts.0;
+            tally.failed += counts.1;
+            tally.skipped += counts.2;
+        }
+    }
+    let success = child.wait()?.success();
+    let skips = std::fs::read_to_string(skip_log).unwrap_or_default();
+    let _ = std::fs::remove_file(skip_log);
+    let (moved, reasons) = skipped_of(&ok_tests, &skips);
+    tally.passed -= moved.min(tally.passed);
+    tally.skipped += moved;
+    tally.skip_reasons.extend(reasons);
+    Ok(success)
+}
+
+/// `(passed, failed, ignored)` of a libtest `test result:` line.
+fn parse_result_line(line: &str) -> Option<(u64, u64, u64)> {
+    let rest = line.strip_prefix("test result: ")?;
+    let mut counts = (0, 0, 0);
+    for part in rest.split([';', '.']) {
+        let mut words = part.split_whitespace();
+        if let (Some(n), Some(what)) = (words.next(), words.next())
+            && let Ok(n) = n.parse::<u64>()
+        {
+            match what {
+                "passed" => counts.0 += n,
+                "failed" => counts.1 += n,
+                "ignored" => counts.2 += n,
+                _ => {}
             }
         }
     }
-    Ok(child.wait()?.success())
+    Some(counts)
 }
 
-/// Installs the deployment tests' tools that are not Debian packages, once:
-/// cargo-deb (`cargo install --locked`) and kubernetes-validate (pip, in a
-/// venv). Says what it installs; does nothing when they are there.
-fn ensure_deploy_tools() -> anyhow::Result<()> {
-    if !toolchain::on_path("cargo-deb") {
-        println!(
-            "xtask: installing cargo-deb {CARGO_DEB_VERSION} from crates.io (cargo install --locked), for the Debian package test"
-        );
-        toolchain::run(toolchain::cmd("cargo").args([
-            "install",
-            "cargo-deb",
-            "--locked",
-            "--version",
-            CARGO_DEB_VERSION,
-        ]))?;
+/// Of the tests libtest reported `ok`, those that wrote `name\treason` to
+/// the skip log: their number, and `name: reason` for each (a test that
+/// skipped several checks is counted once).
+fn skipped_of(ok_tests: &[String], skip_log: &str) -> (u64, Vec<String>) {
+    let mut seen = std::collections::BTreeMap::<&str, Vec<&str>>::new();
+    for line in skip_log.lines() {
+        let (name, reason) = line.split_once('\t').unwrap_or((line, ""));
+        seen.entry(name).or_default().push(reason);
     }
-    if toolchain::on_path("kubernetes-validate") {
-        return Ok(());
-    }
-    if !is_root() {
-        bail!(
-            "kubernetes-validate is missing; run `cargo xtask test` as root to install it, or `pip install kubernetes-validate`"
-        );
-    }
-    let venv = std::path::Path::new(KUBERNETES_VALIDATE_VENV);
-    println!(
-        "xtask: installing kubernetes-validate from PyPI into a venv at {KUBERNETES_VALIDATE_VENV}, linked as /usr/local/bin/kubernetes-validate, for the Kubernetes manifest test"
-    );
-    let make_venv = || {
-        Command::new("/usr/bin/python3")
-            .arg("-m")
-            .arg("venv")
-            .arg(venv)
-            .output()
-            .is_ok_and(|o| o.status.success())
-    };
-    if !make_venv() {
-        // Debian's python3 makes venvs only with python3-venv (ensurepip).
-        let _ = std::fs::remove_dir_all(venv);
-        apt_install(&["python3-venv"])?;
-        if !make_venv() {
-            bail!("`/usr/bin/python3 -m venv {KUBERNETES_VALIDATE_VENV}` failed after installing python3-venv");
+    let mut moved = 0;
+    let mut reasons = Vec::new();
+    for (name, why) in seen {
+        if ok_tests
+            .iter()
+            .any(|t| t == name || t.rsplit("::").next() == Some(name))
+        {
+            moved += 1;
+            reasons.push(format!("{name}: {}", why.join("; ")));
         }
     }
-    toolchain::run(Command::new(venv.join("bin/pip")).args(["install", "--quiet", "kubernetes-validate"]))?;
-    let link = std::path::Path::new("/usr/local/bin/kubernetes-validate");
-    let _ = std::fs::remove_file(link);
-    std::os::unix::fs::symlink(venv.join("bin/kubernetes-validate"), link)
-        .with_context(|| format!("failed to link {}", link.display()))?;
-    Ok(())
+    (moved, reasons)
 }
 
 fn apt_install(packages: &[&str]) -> anyhow::Result<()> {
@@ -248,4 +361,102 @@ fn apt_install(packages: &[&str]) -> anyhow::Result<()> {
             .args(packages)
             .env("DEBIAN_FRONTEND", "noninteractive"),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_tool_list_parses_and_names_bpftool() {
+        let tools = tools().expect("tests/tools.txt parses");
+        assert!(tools.contains(&("bpftool", Installer::Deb("bpftool"))));
+        assert!(
+            tools
+                .iter()
+                .any(|(t, i)| *t == "cargo-deb" && matches!(i, Installer::Cargo { .. }))
+        );
+    }
+
+    #[test]
+    fn self_skipped_tests_move_from_passed_to_skipped() {
+        let ok = vec![
+            "operator_cli_reads_the_pinned_maps".to_string(),
+            "module::restarts_without_a_gap".to_string(),
+            "other".to_string(),
+        ];
+        let log = "operator_cli_reads_the_pinned_maps\tnot root\nrestarts_without_a_gap\tno nft\nrestarts_without_a_gap\tno ip\nfailed_one\tnot root\n";
+        let (moved, reasons) = skipped_of(&ok, log);
+        // failed_one is not among the passed tests: it stays a failure.
+        assert_eq!(moved, 2, "{reasons:?}");
+        assert!(
+            reasons.iter().any(|r| r == "restarts_without_a_gap: no nft; no ip"),
+            "{reasons:?}"
+        );
+    }
+
+    #[test]
+    fn result_lines_are_added_up() {
+        assert_eq!(
+            parse_result_line(
+                "test result: FAILED. 3 passed; 1 failed; 2 ignored; 0 measured; 0 filtered out; finished in 0.01s"
+            ),
+            Some((3, 1, 2))
+        );
+        assert_eq!(parse_result_line("running 3 tests"), None);
+    }
+}
+
+/// The project's docs link only to files inside the repository (a user's
+/// clone, and the Debian package's copy, have nothing beside it).
+#[cfg(test)]
+mod doc_links {
+    /// The relative targets of `[text](target)` links in `markdown`.
+    fn relative_links(markdown: &str) -> Vec<String> {
+        let mut out = Vec::new();
+        let mut rest = markdown;
+        while let Some(i) = rest.find("](") {
+            rest = &rest[i + 2..];
+            let Some(end) = rest.find(')') else { break };
+            let target = rest[..end].split('#').next().unwrap_or("");
+            if !target.is_empty() && !target.contains("://") && !target.starts_with("mailto:") {
+                out.push(target.to_string());
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn readme_and_docs_links_resolve_inside_the_repository() {
+        let root = crate::build_ebpf::workspace_root();
+        let root = root.canonicalize().expect("workspace root");
+        let mut files = vec![root.join("README.md"), root.join("tests/README.md")];
+        for e in std::fs::read_dir(root.join("docs")).expect("docs/") {
+            let p = e.expect("entry").path();
+            if p.extension().is_some_and(|x| x == "md") {
+                files.push(p);
+            }
+        }
+        let mut checked = 0;
+        for file in &files {
+            let text = std::fs::read_to_string(file).expect("markdown");
+            for link in relative_links(&text) {
+                let target = file.parent().expect("dir").join(&link);
+                let resolved = target
+                    .canonicalize()
+                    .unwrap_or_else(|e| panic!("{}: link `{link}` does not resolve: {e}", file.display()));
+                assert!(
+                    resolved.starts_with(&root),
+                    "{}: link `{link}` leaves the repository",
+                    file.display()
+                );
+                checked += 1;
+            }
+        }
+        assert!(checked > 5, "only {checked} links found: is the link parser broken?");
+        assert_eq!(
+            relative_links("[a](../shared/SPEC.md) [b](https://x) [c](docs/x.md#y)"),
+            ["../shared/SPEC.md", "docs/x.md"]
+        );
+    }
 }

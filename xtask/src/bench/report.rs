@@ -939,5 +939,6 @@ mod tests {
     #[test]
     fn verdict_words() {
         assert_eq!(super::Verdict::from(true).word(), "PASS");
+        assert_eq!(super::Verdict::from(false).word(), "FAIL");
     }
 }
