@@ -108,7 +108,7 @@ mod tests {
             let words: Vec<&str> = line.split_whitespace().collect();
             assert_eq!(words.len(), 2, "tools.txt line {line:?}: want `TOOL INSTALLER`");
             assert!(
-                ["deb:", "cargo:", "pip:"].iter().any(|p| words[1].starts_with(p)),
+                words[1] == "toolchain" || ["deb:", "cargo:", "pip:"].iter().any(|p| words[1].starts_with(p)),
                 "tools.txt line {line:?}: unknown installer"
             );
         }

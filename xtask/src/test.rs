@@ -44,8 +44,13 @@ const PIP_VENV: &str = "/usr/local/lib/relay-guard-test-tools/venv";
 #[derive(Debug, PartialEq, Eq)]
 enum Installer<'a> {
     Deb(&'a str),
-    Cargo { krate: &'a str, version: &'a str },
+    Cargo {
+        krate: &'a str,
+        version: &'a str,
+    },
     Pip(&'a str),
+    /// Part of the Rust toolchain running this xtask.
+    Toolchain,
 }
 
 /// The `(tool, installer)` lines of [`TOOL_LIST`].
@@ -58,7 +63,7 @@ fn tools() -> anyhow::Result<Vec<(&'static str, Installer<'static>)>> {
         }
         let bad = || {
             anyhow::anyhow!(
-                "tests/tools.txt:{}: want `TOOL deb:PKG|cargo:CRATE@VER|pip:PKG`, got {line:?}",
+                "tests/tools.txt:{}: want `TOOL deb:PKG|cargo:CRATE@VER|pip:PKG|toolchain`, got {line:?}",
                 n + 1
             )
         };
@@ -66,7 +71,9 @@ fn tools() -> anyhow::Result<Vec<(&'static str, Installer<'static>)>> {
         let (Some(tool), Some(how), None) = (words.next(), words.next(), words.next()) else {
             return Err(bad());
         };
-        let installer = if let Some(pkg) = how.strip_prefix("deb:") {
+        let installer = if how == "toolchain" {
+            Installer::Toolchain
+        } else if let Some(pkg) = how.strip_prefix("deb:") {
             Installer::Deb(pkg)
         } else if let Some(spec) = how.strip_prefix("cargo:") {
             let (krate, version) = spec.split_once('@').ok_or_else(bad)?;
@@ -192,7 +199,7 @@ fn ensure_tools() -> anyhow::Result<()> {
             continue;
         }
         match installer {
-            Installer::Deb(_) => {}
+            Installer::Deb(_) | Installer::Toolchain => {}
             Installer::Cargo { krate, version } => {
                 println!(
                     "xtask: installing {krate} {version} from crates.io (cargo install --locked), for the tests that run `{tool}`"
