@@ -62,14 +62,14 @@ fn auto_mode_falls_back_to_generic_xdp_without_driver_support() {
     if !require::privileged("auto_mode_falls_back_to_generic_xdp_without_driver_support") {
         return;
     }
-    // A dummy device is Ethernet but its driver has no native XDP.
+    // A bridge is an Ethernet device whose driver has no native XDP.
     let ns = NetNs::new("rgd");
-    let dummy = unique("rd");
-    ns.ip(&["link", "add", &dummy, "type", "dummy"]);
-    ns.ip(&["link", "set", &dummy, "up"]);
+    let bridge = unique("rd");
+    ns.ip(&["link", "add", &bridge, "type", "bridge"]);
+    ns.ip(&["link", "set", &bridge, "up"]);
     let dir = TempDir::new();
     let pins = pin_dir("rg-auto-");
-    let config = config(&dir, &dummy, "auto", &pins);
+    let config = config(&dir, &bridge, "auto", &pins);
     let _detach = DetachOnDrop::new(config.clone(), pins);
 
     // Native alone must fail, naming the interface: this is what auto falls back from.
@@ -87,11 +87,11 @@ fn auto_mode_falls_back_to_generic_xdp_without_driver_support() {
     let status = native.wait(Duration::from_secs(20));
     assert!(
         !status.success(),
-        "native XDP on a dummy device should fail:\n{}",
+        "native XDP on a bridge should fail:\n{}",
         native.log_text()
     );
     assert!(
-        native.log_text().contains(&dummy),
+        native.log_text().contains(&bridge),
         "the error names the interface:\n{}",
         native.log_text()
     );
@@ -102,7 +102,7 @@ fn auto_mode_falls_back_to_generic_xdp_without_driver_support() {
         log.contains("falling back to generic (skb) mode"),
         "no fallback log line:\n{log}"
     );
-    let link = link_details(&ns, &dummy);
+    let link = link_details(&ns, &bridge);
     assert!(link.contains("xdpgeneric"), "not attached in generic mode:\n{link}");
 }
 
