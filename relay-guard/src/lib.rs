@@ -5,24 +5,14 @@
     clippy::result_large_err,
     reason = "errors carry aya's error values (verifier logs included); they happen at start-up and reload, never per packet"
 )]
+pub mod agent;
 pub mod cli;
 pub mod commands;
 pub mod config;
-pub mod counters;
 pub mod error;
-pub mod events;
-pub mod incremental;
 pub mod kernel;
-pub mod lists;
-pub mod loader;
-pub mod metrics;
 pub mod model;
-pub mod pins;
 pub mod policy;
-pub mod reload;
-pub mod sync;
-pub mod tables;
-pub mod tables6;
 
 /// The XDP object built from `relay-guard-ebpf` by `build.rs`. Empty when
 /// built with `AYA_BUILD_SKIP=1`.

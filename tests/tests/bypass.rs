@@ -81,7 +81,7 @@ impl Drop for DetachOnDrop {
 fn packet_socket(ns: &NetNs, interface: &str, protocol: u16) -> (OwnedFd, i32) {
     let interface = interface.to_string();
     ns.run(move || {
-        let ifindex = relay_guard::loader::ifindex(&interface).unwrap_or_else(|e| panic!("{interface}: {e}"));
+        let ifindex = relay_guard::kernel::loader::ifindex(&interface).unwrap_or_else(|e| panic!("{interface}: {e}"));
         let ifindex = i32::try_from(ifindex).expect("ifindex fits");
         // SAFETY: plain socket(2) call; the fd is owned right below.
         let fd = unsafe {

@@ -22,11 +22,12 @@ use aya::programs::{TestRun, TestRunOptions};
 use rand::{Rng, SeedableRng, rngs::StdRng, seq::IndexedRandom};
 use relay_guard::{
     config::{Action, Config, Entry, Guard, Mode, Origin, XdpMode},
-    loader::{Loaded, Maps},
+    kernel::{
+        loader::{Loaded, Maps},
+        sync,
+    },
     model::{self, Outcome},
-    policy::{Lookup, Policy},
-    sync,
-    tables6::V6End,
+    policy::{Lookup, Policy, tables6::V6End},
 };
 use relay_guard_common::{CounterKey, MAX_GUARDS, family};
 use relay_guard_tests::{
@@ -220,8 +221,8 @@ fn targets(cfg: &Config) -> Targets {
 /// Kernel counters summed over CPUs, decoded to label space through the
 /// slot maps (as the agent's metrics do).
 fn read_counters(maps: &Maps) -> BTreeMap<CounterKey, u64> {
-    let slots = relay_guard::counters::slots(maps).expect("read counter slots");
-    relay_guard::counters::read(&maps.counters, &slots).expect("read counters")
+    let slots = relay_guard::kernel::counters::slots(maps).expect("read counter slots");
+    relay_guard::kernel::counters::read(&maps.counters, &slots).expect("read counters")
 }
 
 fn outcome_name(o: Outcome) -> String {
@@ -268,7 +269,7 @@ fn differential(test: &str, mode: Mode) {
     // Without a context, BPF_PROG_TEST_RUN runs XDP on the calling
     // namespace's loopback receive queue (net/bpf/test_run.c), so that is
     // the ingress_ifindex the program records.
-    let ifindex = relay_guard::loader::ifindex("lo").expect("lo exists");
+    let ifindex = relay_guard::kernel::loader::ifindex("lo").expect("lo exists");
     loaded.maps.register_iface(ifindex).expect("register lo for counting");
     let before = read_counters(&loaded.maps);
 

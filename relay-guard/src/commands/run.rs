@@ -10,15 +10,19 @@ use tokio::signal::unix::{SignalKind, signal};
 use tracing::{error, info, warn};
 
 use crate::{
+    agent::{
+        incremental::{DeltaError, Live},
+        metrics::{self, AgentMetrics, LabelState},
+        watch::{self, FileWatch},
+    },
     config::Config,
-    counters,
-    incremental::{DeltaError, Live},
-    loader::{self, Loaded},
-    metrics::{self, AgentMetrics, LabelState},
-    pins::{self, AgentLock, Pins},
+    kernel::{
+        counters,
+        loader::{self, Loaded},
+        pins::{self, AgentLock, Pins},
+        sync,
+    },
     policy::Policy,
-    reload::{self, FileWatch},
-    sync,
 };
 
 pub async fn execute(config_path: &Path) -> anyhow::Result<()> {
@@ -131,7 +135,7 @@ pub async fn execute(config_path: &Path) -> anyhow::Result<()> {
                 // Debounce: let a burst of events (write, rename, swap) settle.
                 tokio::time::sleep(std::time::Duration::from_millis(200)).await;
                 while watch.events.try_recv().is_ok() {}
-                let now = reload::fingerprint(config_path, &current.list_files);
+                let now = watch::fingerprint(config_path, &current.list_files);
                 if now == seen {
                     continue;
                 }
@@ -141,7 +145,7 @@ pub async fn execute(config_path: &Path) -> anyhow::Result<()> {
         info!(trigger, "reloading config");
         // What a failed attempt saw (taken before it reads): a later change
         // of any of these bytes triggers another attempt.
-        let attempted = reload::fingerprint(config_path, &current.list_files);
+        let attempted = watch::fingerprint(config_path, &current.list_files);
         // A delta leaves ports and interfaces as they were: the counter
         // slots stay, and are not read again (131k map lookups).
         let slots_now = labels
@@ -204,7 +208,7 @@ pub async fn execute(config_path: &Path) -> anyhow::Result<()> {
 
 /// Validates the config at `path` and, only if it is valid, syncs the maps.
 /// A reload that only edited list files, applied as a delta (see
-/// [`crate::incremental`]). `None`: take the full path.
+/// [`crate::agent::incremental`]). `None`: take the full path.
 fn delta_reload(
     loaded: &mut Loaded,
     live: &mut Option<Live>,

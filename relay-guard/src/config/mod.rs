@@ -3,6 +3,8 @@
 //! Parsing keeps every value's span (`toml::Spanned`) so that each error can
 //! name the file, the line and the offending value. Validation is separate
 //! from parsing and reports every problem it finds, not only the first.
+pub mod lists;
+
 use std::{
     collections::BTreeMap,
     fmt, fs,
@@ -15,7 +17,7 @@ use ipnet::IpNet;
 use serde::Deserialize;
 use toml::Spanned;
 
-use crate::lists::{ListFile, ListIndex};
+use crate::config::lists::{ListFile, ListIndex};
 
 /// Where the agent looks for its config unless `--config` says otherwise.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/relay-guard/relay-guard.toml";
@@ -165,7 +167,7 @@ pub struct Config {
     /// Every list file read, so a watcher can follow them.
     pub list_files: Vec<PathBuf>,
     /// Hash of the bytes this config was built from (the config text and
-    /// each list file, as read), the same as [`crate::reload::fingerprint`]
+    /// each list file, as read), the same as [`crate::agent::watch::fingerprint`]
     /// computes: the watcher compares against what was loaded, not against
     /// a later re-read.
     pub fingerprint: u64,
@@ -178,7 +180,7 @@ impl Config {
     }
 
     /// [`Config::load`], also returning what a later reload needs to apply a
-    /// list-file edit as a delta (see [`crate::lists`]).
+    /// list-file edit as a delta (see [`crate::config::lists`]).
     pub fn load_indexed(path: &Path) -> Result<(Config, ListIndex), ConfigErrors> {
         Self::read(path, true).map(|(c, i)| (c, i.expect("indexing was asked for")))
     }
@@ -201,7 +203,7 @@ impl Config {
     }
 
     fn parse_inner(path: &Path, text: &str, index: bool) -> Result<(Config, Option<ListIndex>), ConfigErrors> {
-        let mut fp = crate::reload::fingerprint_hasher();
+        let mut fp = crate::agent::watch::fingerprint_hasher();
         std::hash::Hash::hash(path, &mut fp);
         std::hash::Hash::hash(text.as_bytes(), &mut fp);
         let mut v = Validator {
@@ -479,7 +481,7 @@ impl Validator<'_> {
                             file_order.push(std::sync::Arc::clone(&first.origin.file));
                         }
                         if let Some(ix) = &mut self.index {
-                            let id = u16::try_from(ix.files.len()).unwrap_or(crate::lists::INLINE);
+                            let id = u16::try_from(ix.files.len()).unwrap_or(crate::config::lists::INLINE);
                             if let Some(first) = parsed.first() {
                                 file_ids.push((std::sync::Arc::clone(&first.origin.file), id));
                             }
@@ -529,8 +531,8 @@ impl Validator<'_> {
                     let id = file_ids
                         .iter()
                         .find(|(f, _)| std::sync::Arc::ptr_eq(f, &e.origin.file))
-                        .map_or(crate::lists::INLINE, |&(_, id)| id);
-                    crate::lists::to_indexed(e, id)
+                        .map_or(crate::config::lists::INLINE, |&(_, id)| id);
+                    crate::config::lists::to_indexed(e, id)
                 })
                 .collect();
             ix.push_guard(all);

@@ -480,10 +480,10 @@ impl ListIndex {
         }
     }
 
-    /// [`crate::reload::fingerprint`] of the bytes this index holds.
+    /// [`crate::agent::watch::fingerprint`] of the bytes this index holds.
     pub fn fingerprint(&self) -> u64 {
         use std::hash::{Hash as _, Hasher as _};
-        let mut h = crate::reload::fingerprint_hasher();
+        let mut h = crate::agent::watch::fingerprint_hasher();
         if let Some(p) = &self.config_path {
             Path::hash(p, &mut h);
         }

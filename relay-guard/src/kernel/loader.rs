@@ -31,8 +31,8 @@ use crate::{
     EBPF_OBJECT, PROGRAM_NAME,
     config::XdpMode,
     error::LoadError,
-    pins::Pins,
-    tables6::{V6Hit, V6Tables, V6Write, walk},
+    kernel::pins::Pins,
+    policy::tables6::{V6Hit, V6Tables, V6Write, walk},
 };
 
 /// Every map of the program, typed.
@@ -204,7 +204,7 @@ impl Tbl24 {
 
     /// Entry of /24 block `block` (0..2^24).
     pub fn get(&self, block: usize) -> u16 {
-        assert!(block < crate::tables::BLOCKS);
+        assert!(block < crate::policy::tables::BLOCKS);
         // SAFETY: mapped, in bounds and aligned (`at` checks and maps).
         unsafe { self.region.at(block * 2, 2).cast::<u16>().read_volatile() }
     }
@@ -212,7 +212,7 @@ impl Tbl24 {
     /// Sets the entry of /24 block `block`; one aligned store, so the XDP
     /// program sees the old or the new value, never a mix.
     pub fn set(&self, block: usize, v: u16) {
-        assert!(block < crate::tables::BLOCKS);
+        assert!(block < crate::policy::tables::BLOCKS);
         // SAFETY: mapped, in bounds and aligned (`at` checks and maps).
         unsafe { self.region.at(block * 2, 2).cast::<u16>().write_volatile(v) }
     }
@@ -546,7 +546,7 @@ pub struct Loaded {
     pub adopted: bool,
     /// Reader of the program's aya-log ring buffer (rate-limited blocked-source
     /// events); `run` drains it.
-    pub logger: Option<aya_log::EbpfLogger<crate::events::OncePerSecond>>,
+    pub logger: Option<aya_log::EbpfLogger<crate::kernel::events::OncePerSecond>>,
 }
 
 /// Raises RLIMIT_MEMLOCK for kernels that still charge BPF memory to it
@@ -613,13 +613,14 @@ impl Loaded {
                 source,
             })?;
         }
-        let logger = match aya_log::EbpfLogger::init_with_logger(&mut ebpf, crate::events::OncePerSecond::default()) {
-            Ok(l) => Some(l),
-            Err(e) => {
-                warn!(error = %e, "blocked-source events unavailable");
-                None
-            }
-        };
+        let logger =
+            match aya_log::EbpfLogger::init_with_logger(&mut ebpf, crate::kernel::events::OncePerSecond::default()) {
+                Ok(l) => Some(l),
+                Err(e) => {
+                    warn!(error = %e, "blocked-source events unavailable");
+                    None
+                }
+            };
         Ok(Loaded {
             ebpf,
             maps,

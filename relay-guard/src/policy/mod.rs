@@ -11,6 +11,9 @@
 //!
 //! [`model_allows`] is the plain reference for those semantics; tests check
 //! [`Policy::lookup`] (what the kernel computes from the maps) against it.
+pub mod tables;
+pub mod tables6;
+
 use std::{
     collections::{BTreeMap, HashMap},
     hash::Hash,
