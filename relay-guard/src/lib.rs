@@ -11,7 +11,6 @@ pub mod commands;
 pub mod config;
 pub mod error;
 pub mod kernel;
-pub mod model;
 pub mod policy;
 
 /// The XDP object built from `relay-guard-ebpf` by `build.rs`. Empty when

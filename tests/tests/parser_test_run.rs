@@ -1,7 +1,7 @@
 //! Differential test of the XDP parser: the real program, loaded (not
 //! attached) with maps filled from a random config, runs thousands of crafted
 //! frames through `BPF_PROG_TEST_RUN`; every return action must equal what
-//! the plain-Rust reference model (`relay_guard::model`) says, and the kernel
+//! the plain-Rust reference model (`relay_guard_tests::model`) says, and the kernel
 //! counters must equal the sum of the model's counter keys.
 //!
 //! The seed is random per run and printed; `RG_TEST_SEED=<n>` replays one. A
@@ -26,11 +26,11 @@ use relay_guard::{
         loader::{Loaded, Maps},
         sync,
     },
-    model::{self, Outcome},
     policy::{Lookup, Policy, tables6::V6End},
 };
 use relay_guard_common::{CounterKey, MAX_GUARDS, family};
 use relay_guard_tests::{
+    model::{self, Outcome},
     packet::{FrameGen, Ipv6, Targets, Tcp, base_frames, hex, proto, tcp_v6, truncations},
     require,
 };
