@@ -13,7 +13,7 @@ use crate::{
     agent::{
         incremental::{DeltaError, Live},
         metrics::{self, AgentMetrics, LabelState},
-        watch::{self, FileWatch},
+        watch::FileWatch,
     },
     config::Config,
     kernel::{
@@ -135,7 +135,7 @@ pub async fn execute(config_path: &Path) -> anyhow::Result<()> {
                 // Debounce: let a burst of events (write, rename, swap) settle.
                 tokio::time::sleep(std::time::Duration::from_millis(200)).await;
                 while watch.events.try_recv().is_ok() {}
-                let now = watch::fingerprint(config_path, &current.list_files);
+                let now = crate::config::fingerprint(config_path, &current.list_files);
                 if now == seen {
                     continue;
                 }
@@ -145,7 +145,7 @@ pub async fn execute(config_path: &Path) -> anyhow::Result<()> {
         info!(trigger, "reloading config");
         // What a failed attempt saw (taken before it reads): a later change
         // of any of these bytes triggers another attempt.
-        let attempted = watch::fingerprint(config_path, &current.list_files);
+        let attempted = crate::config::fingerprint(config_path, &current.list_files);
         // A delta leaves ports and interfaces as they were: the counter
         // slots stay, and are not read again (131k map lookups).
         let slots_now = labels
