@@ -22,10 +22,7 @@ use aya::programs::{TestRun, TestRunOptions};
 use rand::{Rng, SeedableRng, rngs::StdRng, seq::IndexedRandom};
 use relay_guard::{
     config::{Action, Config, Entry, Guard, Mode, Origin, XdpMode},
-    kernel::{
-        loader::{Loaded, Maps},
-        sync,
-    },
+    kernel::{loader::Loaded, maps::Maps, sync},
     policy::{Lookup, Policy, tables6::V6End},
 };
 use relay_guard_common::{CounterKey, MAX_GUARDS, family};

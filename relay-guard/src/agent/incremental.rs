@@ -23,7 +23,7 @@ use crate::{
     },
     error::SyncError,
     kernel::{
-        loader::Maps,
+        maps::Maps,
         sync::{self, Shadow, SyncStats},
     },
     policy::Policy,

@@ -34,7 +34,7 @@ use prometheus_client::{
 use relay_guard_common::{family, verdict};
 use tracing::{info, warn};
 
-use crate::{config::Config, kernel::loader::Counters, policy::Policy};
+use crate::{config::Config, kernel::maps::Counters, policy::Policy};
 
 /// Names the collector needs to turn kernel keys into labels. Replaced on
 /// every successful reload.

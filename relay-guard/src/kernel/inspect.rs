@@ -8,7 +8,7 @@ use relay_guard_common::{LONG_BLOCK, MAX_GUARDS};
 
 use crate::{
     error::LoadError,
-    kernel::{loader::Maps, pins::Pins},
+    kernel::{maps::Maps, pins::Pins},
     policy::Lookup,
 };
 

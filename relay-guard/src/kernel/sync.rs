@@ -24,7 +24,7 @@ use relay_guard_common::{COUNTER_PORT_SLOTS, GuardedPort, LONG_BLOCK, MAX_MASKS,
 
 use crate::{
     error::SyncError,
-    kernel::loader::Maps,
+    kernel::maps::Maps,
     policy::{
         Policy,
         tables::{self, LongSpec, Palette, PaletteFull},

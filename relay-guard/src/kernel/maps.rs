@@ -1,0 +1,511 @@
+//! Typed handles on every map of the program ([`Maps`]), from a loaded
+//! object or from pins. Typed handles (`Array::try_from`,
+//! `HashMap::try_from`, …) check key and value sizes against the object, so
+//! a layout mismatch between the agent and the program is an error here, not
+//! a misread later; the mmapable arrays (`RG_TBL24`, the IPv6 trie) are
+//! mapped into memory, the IPv6 ones after checking their value size,
+//! capacity and flags.
+use std::{
+    os::fd::AsRawFd as _,
+    sync::{Arc, Mutex},
+};
+
+use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray, PerCpuValues};
+use relay_guard_common::{
+    COUNTER_PORT_SLOTS, GuardedPort, IFACE_SLOTS, IFACE_TABLE, IfaceSlot, LongBlock, Settings, SourceStats,
+    TBL24_ENTRIES, V6Leaf, V6Node, VERDICT_SLOTS, counter_index, maps, v6,
+};
+use tracing::warn;
+
+use crate::{
+    error::LoadError,
+    policy::tables6::{V6Hit, V6Tables, V6Write, walk},
+};
+
+/// Every map of the program, typed.
+pub struct Maps {
+    pub ports: Array<MapData, GuardedPort>,
+    pub tbl24: Tbl24,
+    pub long24: HashMap<MapData, u32, LongBlock>,
+    /// The same map through a second fd, for a second writer thread.
+    pub long24_aux: HashMap<MapData, u32, LongBlock>,
+    pub masks: Array<MapData, u64>,
+    pub v6: V6Arrays,
+    pub ifaces: Array<MapData, IfaceSlot>,
+    pub settings: Array<MapData, Settings>,
+    /// Shared with the metrics collector, which reads it at scrape time.
+    pub counters: Counters,
+    pub sources: PerCpuArray<MapData, SourceStats>,
+}
+
+/// The counter array, shared with the metrics collector.
+pub type Counters = Arc<Mutex<PerCpuArray<MapData, u64>>>;
+
+/// A `BPF_F_MMAPABLE` map's memory, mapped into the agent a chunk at a
+/// time. The kernel maps every page of a BPF map mmap at once, so mapping a
+/// 32 MiB array whole costs 32 MiB of RSS; here the whole address range is
+/// reserved (no memory) and each chunk is mapped over it on first access
+/// (the base pointer never moves, so references stay valid), and
+/// [`Region::release`] gives the chunks back when no reference is held.
+struct Region {
+    /// Keeps the map (and so the mapping's backing) alive.
+    map: MapData,
+    base: *mut u8,
+    bytes: usize,
+    mapped: Vec<std::sync::atomic::AtomicBool>,
+    lock: Mutex<()>,
+}
+
+/// Granule of [`Region`] mappings (a multiple of the page size).
+const CHUNK: usize = 1 << 20;
+
+// SAFETY: the memory is shared with the kernel; the agent accesses it with
+// single aligned loads and stores (volatile or atomic), and chunk mappings
+// are made under `lock`.
+unsafe impl Send for Region {}
+// SAFETY: as above.
+unsafe impl Sync for Region {}
+
+impl Region {
+    fn new(map: MapData, bytes: usize) -> std::io::Result<Region> {
+        // SAFETY: an anonymous, inaccessible reservation: no memory, only addresses.
+        let base = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                bytes,
+                libc::PROT_NONE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        if base == libc::MAP_FAILED {
+            return Err(std::io::Error::last_os_error());
+        }
+        let chunks = bytes.div_ceil(CHUNK);
+        let r = Region {
+            map,
+            base: base.cast(),
+            bytes,
+            mapped: (0..chunks).map(|_| std::sync::atomic::AtomicBool::new(false)).collect(),
+            lock: Mutex::new(()),
+        };
+        // Map the first chunk now, so a map that cannot be mapped fails here.
+        r.ensure(0, 1)?;
+        Ok(r)
+    }
+
+    /// Maps the chunks holding bytes `off..off + len`.
+    fn ensure(&self, off: usize, len: usize) -> std::io::Result<()> {
+        use std::{os::fd::AsFd as _, sync::atomic::Ordering};
+        let (first, last) = (off / CHUNK, (off + len - 1) / CHUNK);
+        for c in first..=last {
+            if self.mapped[c].load(Ordering::Acquire) {
+                continue;
+            }
+            let _g = self.lock.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            if self.mapped[c].load(Ordering::Acquire) {
+                continue;
+            }
+            let start = c * CHUNK;
+            let size = CHUNK.min(self.bytes - start);
+            let fd = self.map.fd().as_fd().as_raw_fd();
+            // SAFETY: replaces part of our own reservation (MAP_FIXED inside
+            // it) with the map's pages at the same offset; `bytes` is the
+            // map's size, so the range is inside the map.
+            let p = unsafe {
+                libc::mmap(
+                    self.base.add(start).cast(),
+                    size,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_SHARED | libc::MAP_FIXED,
+                    fd,
+                    libc::off_t::try_from(start).expect("fits"),
+                )
+            };
+            if p == libc::MAP_FAILED {
+                return Err(std::io::Error::last_os_error());
+            }
+            self.mapped[c].store(true, Ordering::Release);
+        }
+        Ok(())
+    }
+
+    /// A pointer to bytes `off..off + len`, mapped. Panics if the kernel
+    /// refuses to map a chunk it mapped before (the map is alive: it cannot).
+    fn at(&self, off: usize, len: usize) -> *mut u8 {
+        assert!(off + len <= self.bytes);
+        self.ensure(off, len).expect("mapping a chunk of a live BPF map");
+        // SAFETY: in bounds (checked) of the reservation.
+        unsafe { self.base.add(off) }
+    }
+
+    /// Unmaps every chunk (their RSS goes; the kernel keeps the data).
+    fn release(&mut self) {
+        use std::sync::atomic::Ordering;
+        for (c, m) in self.mapped.iter().enumerate() {
+            if m.swap(false, Ordering::AcqRel) {
+                let start = c * CHUNK;
+                // SAFETY: turns our own mapped chunk back into reservation;
+                // `&mut self`: no reference into it is held.
+                unsafe {
+                    libc::mmap(
+                        self.base.add(start).cast(),
+                        CHUNK.min(self.bytes - start),
+                        libc::PROT_NONE,
+                        libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE | libc::MAP_FIXED,
+                        -1,
+                        0,
+                    )
+                };
+            }
+        }
+    }
+}
+
+impl Drop for Region {
+    fn drop(&mut self) {
+        // SAFETY: unmapping exactly the reservation `new` made (and the
+        // chunks mapped inside it).
+        unsafe { libc::munmap(self.base.cast(), self.bytes) };
+    }
+}
+
+/// `RG_TBL24`, mapped into the agent's memory (`BPF_F_MMAPABLE`): 16M /24
+/// entries are compared and written as memory, not one syscall each. Mapped
+/// a chunk at a time (see [`Region`]); a full scan calls
+/// [`Tbl24::release`] as it goes, so the table never costs its whole size
+/// in RSS.
+pub struct Tbl24 {
+    region: Region,
+}
+
+const TBL24_BYTES: usize = TBL24_ENTRIES as usize * 8;
+
+impl Tbl24 {
+    fn new(map: MapData) -> Result<Tbl24, std::io::Error> {
+        Ok(Tbl24 {
+            region: Region::new(map, TBL24_BYTES)?,
+        })
+    }
+
+    /// Entry of /24 block `block` (0..2^24).
+    pub fn get(&self, block: usize) -> u16 {
+        assert!(block < crate::policy::tables::BLOCKS);
+        // SAFETY: mapped, in bounds and aligned (`at` checks and maps).
+        unsafe { self.region.at(block * 2, 2).cast::<u16>().read_volatile() }
+    }
+
+    /// Sets the entry of /24 block `block`; one aligned store, so the XDP
+    /// program sees the old or the new value, never a mix.
+    pub fn set(&self, block: usize, v: u16) {
+        assert!(block < crate::policy::tables::BLOCKS);
+        // SAFETY: mapped, in bounds and aligned (`at` checks and maps).
+        unsafe { self.region.at(block * 2, 2).cast::<u16>().write_volatile(v) }
+    }
+
+    /// Gives back the memory of the chunks mapped so far.
+    pub fn release(&mut self) {
+        self.region.release();
+    }
+}
+
+/// A `BPF_F_MMAPABLE` array mapped into the agent's memory. Pages count
+/// toward the agent's RSS only once touched, so readers follow links rather
+/// than scan.
+pub struct MmapArray {
+    /// Mapped a chunk at a time: indices are allocated from the bottom, so
+    /// only the part in use costs RSS.
+    region: Region,
+    value_size: usize,
+    entries: u32,
+}
+
+impl MmapArray {
+    /// Maps `map`, after checking it is a mmapable array of `entries`
+    /// values of `value_size` bytes (a multiple of 8, as the kernel lays
+    /// mmapable arrays out).
+    fn new(name: &'static str, map: MapData, value_size: usize, entries: u32) -> Result<MmapArray, LoadError> {
+        const BPF_F_MMAPABLE: u32 = 1 << 10;
+        assert!(value_size.is_multiple_of(8), "mmapable array values are 8-byte aligned");
+        let info = map.info().map_err(|source| LoadError::MapType { name, source })?;
+        if info.value_size() as usize != value_size
+            || info.max_entries() != entries
+            || info.map_flags() & BPF_F_MMAPABLE == 0
+        {
+            return Err(LoadError::MapLayout {
+                name,
+                what: format!(
+                    "value size {}, {} entries, flags {:#x}; expected {value_size}, {entries}, mmapable",
+                    info.value_size(),
+                    info.max_entries(),
+                    info.map_flags()
+                ),
+            });
+        }
+        let bytes = value_size * entries as usize;
+        let region = Region::new(map, bytes).map_err(|source| LoadError::Pin {
+            op: "mmap",
+            path: name.into(),
+            source,
+        })?;
+        Ok(MmapArray {
+            region,
+            value_size,
+            entries,
+        })
+    }
+
+    /// The `u32` at word `word` of value `index`, or None out of range.
+    fn word(&self, index: u32, word: usize) -> Option<&std::sync::atomic::AtomicU32> {
+        if index >= self.entries || (word + 1) * 4 > self.value_size {
+            return None;
+        }
+        // SAFETY: in bounds (checked), 4-byte aligned (values are 8-byte
+        // aligned in a page-aligned mapping), inside the live mapping; the
+        // memory is shared with the kernel, so only atomic access is used.
+        Some(unsafe {
+            std::sync::atomic::AtomicU32::from_ptr(
+                self.region.at(index as usize * self.value_size + word * 4, 4).cast(),
+            )
+        })
+    }
+
+    /// Value `index` as raw bytes copied out (None out of range).
+    fn read<T: Copy + Default>(&self, index: u32) -> Option<T> {
+        if index >= self.entries || size_of::<T>() > self.value_size {
+            return None;
+        }
+        // SAFETY: in bounds, aligned for T (align <= 8), inside the mapping;
+        // T is plain data (integers only).
+        Some(unsafe {
+            self.region
+                .at(index as usize * self.value_size, size_of::<T>())
+                .cast::<T>()
+                .read_volatile()
+        })
+    }
+
+    /// Writes value `index` whole. Only for values nothing links yet.
+    fn write<T: Copy>(&self, index: u32, v: T) {
+        assert!(index < self.entries && size_of::<T>() <= self.value_size);
+        // SAFETY: in bounds (checked), aligned, inside the mapping.
+        unsafe {
+            self.region
+                .at(index as usize * self.value_size, size_of::<T>())
+                .cast::<T>()
+                .write_volatile(v)
+        }
+    }
+}
+
+/// The IPv6 trie's arrays (`RG_V6_TOP`, `RG_V6_NODES`, `RG_V6_LEAVES`),
+/// mapped: the agent reads and writes them as memory.
+pub struct V6Arrays {
+    top: MmapArray,
+    nodes: MmapArray,
+    leaves: MmapArray,
+}
+
+impl V6Arrays {
+    fn new(top: MapData, nodes: MapData, leaves: MapData) -> Result<V6Arrays, LoadError> {
+        Ok(V6Arrays {
+            top: MmapArray::new(maps::V6_TOP, top, 8, v6::TOP_ENTRIES)?,
+            nodes: MmapArray::new(maps::V6_NODES, nodes, size_of::<V6Node>(), v6::NODE_CAPACITY)?,
+            leaves: MmapArray::new(maps::V6_LEAVES, leaves, size_of::<V6Leaf>(), v6::LEAF_CAPACITY)?,
+        })
+    }
+
+    /// Top-level entry `slot` (0..65536).
+    pub fn top(&self, slot: usize) -> u32 {
+        let s = u32::try_from(slot).expect("< TOP_SLOTS");
+        self.top
+            .word(s >> 1, (s & 1) as usize)
+            .expect("slot < TOP_SLOTS")
+            .load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    pub fn node(&self, index: u32) -> Option<V6Node> {
+        let mut n = [0u32; 16];
+        for (c, e) in n.iter_mut().enumerate() {
+            *e = self.nodes.word(index, c)?.load(std::sync::atomic::Ordering::Acquire);
+        }
+        Some(n)
+    }
+
+    pub fn leaf(&self, index: u32) -> Option<V6Leaf> {
+        self.leaves.read(index)
+    }
+
+    /// What the XDP program finds for `addr`.
+    pub fn lookup(&self, addr: [u8; 16]) -> V6Hit {
+        walk(addr, |s| self.top(s), |i| self.node(i), |i| self.leaf(i))
+    }
+
+    /// The tables the kernel holds (following links only).
+    pub fn read_tables(&self) -> V6Tables {
+        V6Tables::from_kernel(
+            v6::NODE_CAPACITY,
+            v6::LEAF_CAPACITY,
+            |s| self.top(s),
+            |i| self.node(i).unwrap_or([u32::MAX; 16]),
+            |i| self.leaf(i).unwrap_or_default(),
+        )
+    }
+
+    /// Performs one write of a plan. Content goes to unlinked indices as
+    /// plain stores; links are single u32 stores with release ordering, so
+    /// a CPU that sees the link sees the content.
+    pub fn apply(&self, w: &V6Write) {
+        use std::sync::atomic::Ordering::Release;
+        match *w {
+            V6Write::Leaf { index, leaf } => {
+                self.leaves.write(index, leaf);
+            }
+            V6Write::Node { index, node } => {
+                for (c, &e) in node.iter().enumerate() {
+                    self.nodes
+                        .word(index, c)
+                        .expect("index < NODE_CAPACITY")
+                        .store(e, Release);
+                }
+            }
+            V6Write::NodeEntry { index, slot, value } => self
+                .nodes
+                .word(index, usize::from(slot))
+                .expect("index < NODE_CAPACITY")
+                .store(value, Release),
+            V6Write::Top { slot, value } => {
+                let s = slot;
+                self.top
+                    .word(s >> 1, (s & 1) as usize)
+                    .expect("slot < TOP_SLOTS")
+                    .store(value, Release);
+            }
+        }
+    }
+}
+
+impl Maps {
+    /// Typed handles from the maps of a loaded object, or opened from pins.
+    pub fn from_source(mut get: impl FnMut(&'static str) -> Result<Map, LoadError>) -> Result<Maps, LoadError> {
+        fn typed<T: TryFrom<Map, Error = aya::maps::MapError>>(name: &'static str, m: Map) -> Result<T, LoadError> {
+            T::try_from(m).map_err(|source| LoadError::MapType { name, source })
+        }
+        let tbl24 = match get(maps::TBL24)? {
+            Map::Array(data) => Tbl24::new(data).map_err(|source| LoadError::Pin {
+                op: "mmap",
+                path: maps::TBL24.into(),
+                source,
+            })?,
+            _ => return Err(LoadError::NoMap { name: maps::TBL24 }),
+        };
+        let mut array = |name| match get(name)? {
+            Map::Array(data) => Ok(data),
+            _ => Err(LoadError::NoMap { name }),
+        };
+        let v6 = V6Arrays::new(array(maps::V6_TOP)?, array(maps::V6_NODES)?, array(maps::V6_LEAVES)?)?;
+        // A second handle on RG_LONG24 (a dup of its fd), so a sync can
+        // insert long blocks from two threads.
+        let long24 = get(maps::LONG24)?;
+        let long24_aux = match &long24 {
+            Map::HashMap(data) => {
+                use std::os::fd::AsFd as _;
+                let fd = data
+                    .fd()
+                    .as_fd()
+                    .try_clone_to_owned()
+                    .map_err(|source| LoadError::Pin {
+                        op: "dup",
+                        path: maps::LONG24.into(),
+                        source,
+                    })?;
+                let dup = MapData::from_fd(fd).map_err(|source| LoadError::MapType {
+                    name: maps::LONG24,
+                    source,
+                })?;
+                typed(maps::LONG24, Map::HashMap(dup))?
+            }
+            _ => return Err(LoadError::NoMap { name: maps::LONG24 }),
+        };
+        Ok(Maps {
+            ports: typed(maps::PORTS, get(maps::PORTS)?)?,
+            tbl24,
+            long24: typed(maps::LONG24, long24)?,
+            long24_aux,
+            masks: typed(maps::MASKS, get(maps::MASKS)?)?,
+            v6,
+            ifaces: typed(maps::IFACES, get(maps::IFACES)?)?,
+            settings: typed(maps::SETTINGS, get(maps::SETTINGS)?)?,
+            counters: Arc::new(Mutex::new(typed(maps::COUNTERS, get(maps::COUNTERS)?)?)),
+            sources: typed(maps::SOURCES, get(maps::SOURCES)?)?,
+        })
+    }
+
+    /// Gives `ifindex` a counter slot (kept if it has one), so its packets
+    /// are counted under its own name. A new slot's counters are zeroed.
+    pub fn register_iface(&mut self, ifindex: u32) -> Result<u32, LoadError> {
+        let err = |source| LoadError::MapType {
+            name: maps::IFACES,
+            source,
+        };
+        let mut used = [false; IFACE_SLOTS as usize];
+        let at = ifindex & (IFACE_TABLE - 1);
+        let here = self.ifaces.get(&at, 0).map_err(err)?;
+        if here.ifindex == ifindex && here.slot != 0 {
+            return Ok(here.slot);
+        }
+        for i in 0..IFACE_TABLE {
+            let e = self.ifaces.get(&i, 0).map_err(err)?;
+            if e.slot != 0 && (e.slot as usize) < used.len() {
+                used[e.slot as usize] = true;
+            }
+        }
+        let Some(slot) = (1..IFACE_SLOTS).find(|&s| !used[s as usize]) else {
+            warn!(
+                ifindex,
+                "no free interface counter slot: counted as interface \"other\""
+            );
+            return Ok(0);
+        };
+        self.zero_counters(|i, _| i == slot)?;
+        self.ifaces.set(at, IfaceSlot { ifindex, slot }, 0).map_err(err)?;
+        Ok(slot)
+    }
+
+    /// Zeroes every counter whose (iface slot, port slot) matches `pick`.
+    pub fn zero_counters(&mut self, pick: impl Fn(u32, u32) -> bool) -> Result<(), LoadError> {
+        let err = |source| LoadError::MapType {
+            name: maps::COUNTERS,
+            source,
+        };
+        let ncpu = aya::util::nr_cpus().map_err(|(path, source)| LoadError::Pin {
+            op: "read",
+            path: path.into(),
+            source,
+        })?;
+        let mut counters = self.counters.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        for i in 0..IFACE_SLOTS {
+            for p in 0..COUNTER_PORT_SLOTS {
+                if !pick(i, p) {
+                    continue;
+                }
+                for f in [
+                    relay_guard_common::family::IPV4,
+                    relay_guard_common::family::IPV6,
+                    relay_guard_common::family::UNKNOWN,
+                ] {
+                    for v in 0..VERDICT_SLOTS as u8 {
+                        let zeros = PerCpuValues::try_from(vec![0u64; ncpu]).map_err(|source| LoadError::Pin {
+                            op: "size per-CPU values for",
+                            path: maps::COUNTERS.into(),
+                            source,
+                        })?;
+                        counters.set(counter_index(i, p, f, v), zeros, 0).map_err(err)?;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
