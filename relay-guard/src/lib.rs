@@ -1,6 +1,8 @@
-//! relay-guard's agent as a library: config, policy compilation, loading and
-//! attaching the XDP program, map sync, metrics, and the `run` loop that the
-//! binary and the end-to-end tests share.
+//! relay-guard's agent as a library, in layers that import only downwards:
+//! `commands` (the CLI boundary) → `agent` (the long-running process and its
+//! event loop, reloads, metrics) → `kernel` (bpf maps, programs, links,
+//! pins) → `policy` (pure compilation) → `config` (files in, validated).
+//! See docs/architecture.md.
 #![expect(
     clippy::result_large_err,
     reason = "errors carry aya's error values (verifier logs included); they happen at start-up and reload, never per packet"
