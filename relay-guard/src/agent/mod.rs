@@ -51,7 +51,7 @@ pub async fn run(config_path: &Path, shutdown: impl Future<Output = ()>) -> anyh
 }
 
 /// One unit of work for the agent's loop. New sources (link changes, bans,
-/// timers) add a variant here, an arm in [`Agent::next_event`] and a method.
+/// timers) add a variant here, an arm in `Agent::next_event` and a method.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Event {
     /// SIGTERM, SIGINT or the caller's shutdown: stop (the name, for the log).
