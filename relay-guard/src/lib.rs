@@ -1,28 +1,19 @@
-//! relay-guard's agent as a library: config, policy compilation, loading and
-//! attaching the XDP program, map sync, metrics, and the `run` loop that the
-//! binary and the end-to-end tests share.
+//! relay-guard's agent as a library, in layers that import only downwards:
+//! `commands` (the CLI boundary) → `agent` (the long-running process and its
+//! event loop, reloads, metrics) → `kernel` (bpf maps, programs, links,
+//! pins) → `policy` (pure compilation) → `config` (files in, validated).
+//! See docs/architecture.md.
 #![expect(
     clippy::result_large_err,
     reason = "errors carry aya's error values (verifier logs included); they happen at start-up and reload, never per packet"
 )]
+pub mod agent;
 pub mod cli;
 pub mod commands;
 pub mod config;
-pub mod counters;
 pub mod error;
-pub mod events;
-pub mod incremental;
 pub mod kernel;
-pub mod lists;
-pub mod loader;
-pub mod metrics;
-pub mod model;
-pub mod pins;
 pub mod policy;
-pub mod reload;
-pub mod sync;
-pub mod tables;
-pub mod tables6;
 
 /// The XDP object built from `relay-guard-ebpf` by `build.rs`. Empty when
 /// built with `AYA_BUILD_SKIP=1`.

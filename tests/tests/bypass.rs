@@ -19,11 +19,12 @@ use std::{
     time::{Duration, Instant},
 };
 
-use relay_guard::{config::Config, model, policy::Policy};
+use relay_guard::{config::Config, policy::Policy};
 use relay_guard_common::family;
 use relay_guard_tests::{
     agent::{Agent, METRICS, TempDir, agent_bin},
     lab::{ALLOWED_V4, ALLOWED_V6, DENIED_V4, DENIED_V6, Lab, SERVER_V4, SERVER_V6, scrape},
+    model,
     net::metric,
     netns::{NetNs, unique},
     packet::{Ext, Ipv4, Ipv6, Tcp, Vlan, ipv4_options, proto, tcp_flags, tcp_v4, tcp_v6},
@@ -81,7 +82,7 @@ impl Drop for DetachOnDrop {
 fn packet_socket(ns: &NetNs, interface: &str, protocol: u16) -> (OwnedFd, i32) {
     let interface = interface.to_string();
     ns.run(move || {
-        let ifindex = relay_guard::loader::ifindex(&interface).unwrap_or_else(|e| panic!("{interface}: {e}"));
+        let ifindex = relay_guard::kernel::loader::ifindex(&interface).unwrap_or_else(|e| panic!("{interface}: {e}"));
         let ifindex = i32::try_from(ifindex).expect("ifindex fits");
         // SAFETY: plain socket(2) call; the fd is owned right below.
         let fd = unsafe {

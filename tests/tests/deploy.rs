@@ -315,7 +315,7 @@ fn systemd_unit_verifies_and_is_hardened() {
         assert_eq!(unit.one("Service", key), want, "{key}=");
     }
     // The lock directory the agent uses is the one systemd creates.
-    let lock = relay_guard::pins::lock_path(Path::new("/sys/fs/bpf/relay-guard"));
+    let lock = relay_guard::kernel::pins::lock_path(Path::new("/sys/fs/bpf/relay-guard"));
     assert_eq!(
         lock.parent(),
         Some(Path::new("/run/relay-guard")),

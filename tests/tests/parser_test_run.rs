@@ -1,7 +1,7 @@
 //! Differential test of the XDP parser: the real program, loaded (not
 //! attached) with maps filled from a random config, runs thousands of crafted
 //! frames through `BPF_PROG_TEST_RUN`; every return action must equal what
-//! the plain-Rust reference model (`relay_guard::model`) says, and the kernel
+//! the plain-Rust reference model (`relay_guard_tests::model`) says, and the kernel
 //! counters must equal the sum of the model's counter keys.
 //!
 //! The seed is random per run and printed; `RG_TEST_SEED=<n>` replays one. A
@@ -22,14 +22,12 @@ use aya::programs::{TestRun, TestRunOptions};
 use rand::{Rng, SeedableRng, rngs::StdRng, seq::IndexedRandom};
 use relay_guard::{
     config::{Action, Config, Entry, Guard, Mode, Origin, XdpMode},
-    loader::{Loaded, Maps},
-    model::{self, Outcome},
-    policy::{Lookup, Policy},
-    sync,
-    tables6::V6End,
+    kernel::{loader::Loaded, maps::Maps, sync},
+    policy::{Lookup, Policy, tables6::V6End},
 };
 use relay_guard_common::{CounterKey, MAX_GUARDS, family};
 use relay_guard_tests::{
+    model::{self, Outcome},
     packet::{FrameGen, Ipv6, Targets, Tcp, base_frames, hex, proto, tcp_v6, truncations},
     require,
 };
@@ -220,8 +218,8 @@ fn targets(cfg: &Config) -> Targets {
 /// Kernel counters summed over CPUs, decoded to label space through the
 /// slot maps (as the agent's metrics do).
 fn read_counters(maps: &Maps) -> BTreeMap<CounterKey, u64> {
-    let slots = relay_guard::counters::slots(maps).expect("read counter slots");
-    relay_guard::counters::read(&maps.counters, &slots).expect("read counters")
+    let slots = relay_guard::kernel::counters::slots(maps).expect("read counter slots");
+    relay_guard::kernel::counters::read(&maps.counters, &slots).expect("read counters")
 }
 
 fn outcome_name(o: Outcome) -> String {
@@ -268,7 +266,7 @@ fn differential(test: &str, mode: Mode) {
     // Without a context, BPF_PROG_TEST_RUN runs XDP on the calling
     // namespace's loopback receive queue (net/bpf/test_run.c), so that is
     // the ingress_ifindex the program records.
-    let ifindex = relay_guard::loader::ifindex("lo").expect("lo exists");
+    let ifindex = relay_guard::kernel::loader::ifindex("lo").expect("lo exists");
     loaded.maps.register_iface(ifindex).expect("register lo for counting");
     let before = read_counters(&loaded.maps);
 

@@ -4,7 +4,7 @@ use std::path::Path;
 
 use anyhow::bail;
 
-use crate::pins::{AgentLock, Pins};
+use crate::kernel::pins::{AgentLock, Pins};
 
 pub fn execute(config_path: &Path) -> anyhow::Result<()> {
     let pin_dir = super::pin_dir_of(config_path)?;
@@ -15,7 +15,7 @@ pub fn execute(config_path: &Path) -> anyhow::Result<()> {
         );
     }
     if !pin_dir.exists() {
-        let _ = std::fs::remove_file(crate::pins::lock_path(&pin_dir));
+        let _ = std::fs::remove_file(crate::kernel::pins::lock_path(&pin_dir));
         println!("nothing pinned at {}: already detached", pin_dir.display());
         return Ok(());
     }
@@ -32,7 +32,7 @@ pub fn execute(config_path: &Path) -> anyhow::Result<()> {
     }
     std::fs::remove_dir_all(&pin_dir)?;
     // The lock file of this pin_dir too (no agent holds it: checked above).
-    let _ = std::fs::remove_file(crate::pins::lock_path(&pin_dir));
+    let _ = std::fs::remove_file(crate::kernel::pins::lock_path(&pin_dir));
     println!(
         "detached from {} interface(s){}; removed {}",
         links.len(),

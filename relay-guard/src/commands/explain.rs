@@ -8,8 +8,7 @@ use serde_json::json;
 
 use crate::{
     config::{Action, Config},
-    kernel,
-    pins::Pins,
+    kernel::{inspect, pins::Pins},
     policy::{Lookup, model_allows},
 };
 
@@ -34,8 +33,8 @@ pub fn execute(config_path: &Path, addr: IpAddr, port: u16, as_json: bool) -> an
     });
 
     let pins = Pins::new(&pin_dir);
-    let kernel_side = match kernel::open(&pins) {
-        Ok(km) => Some(kernel::lookup(&km, addr, port).context("failed to read the pinned maps")?),
+    let kernel_side = match inspect::open(&pins) {
+        Ok(km) => Some(inspect::lookup(&km, addr, port).context("failed to read the pinned maps")?),
         Err(e) => {
             if !as_json {
                 println!("kernel: no pinned state to compare ({e})");

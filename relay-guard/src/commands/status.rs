@@ -9,21 +9,23 @@ use relay_guard_common::{LAYOUT_VERSION, mode};
 use serde_json::json;
 
 use crate::{
+    agent::metrics::{LabelState, snapshot},
     config::Config,
-    counters, kernel,
-    loader::ifname,
-    metrics::{LabelState, snapshot},
-    pins::{AgentLock, Pins},
+    kernel::{
+        counters, inspect,
+        loader::ifname,
+        pins::{AgentLock, Pins},
+        sync,
+    },
     policy::Policy,
-    sync,
 };
 
 pub fn execute(config_path: &Path, as_json: bool) -> anyhow::Result<()> {
     let pin_dir = super::pin_dir_of(config_path)?;
     let pins = Pins::new(&pin_dir);
-    let mut km = kernel::open(&pins)?;
+    let mut km = inspect::open(&pins)?;
     let (ports, blocks, long_blocks, (v6_nodes, v6_leaves), kmode) =
-        kernel::summary(&km).context("failed to read the pinned maps")?;
+        inspect::summary(&km).context("failed to read the pinned maps")?;
     let agent = AgentLock::holder(&pin_dir);
     let links = pins.pinned_links();
 

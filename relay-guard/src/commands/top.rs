@@ -11,7 +11,10 @@ use std::{
 use relay_guard_common::{family, verdict};
 use serde_json::json;
 
-use crate::{config::Config, kernel, pins::Pins};
+use crate::{
+    config::Config,
+    kernel::{inspect, pins::Pins},
+};
 
 fn monotonic_ns() -> u64 {
     let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
@@ -23,7 +26,7 @@ fn monotonic_ns() -> u64 {
 
 pub fn execute(config_path: &Path, limit: usize, as_json: bool) -> anyhow::Result<()> {
     let pin_dir = super::pin_dir_of(config_path)?;
-    let km = kernel::open(&Pins::new(&pin_dir))?;
+    let km = inspect::open(&Pins::new(&pin_dir))?;
     let names: Vec<String> = Config::load(config_path)
         .map(|c| c.guards.into_iter().map(|g| g.name).collect())
         .unwrap_or_default();

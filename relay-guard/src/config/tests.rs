@@ -6,6 +6,8 @@ use std::{
     sync::atomic::{AtomicUsize, Ordering},
 };
 
+use ipnet::IpNet;
+
 use super::*;
 
 // ---------------------------------------------------------------------------
@@ -833,7 +835,7 @@ fn fast_net_parser_agrees_with_ipnet() {
             Ok(a) => Ok(IpNet::from(a)),
             Err(_) => s.parse::<IpNet>().map_err(|_| ()),
         };
-        if let Some(fast) = super::parse_net_fast(s) {
+        if let Some(fast) = super::entry::parse_net_fast(s) {
             assert_eq!(Ok(fast), general, "`{s}`");
         }
     }

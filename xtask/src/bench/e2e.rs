@@ -33,7 +33,7 @@ use std::{
 
 use anyhow::{Context as _, bail};
 use ipnet::IpNet;
-use relay_guard::loader::Loaded;
+use relay_guard::kernel::loader::Loaded;
 
 use super::{
     inner::{Lab, Plan, RCV_IF, SND_IF},

@@ -140,7 +140,7 @@ pub fn run(o: &Options) -> anyhow::Result<()> {
     let started = std::time::Instant::now();
     sys::install_signal_handlers();
     let mut plan = Plan::new(o)?;
-    relay_guard::loader::bump_memlock_rlimit();
+    relay_guard::kernel::loader::bump_memlock_rlimit();
     println!(
         "bench: sizes {:?}, repeat {}, {} runs; flood {} SYNs x {} rounds; parts {:?}; output {}",
         plan.sizes,
@@ -196,8 +196,8 @@ pub fn run(o: &Options) -> anyhow::Result<()> {
             None => {
                 let (p, text) = testrun::write_config(&dir.0, "e2e", &list[..max], &plan.pin_dir)?;
                 let cfg = relay_guard::config::Config::parse(&p, &text).map_err(|e| anyhow::anyhow!("{e}"))?;
-                let mut l = relay_guard::loader::Loaded::load()?;
-                relay_guard::sync::apply(&mut l.maps, &relay_guard::policy::Policy::compile(&cfg))?;
+                let mut l = relay_guard::kernel::loader::Loaded::load()?;
+                relay_guard::kernel::sync::apply(&mut l.maps, &relay_guard::policy::Policy::compile(&cfg))?;
                 loaded.insert(l)
             }
         };

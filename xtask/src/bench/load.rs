@@ -201,7 +201,7 @@ impl Agent {
             .status();
         let _ = std::fs::remove_dir_all(&self.pin_dir);
         // The agent leaves its per-pin_dir lock file; this pin_dir is the bench's.
-        let _ = std::fs::remove_file(relay_guard::pins::lock_path(&self.pin_dir));
+        let _ = std::fs::remove_file(relay_guard::kernel::pins::lock_path(&self.pin_dir));
     }
 }
 

@@ -14,7 +14,11 @@ use std::{
 
 use anyhow::Context as _;
 use ipnet::IpNet;
-use relay_guard::{config::Config, loader::Loaded, policy::Policy, sync};
+use relay_guard::{
+    config::Config,
+    kernel::{loader::Loaded, sync},
+    policy::Policy,
+};
 
 use super::{
     bpf::{self, XDP_DROP, XDP_PASS},
@@ -388,7 +392,7 @@ fn diff_sync(plan: &Plan, dir: &Path, list: &[IpNet], loaded: &mut Loaded) -> an
     drop(cfg0);
     let (_, shadow) = sync::apply_full(&mut loaded.maps, &policy, &[]).context("sync::apply_full")?;
     let cfg0 = Config::parse(&p0, &t0).map_err(|e| anyhow::anyhow!("{e}"))?;
-    let mut live = relay_guard::incremental::Live::new(&cfg0, index, policy, shadow);
+    let mut live = relay_guard::agent::incremental::Live::new(&cfg0, index, policy, shadow);
     drop(cfg0);
     let list0 = dir.join(format!("allow-{max}.txt"));
     let mut delta = Vec::new();

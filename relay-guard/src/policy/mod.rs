@@ -11,6 +11,15 @@
 //!
 //! [`model_allows`] is the plain reference for those semantics; tests check
 //! [`Policy::lookup`] (what the kernel computes from the maps) against it.
+//!
+//! The layer above `config` and below `kernel`: it owns compiling a config
+//! into prefixes (`mod.rs`), the IPv4 DIR-24-8 tables and mask palette
+//! (`tables`) and the IPv6 trie (`tables6`), as plain values. It uses only
+//! `config`, makes no syscall and keeps no state: `kernel::sync` writes what
+//! it computes.
+pub mod tables;
+pub mod tables6;
+
 use std::{
     collections::{BTreeMap, HashMap},
     hash::Hash,

@@ -6,7 +6,11 @@ use aya::maps::{Map, MapData};
 use ipnet::IpNet;
 use relay_guard_common::{LONG_BLOCK, MAX_GUARDS};
 
-use crate::{error::LoadError, loader::Maps, pins::Pins, policy::Lookup};
+use crate::{
+    error::LoadError,
+    kernel::{maps::Maps, pins::Pins},
+    policy::Lookup,
+};
 
 /// Opens the maps pinned under `pins` (this layout only).
 pub fn open(pins: &Pins) -> Result<Maps, LoadError> {
@@ -82,7 +86,9 @@ pub fn summary(maps: &Maps) -> Result<Summary, aya::maps::MapError> {
             ports.push(u16::try_from(p).expect("< 65536"));
         }
     }
-    let blocks = (0..crate::tables::BLOCKS).filter(|&b| maps.tbl24.get(b) != 0).count();
+    let blocks = (0..crate::policy::tables::BLOCKS)
+        .filter(|&b| maps.tbl24.get(b) != 0)
+        .count();
     let long = maps.long24.keys().count();
     let v6 = maps.v6.read_tables().counts();
     let mode = maps.settings.get(&0, 0)?.mode;

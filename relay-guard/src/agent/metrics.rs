@@ -34,7 +34,7 @@ use prometheus_client::{
 use relay_guard_common::{family, verdict};
 use tracing::{info, warn};
 
-use crate::{config::Config, loader::Counters, policy::Policy};
+use crate::{config::Config, kernel::maps::Counters, policy::Policy};
 
 /// Names the collector needs to turn kernel keys into labels. Replaced on
 /// every successful reload.
@@ -47,11 +47,11 @@ pub struct LabelState {
     /// (guard, v4 allow entries, v6 allow entries).
     pub allow_counts: Vec<(String, usize, usize)>,
     /// What each counter slot stands for (refreshed after every sync).
-    pub slots: crate::counters::Slots,
+    pub slots: crate::kernel::counters::Slots,
 }
 
 impl LabelState {
-    pub fn new(cfg: &Config, interfaces: HashMap<u32, String>, slots: crate::counters::Slots) -> LabelState {
+    pub fn new(cfg: &Config, interfaces: HashMap<u32, String>, slots: crate::kernel::counters::Slots) -> LabelState {
         LabelState {
             slots,
             guards: cfg.guards.iter().map(|g| g.name.clone()).collect(),
@@ -127,7 +127,7 @@ pub struct CounterSnapshot {
 /// Sums the per-CPU counters into label space.
 pub fn snapshot(counters: &Counters, labels: &LabelState) -> Result<CounterSnapshot, crate::error::SyncError> {
     let mut snap = CounterSnapshot::default();
-    for (k, total) in crate::counters::read(counters, &labels.slots)? {
+    for (k, total) in crate::kernel::counters::read(counters, &labels.slots)? {
         let iface = match labels.interfaces.get(&k.ifindex) {
             Some(name) => name.clone(),
             None if k.ifindex == 0 => "unknown".to_string(),

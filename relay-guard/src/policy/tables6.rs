@@ -61,7 +61,7 @@ use std::collections::BTreeMap;
 
 use relay_guard_common::{AllowMask, MAX_MASKS, V6Leaf, V6Node, v6};
 
-use crate::tables::{Palette, PaletteFull};
+use crate::policy::tables::{Palette, PaletteFull};
 
 /// Depth (address bits consumed) of the top level.
 const TOP_DEPTH: u8 = v6::TOP_BITS as u8;

@@ -3,19 +3,33 @@
 //! Parsing keeps every value's span (`toml::Spanned`) so that each error can
 //! name the file, the line and the offending value. Validation is separate
 //! from parsing and reports every problem it finds, not only the first.
+//!
+//! The bottom layer: it owns reading and validating the files (`entry`: list
+//! lines and the error type; `lists`: the list files and their line index,
+//! for delta reloads; `fingerprint`: hashes of the bytes read). It uses no
+//! other module of the crate, makes no bpf syscall and holds no state between
+//! loads. Inside it, `mod.rs` uses `lists`, and `lists` uses only `entry` and
+//! `fingerprint`, so there is no import circle.
+mod entry;
+mod fingerprint;
+pub mod lists;
+
+pub use entry::{Action, ConfigError, ConfigErrors, Entry, Origin, parse_list, parse_list_from, parse_net};
+pub use fingerprint::fingerprint;
+
 use std::{
     collections::BTreeMap,
-    fmt, fs,
+    fs,
     net::SocketAddr,
     ops::Range,
     path::{Path, PathBuf},
 };
 
-use ipnet::IpNet;
 use serde::Deserialize;
 use toml::Spanned;
 
-use crate::lists::{ListFile, ListIndex};
+use fingerprint::fingerprint_hasher;
+use lists::{ListFile, ListIndex};
 
 /// Where the agent looks for its config unless `--config` says otherwise.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/relay-guard/relay-guard.toml";
@@ -27,36 +41,6 @@ pub const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:10947";
 pub const DEFAULT_PORTS: [u16; 3] = [25, 465, 587];
 /// Guards are bits of a 64-bit mask in the kernel maps.
 pub const MAX_GUARDS: usize = relay_guard_common::MAX_GUARDS;
-
-/// One config problem: where it is, what the value was, and what is wrong.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{}:{line}: {what}", file.display())]
-pub struct ConfigError {
-    /// The config file or the list file the problem is in.
-    pub file: PathBuf,
-    /// 1-based line; 0 when the problem concerns the whole file.
-    pub line: usize,
-    /// The message, quoting the offending value.
-    pub what: String,
-}
-
-/// All problems found in one config, in file order.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ConfigErrors(pub Vec<ConfigError>);
-
-impl fmt::Display for ConfigErrors {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        for (i, e) in self.0.iter().enumerate() {
-            if i > 0 {
-                writeln!(f)?;
-            }
-            write!(f, "{e}")?;
-        }
-        Ok(())
-    }
-}
-
-impl std::error::Error for ConfigErrors {}
 
 /// What the filter does with a source that is not allowed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
@@ -110,35 +94,6 @@ struct RawGuard {
     deny_files: Vec<Spanned<String>>,
 }
 
-/// Whether an entry allows or denies.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum Action {
-    Allow,
-    Deny,
-}
-
-/// Where an entry was written, for messages.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Origin {
-    /// Shared by every entry of one file (a 1M-line list holds one copy).
-    pub file: std::sync::Arc<Path>,
-    pub line: usize,
-}
-
-impl fmt::Display for Origin {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}:{}", self.file.display(), self.line)
-    }
-}
-
-/// One allow or deny entry of a guard.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Entry {
-    pub net: IpNet,
-    pub action: Action,
-    pub origin: Origin,
-}
-
 /// A validated guard.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Guard {
@@ -165,7 +120,7 @@ pub struct Config {
     /// Every list file read, so a watcher can follow them.
     pub list_files: Vec<PathBuf>,
     /// Hash of the bytes this config was built from (the config text and
-    /// each list file, as read), the same as [`crate::reload::fingerprint`]
+    /// each list file, as read), the same as [`crate::config::fingerprint`]
     /// computes: the watcher compares against what was loaded, not against
     /// a later re-read.
     pub fingerprint: u64,
@@ -178,7 +133,7 @@ impl Config {
     }
 
     /// [`Config::load`], also returning what a later reload needs to apply a
-    /// list-file edit as a delta (see [`crate::lists`]).
+    /// list-file edit as a delta (see [`crate::config::lists`]).
     pub fn load_indexed(path: &Path) -> Result<(Config, ListIndex), ConfigErrors> {
         Self::read(path, true).map(|(c, i)| (c, i.expect("indexing was asked for")))
     }
@@ -201,7 +156,7 @@ impl Config {
     }
 
     fn parse_inner(path: &Path, text: &str, index: bool) -> Result<(Config, Option<ListIndex>), ConfigErrors> {
-        let mut fp = crate::reload::fingerprint_hasher();
+        let mut fp = fingerprint_hasher();
         std::hash::Hash::hash(path, &mut fp);
         std::hash::Hash::hash(text.as_bytes(), &mut fp);
         let mut v = Validator {
@@ -479,7 +434,7 @@ impl Validator<'_> {
                             file_order.push(std::sync::Arc::clone(&first.origin.file));
                         }
                         if let Some(ix) = &mut self.index {
-                            let id = u16::try_from(ix.files.len()).unwrap_or(crate::lists::INLINE);
+                            let id = u16::try_from(ix.files.len()).unwrap_or(lists::INLINE);
                             if let Some(first) = parsed.first() {
                                 file_ids.push((std::sync::Arc::clone(&first.origin.file), id));
                             }
@@ -529,8 +484,8 @@ impl Validator<'_> {
                     let id = file_ids
                         .iter()
                         .find(|(f, _)| std::sync::Arc::ptr_eq(f, &e.origin.file))
-                        .map_or(crate::lists::INLINE, |&(_, id)| id);
-                    crate::lists::to_indexed(e, id)
+                        .map_or(lists::INLINE, |&(_, id)| id);
+                    lists::to_indexed(e, id)
                 })
                 .collect();
             ix.push_guard(all);
@@ -577,76 +532,6 @@ impl Validator<'_> {
             self.path.parent().unwrap_or(Path::new(".")).join(p)
         }
     }
-}
-
-/// Parses an address or CIDR. A bare address is a /32 or /128. Host bits set
-/// is an error that suggests the network form.
-pub fn parse_net(s: &str) -> Result<IpNet, String> {
-    let s = s.trim();
-    if let Some(net) = parse_net_fast(s) {
-        return if net.addr() == net.network() {
-            Ok(net)
-        } else {
-            Err(format!("host bits set; did you mean `{}`?", net.trunc()))
-        };
-    }
-    if let Ok(addr) = s.parse::<std::net::IpAddr>() {
-        return Ok(IpNet::from(addr));
-    }
-    match s.parse::<IpNet>() {
-        Ok(net) if net.addr() != net.network() => Err(format!("host bits set; did you mean `{}`?", net.trunc())),
-        Ok(net) => Ok(net),
-        Err(_) => Err("not an IP address or CIDR".into()),
-    }
-}
-
-/// The common forms, `ADDR` and `ADDR/LEN` with LEN plain decimal, without
-/// ipnet's slower general parser (a 1M-line list spends most of its load
-/// time here). `None`: anything else, left to the general parser.
-fn parse_net_fast(s: &str) -> Option<IpNet> {
-    let (addr, len) = match s.split_once('/') {
-        None => return s.parse::<std::net::IpAddr>().ok().map(IpNet::from),
-        Some(parts) => parts,
-    };
-    let plain = !len.is_empty() && len.len() <= 3 && len.bytes().all(|b| b.is_ascii_digit());
-    if !plain || (len.len() > 1 && len.starts_with('0')) {
-        return None;
-    }
-    let addr = addr.parse::<std::net::IpAddr>().ok()?;
-    IpNet::new(addr, len.parse().ok()?).ok()
-}
-
-/// Parses a list file: one address or CIDR a line; `#` and `;` start
-/// comments (so Spamhaus DROP lines like `1.10.16.0/20 ; SBL256894` load).
-pub fn parse_list(file: &Path, text: &str, action: Action) -> (Vec<Entry>, Vec<ConfigError>) {
-    parse_list_from(file, text, action, 1)
-}
-
-/// [`parse_list`] of a part of a file whose first line is line `first`.
-pub fn parse_list_from(file: &Path, text: &str, action: Action, first: usize) -> (Vec<Entry>, Vec<ConfigError>) {
-    let shared: std::sync::Arc<Path> = std::sync::Arc::from(file);
-    // Sized up front: a 1M-line list must not pass through a doubled Vec.
-    let mut entries = Vec::with_capacity(text.bytes().filter(|&b| b == b'\n').count() + 1);
-    let mut errors = Vec::new();
-    for (i, line) in text.lines().enumerate() {
-        let content = line.split(['#', ';']).next().unwrap_or("").trim();
-        if content.is_empty() {
-            continue;
-        }
-        let origin = Origin {
-            file: std::sync::Arc::clone(&shared),
-            line: i + first,
-        };
-        match parse_net(content) {
-            Ok(net) => entries.push(Entry { net, action, origin }),
-            Err(why) => errors.push(ConfigError {
-                file: origin.file.to_path_buf(),
-                line: origin.line,
-                what: format!("`{content}`: {why}"),
-            }),
-        }
-    }
-    (entries, errors)
 }
 
 #[cfg(test)]

@@ -17,12 +17,16 @@ use ipnet::IpNet;
 use relay_guard_common::AllowMask;
 
 use crate::{
-    config::{Action, Config, ConfigErrors},
+    config::{
+        Action, Config, ConfigErrors,
+        lists::{Change, ListIndex},
+    },
     error::SyncError,
-    lists::{Change, ListIndex},
-    loader::Maps,
+    kernel::{
+        maps::Maps,
+        sync::{self, Shadow, SyncStats},
+    },
     policy::Policy,
-    sync::{self, Shadow, SyncStats},
 };
 
 /// What the agent keeps between reloads (see the module documentation).

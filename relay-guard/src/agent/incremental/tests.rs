@@ -139,7 +139,7 @@ proptest! {
             texts[file] = splice(&texts[file], at, del, &ins);
             dir.write(names[file], &texts[file]);
             let want = full(&config);
-            let got = delta(&mut index, &mut policy, &config, &names_g, crate::lists::SMALL_REGION);
+            let got = delta(&mut index, &mut policy, &config, &names_g, crate::config::lists::SMALL_REGION);
             let got_m = delta(&mut index_m, &mut policy_m, &config, &names_g, 0);
             match (want, got, got_m) {
                 (Ok((p, c)), Ok(true), Ok(true)) => {
@@ -177,7 +177,7 @@ fn config_change_or_large_edit_takes_the_full_path() {
     dir.write("relay-guard.toml", &CONFIG.replace("587", "465"));
     assert!(matches!(index.changes(&config, &names), Ok(None)));
     dir.write("relay-guard.toml", CONFIG);
-    let big: String = (0..crate::lists::MAX_DELTA_LINES + 1)
+    let big: String = (0..crate::config::lists::MAX_DELTA_LINES + 1)
         .map(|i| format!("10.{}.{}.0/24\n", i >> 8 & 255, i & 255))
         .collect();
     dir.write("b.txt", &big);

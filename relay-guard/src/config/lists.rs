@@ -16,7 +16,10 @@ use std::{collections::BTreeMap, path::Path, sync::Arc};
 
 use ipnet::IpNet;
 
-use crate::config::{Action, ConfigError, ConfigErrors, Entry, Origin, parse_list_from};
+use super::{
+    entry::{Action, ConfigError, ConfigErrors, Entry, Origin, parse_list_from},
+    fingerprint::fingerprint_hasher,
+};
 
 /// `Indexed::file` of an entry written in the config file itself.
 pub const INLINE: u16 = u16::MAX;
@@ -480,10 +483,10 @@ impl ListIndex {
         }
     }
 
-    /// [`crate::reload::fingerprint`] of the bytes this index holds.
+    /// [`crate::config::fingerprint`] of the bytes this index holds.
     pub fn fingerprint(&self) -> u64 {
         use std::hash::{Hash as _, Hasher as _};
-        let mut h = crate::reload::fingerprint_hasher();
+        let mut h = fingerprint_hasher();
         if let Some(p) = &self.config_path {
             Path::hash(p, &mut h);
         }

@@ -10,7 +10,7 @@ use relay_guard_common::{CounterKey, IFACE_TABLE, PORT_SLOTS, VERDICT_SLOTS, cou
 
 use crate::{
     error::SyncError,
-    loader::{Counters, Maps},
+    kernel::maps::{Counters, Maps},
 };
 
 /// Which interface and port each counter slot stands for.

@@ -24,10 +24,12 @@ use relay_guard_common::{COUNTER_PORT_SLOTS, GuardedPort, LONG_BLOCK, MAX_MASKS,
 
 use crate::{
     error::SyncError,
-    loader::Maps,
-    policy::Policy,
-    tables::{self, LongSpec, Palette, PaletteFull},
-    tables6::{V6Tables, V6Write},
+    kernel::maps::Maps,
+    policy::{
+        Policy,
+        tables::{self, LongSpec, Palette, PaletteFull},
+        tables6::{V6Tables, V6Write},
+    },
 };
 
 /// What a sync changed (or, from [`plan`], would change), in kernel entries.

@@ -26,7 +26,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use relay_guard_common::{CounterKey, family, mode, verdict};
 
-use crate::policy::{Lookup, Policy};
+use relay_guard::policy::{Lookup, Policy};
 
 /// `XDP_DROP` from the kernel's `enum xdp_action`.
 pub const XDP_DROP: u32 = 1;
@@ -283,7 +283,7 @@ mod tests {
     use ipnet::IpNet;
 
     use super::*;
-    use crate::config::{Action, Config, Entry, Guard, Mode, Origin, XdpMode};
+    use relay_guard::config::{Action, Config, Entry, Guard, Mode, Origin, XdpMode};
 
     /// Guard 0 owns 25 and allows 192.0.2.0/24 minus 192.0.2.128/25 and
     /// 2001:db8:a::/48; guard 1 owns 587 and allows 198.51.100.0/24.

@@ -3,11 +3,7 @@
 //! write-and-rename and a Kubernetes ConfigMap's `..data` symlink swap are
 //! both seen. Events are debounced and compared by content: a reload is
 //! attempted only when the bytes of the config or a list file changed.
-use std::{
-    collections::BTreeSet,
-    hash::{Hash as _, Hasher as _},
-    path::{Path, PathBuf},
-};
+use std::{collections::BTreeSet, path::PathBuf};
 
 use notify::{RecommendedWatcher, RecursiveMode, Watcher as _};
 use tokio::sync::mpsc;
@@ -78,58 +74,5 @@ impl FileWatch {
     /// Whether the watched directories for `files` differ from these.
     pub fn covers(&self, files: &[PathBuf]) -> bool {
         dirs_of(files) == self.dirs
-    }
-}
-
-/// The hasher of every fingerprint: fixed-seeded foldhash, several times
-/// faster than SipHash on a list of tens of megabytes (collision resistance
-/// against an attacker is not needed: only the operator writes these files).
-pub fn fingerprint_hasher() -> foldhash::quality::FoldHasher<'static> {
-    use std::hash::BuildHasher as _;
-    foldhash::quality::FixedState::with_seed(0x7265_6c61_7967_7561).build_hasher()
-}
-
-/// A hash of the bytes of the config and its list files (a missing or
-/// unreadable file hashes its error), to tell real changes from noise.
-pub fn fingerprint(config: &Path, list_files: &[PathBuf]) -> u64 {
-    let mut h = fingerprint_hasher();
-    for f in std::iter::once(config).chain(list_files.iter().map(PathBuf::as_path)) {
-        f.hash(&mut h);
-        match std::fs::read(f) {
-            Ok(bytes) => bytes.hash(&mut h),
-            Err(e) => e.kind().hash(&mut h),
-        }
-    }
-    h.finish()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// The watcher compares `fingerprint` with `Config::fingerprint`: the two
-    /// must hash the same bytes the same way, or every event would reload
-    /// (or none would).
-    #[test]
-    fn config_fingerprint_matches_watcher_fingerprint() {
-        let dir = std::env::temp_dir().join(format!("rg-fp-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).expect("mkdir");
-        std::fs::write(dir.join("a.txt"), "192.0.2.0/24\n").expect("write");
-        std::fs::write(dir.join("b.txt"), "198.51.100.7 ; x\n").expect("write");
-        let config = dir.join("relay-guard.toml");
-        let text =
-            "interfaces = [\"eth0\"]\n[[guard]]\nports = [25]\nallow_files = [\"a.txt\"]\ndeny_files = [\"b.txt\"]\n";
-        std::fs::write(&config, text).expect("write");
-        let cfg = crate::config::Config::load(&config).expect("valid");
-        assert_eq!(cfg.fingerprint, fingerprint(&config, &cfg.list_files));
-        let (_, index) = crate::config::Config::load_indexed(&config).expect("valid");
-        assert_eq!(index.fingerprint(), cfg.fingerprint, "a delta reload's fingerprint");
-        std::fs::write(dir.join("b.txt"), "198.51.100.8\n").expect("write");
-        assert_ne!(
-            cfg.fingerprint,
-            fingerprint(&config, &cfg.list_files),
-            "a changed list file must change it"
-        );
-        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -1,0 +1,375 @@
+//! The long-running process (`relay-guard run`): an [`Agent`] that owns the
+//! loaded program and its maps, the live policy, the metrics labels and the
+//! file watcher, and one loop that turns every source of work into an
+//! [`Event`] and hands it to a method of its own. Around it: reload planning
+//! (`reload`, and `incremental` for list-only edits), watching the config and
+//! list files (`watch`), and the Prometheus metrics (`metrics`).
+//!
+//! The layer above `kernel`: it reaches bpf maps, programs and pins only
+//! through `kernel`, compiles through `policy`, reads files through `config`,
+//! and never prints (`commands` is the CLI boundary; the agent logs with
+//! `tracing`).
+pub mod incremental;
+pub mod metrics;
+mod reload;
+pub mod watch;
+
+use std::{
+    collections::HashMap,
+    future::Future,
+    path::{Path, PathBuf},
+    sync::{Arc, RwLock},
+};
+
+use anyhow::Context as _;
+use tokio::{
+    signal::unix::{Signal, SignalKind, signal},
+    task::JoinHandle,
+};
+use tracing::{error, info, warn};
+
+use crate::{
+    config::Config,
+    kernel::{
+        counters,
+        events::OncePerSecond,
+        loader::{self, Loaded},
+        pins::{self, AgentLock, Pins},
+        sync,
+    },
+    policy::Policy,
+};
+use incremental::Live;
+use metrics::{AgentMetrics, LabelState};
+use watch::FileWatch;
+
+/// Runs the agent for the config at `config_path` until SIGTERM, SIGINT or
+/// `shutdown` completes (tokio mini-redis's `server::run` shape: the caller
+/// decides what else stops it). The filter stays attached afterwards.
+pub async fn run(config_path: &Path, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    Agent::start(config_path).await?.run(shutdown).await
+}
+
+/// One unit of work for the agent's loop. New sources (link changes, bans,
+/// timers) add a variant here, an arm in `Agent::next_event` and a method.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Event {
+    /// SIGTERM, SIGINT or the caller's shutdown: stop (the name, for the log).
+    Stop(&'static str),
+    /// SIGHUP: reload now.
+    Hangup,
+    /// Something changed in a directory of the config or a list file.
+    FilesChanged,
+}
+
+/// The signals the agent handles.
+struct Signals {
+    interrupt: Signal,
+    terminate: Signal,
+    hangup: Signal,
+}
+
+/// The running agent: the state that lives as long as the process.
+pub struct Agent {
+    config_path: PathBuf,
+    /// The config in force (its entries dropped once compiled).
+    current: Config,
+    /// Fingerprint of the files as last loaded or attempted.
+    seen: u64,
+    loaded: Loaded,
+    /// Kept for reloads that only edit list files (applied as deltas).
+    live: Option<Live>,
+    /// Attached interfaces by ifindex.
+    interfaces: HashMap<u32, String>,
+    labels: Arc<RwLock<LabelState>>,
+    metrics: AgentMetrics,
+    watch: FileWatch,
+    signals: Signals,
+    stop_tx: tokio::sync::watch::Sender<bool>,
+    metrics_task: Option<JoinHandle<()>>,
+    logger_task: Option<JoinHandle<()>>,
+    /// Held until the agent is dropped, after everything above.
+    _lock: AgentLock,
+}
+
+impl Agent {
+    /// Loads (or adopts) the program, fills the maps, attaches, starts the
+    /// metrics server and the blocked-source log, and installs the signal
+    /// handlers: everything before the loop.
+    pub async fn start(config_path: &Path) -> anyhow::Result<Agent> {
+        let (cfg, index) = Config::load_indexed(config_path).map_err(|e| anyhow::anyhow!("invalid config:\n{e}"))?;
+        loader::bump_memlock_rlimit();
+        let pins = Pins::new(&cfg.pin_dir);
+        pins::ensure_bpffs(&cfg.pin_dir)?;
+        let lock = AgentLock::acquire(&cfg.pin_dir)?;
+        let mut loaded = Loaded::load_pinned(&pins).map_err(|e| with_hint(e, "failed to load the XDP program"))?;
+        if loaded.adopted {
+            info!(pin_dir = %cfg.pin_dir.display(), "adopted pinned maps (allowlists and counters kept)");
+        }
+
+        // Fill the maps before attaching: the program never runs on empty maps.
+        // Adopted maps are synced as a diff, so nothing allowed before and after
+        // sees a gap.
+        let mut cfg = cfg;
+        let policy = Policy::compile(&cfg);
+        let base_labels = LabelState::new(&cfg, HashMap::new(), counters::Slots::default());
+        reload::strip_entries(&mut cfg);
+        let (stats, shadow) = sync::apply_full(&mut loaded.maps, &policy, &[]).context("failed to fill the maps")?;
+        let live = Some(Live::new(&cfg, index, policy, shadow));
+        info!(
+            written = stats.written,
+            removed = stats.removed,
+            unchanged = stats.unchanged,
+            "maps synced"
+        );
+
+        let mut interfaces = HashMap::new();
+        for iface in &cfg.interfaces {
+            let a = loaded
+                .attach(iface, cfg.xdp_mode)
+                .map_err(|e| with_hint(e, "failed to attach"))?;
+            interfaces.insert(a.ifindex, a.interface.clone());
+        }
+        loaded.prune(&cfg.interfaces);
+        info!(mode = ?cfg.mode, interfaces = ?cfg.interfaces, "relay-guard is guarding");
+
+        let slots = counters::slots(&loaded.maps).context("failed to read counter slots")?;
+        let labels = Arc::new(RwLock::new(LabelState {
+            interfaces: interfaces.clone(),
+            slots,
+            ..base_labels
+        }));
+        let agent_metrics = AgentMetrics::default();
+        agent_metrics.reload_succeeded();
+        let registry = Arc::new(metrics::registry(
+            Arc::clone(&loaded.maps.counters),
+            Arc::clone(&labels),
+            &agent_metrics,
+        ));
+
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let metrics_task = match cfg.metrics_listen {
+            Some(addr) => Some(serve_metrics(addr, registry, stop_rx)?),
+            None => None,
+        };
+        let logger_task = loaded.logger.take().and_then(drain_blocked_events);
+
+        let signals = Signals {
+            interrupt: signal(SignalKind::interrupt())?,
+            terminate: signal(SignalKind::terminate())?,
+            hangup: signal(SignalKind::hangup())?,
+        };
+        let watch = FileWatch::new(&watched_files(config_path, &cfg));
+        Ok(Agent {
+            config_path: config_path.to_path_buf(),
+            seen: cfg.fingerprint,
+            current: cfg,
+            loaded,
+            live,
+            interfaces,
+            labels,
+            metrics: agent_metrics,
+            watch,
+            signals,
+            stop_tx,
+            metrics_task,
+            logger_task,
+            _lock: lock,
+        })
+    }
+
+    /// The loop: one event at a time, each to its handler, until a stop.
+    pub async fn run(mut self, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+        tokio::pin!(shutdown);
+        loop {
+            match self.next_event(&mut shutdown).await {
+                Event::Stop(why) => {
+                    info!("{why}: shutting down");
+                    break;
+                }
+                Event::Hangup => self.reload("SIGHUP"),
+                Event::FilesChanged => self.files_changed().await,
+            }
+        }
+        self.stop().await;
+        Ok(())
+    }
+
+    /// Waits for the next event from any source.
+    async fn next_event(&mut self, shutdown: &mut std::pin::Pin<&mut impl Future<Output = ()>>) -> Event {
+        tokio::select! {
+            _ = self.signals.interrupt.recv() => Event::Stop("SIGINT"),
+            _ = self.signals.terminate.recv() => Event::Stop("SIGTERM"),
+            _ = self.signals.hangup.recv() => Event::Hangup,
+            Some(()) = self.watch.events.recv() => Event::FilesChanged,
+            () = shutdown.as_mut() => Event::Stop("shutdown requested"),
+        }
+    }
+
+    /// A watched directory changed: reloads if the bytes of the config or a
+    /// list file did.
+    async fn files_changed(&mut self) {
+        // Debounce: let a burst of events (write, rename, swap) settle.
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        while self.watch.events.try_recv().is_ok() {}
+        let now = crate::config::fingerprint(&self.config_path, &self.current.list_files);
+        if now != self.seen {
+            self.reload("file change");
+        }
+    }
+
+    /// Reloads the config (as a delta when only list files changed), and on
+    /// failure keeps the previous policy.
+    fn reload(&mut self, trigger: &'static str) {
+        info!(trigger, "reloading config");
+        let config_path = self.config_path.as_path();
+        // What a failed attempt saw (taken before it reads): a later change
+        // of any of these bytes triggers another attempt.
+        let attempted = crate::config::fingerprint(config_path, &self.current.list_files);
+        // A delta leaves ports and interfaces as they were: the counter
+        // slots stay, and are not read again (131k map lookups).
+        let slots_now = self
+            .labels
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .slots
+            .clone();
+        let outcome = match reload::delta_reload(
+            &mut self.loaded,
+            &mut self.live,
+            &self.current,
+            config_path,
+            &self.interfaces,
+            slots_now,
+        ) {
+            Some(outcome) => outcome.map(|(new, labels)| (new, labels, false)),
+            None => {
+                // The old state is rebuilt by the full reload: drop it first
+                // so a large list is not held twice (keeping the masks it
+                // left for the next sync to clear).
+                let stale = self.live.take().map(|l| l.shadow.stale).unwrap_or_default();
+                reload::full_reload(
+                    &mut self.loaded,
+                    &self.current,
+                    config_path,
+                    &mut self.interfaces,
+                    &stale,
+                )
+                .map(|(new, labels, fresh)| {
+                    self.live = fresh;
+                    (new, labels, true)
+                })
+            }
+        };
+        // Counted when the attempt is over, so a scrape that sees the count
+        // move also sees its outcome (the kernel maps are already synced).
+        match outcome {
+            Ok((new, mut new_labels, refresh_slots)) => {
+                if refresh_slots {
+                    match counters::slots(&self.loaded.maps) {
+                        Ok(slots) => new_labels.slots = slots,
+                        Err(e) => warn!(error = %e, "failed to read counter slots; metrics labels may lag"),
+                    }
+                }
+                *self.labels.write().unwrap_or_else(std::sync::PoisonError::into_inner) = new_labels;
+                self.metrics.reload_succeeded();
+                self.metrics.reloads.inc();
+                self.seen = new.fingerprint;
+                self.current = new;
+                let files = watched_files(&self.config_path, &self.current);
+                if !self.watch.covers(&files) {
+                    self.watch = FileWatch::new(&files);
+                }
+            }
+            Err(e) => {
+                error!("reload failed, keeping the previous policy: {e:#}");
+                self.metrics.reload_failed();
+                self.metrics.reloads.inc();
+                self.seen = attempted;
+            }
+        }
+    }
+
+    /// Stops the background tasks. The pinned links keep the filter
+    /// attached: the relay never reopens because the agent stopped.
+    async fn stop(mut self) {
+        if let Some(t) = self.logger_task.take() {
+            t.abort();
+        }
+        let _ = self.stop_tx.send(true);
+        if let Some(t) = self.metrics_task.take() {
+            let _ = t.await;
+        }
+        // `relay-guard detach` removes it.
+        info!(pin_dir = %self.current.pin_dir.display(), "exiting; the filter stays attached (use `relay-guard detach` to remove it)");
+    }
+}
+
+/// The files whose changes trigger a reload: the config and its list files.
+fn watched_files(config_path: &Path, c: &Config) -> Vec<PathBuf> {
+    std::iter::once(config_path.to_path_buf())
+        .chain(c.list_files.iter().cloned())
+        .collect()
+}
+
+/// Starts `GET /metrics` on `addr` until `stop` turns true.
+fn serve_metrics(
+    addr: std::net::SocketAddr,
+    registry: Arc<prometheus_client::registry::Registry>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) -> anyhow::Result<JoinHandle<()>> {
+    let shutdown = async move {
+        let _ = stop.wait_for(|s| *s).await;
+    };
+    // Bind now so a taken port is a start-up error, not a silent loss.
+    let std_listener =
+        std::net::TcpListener::bind(addr).with_context(|| format!("failed to listen on {addr} (metrics_listen)"))?;
+    drop(std_listener);
+    Ok(tokio::spawn(async move {
+        if let Err(e) = metrics::serve(addr, registry, shutdown).await {
+            error!(%addr, error = %e, "metrics server failed");
+        }
+    }))
+}
+
+/// Drains blocked-source events from the program (rate-limited there) into
+/// the log.
+fn drain_blocked_events(logger: aya_log::EbpfLogger<OncePerSecond>) -> Option<JoinHandle<()>> {
+    // SAFETY: the logger owns its ring-buffer fd and lives inside the
+    // AsyncFd, so the fd stays open for as long as it is registered.
+    match unsafe { tokio::io::unix::AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE) } {
+        Ok(mut fd) => Some(tokio::spawn(async move {
+            loop {
+                let Ok(mut guard) = fd.readable_mut().await else { break };
+                guard.get_inner_mut().flush();
+                guard.clear_ready();
+            }
+        })),
+        Err(e) => {
+            warn!(error = %e, "cannot read blocked-source events");
+            None
+        }
+    }
+}
+
+/// Adds `what` and, when the kernel said EPERM somewhere down the chain,
+/// which privileges the agent needs.
+fn with_hint(e: crate::error::LoadError, what: &str) -> anyhow::Error {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&e);
+    let mut denied = false;
+    while let Some(err) = source {
+        if let Some(io) = err.downcast_ref::<std::io::Error>()
+            && io.kind() == std::io::ErrorKind::PermissionDenied
+        {
+            denied = true;
+        }
+        denied |= err.to_string().contains("Operation not permitted") || err.to_string().contains("Permission denied");
+        source = err.source();
+    }
+    let hint = if denied {
+        " (permission denied: the agent needs CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON, or root; see deploy/relay-guard.service)"
+    } else {
+        ""
+    };
+    anyhow::Error::new(e).context(format!("{what}{hint}"))
+}

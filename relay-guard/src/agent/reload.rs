@@ -1,0 +1,129 @@
+//! Reload planning: a reload that only edited list files is applied as a
+//! delta ([`Live`]); anything else recompiles the whole config and syncs it
+//! as a diff against the kernel. Either way the config is validated before
+//! anything in the kernel changes, and a failure keeps the previous policy.
+use std::{collections::HashMap, path::Path};
+
+use anyhow::Context as _;
+use tracing::{error, info, warn};
+
+use crate::{
+    agent::{
+        incremental::{DeltaError, Live},
+        metrics::LabelState,
+    },
+    config::Config,
+    kernel::{
+        counters,
+        loader::{self, Loaded},
+        sync,
+    },
+    policy::Policy,
+};
+
+/// A reload that only edited list files, applied as a delta (see
+/// [`crate::agent::incremental`]). `None`: take the full path.
+pub(super) fn delta_reload(
+    loaded: &mut Loaded,
+    live: &mut Option<Live>,
+    current: &Config,
+    path: &Path,
+    interfaces: &HashMap<u32, String>,
+    slots: counters::Slots,
+) -> Option<anyhow::Result<(Config, LabelState)>> {
+    let state = live.as_mut()?;
+    match state.reload(&mut loaded.maps, path) {
+        Ok(None) => None,
+        Ok(Some(applied)) => {
+            info!(
+                written = applied.stats.written,
+                removed = applied.stats.removed,
+                lines_parsed = applied.lines,
+                decisions_changed = applied.changes,
+                "config reloaded"
+            );
+            let mut new = current.clone();
+            new.fingerprint = state.index.fingerprint();
+            let labels = LabelState {
+                guards: state.guard_names.clone(),
+                allow_counts: state
+                    .guard_names
+                    .iter()
+                    .zip(&applied.allow_counts)
+                    .map(|(n, &(v4, v6))| (n.clone(), v4, v6))
+                    .collect(),
+                interfaces: interfaces.clone(),
+                slots,
+            };
+            Some(Ok((new, labels)))
+        }
+        Err(DeltaError::Invalid(e)) => Some(Err(anyhow::anyhow!("invalid config:\n{e}"))),
+        Err(DeltaError::Sync(e)) => {
+            // The kernel is partly updated: a full reload diffs against it.
+            error!(error = %e, "applying the list change failed; reloading in full");
+            *live = None;
+            None
+        }
+    }
+}
+
+/// Validates the config at `path` and, only if it is valid, syncs the maps.
+/// Also returns the state for later delta reloads.
+pub(super) fn full_reload(
+    loaded: &mut Loaded,
+    current: &Config,
+    path: &Path,
+    interfaces: &mut HashMap<u32, String>,
+    stale: &[u16],
+) -> anyhow::Result<(Config, LabelState, Option<Live>)> {
+    let (mut new, index) = Config::load_indexed(path).map_err(|e| anyhow::anyhow!("invalid config:\n{e}"))?;
+    for (what, changed) in [
+        ("xdp_mode", new.xdp_mode != current.xdp_mode),
+        ("metrics_listen", new.metrics_listen != current.metrics_listen),
+        ("pin_dir", new.pin_dir != current.pin_dir),
+    ] {
+        if changed {
+            warn!("{what} changed: takes effect on restart");
+        }
+    }
+    // Interfaces are part of validation: a name that does not exist fails the
+    // reload before anything in the kernel changes.
+    for iface in new.interfaces.iter().filter(|i| !current.interfaces.contains(i)) {
+        loader::ifindex(iface)?;
+    }
+    let policy = Policy::compile(&new);
+    let labels = LabelState::new(&new, interfaces.clone(), counters::Slots::default());
+    strip_entries(&mut new);
+    let (stats, shadow) = sync::apply_full(&mut loaded.maps, &policy, stale)?;
+    let live = Live::new(&new, index, policy, shadow);
+    info!(
+        written = stats.written,
+        removed = stats.removed,
+        unchanged = stats.unchanged,
+        "config reloaded"
+    );
+    // New interfaces are attached once the maps hold the new policy; removed
+    // ones are detached (their pinned links unpinned).
+    for iface in new.interfaces.iter().filter(|i| !current.interfaces.contains(i)) {
+        let a = loaded
+            .attach(iface, new.xdp_mode)
+            .with_context(|| format!("policy applied, but attaching to new interface `{iface}` failed"))?;
+        interfaces.insert(a.ifindex, a.interface.clone());
+    }
+    interfaces.retain(|_, name| new.interfaces.contains(name));
+    loaded.prune(&new.interfaces);
+    let labels = LabelState {
+        interfaces: interfaces.clone(),
+        ..labels
+    };
+    Ok((new, labels, Some(live)))
+}
+
+/// Drops the per-entry data of a config once it is compiled: the run loop
+/// keeps only what it needs to reload and label (a 1M-entry list would
+/// otherwise be held twice during a reload).
+pub(super) fn strip_entries(cfg: &mut Config) {
+    for g in &mut cfg.guards {
+        g.entries = Vec::new();
+    }
+}

@@ -1,0 +1,18 @@
+//! The kernel side: everything that touches bpf maps, programs, links and
+//! pins. Loading and attaching the XDP program (`loader`), typed handles on
+//! its maps (`maps`), the pinned state under `pin_dir` and the agent lock
+//! (`pins`), writing a compiled policy into the maps (`sync`), reading
+//! counters (`counters`) and pinned maps (`inspect`), and the program's
+//! blocked-source log records (`events`: created with the program's log
+//! ring buffer by `loader`, so it lives here; the agent drains it).
+//!
+//! May use `policy` (what to write) and `config` (its types); never `agent`
+//! or `commands`. Holds no long-running state of its own: the agent owns the
+//! handles these functions return.
+pub mod counters;
+pub mod events;
+pub mod inspect;
+pub mod loader;
+pub mod maps;
+pub mod pins;
+pub mod sync;
