@@ -324,13 +324,11 @@ impl Validator<'_> {
             None => PathBuf::from(DEFAULT_PIN_DIR),
             Some(p) => {
                 let dir = PathBuf::from(p.get_ref());
-                if !dir.is_absolute() {
-                    self.err(
-                        &p.span(),
-                        format!("pin_dir: `{}` must be an absolute path on a bpffs", p.get_ref()),
-                    );
+                if let Some(why) = pin_dir_problem(&dir) {
+                    self.err(&p.span(), format!("pin_dir: `{}` {why}", p.get_ref()));
                 }
-                dir
+                // One spelling: `/x/`, `//x` and `/x/.` are `/x`.
+                dir.components().collect()
             }
         };
 
@@ -577,6 +575,28 @@ impl Validator<'_> {
             self.path.parent().unwrap_or(Path::new(".")).join(p)
         }
     }
+}
+
+/// What is wrong with `pin_dir` as written, if anything ("Whose state" in
+/// SPEC.md; the filesystem checks are in [`crate::pins::check_pin_dir`]).
+pub fn pin_dir_problem(dir: &Path) -> Option<String> {
+    use std::path::Component;
+    if !dir.is_absolute() {
+        return Some(
+            "must be an absolute path: a directory of its own on a bpffs (e.g. /sys/fs/bpf/relay-guard)".into(),
+        );
+    }
+    if dir.components().any(|c| c == Component::ParentDir) {
+        return Some("must not contain `..`".into());
+    }
+    let normal = dir.components().filter(|c| matches!(c, Component::Normal(_))).count();
+    let plain: PathBuf = dir.components().collect();
+    if normal == 0 || plain == Path::new("/sys/fs/bpf") {
+        return Some(format!(
+            "is the root of a file system: pin_dir must be a directory of its own (e.g. {DEFAULT_PIN_DIR}), as relay-guard deletes its state there"
+        ));
+    }
+    None
 }
 
 /// Parses an address or CIDR. A bare address is a /32 or /128. Host bits set

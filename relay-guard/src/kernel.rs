@@ -8,8 +8,10 @@ use relay_guard_common::{LONG_BLOCK, MAX_GUARDS};
 
 use crate::{error::LoadError, loader::Maps, pins::Pins, policy::Lookup};
 
-/// Opens the maps pinned under `pins` (this layout only).
+/// Opens the maps pinned under `pins` (this layout only), after checking
+/// that its `pin_dir` is a directory of its own on a bpffs.
 pub fn open(pins: &Pins) -> Result<Maps, LoadError> {
+    crate::pins::check_pin_dir(&pins.root)?;
     if !pins.has_state_maps() {
         return Err(LoadError::NotPinned {
             pin_dir: pins.root.clone(),

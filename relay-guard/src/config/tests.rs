@@ -585,6 +585,32 @@ fn relative_pin_dir_is_an_error() {
     assert_err(&e, &fake_path(), 2, &["`relay-guard`"]);
 }
 
+/// "Whose state": a pin_dir that is a file system root, or that climbs
+/// with `..`, is refused before anything touches it; spellings of one
+/// directory become one path.
+#[test]
+fn pin_dir_must_be_a_directory_of_its_own() {
+    for (dir, quote) in [
+        ("/sys/fs/bpf", "root of a file system"),
+        ("/sys/fs/bpf/", "root of a file system"),
+        ("//sys//fs/bpf/.", "root of a file system"),
+        ("/", "root of a file system"),
+        ("/sys/fs/bpf/../bpf", "`..`"),
+        ("/sys/fs/bpf/rg/..", "`..`"),
+    ] {
+        let e = one_err(&format!(
+            "interfaces = [\"eth0\"]\npin_dir = \"{dir}\"\n[[guard]]\nports = [25]\n"
+        ));
+        assert_err(&e, &fake_path(), 2, &[&format!("`{dir}`"), quote]);
+    }
+    for dir in ["/sys/fs/bpf/rg/", "//sys/fs/bpf//rg", "/sys/fs/bpf/./rg"] {
+        let cfg = parse_ok(&format!(
+            "interfaces = [\"eth0\"]\npin_dir = \"{dir}\"\n[[guard]]\nports = [25]\n"
+        ));
+        assert_eq!(cfg.pin_dir, PathBuf::from("/sys/fs/bpf/rg"), "{dir}");
+    }
+}
+
 #[test]
 fn bad_and_duplicate_guard_names_are_errors() {
     let errs = parse_err(
