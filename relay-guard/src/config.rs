@@ -184,13 +184,15 @@ impl Config {
     }
 
     fn read(path: &Path, index: bool) -> Result<(Config, Option<ListIndex>), ConfigErrors> {
-        let text = fs::read_to_string(path).map_err(|e| {
-            ConfigErrors(vec![ConfigError {
-                file: path.to_path_buf(),
-                line: 0,
-                what: format!("cannot read config: {e}"),
-            }])
-        })?;
+        let text = read_list_file(path)
+            .and_then(|b| String::from_utf8(b).map_err(|_| std::io::Error::other("not UTF-8")))
+            .map_err(|e| {
+                ConfigErrors(vec![ConfigError {
+                    file: path.to_path_buf(),
+                    line: 0,
+                    what: format!("cannot read config: {e}"),
+                }])
+            })?;
         Self::parse_inner(path, &text, index)
     }
 
@@ -464,14 +466,23 @@ impl Validator<'_> {
         ] {
             for f in list {
                 let file = self.resolve(f.get_ref());
-                let read = fs::read_to_string(&file);
+                let read = read_list_file(&file);
                 std::hash::Hash::hash(file.as_path(), &mut self.fp);
                 match &read {
-                    Ok(text) => std::hash::Hash::hash(text.as_bytes(), &mut self.fp),
+                    Ok(bytes) => std::hash::Hash::hash(bytes.as_slice(), &mut self.fp),
                     Err(e) => std::hash::Hash::hash(&e.kind(), &mut self.fp),
                 }
+                let read = read.map(|bytes| {
+                    let problems = list_bytes_errors(&file, &bytes);
+                    if problems.is_empty() {
+                        Ok(String::from_utf8(bytes).expect("checked: every line is UTF-8"))
+                    } else {
+                        Err(problems)
+                    }
+                });
                 match read {
-                    Ok(text) => {
+                    Ok(Err(problems)) => self.errors.extend(problems),
+                    Ok(Ok(text)) => {
                         let (parsed, errs) = parse_list(&file, &text, action);
                         if let Some(first) = parsed.first() {
                             file_order.push(std::sync::Arc::clone(&first.origin.file));
@@ -636,6 +647,117 @@ fn parse_net_fast(s: &str) -> Option<IpNet> {
     IpNet::new(addr, len.parse().ok()?).ok()
 }
 
+/// Largest list (or config) file read, in bytes: bounds the agent's memory
+/// whatever a file holds; real lists are far smaller (1M prefixes: ~16 MiB).
+pub const MAX_LIST_BYTES: u64 = 512 << 20;
+/// Longest line of a list file, in bytes.
+pub const MAX_LINE_BYTES: usize = 4096;
+/// Errors reported per list file; the rest are counted.
+const MAX_LIST_ERRORS: usize = 100;
+
+/// Reads a list file, bounded ("Bounded work for hostile input" in
+/// SPEC.md): a regular file of at most [`MAX_LIST_BYTES`]. A FIFO, a device
+/// (`/dev/zero` through a symlink) or a directory is an error, found
+/// without blocking (opened `O_NONBLOCK`, then `fstat`).
+pub fn read_list_file(path: &Path) -> std::io::Result<Vec<u8>> {
+    use std::{
+        io::Read as _,
+        os::unix::fs::{FileTypeExt as _, OpenOptionsExt as _},
+    };
+    let f = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)?;
+    let meta = f.metadata()?;
+    let t = meta.file_type();
+    if !t.is_file() {
+        let kind = if t.is_fifo() {
+            "a FIFO"
+        } else if t.is_char_device() || t.is_block_device() {
+            "a device"
+        } else if t.is_dir() {
+            "a directory"
+        } else if t.is_socket() {
+            "a socket"
+        } else {
+            "not a file"
+        };
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("not a regular file ({kind})"),
+        ));
+    }
+    let too_big = || {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("larger than {} MiB", MAX_LIST_BYTES >> 20),
+        )
+    };
+    if meta.len() > MAX_LIST_BYTES {
+        return Err(too_big());
+    }
+    let mut bytes = Vec::with_capacity(usize::try_from(meta.len()).unwrap_or(0));
+    f.take(MAX_LIST_BYTES + 1).read_to_end(&mut bytes)?;
+    if bytes.len() as u64 > MAX_LIST_BYTES {
+        return Err(too_big());
+    }
+    Ok(bytes)
+}
+
+/// At most 80 characters of `s`, for quoting in an error.
+fn quoted(s: &str) -> String {
+    match s.char_indices().nth(80) {
+        Some((at, _)) => format!("{}...", &s[..at]),
+        None => s.to_string(),
+    }
+}
+
+/// What makes the bytes of a list file unusable, by line: lines longer
+/// than [`MAX_LINE_BYTES`], NUL bytes, bytes that are not UTF-8. Empty when
+/// the file can be parsed.
+pub fn list_bytes_errors(file: &Path, bytes: &[u8]) -> Vec<ConfigError> {
+    let fine = memchr::memchr(0, bytes).is_none()
+        && std::str::from_utf8(bytes).is_ok()
+        && bytes
+            .split(|&b| b == b'\n')
+            .all(|l| l.len() <= MAX_LINE_BYTES + usize::from(l.ends_with(b"\r")));
+    if fine {
+        return Vec::new();
+    }
+    let mut errors = Vec::new();
+    let mut more = 0usize;
+    for (i, line) in bytes.split(|&b| b == b'\n').enumerate() {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        let what = if line.len() > MAX_LINE_BYTES {
+            format!("line is {} bytes long (at most {MAX_LINE_BYTES})", line.len())
+        } else if let Some(col) = memchr::memchr(0, line) {
+            format!("NUL byte at column {}", col + 1)
+        } else if let Err(e) = std::str::from_utf8(line) {
+            let at = e.valid_up_to();
+            format!("not UTF-8: byte {:#04x} at column {}", line[at], at + 1)
+        } else {
+            continue;
+        };
+        if errors.len() >= MAX_LIST_ERRORS {
+            more += 1;
+            continue;
+        }
+        errors.push(ConfigError {
+            file: file.to_path_buf(),
+            line: i + 1,
+            what,
+        });
+    }
+    if more > 0 {
+        errors.push(ConfigError {
+            file: file.to_path_buf(),
+            line: 0,
+            what: format!("... and {more} more such lines (is this a list file?)"),
+        });
+    }
+    errors
+}
+
 /// Parses a list file: one address or CIDR a line; `#` and `;` start
 /// comments (so Spamhaus DROP lines like `1.10.16.0/20 ; SBL256894` load).
 pub fn parse_list(file: &Path, text: &str, action: Action) -> (Vec<Entry>, Vec<ConfigError>) {
@@ -645,9 +767,16 @@ pub fn parse_list(file: &Path, text: &str, action: Action) -> (Vec<Entry>, Vec<C
 /// [`parse_list`] of a part of a file whose first line is line `first`.
 pub fn parse_list_from(file: &Path, text: &str, action: Action, first: usize) -> (Vec<Entry>, Vec<ConfigError>) {
     let shared: std::sync::Arc<Path> = std::sync::Arc::from(file);
-    // Sized up front: a 1M-line list must not pass through a doubled Vec.
-    let mut entries = Vec::with_capacity(text.bytes().filter(|&b| b == b'\n').count() + 1);
+    // Sized up front (a 1M-line list must not pass through a doubled Vec),
+    // from the lines that can hold an entry, and bounded: a file of comments
+    // or blank lines reserves nothing, a huge one grows as it parses.
+    let candidates = text
+        .lines()
+        .filter(|l| l.bytes().next().is_some_and(|b| b.is_ascii_hexdigit() || b == b':'))
+        .count();
+    let mut entries = Vec::with_capacity(candidates.min(4 << 20));
     let mut errors = Vec::new();
+    let mut more = 0usize;
     for (i, line) in text.lines().enumerate() {
         let content = line.split(['#', ';']).next().unwrap_or("").trim();
         if content.is_empty() {
@@ -659,12 +788,20 @@ pub fn parse_list_from(file: &Path, text: &str, action: Action, first: usize) ->
         };
         match parse_net(content) {
             Ok(net) => entries.push(Entry { net, action, origin }),
+            Err(_) if errors.len() >= MAX_LIST_ERRORS => more += 1,
             Err(why) => errors.push(ConfigError {
                 file: origin.file.to_path_buf(),
                 line: origin.line,
-                what: format!("`{content}`: {why}"),
+                what: format!("`{}`: {why}", quoted(content)),
             }),
         }
+    }
+    if more > 0 {
+        errors.push(ConfigError {
+            file: file.to_path_buf(),
+            line: 0,
+            what: format!("... and {more} more lines that are not addresses (is this a list file?)"),
+        });
     }
     (entries, errors)
 }
