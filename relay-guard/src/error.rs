@@ -49,7 +49,7 @@ pub enum LoadError {
     NotBpffs { path: PathBuf },
     #[error("pin_dir `{}` refused: {why}", path.display())]
     BadPinDir { path: PathBuf, why: String },
-    #[error("another relay-guard process (pid {holder}) holds pin_dir `{}` (an agent, or a detach in progress); stop it first", pin_dir.display())]
+    #[error("another relay-guard agent (pid {holder}) is running with pin_dir `{}` (or a detach is in progress); stop it first", pin_dir.display())]
     Locked { pin_dir: PathBuf, holder: String },
     #[error("pinned map `{name}` at `{}` does not match this build's layout", path.display())]
     PinnedMapMismatch { name: &'static str, path: PathBuf },
