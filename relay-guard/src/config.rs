@@ -716,12 +716,18 @@ fn quoted(s: &str) -> String {
 /// than [`MAX_LINE_BYTES`], NUL bytes, bytes that are not UTF-8. Empty when
 /// the file can be parsed.
 pub fn list_bytes_errors(file: &Path, bytes: &[u8]) -> Vec<ConfigError> {
-    let fine = memchr::memchr(0, bytes).is_none()
-        && std::str::from_utf8(bytes).is_ok()
-        && bytes
-            .split(|&b| b == b'\n')
-            .all(|l| l.len() <= MAX_LINE_BYTES + usize::from(l.ends_with(b"\r")));
-    if fine {
+    // The common case, fast (a delta reload checks the whole new file):
+    // no NUL, valid UTF-8, and no two newlines further apart than a line
+    // may be long (a line with a CR at the limit takes the slow path).
+    let mut start = 0;
+    let short = memchr::memchr_iter(b'\n', bytes)
+        .chain(std::iter::once(bytes.len()))
+        .all(|end| {
+            let ok = end - start <= MAX_LINE_BYTES;
+            start = end + 1;
+            ok
+        });
+    if short && memchr::memchr(0, bytes).is_none() && std::str::from_utf8(bytes).is_ok() {
         return Vec::new();
     }
     let mut errors = Vec::new();

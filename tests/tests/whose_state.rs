@@ -61,9 +61,7 @@ fn run_must_fail(lab: &Lab, config: PathBuf, dir: &TempDir, what: &str) -> Strin
 }
 
 fn statfs_type(path: &Path) -> Option<i64> {
-    nix::sys::statfs::statfs(path)
-        .ok()
-        .map(|s| s.filesystem_type().0)
+    nix::sys::statfs::statfs(path).ok().map(|s| s.filesystem_type().0)
 }
 
 /// A bpffs of the test's own, mounted on a temporary directory and

@@ -933,6 +933,15 @@ fn list_lines_too_long_nul_or_not_utf8_are_errors_with_line() {
     let ok = format!("{}\r\n192.0.2.0/24\r\n", "#".repeat(MAX_LINE_BYTES));
     fs::write(dir.path().join("crlf.txt"), ok).expect("write");
     load_with_list(&dir, "crlf.txt").expect("CRLF list with a 4 KiB comment");
+    // One byte over, with or without a CR.
+    for (name, end) in [("over.txt", "\n"), ("over-crlf.txt", "\r\n")] {
+        fs::write(dir.path().join(name), format!("#{}{end}", "x".repeat(MAX_LINE_BYTES))).expect("write");
+        let errs = load_with_list(&dir, name).expect_err(name).0;
+        assert!(
+            errs.len() == 1 && errs[0].line == 1 && errs[0].what.contains("4097 bytes"),
+            "{errs:#?}"
+        );
+    }
 }
 
 /// A file of garbage reports at most 100 lines and says how many more; a
