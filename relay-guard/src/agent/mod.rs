@@ -99,9 +99,11 @@ impl Agent {
     pub async fn start(config_path: &Path) -> anyhow::Result<Agent> {
         let (cfg, index) = Config::load_indexed(config_path).map_err(|e| anyhow::anyhow!("invalid config:\n{e}"))?;
         loader::bump_memlock_rlimit();
-        let pins = Pins::new(&cfg.pin_dir);
         pins::ensure_bpffs(&cfg.pin_dir)?;
+        // Held until the agent exits.
         let lock = AgentLock::acquire(&cfg.pin_dir)?;
+        // The resolved path: every spelling of pin_dir names the same state.
+        let pins = Pins::new(&lock.path);
         let mut loaded = Loaded::load_pinned(&pins).map_err(|e| with_hint(e, "failed to load the XDP program"))?;
         if loaded.adopted {
             info!(pin_dir = %cfg.pin_dir.display(), "adopted pinned maps (allowlists and counters kept)");

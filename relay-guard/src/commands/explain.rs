@@ -32,6 +32,7 @@ pub fn execute(config_path: &Path, addr: IpAddr, port: u16, as_json: bool) -> an
         (gi, g.name.clone(), allowed, entry.cloned())
     });
 
+    crate::kernel::pins::check_pin_dir(&pin_dir)?;
     let pins = Pins::new(&pin_dir);
     let kernel_side = match inspect::open(&pins) {
         Ok(km) => Some(inspect::lookup(&km, addr, port).context("failed to read the pinned maps")?),

@@ -12,8 +12,10 @@ use crate::{
     policy::Lookup,
 };
 
-/// Opens the maps pinned under `pins` (this layout only).
+/// Opens the maps pinned under `pins` (this layout only), after checking
+/// that its `pin_dir` is a directory of its own on a bpffs.
 pub fn open(pins: &Pins) -> Result<Maps, LoadError> {
+    crate::kernel::pins::check_pin_dir(&pins.root)?;
     if !pins.has_state_maps() {
         return Err(LoadError::NotPinned {
             pin_dir: pins.root.clone(),
