@@ -544,9 +544,9 @@ pub struct Loaded {
     pins: Option<Pins>,
     /// True when the maps were adopted from pinned state (counters kept).
     pub adopted: bool,
-    /// Reader of the program's aya-log ring buffer (rate-limited blocked-source
+    /// Reader of the program's aya-log ring buffer (bounded blocked-source
     /// events); `run` drains it.
-    pub logger: Option<aya_log::EbpfLogger<crate::events::OncePerSecond>>,
+    pub logger: Option<crate::events::BlockedLog>,
 }
 
 /// Raises RLIMIT_MEMLOCK for kernels that still charge BPF memory to it
@@ -613,7 +613,7 @@ impl Loaded {
                 source,
             })?;
         }
-        let logger = match aya_log::EbpfLogger::init_with_logger(&mut ebpf, crate::events::OncePerSecond::default()) {
+        let logger = match crate::events::BlockedLog::new(&mut ebpf) {
             Ok(l) => Some(l),
             Err(e) => {
                 warn!(error = %e, "blocked-source events unavailable");

@@ -65,7 +65,14 @@ pub async fn execute(config_path: &Path) -> anyhow::Result<()> {
         slots,
         ..base_labels
     }));
-    let agent = AgentMetrics::default();
+    let agent = AgentMetrics {
+        blocked_events_suppressed: loaded
+            .logger
+            .as_ref()
+            .map(crate::events::BlockedLog::suppressed_total)
+            .unwrap_or_default(),
+        ..AgentMetrics::default()
+    };
     agent.reload_succeeded();
     let registry = Arc::new(metrics::registry(
         Arc::clone(&loaded.maps.counters),
@@ -92,24 +99,9 @@ pub async fn execute(config_path: &Path) -> anyhow::Result<()> {
         }));
     }
 
-    // Blocked-source events from the program (rate-limited there).
-    let logger_task = loaded.logger.take().and_then(|logger| {
-        // SAFETY: the logger owns its ring-buffer fd and lives inside the
-        // AsyncFd, so the fd stays open for as long as it is registered.
-        match unsafe { tokio::io::unix::AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE) } {
-            Ok(mut fd) => Some(tokio::spawn(async move {
-                loop {
-                    let Ok(mut guard) = fd.readable_mut().await else { break };
-                    guard.get_inner_mut().flush();
-                    guard.clear_ready();
-                }
-            })),
-            Err(e) => {
-                warn!(error = %e, "cannot read blocked-source events");
-                None
-            }
-        }
-    });
+    // Blocked-source events from the program, bounded there and in
+    // `events.rs`. The task is watched below: if it ends, the log says so.
+    let mut logger_task = loaded.logger.take().map(|log| tokio::spawn(log.run()));
 
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut sigterm = signal(SignalKind::terminate())?;
@@ -127,6 +119,16 @@ pub async fn execute(config_path: &Path) -> anyhow::Result<()> {
             _ = sigint.recv() => { info!("SIGINT: shutting down"); break; }
             _ = sigterm.recv() => { info!("SIGTERM: shutting down"); break; }
             _ = sighup.recv() => "SIGHUP",
+            ended = async { logger_task.as_mut().expect("checked by the branch condition").await }, if logger_task.is_some() => {
+                logger_task = None;
+                let why = match ended {
+                    Ok(Err(e)) => e.to_string(),
+                    Err(e) if e.is_panic() => "it panicked".to_string(),
+                    _ => "it ended".to_string(),
+                };
+                error!(reason = %why, "the blocked-source logger stopped: blocked sources are no longer logged (the counters and `relay-guard top` still count them)");
+                continue;
+            }
             Some(()) = watch.events.recv() => {
                 // Debounce: let a burst of events (write, rename, swap) settle.
                 tokio::time::sleep(std::time::Duration::from_millis(200)).await;
