@@ -45,16 +45,19 @@ pub mod maps {
     /// `PerCpuArray<SourceStats>`: recently blocked sources, for `top`; a
     /// direct-mapped cache indexed by [`super::source_slot`].
     pub const SOURCES: &str = "RG_SOURCES";
+    /// `PerCpuArray<EventBudget>` with one entry: each CPU's token bucket for
+    /// blocked-source log events, and the events it refused.
+    pub const EVENTS: &str = "RG_EVENTS";
     /// Every map the program must define (and the agent pins).
     pub const ALL: &[&str] = &[
-        PORTS, TBL24, LONG24, MASKS, V6_TOP, V6_NODES, V6_LEAVES, IFACES, COUNTERS, SETTINGS, SOURCES,
+        PORTS, TBL24, LONG24, MASKS, V6_TOP, V6_NODES, V6_LEAVES, IFACES, COUNTERS, SETTINGS, SOURCES, EVENTS,
     ];
 }
 
 /// Version of the map layout. Pinned state lives under `layout-<N>/`, so an
 /// agent never opens maps whose layout it does not know. Bump it whenever a
 /// map's name, type, key, value or capacity changes.
-pub const LAYOUT_VERSION: u32 = 5;
+pub const LAYOUT_VERSION: u32 = 6;
 
 /// Number of entries in [`maps::PORTS`]: one per TCP port.
 pub const PORT_SLOTS: u32 = 65_536;
@@ -205,8 +208,21 @@ pub const fn source_slot_v6(w0: u64, w1: u64) -> u32 {
     ((w0 ^ w1.rotate_left(32)).wrapping_mul(0x9e37_79b9_7f4a_7c15) >> (64 - SOURCE_SLOT_BITS)) as u32
 }
 
-/// At most one log event per blocked source per this many nanoseconds.
+/// At most one log event per cache slot (and so per blocked source) per CPU
+/// per this many nanoseconds. A source that takes a slot over inherits the
+/// slot's last event time: a random-source flood cannot reset it.
 pub const EVENT_INTERVAL_NS: u64 = 1_000_000_000;
+
+/// Log events per second per CPU, whatever the number of sources: the rate
+/// of each CPU's token bucket ([`maps::EVENTS`]). Also the agent's total
+/// line budget per second.
+pub const EVENTS_PER_SECOND: u64 = 10;
+
+/// Events a CPU's bucket allows at once after a quiet spell.
+pub const EVENT_BURST: u64 = 10;
+
+/// Nanoseconds of bucket time one event costs.
+pub const EVENT_COST_NS: u64 = 1_000_000_000 / EVENTS_PER_SECOND;
 
 /// Verdicts recorded in [`CounterKey::verdict`].
 pub mod verdict {
@@ -326,6 +342,19 @@ pub struct SourceStats {
     pub last_verdict: u8,
 }
 
+/// Value of [`maps::EVENTS`] (one entry per CPU): a GCRA token bucket.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EventBudget {
+    /// `bpf_ktime_get_coarse_ns` time at which the bucket is full again if
+    /// nothing more is taken; an event is allowed while this is at most
+    /// `(EVENT_BURST - 1) * EVENT_COST_NS` ahead of now, and moves it on by
+    /// [`EVENT_COST_NS`].
+    pub next_ns: u64,
+    /// Events this CPU refused (a slot's event was due, the bucket was empty).
+    pub suppressed: u64,
+}
+
 /// Value of [`maps::SETTINGS`] (one entry, index 0).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -349,6 +378,7 @@ const _: () = assert!(MAX_MASKS <= v6::NODE);
 const _: () = assert!(v6::NODE_CAPACITY <= v6::INDEX && v6::LEAF_CAPACITY <= v6::INDEX);
 const _: () = assert!(size_of::<SourceKey>() == 20);
 const _: () = assert!(size_of::<SourceStats>() == 56);
+const _: () = assert!(size_of::<EventBudget>() == 16);
 // The program compares and writes the address as two u64 words.
 const _: () = assert!(core::mem::offset_of!(SourceStats, source) % 8 == 0);
 
@@ -362,5 +392,6 @@ mod pod {
     unsafe impl aya::Pod for super::IfaceSlot {}
     unsafe impl aya::Pod for super::SourceKey {}
     unsafe impl aya::Pod for super::SourceStats {}
+    unsafe impl aya::Pod for super::EventBudget {}
     unsafe impl aya::Pod for super::V6Leaf {}
 }

@@ -30,9 +30,9 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use relay_guard_common::{
-    COUNTER_ENTRIES, GuardedPort, IFACE_TABLE, IfaceSlot, LongBlock, MAX_LONG_BLOCKS, MAX_MASKS, PORT_SLOTS,
-    SOURCE_SLOTS, Settings, SourceStats, TBL24_ENTRIES, V6Leaf, V6Node, counter_index, family, mode, v6 as trie,
-    verdict as v,
+    COUNTER_ENTRIES, EventBudget, GuardedPort, IFACE_TABLE, IfaceSlot, LongBlock, MAX_LONG_BLOCKS, MAX_MASKS,
+    PORT_SLOTS, SOURCE_SLOTS, Settings, SourceStats, TBL24_ENTRIES, V6Leaf, V6Node, counter_index, family, mode,
+    v6 as trie, verdict as v,
 };
 
 use crate::cursor::{Cursor, Stop};
@@ -74,6 +74,9 @@ static SETTINGS: Array<Settings> = Array::with_max_entries(1, 0);
 
 #[map(name = "RG_SOURCES")]
 static SOURCES: PerCpuArray<SourceStats> = PerCpuArray::with_max_entries(SOURCE_SLOTS, 0);
+
+#[map(name = "RG_EVENTS")]
+static EVENTS: PerCpuArray<EventBudget> = PerCpuArray::with_max_entries(1, 0);
 
 // ---- Entry ----
 

@@ -75,6 +75,8 @@ pub struct AgentMetrics {
     pub reload_failures: Counter,
     pub last_reload_successful: Gauge,
     pub last_reload_success_timestamp: Gauge<f64, AtomicU64>,
+    /// Blocked-source log events held back by the bound (kernel and agent).
+    pub blocked_events_suppressed: Counter,
 }
 
 impl AgentMetrics {
@@ -252,6 +254,11 @@ pub fn registry(counters: Counters, labels: Arc<RwLock<LabelState>>, agent: &Age
         "config_last_reload_success_timestamp_seconds",
         "Unix time of the last successful config load or reload",
         agent.last_reload_success_timestamp.clone(),
+    );
+    sub.register(
+        "blocked_events_suppressed",
+        "Blocked-source log events held back by the bound of 10 lines a second (kernel bucket or agent)",
+        agent.blocked_events_suppressed.clone(),
     );
     let build_info = prometheus_client::metrics::family::Family::<[(&'static str, &'static str); 1], Gauge>::default();
     build_info.get_or_create(&[("version", crate::VERSION)]).set(1);

@@ -32,7 +32,6 @@ use crate::{
     config::Config,
     kernel::{
         counters,
-        events::OncePerSecond,
         loader::{self, Loaded},
         pins::{self, AgentLock, Pins},
         sync,
@@ -52,7 +51,7 @@ pub async fn run(config_path: &Path, shutdown: impl Future<Output = ()>) -> anyh
 
 /// One unit of work for the agent's loop. New sources (link changes, bans,
 /// timers) add a variant here, an arm in `Agent::next_event` and a method.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
     /// SIGTERM, SIGINT or the caller's shutdown: stop (the name, for the log).
     Stop(&'static str),
@@ -60,6 +59,8 @@ pub enum Event {
     Hangup,
     /// Something changed in a directory of the config or a list file.
     FilesChanged,
+    /// The blocked-source logger task ended (why).
+    BlockedLogEnded(String),
 }
 
 /// The signals the agent handles.
@@ -87,7 +88,7 @@ pub struct Agent {
     signals: Signals,
     stop_tx: tokio::sync::watch::Sender<bool>,
     metrics_task: Option<JoinHandle<()>>,
-    logger_task: Option<JoinHandle<()>>,
+    logger_task: Option<JoinHandle<std::io::Result<()>>>,
     /// Held until the agent is dropped, after everything above.
     _lock: AgentLock,
 }
@@ -141,7 +142,14 @@ impl Agent {
             slots,
             ..base_labels
         }));
-        let agent_metrics = AgentMetrics::default();
+        let agent_metrics = AgentMetrics {
+            blocked_events_suppressed: loaded
+                .logger
+                .as_ref()
+                .map(crate::kernel::events::BlockedLog::suppressed_total)
+                .unwrap_or_default(),
+            ..AgentMetrics::default()
+        };
         agent_metrics.reload_succeeded();
         let registry = Arc::new(metrics::registry(
             Arc::clone(&loaded.maps.counters),
@@ -154,7 +162,9 @@ impl Agent {
             Some(addr) => Some(serve_metrics(addr, registry, stop_rx)?),
             None => None,
         };
-        let logger_task = loaded.logger.take().and_then(drain_blocked_events);
+        // Blocked-source events from the program, bounded there and in
+        // `kernel::events`. The task is watched: if it ends, the log says so.
+        let logger_task = loaded.logger.take().map(|log| tokio::spawn(log.run()));
 
         let signals = Signals {
             interrupt: signal(SignalKind::interrupt())?,
@@ -191,6 +201,9 @@ impl Agent {
                 }
                 Event::Hangup => self.reload("SIGHUP"),
                 Event::FilesChanged => self.files_changed().await,
+                Event::BlockedLogEnded(why) => {
+                    error!(reason = %why, "the blocked-source logger stopped: blocked sources are no longer logged (the counters and `relay-guard top` still count them)");
+                }
             }
         }
         self.stop().await;
@@ -205,6 +218,14 @@ impl Agent {
             _ = self.signals.hangup.recv() => Event::Hangup,
             Some(()) = self.watch.events.recv() => Event::FilesChanged,
             () = shutdown.as_mut() => Event::Stop("shutdown requested"),
+            ended = async { self.logger_task.as_mut().expect("checked by the branch condition").await }, if self.logger_task.is_some() => {
+                self.logger_task = None;
+                Event::BlockedLogEnded(match ended {
+                    Ok(Err(e)) => e.to_string(),
+                    Err(e) if e.is_panic() => "it panicked".to_string(),
+                    _ => "it ended".to_string(),
+                })
+            }
         }
     }
 
@@ -332,26 +353,6 @@ fn serve_metrics(
             error!(%addr, error = %e, "metrics server failed");
         }
     }))
-}
-
-/// Drains blocked-source events from the program (rate-limited there) into
-/// the log.
-fn drain_blocked_events(logger: aya_log::EbpfLogger<OncePerSecond>) -> Option<JoinHandle<()>> {
-    // SAFETY: the logger owns its ring-buffer fd and lives inside the
-    // AsyncFd, so the fd stays open for as long as it is registered.
-    match unsafe { tokio::io::unix::AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE) } {
-        Ok(mut fd) => Some(tokio::spawn(async move {
-            loop {
-                let Ok(mut guard) = fd.readable_mut().await else { break };
-                guard.get_inner_mut().flush();
-                guard.clear_ready();
-            }
-        })),
-        Err(e) => {
-            warn!(error = %e, "cannot read blocked-source events");
-            None
-        }
-    }
 }
 
 /// Adds `what` and, when the kernel said EPERM somewhere down the chain,

@@ -42,9 +42,9 @@ pub struct Loaded {
     pins: Option<Pins>,
     /// True when the maps were adopted from pinned state (counters kept).
     pub adopted: bool,
-    /// Reader of the program's aya-log ring buffer (rate-limited blocked-source
+    /// Reader of the program's aya-log ring buffer (bounded blocked-source
     /// events); `run` drains it.
-    pub logger: Option<aya_log::EbpfLogger<crate::kernel::events::OncePerSecond>>,
+    pub logger: Option<crate::kernel::events::BlockedLog>,
 }
 
 /// Raises RLIMIT_MEMLOCK for kernels that still charge BPF memory to it
@@ -111,14 +111,13 @@ impl Loaded {
                 source,
             })?;
         }
-        let logger =
-            match aya_log::EbpfLogger::init_with_logger(&mut ebpf, crate::kernel::events::OncePerSecond::default()) {
-                Ok(l) => Some(l),
-                Err(e) => {
-                    warn!(error = %e, "blocked-source events unavailable");
-                    None
-                }
-            };
+        let logger = match crate::kernel::events::BlockedLog::new(&mut ebpf) {
+            Ok(l) => Some(l),
+            Err(e) => {
+                warn!(error = %e, "blocked-source events unavailable");
+                None
+            }
+        };
         Ok(Loaded {
             ebpf,
             maps,
