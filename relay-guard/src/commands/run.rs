@@ -12,6 +12,7 @@ use tracing::{error, info, warn};
 use crate::{
     config::Config,
     counters,
+    error::SyncError,
     incremental::{DeltaError, Live},
     loader::{self, Loaded},
     metrics::{self, AgentMetrics, LabelState},
@@ -37,11 +38,15 @@ pub async fn execute(config_path: &Path) -> anyhow::Result<()> {
     // sees a gap.
     let mut cfg = cfg;
     let policy = Policy::compile(&cfg);
-    let base_labels = LabelState::new(&cfg, HashMap::new(), counters::Slots::default());
+    let mut base_labels = LabelState::new(&cfg, HashMap::new(), counters::Slots::default());
     strip_entries(&mut cfg);
-    let (stats, shadow) = sync::apply_full(&mut loaded.maps, &policy, &[]).context("failed to fill the maps")?;
+    let (stats, shadow, policy) =
+        sync::apply_full(&mut loaded.maps, &policy, None, &[]).context("failed to fill the maps")?;
+    base_labels.guards = policy.names_by_bit(&base_labels.guards);
     // Kept for reloads that only edit list files (applied as deltas).
     let mut live = Some(Live::new(&cfg, index, policy, shadow));
+    // The policy in force while `live` is gone (after a failed full reload).
+    let mut in_force: Option<Policy> = None;
     info!(
         written = stats.written,
         removed = stats.removed,
@@ -152,14 +157,43 @@ pub async fn execute(config_path: &Path) -> anyhow::Result<()> {
         let outcome = match delta_reload(&mut loaded, &mut live, &current, config_path, &interfaces, slots_now) {
             Some(outcome) => outcome.map(|(new, labels)| (new, labels, false)),
             None => {
-                // The old state is rebuilt by the full reload: drop it first
-                // so a large list is not held twice (keeping the masks it
-                // left for the next sync to clear).
-                let stale = live.take().map(|l| l.shadow.stale).unwrap_or_default();
-                reload(&mut loaded, &current, config_path, &mut interfaces, &stale).map(|(new, labels, fresh)| {
-                    live = fresh;
-                    (new, labels, true)
-                })
+                // The old state is rebuilt by the full reload: drop its index
+                // first so a large list is not held twice (keeping the masks
+                // it left for the next sync to clear). The policy in force is
+                // kept: guards that change ports keep their old verdicts
+                // until the switch (see `sync`), and a failed sync is undone
+                // with it.
+                let (stale, old) = match live.take() {
+                    Some(l) => (l.shadow.stale, Some(l.policy)),
+                    None => (Vec::new(), in_force.take()),
+                };
+                let r = reload(
+                    &mut loaded,
+                    &current,
+                    config_path,
+                    &mut interfaces,
+                    &stale,
+                    old.as_ref(),
+                );
+                match r {
+                    Ok((new, labels, fresh)) => {
+                        live = fresh;
+                        Ok((new, labels, true))
+                    }
+                    Err(e) => {
+                        if let Some(old) = &old
+                            && matches!(e.downcast_ref::<SyncError>(), Some(SyncError::Map { .. }))
+                        {
+                            // Written part-way: back to the policy in force.
+                            match sync::apply_full(&mut loaded.maps, old, None, &[]) {
+                                Ok(_) => warn!("the failed sync was undone: the kernel holds the previous policy"),
+                                Err(e2) => error!("undoing the failed sync failed too: {e2:#}"),
+                            }
+                        }
+                        in_force = old;
+                        Err(e)
+                    }
+                }
             }
         };
         // Counted when the attempt is over, so a scrape that sees the count
@@ -227,7 +261,7 @@ fn delta_reload(
             let mut new = current.clone();
             new.fingerprint = state.index.fingerprint();
             let labels = LabelState {
-                guards: state.guard_names.clone(),
+                guards: state.policy.names_by_bit(&state.guard_names),
                 allow_counts: state
                     .guard_names
                     .iter()
@@ -257,6 +291,7 @@ fn reload(
     path: &Path,
     interfaces: &mut HashMap<u32, String>,
     stale: &[u16],
+    old: Option<&Policy>,
 ) -> anyhow::Result<(Config, LabelState, Option<Live>)> {
     let (mut new, index) = Config::load_indexed(path).map_err(|e| anyhow::anyhow!("invalid config:\n{e}"))?;
     for (what, changed) in [
@@ -274,9 +309,10 @@ fn reload(
         loader::ifindex(iface)?;
     }
     let policy = Policy::compile(&new);
-    let labels = LabelState::new(&new, interfaces.clone(), counters::Slots::default());
+    let mut labels = LabelState::new(&new, interfaces.clone(), counters::Slots::default());
     strip_entries(&mut new);
-    let (stats, shadow) = sync::apply_full(&mut loaded.maps, &policy, stale)?;
+    let (stats, shadow, policy) = sync::apply_full(&mut loaded.maps, &policy, old, stale)?;
+    labels.guards = policy.names_by_bit(&labels.guards);
     let live = Live::new(&new, index, policy, shadow);
     info!(
         written = stats.written,
