@@ -21,10 +21,9 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use relay_guard_common::{
-    COUNTER_PORT_SLOTS, GuardedPort, LONG_BLOCK, MAX_GUARDS, MAX_LONG_BLOCKS, MAX_MASKS, PORT_SLOTS, PortEntry,
-    Settings, maps,
+    AllowMask, COUNTER_PORT_SLOTS, GuardedPort, LONG_BLOCK, MAX_GUARDS, MAX_LONG_BLOCKS, MAX_MASKS, PORT_SLOTS,
+    PortEntry, Settings, maps,
 };
-use tracing::warn;
 
 use crate::{
     error::SyncError,
@@ -105,15 +104,17 @@ pub fn apply_full(
         let what = over.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ");
         return Err(SyncError::Capacity { what });
     }
-    let first = match (keep, old) {
-        (0, _) => None,
-        (_, Some(old)) => Some(Policy::union(old, keep, &target)),
-        (_, None) => {
-            warn!(
-                "guards changed ports, and the previous policy is not known to this agent: their ports deny until the switch"
-            );
-            None
-        }
+    // The kept bits' old meaning, as the kernel holds it (the source of
+    // truth, also after a restart or a failed sync); `old` if it cannot be read.
+    let first = match keep {
+        0 => None,
+        _ => match kernel_policy(maps, keep) {
+            Ok(k) => Some(Policy::union(&k, keep, &target)),
+            Err(e) => match old {
+                Some(old) => Some(Policy::union(old, keep, &target)),
+                None => return Err(e),
+            },
+        },
     };
     let first_ref = first.as_ref().unwrap_or(&target);
     // Everything that can run out, checked before the first write.
@@ -167,6 +168,168 @@ pub fn plan(maps: &mut Maps, policy: &Policy) -> Result<SyncStats, SyncError> {
 pub fn kernel_bits(maps: &Maps, policy: &Policy) -> Result<Vec<u8>, SyncError> {
     let gens = read_gens(maps)?;
     assign_bits(&gens.active(), policy, false).map(|(b, _)| b)
+}
+
+/// The verdicts of the bits `keep` as the kernel's tables hold them, as a
+/// policy: runs of equal value (IPv4 /24 blocks, hosts of a long block, IPv6
+/// top slots) become aligned prefixes, trie entries their ranges, leaves
+/// their prefixes. A lookup in it gives, for those bits, what the program
+/// finds in the kernel.
+fn kernel_policy(maps: &mut Maps, keep: u64) -> Result<Policy, SyncError> {
+    let mut masks = vec![0u64; MAX_MASKS as usize];
+    for i in 1..MAX_MASKS {
+        masks[i as usize] = maps
+            .masks
+            .get(&i, 0)
+            .map_err(merr("read", maps::MASKS, format!("index {i}")))?;
+    }
+    let val = |idx: u32| masks.get(idx as usize).copied().unwrap_or(0) & keep;
+    let mut p = Policy::default();
+    // [start, end) of units of 2^unit_bits addresses from `base`, as prefixes.
+    fn ranges(start: u64, end: u64, mut emit: impl FnMut(u32, u64)) {
+        let mut s = start;
+        while s < end {
+            let mut size_bits = if s == 0 { 63 } else { s.trailing_zeros() };
+            while size_bits > 0 && s + (1u64 << size_bits) > end {
+                size_bits -= 1;
+            }
+            emit(size_bits, s);
+            s += 1u64 << size_bits;
+        }
+    }
+    let v4_run = |p: &mut Policy, start: u32, end: u32, v: u64| {
+        if v != 0 {
+            ranges(u64::from(start), u64::from(end), |bits, s| {
+                let len = u8::try_from(24 - bits).expect("<= 24");
+                let addr = u32::try_from(s << 8).expect("fits");
+                p.v4.insert((len, addr.to_be_bytes()), AllowMask { allow: v });
+            });
+        }
+    };
+    let mut run = (0u32, 0u64);
+    for b in 0..tables::BLOCKS as u32 {
+        let e = maps.tbl24.get(b as usize);
+        if e & LONG_BLOCK == 0 {
+            let v = val(u32::from(e));
+            if v != run.1 {
+                v4_run(&mut p, run.0, b, run.1);
+                run = (b, v);
+            }
+            continue;
+        }
+        v4_run(&mut p, run.0, b, run.1);
+        run = (b + 1, 0);
+        // A block marked long without its hosts denies.
+        let Ok(hosts) = maps.long24.get(&b, 0) else { continue };
+        let mut hrun = (0u32, val(u32::from(hosts[0])));
+        for h in 1..=256u32 {
+            let v = if h < 256 {
+                val(u32::from(hosts[h as usize]))
+            } else {
+                u64::MAX
+            };
+            if v != hrun.1 {
+                if hrun.1 != 0 {
+                    ranges(u64::from(hrun.0), u64::from(h), |bits, s| {
+                        let len = u8::try_from(32 - bits).expect("<= 32");
+                        let addr = (b << 8) | u32::try_from(s).expect("< 256");
+                        p.v4.insert((len, addr.to_be_bytes()), AllowMask { allow: hrun.1 });
+                    });
+                }
+                hrun = (h, v);
+            }
+        }
+    }
+    v4_run(&mut p, run.0, tables::BLOCKS as u32, run.1);
+    maps.tbl24.release();
+
+    // IPv6: top-level runs, then every node entry and leaf below.
+    use relay_guard_common::v6;
+    fn emit6(
+        maps: &Maps,
+        val: &dyn Fn(u32) -> u64,
+        out: &mut BTreeMap<(u8, [u8; 16]), AllowMask>,
+        e: u32,
+        depth: u8,
+        addr: u128,
+        parent: u64,
+    ) {
+        let mut put = |len: u8, a: u128, v: u64| {
+            if v != parent {
+                out.insert((len, a.to_be_bytes()), AllowMask { allow: v });
+            }
+        };
+        match e & v6::TAG {
+            0 => put(depth, addr, val(e)),
+            v6::NODE if depth <= 124 => match maps.v6.node(e & v6::INDEX) {
+                Some(node) => {
+                    for (c, &child) in node.iter().enumerate() {
+                        let a = addr | ((c as u128) << (124 - u32::from(depth)));
+                        emit6(maps, val, out, child, depth + 4, a, parent);
+                    }
+                }
+                None => put(depth, addr, 0),
+            },
+            v6::LEAF => match maps.v6.leaf(e & v6::INDEX) {
+                Some(leaf) => {
+                    let outside = val(u32::from(leaf.outside));
+                    put(depth, addr, outside);
+                    let la = u128::from_be_bytes(leaf.addr);
+                    if leaf.inside & v6::TAG == 0 {
+                        if val(leaf.inside) != outside {
+                            out.insert(
+                                (leaf.len, leaf.addr),
+                                AllowMask {
+                                    allow: val(leaf.inside),
+                                },
+                            );
+                        }
+                    } else {
+                        emit6(maps, val, out, leaf.inside, leaf.len, la, outside);
+                    }
+                }
+                None => put(depth, addr, 0),
+            },
+            _ => put(depth, addr, 0),
+        }
+    }
+    let top_bits = v6::TOP_BITS as u8;
+    let mut run = (0u64, 0u64);
+    let flush6 = |p: &mut Policy, start: u64, end: u64, v: u64| {
+        if v != 0 {
+            ranges(start, end, |bits, s| {
+                let len = top_bits - u8::try_from(bits).expect("<= 20");
+                p.v6.insert(
+                    (len, (u128::from(s) << (128 - u32::from(top_bits))).to_be_bytes()),
+                    AllowMask { allow: v },
+                );
+            });
+        }
+    };
+    for slot in 0..u64::from(v6::TOP_SLOTS) {
+        let e = maps.v6.top(slot as usize);
+        if e & v6::TAG == 0 {
+            let v = val(e);
+            if v != run.1 {
+                flush6(&mut p, run.0, slot, run.1);
+                run = (slot, v);
+            }
+            continue;
+        }
+        flush6(&mut p, run.0, slot, run.1);
+        run = (slot + 1, 0);
+        emit6(
+            maps,
+            &val,
+            &mut p.v6,
+            e,
+            top_bits,
+            u128::from(slot) << (128 - u32::from(top_bits)),
+            0,
+        );
+    }
+    flush6(&mut p, run.0, u64::from(v6::TOP_SLOTS), run.1);
+    Ok(p)
 }
 
 /// What the kernel holds of the generations.
@@ -721,4 +884,63 @@ pub fn apply_delta(
 fn block_name(block: u32) -> String {
     let [_, a, b, c] = block.to_be_bytes();
     format!("block {a}.{b}.{c}.0/24")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Config, Guard, Mode};
+
+    fn policy(guards: &[&[u16]]) -> Policy {
+        let mut cfg = Config::parse(
+            std::path::Path::new("/nonexistent/t.toml"),
+            "interfaces = [\"lo\"]\n[[guard]]\nports = [25]\n",
+        )
+        .expect("valid");
+        cfg.mode = Mode::Enforce;
+        cfg.guards = guards
+            .iter()
+            .enumerate()
+            .map(|(i, ports)| Guard {
+                name: format!("g{i}"),
+                ports: ports.to_vec(),
+                entries: Vec::new(),
+            })
+            .collect();
+        Policy::compile(&cfg)
+    }
+
+    fn active(ports: &[(u16, u8)]) -> BTreeMap<u16, u8> {
+        ports.iter().copied().collect()
+    }
+
+    #[test]
+    fn a_guard_keeps_its_bit_while_it_keeps_its_ports() {
+        // relay (25) on bit 0; a guard inserted above it, another below.
+        let (bits, keep) = assign_bits(&active(&[(25, 0)]), &policy(&[&[587], &[25], &[2525]]), false).expect("room");
+        assert_eq!((bits[1], keep), (0, 0));
+        assert!(bits[0] != 0 && bits[2] != 0 && bits[0] != bits[2]);
+        // Reordered: both keep their bits.
+        let (bits, keep) = assign_bits(&active(&[(25, 0), (587, 3)]), &policy(&[&[587], &[25]]), false).expect("room");
+        assert_eq!((bits, keep), (vec![3, 0], 0));
+        // A port moves to another guard: the bit it tested keeps its meaning until the switch.
+        let (bits, keep) = assign_bits(&active(&[(25, 0), (587, 0)]), &policy(&[&[25], &[587]]), false).expect("room");
+        assert_eq!(keep, 1);
+        assert!(!bits.contains(&0));
+        // A removed guard's bit is kept; a guard that gains a port keeps its bit.
+        let (bits, keep) = assign_bits(&active(&[(25, 0), (587, 1)]), &policy(&[&[25, 465]]), false).expect("room");
+        assert_eq!((bits, keep), (vec![0], 1 << 1));
+        // A mode change moves every guard.
+        let (bits, keep) = assign_bits(&active(&[(25, 0)]), &policy(&[&[25]]), true).expect("room");
+        assert_eq!((bits, keep), (vec![1], 1));
+    }
+
+    #[test]
+    fn running_out_of_bits_is_an_error_before_any_write() {
+        let old: Vec<(u16, u8)> = (0..40u8).map(|b| (1000 + u16::from(b), b)).collect();
+        let ports: Vec<Vec<u16>> = (0..30u16).map(|i| vec![3000 + i]).collect();
+        let refs: Vec<&[u16]> = ports.iter().map(Vec::as_slice).collect();
+        let e = assign_bits(&active(&old), &policy(&refs), false).expect_err("40 kept + 30 new > 64");
+        assert!(e.to_string().contains("need a new bit"), "{e}");
+    }
 }
