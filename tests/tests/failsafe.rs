@@ -323,3 +323,61 @@ fn agent_killed_mid_sync_leaves_one_policy() {
         assert_eq!((admitted, refused), (0, 0), "after a kill at {frac} of a reload");
     }
 }
+
+/// Ports that move to other guards, across an agent restart (the agent has
+/// no memory of the old policy: the kernel's tables are read back) and a
+/// reload back, under a SYN flood: nothing denied reaches the server,
+/// nothing allowed is dropped.
+#[test]
+fn ports_moved_between_guards_across_a_restart_never_cross_wire() {
+    if !require::privileged("ports_moved_between_guards_across_a_restart_never_cross_wire") {
+        return;
+    }
+    let lab = Lab::new();
+    let dir = TempDir::new();
+    let _server = BannerServer::start(&lab.server, &[25]);
+    let pins = pin_dir("rg-test-");
+    dir.write("relay-allow.txt", &big_list());
+    let both = "[[guard]]\nname = \"relay\"\nports = [25, 587]\nallow_files = [\"relay-allow.txt\"]\n";
+    let split = "[[guard]]\nname = \"relay2\"\nports = [25]\nallow_files = [\"relay-allow.txt\"]\n";
+    let a = config_text(&lab, &pins, &[both]);
+    let b = config_text(&lab, &pins, &[OPEN, split]);
+    let config = dir.write("relay-guard.toml", &a);
+    let _detach = DetachOnDrop::new(config.clone(), pins.clone());
+    let mut agent = Agent::start(&lab.server, config.clone(), &dir);
+    let sent = SentCounters::install_syns(&lab.client, &[ALLOWED_V4, DENIED_V4], &[25]);
+    let arrived = Arrived::install(&lab.server, &[ALLOWED_V4, DENIED_V4]);
+    let stop = Arc::new(AtomicBool::new(false));
+    let floods = [
+        syn_flood(&lab.client, ip(ALLOWED_V4), ip(SERVER_V4), Arc::clone(&stop)),
+        syn_flood(&lab.client, ip(DENIED_V4), ip(SERVER_V4), Arc::clone(&stop)),
+    ];
+    std::thread::sleep(Duration::from_millis(300));
+    // Down, config changed, up: port 25 moves to `relay2`, 587 to `open`.
+    agent.signal(Signal::SIGTERM);
+    let _ = agent.wait(Duration::from_secs(10));
+    replace(&config, &b);
+    let agent = Agent::start(&lab.server, config.clone(), &dir);
+    std::thread::sleep(Duration::from_millis(300));
+    // And back by a reload.
+    let before = metric(&scrape(&lab), "relay_guard_config_reloads_total", &[]);
+    replace(&config, &a);
+    let m = wait_metric(&lab, "relay_guard_config_reloads_total", before + 1.0, &agent);
+    assert_eq!(metric(&m, "relay_guard_config_reload_failures_total", &[]), 0.0);
+    std::thread::sleep(Duration::from_millis(300));
+    stop.store(true, Ordering::Relaxed);
+    for f in floods {
+        f.join().expect("flood thread");
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    let (allowed_sent, denied_sent) = (sent.packets(ALLOWED_V4, 25), sent.packets(DENIED_V4, 25));
+    let (allowed_in, denied_in) = (arrived.packets(ALLOWED_V4), arrived.packets(DENIED_V4));
+    eprintln!(
+        "restart and reload moving ports: allowed SYNs sent {allowed_sent}, reached the server {allowed_in}; denied SYNs sent {denied_sent}, reached the server {denied_in}"
+    );
+    let (_, out) = cli(&config, &["status"]);
+    assert!(out.contains("kernel maps match"), "{out}");
+    assert!(denied_sent > 500 && allowed_sent > 500, "the flood did not run");
+    assert_eq!(denied_in, 0, "denied SYNs reached the server's stack");
+    assert_eq!(allowed_in, allowed_sent, "allowed SYNs were dropped");
+}
