@@ -1,15 +1,20 @@
 //! Makes the kernel maps equal to a compiled [`Policy`], as a diff against
 //! what the maps hold now; or, with [`plan`], only counts what would change.
 //!
-//! Order matters for "no gap". Phase 1 writes everything new or changed:
-//! new masks (into indices no table references), then long blocks, then the
-//! /24 table, then the IPv6 trie (new nodes and leaves into unlinked indices,
-//! then the entries that link them; see `tables6`), ports and the mode.
-//! Phase 2 removes what is stale: ports and long blocks. Masks that neither
-//! family references any more, and IPv6 nodes and leaves that were
-//! unlinked, are left as they are (a lookup may still be about to read
-//! them): the next sync clears such masks if still unreferenced, and reuses
-//! such nodes and leaves.
+//! One policy at a time: ports and mode belong to a generation, switched by
+//! one store, and guard bits keep their meaning while packets may test them
+//! (see [`apply_full`]). All or nothing: every limit is checked, and the
+//! first pass and the switch are run without writes, before anything is
+//! written.
+//!
+//! Order within a pass matters for "no gap". Phase 1 writes everything new
+//! or changed: new masks (into indices no table references), then long
+//! blocks, then the /24 table, then the IPv6 trie (new nodes and leaves into
+//! unlinked indices, then the entries that link them; see `tables6`).
+//! Phase 2 removes stale long blocks. Masks that neither family references
+//! any more, and IPv6 nodes and leaves that were unlinked, are left as they
+//! are (a lookup may still be about to read them): the next sync clears such
+//! masks if still unreferenced, and reuses such nodes and leaves.
 //!
 //! [`apply`] diffs the whole policy against the kernel (start-up, config
 //! changes); [`apply_delta`] writes only what a list edit touched, from the
@@ -97,7 +102,13 @@ pub fn apply_full(
     let gens = read_gens(maps)?;
     let active = gens.active();
     let mode_changes = !active.is_empty() && gens.settings.mode() != policy.mode;
-    let (bits, keep) = assign_bits(&active, policy, mode_changes)?;
+    // A mode change moves every guard to a new bit, when there are enough
+    // (up to 32 guards); otherwise guards keep their bits and only the
+    // switch changes the mode.
+    let (bits, keep) = match assign_bits(&active, policy, mode_changes) {
+        Err(_) if mode_changes => assign_bits(&active, policy, false)?,
+        r => r?,
+    };
     let target = policy.with_bits(&bits);
     let over = target.limits();
     if !over.is_empty() {
