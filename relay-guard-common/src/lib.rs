@@ -14,7 +14,8 @@ use core::mem::size_of;
 /// `#[map]` in the eBPF crate needs literals, so a userspace test checks that
 /// every name in [`maps::ALL`] exists in the built object (relay-guard/tests/object.rs).
 pub mod maps {
-    /// `Array<GuardedPort>` indexed by TCP destination port (host order).
+    /// `Array<PortEntry>` indexed by TCP destination port (host order): the
+    /// port's owner in each generation (see [`super::Settings::generation`]).
     pub const PORTS: &str = "RG_PORTS";
     /// `Array<[u16; 4]>`, mmapable: the IPv4 first level, one `u16` per /24
     /// (block `b` is lane `b & 3` of entry `b >> 2`). A value is a mask index
@@ -252,17 +253,29 @@ pub mod mode {
     pub const MONITOR: u32 = 1;
 }
 
-/// Value of [`maps::PORTS`]: which guard owns the port.
+/// Which guard owns a port in one generation (half of a [`PortEntry`]).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct GuardedPort {
     /// 1 when the port is guarded; 0 (the zeroed default) leaves it alone.
     pub active: u8,
-    /// Index of the owning guard: the bit to test in [`AllowMask::allow`].
+    /// The owning guard's bit in [`AllowMask::allow`]. Bits are not config
+    /// positions: a bit keeps its meaning for as long as a generation that
+    /// tests it is in force (see `sync.rs`).
     pub guard: u8,
     /// Counter slot of this port (1..[`COUNTER_PORT_SLOTS`]); kept stable
     /// across reloads and restarts so counters stay with their port.
     pub slot: u16,
+}
+
+/// Value of [`maps::PORTS`]: the port's owner in generation 0 and in
+/// generation 1. The program reads [`Settings::generation`] once per packet
+/// and uses that half only, so the agent prepares the other half (with the
+/// mode) and switches every port at once with one store.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PortEntry {
+    pub gens: [GuardedPort; 2],
 }
 
 /// Value of [`maps::IFACES`].
@@ -356,11 +369,33 @@ pub struct EventBudget {
 }
 
 /// Value of [`maps::SETTINGS`] (one entry, index 0).
+///
+/// A policy is the pair (ports, mode) of one generation plus the tables;
+/// the tables serve both generations while they differ (see `sync.rs`).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Settings {
-    /// One of [`mode`].
-    pub mode: u32,
+    /// The generation in force, 0 or 1 (only bit 0 is read): which half of
+    /// each [`PortEntry`] and which of [`Settings::modes`] apply. Read once
+    /// per packet; the agent changes it with one aligned store.
+    pub generation: u32,
+    /// The mode of each generation, one of [`mode`].
+    pub modes: [u32; 2],
+    /// Must be zero.
+    pub _pad: u32,
+}
+
+impl Settings {
+    /// The generation in force (0 or 1).
+    #[inline(always)]
+    pub const fn current(&self) -> usize {
+        (self.generation & 1) as usize
+    }
+
+    /// The mode in force.
+    pub const fn mode(&self) -> u32 {
+        self.modes[self.current()]
+    }
 }
 
 const _: () = assert!(size_of::<GuardedPort>() == 4);
@@ -370,7 +405,8 @@ const _: () = assert!(size_of::<IfaceSlot>() == 8);
 const _: () = assert!(size_of::<LongBlock>() == 512);
 const _: () =
     assert!(counter_index(IFACE_SLOTS - 1, COUNTER_PORT_SLOTS - 1, family::UNKNOWN, 4) == COUNTER_ENTRIES - 1);
-const _: () = assert!(size_of::<Settings>() == 4);
+const _: () = assert!(size_of::<Settings>() == 16);
+const _: () = assert!(size_of::<PortEntry>() == 8);
 const _: () = assert!(size_of::<V6Node>() == 64);
 const _: () = assert!(size_of::<V6Leaf>() == 24);
 const _: () = assert!(v6::NODE_LEVELS == 27);
@@ -386,6 +422,7 @@ const _: () = assert!(core::mem::offset_of!(SourceStats, source) % 8 == 0);
 mod pod {
     // SAFETY: all of these are #[repr(C)], Copy, made of integers, with explicit padding.
     unsafe impl aya::Pod for super::GuardedPort {}
+    unsafe impl aya::Pod for super::PortEntry {}
     unsafe impl aya::Pod for super::AllowMask {}
     unsafe impl aya::Pod for super::CounterKey {}
     unsafe impl aya::Pod for super::Settings {}

@@ -39,7 +39,7 @@ use crate::{EVENTS, SOURCES, ipv6::V6Src};
 pub fn record_v4(ctx: &XdpContext, src: [u8; 4], port: u16, guard: u8, v: u8) {
     let w = u32::from_ne_bytes(src);
     if touch(source_slot_v4(w), u64::from(w), 0, family::IPV4, port, guard, v) {
-        info!(ctx, "{} {:i} -> port {} (guard {})", what(v), src, port, guard);
+        info!(ctx, "{} {:i} -> port {} (guard bit {})", what(v), src, port, guard);
     }
 }
 
@@ -48,7 +48,14 @@ pub fn record_v4(ctx: &XdpContext, src: [u8; 4], port: u16, guard: u8, v: u8) {
 pub fn record_v6(ctx: &XdpContext, src: &V6Src, port: u16, guard: u8, v: u8) {
     let [w0, w1] = src.0;
     if touch(source_slot_v6(w0, w1), w0, w1, family::IPV6, port, guard, v) {
-        info!(ctx, "{} {:i} -> port {} (guard {})", what(v), src.bytes(), port, guard);
+        info!(
+            ctx,
+            "{} {:i} -> port {} (guard bit {})",
+            what(v),
+            src.bytes(),
+            port,
+            guard
+        );
     }
 }
 

@@ -40,7 +40,8 @@ use crate::{config::Config, kernel::maps::Counters, policy::Policy};
 /// every successful reload.
 #[derive(Debug, Default, Clone)]
 pub struct LabelState {
-    /// Guard names by index (the kernel's `guard` field).
+    /// Guard names by the kernel's `guard` field (a guard's bit, see
+    /// `Policy::names_by_bit`).
     pub guards: Vec<String>,
     /// Interface names by ifindex.
     pub interfaces: HashMap<u32, String>,
@@ -148,6 +149,7 @@ pub fn snapshot(counters: &Counters, labels: &LabelState) -> Result<CounterSnaps
         let guard = labels
             .guards
             .get(usize::from(k.guard))
+            .filter(|n| !n.is_empty())
             .cloned()
             .unwrap_or_else(|| format!("guard{}", k.guard + 1));
         *snap

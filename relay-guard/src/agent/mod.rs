@@ -30,6 +30,7 @@ use tracing::{error, info, warn};
 
 use crate::{
     config::Config,
+    error::SyncError,
     kernel::{
         counters,
         loader::{self, Loaded},
@@ -80,6 +81,8 @@ pub struct Agent {
     loaded: Loaded,
     /// Kept for reloads that only edit list files (applied as deltas).
     live: Option<Live>,
+    /// The policy in force while `live` is gone (after a failed full reload).
+    in_force: Option<Policy>,
     /// Attached interfaces by ifindex.
     interfaces: HashMap<u32, String>,
     labels: Arc<RwLock<LabelState>>,
@@ -115,9 +118,11 @@ impl Agent {
         // sees a gap.
         let mut cfg = cfg;
         let policy = Policy::compile(&cfg);
-        let base_labels = LabelState::new(&cfg, HashMap::new(), counters::Slots::default());
+        let mut base_labels = LabelState::new(&cfg, HashMap::new(), counters::Slots::default());
         reload::strip_entries(&mut cfg);
-        let (stats, shadow) = sync::apply_full(&mut loaded.maps, &policy, &[]).context("failed to fill the maps")?;
+        let (stats, shadow, policy) =
+            sync::apply_full(&mut loaded.maps, &policy, None, &[]).context("failed to fill the maps")?;
+        base_labels.guards = policy.names_by_bit(&base_labels.guards);
         let live = Some(Live::new(&cfg, index, policy, shadow));
         info!(
             written = stats.written,
@@ -178,6 +183,7 @@ impl Agent {
             current: cfg,
             loaded,
             live,
+            in_force: None,
             interfaces,
             labels,
             metrics: agent_metrics,
@@ -267,21 +273,43 @@ impl Agent {
         ) {
             Some(outcome) => outcome.map(|(new, labels)| (new, labels, false)),
             None => {
-                // The old state is rebuilt by the full reload: drop it first
-                // so a large list is not held twice (keeping the masks it
-                // left for the next sync to clear).
-                let stale = self.live.take().map(|l| l.shadow.stale).unwrap_or_default();
-                reload::full_reload(
+                // The old state is rebuilt by the full reload: drop its index
+                // first so a large list is not held twice (keeping the masks
+                // it left for the next sync to clear). The policy in force is
+                // kept: guards that change ports keep their old verdicts
+                // until the switch (see `kernel::sync`), and a failed sync is
+                // undone with it.
+                let (stale, old) = match self.live.take() {
+                    Some(l) => (l.shadow.stale, Some(l.policy)),
+                    None => (Vec::new(), self.in_force.take()),
+                };
+                let r = reload::full_reload(
                     &mut self.loaded,
                     &self.current,
                     config_path,
                     &mut self.interfaces,
                     &stale,
-                )
-                .map(|(new, labels, fresh)| {
-                    self.live = fresh;
-                    (new, labels, true)
-                })
+                    old.as_ref(),
+                );
+                match r {
+                    Ok((new, labels, fresh)) => {
+                        self.live = fresh;
+                        Ok((new, labels, true))
+                    }
+                    Err(e) => {
+                        if let Some(old) = &old
+                            && matches!(e.downcast_ref::<SyncError>(), Some(SyncError::Map { .. }))
+                        {
+                            // Written part-way: back to the policy in force.
+                            match sync::apply_full(&mut self.loaded.maps, old, None, &[]) {
+                                Ok(_) => warn!("the failed sync was undone: the kernel holds the previous policy"),
+                                Err(e2) => error!("undoing the failed sync failed too: {e2:#}"),
+                            }
+                        }
+                        self.in_force = old;
+                        Err(e)
+                    }
+                }
             }
         };
         // Counted when the attempt is over, so a scrape that sees the count
