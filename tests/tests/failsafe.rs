@@ -218,6 +218,22 @@ fn reload_over_capacity_is_refused_before_any_write() {
         ports.join(", ")
     );
     let bad = config_text(&lab, &pins, &[&many, RELAY]);
+    // Guards without a name: valid, with a warning (their names follow their place).
+    let unnamed = config_text(
+        &lab,
+        &pins,
+        &[
+            "[[guard]]\nports = [25]\nallow = [\"192.0.2.0/24\"]\n",
+            "[[guard]]\nports = [587]\n",
+        ],
+    );
+    let (st, out) = cli(&dir.write("unnamed.toml", &unnamed), &["check-config"]);
+    assert!(st.success(), "{out}");
+    assert!(
+        out.contains("2 guards have no `name`"),
+        "no warning for unnamed guards:\n{out}"
+    );
+
     let before = metric(&scrape(&lab), "relay_guard_config_reload_failures_total", &[]);
     replace(&config, &bad);
     let m = wait_metric(&lab, "relay_guard_config_reload_failures_total", before + 1.0, &agent);
