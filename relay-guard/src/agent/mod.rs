@@ -304,6 +304,11 @@ impl Agent {
         // move also sees its outcome (the kernel maps are already synced).
         match outcome {
             Ok((new, mut new_labels, refresh_slots)) => {
+                // Saved before the success is reported: a scrape that sees
+                // it also finds this set in state_dir.
+                if let Some(live) = &self.live {
+                    save_state(&new, &self.config_path, &live.index);
+                }
                 if refresh_slots {
                     match counters::slots(&self.loaded.maps) {
                         Ok(slots) => new_labels.slots = slots,
@@ -318,9 +323,6 @@ impl Agent {
                 let files = watched_files(&self.config_path, &self.current);
                 if !self.watch.covers(&files) {
                     self.watch = FileWatch::new(&files);
-                }
-                if let Some(live) = &self.live {
-                    save_state(&self.current, &self.config_path, &live.index);
                 }
                 notify_systemd(&[NotifyState::Ready, NotifyState::Status("guarding")]);
             }
