@@ -726,8 +726,12 @@ fn parse_trace(log: &str, exe: &Path) -> Trace {
             | "fchmodat" | "chown" | "fchownat" | "lchown" | "utimensat" | "setxattr" | "lsetxattr" => {
                 t.writes.extend(args.into_iter().take(1));
             }
-            "rename" | "renameat" | "renameat2" | "link" | "linkat" | "symlink" | "symlinkat" => {
+            "rename" | "renameat" | "renameat2" | "link" | "linkat" => {
                 t.writes.extend(args.into_iter().take(2));
+            }
+            // symlink(target, linkpath): the target is the link's content.
+            "symlink" | "symlinkat" => {
+                t.writes.extend(args.into_iter().nth(1));
             }
             "mmap" | "mprotect" | "pkey_mprotect" if call.contains("PROT_WRITE") && call.contains("PROT_EXEC") => {
                 t.refused.push(format!("MemoryDenyWriteExecute: {call}"));
@@ -1624,6 +1628,20 @@ fn kubernetes_manifests_validate() {
     assert_eq!(
         lock["hostPath"]["path"], "/run/relay-guard",
         "the lock directory is the host's"
+    );
+    // state_dir survives a pod restart and a node reboot, and a config
+    // broken at start reaches the agent (no init container refuses it).
+    let state = volume(&mount_of(relay_guard::config::DEFAULT_STATE_DIR)["name"]);
+    assert_eq!(
+        state["hostPath"]["path"],
+        relay_guard::config::DEFAULT_STATE_DIR,
+        "state_dir is the host's"
+    );
+    assert!(
+        pod.get("initContainers")
+            .and_then(|i| i.as_array())
+            .is_none_or(|i| i.iter().all(|c| !c.to_string().contains("check-config"))),
+        "an init container that runs check-config keeps the agent from its last good copy"
     );
     let config_dir = Path::new(config_path).parent().expect("dir").to_str().expect("utf-8");
     let cfg_mount = mount_of(config_dir);

@@ -207,7 +207,7 @@ pub fn save(state_dir: &Path, config_path: &Path, index: &ListIndex) -> Result<P
         sync_dir(state_dir)
     })();
     if let Err(e) = result {
-        let _ = fs::remove_dir_all(&dir);
+        remove_generation(&dir);
         return Err(e);
     }
     // Bounded: only the set in force stays (older ones, and those a crash
@@ -217,11 +217,29 @@ pub fn save(state_dir: &Path, config_path: &Path, index: &ListIndex) -> Result<P
             let n = entry.file_name();
             let n = n.to_string_lossy();
             if n.starts_with(GEN_PREFIX) && n != name {
-                let _ = fs::remove_dir_all(entry.path());
+                remove_generation(&entry.path());
             }
         }
     }
     Ok(dir)
+}
+
+/// Removes a generation directory: its files, `lists/` and itself. Only
+/// that layout (nothing is followed or recursed into further), and by full
+/// paths, so the unit's sandbox check sees where it writes.
+fn remove_generation(dir: &Path) {
+    let lists = dir.join(LISTS);
+    for d in [lists.as_path(), dir] {
+        if let Ok(entries) = fs::read_dir(d) {
+            for e in entries.flatten() {
+                if e.file_type().is_ok_and(|t| !t.is_dir()) {
+                    let _ = fs::remove_file(e.path());
+                }
+            }
+        }
+    }
+    let _ = fs::remove_dir(&lists);
+    let _ = fs::remove_dir(dir);
 }
 
 /// Writes `bytes` to a new file at `path` and flushes it to disk.
