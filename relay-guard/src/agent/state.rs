@@ -172,6 +172,7 @@ pub fn save(state_dir: &Path, config_path: &Path, index: &ListIndex) -> Result<P
     let dir = state_dir.join(&name);
     let lists_dir = dir.join(LISTS);
     fs::create_dir_all(&lists_dir).map_err(write_err(&lists_dir))?;
+    let previous = previous_copies(state_dir);
     let result = (|| {
         write_synced(&dir.join(CONFIG), &index.config_text)?;
         let mut lists: Vec<SavedList> = Vec::new();
@@ -181,7 +182,13 @@ pub fn save(state_dir: &Path, config_path: &Path, index: &ListIndex) -> Result<P
                 continue;
             }
             let copy = Path::new(LISTS).join(lists.len().to_string());
-            write_synced(&dir.join(&copy), &file.bytes)?;
+            // An unchanged list (a 1M-line list beside an edited small one)
+            // is linked to its copy in the set in force, not written again.
+            let same = previous.get(&*file.path).filter(|old| same_bytes(old, &file.bytes));
+            let linked = same.is_some_and(|old| fs::hard_link(old, dir.join(&copy)).is_ok());
+            if !linked {
+                write_synced(&dir.join(&copy), &file.bytes)?;
+            }
             lists.push(SavedList {
                 path: file.path.to_path_buf(),
                 copy,
@@ -222,6 +229,24 @@ pub fn save(state_dir: &Path, config_path: &Path, index: &ListIndex) -> Result<P
         }
     }
     Ok(dir)
+}
+
+/// The list copies of the set in force (original path -> copy), if any.
+fn previous_copies(state_dir: &Path) -> BTreeMap<PathBuf, PathBuf> {
+    let Ok(target) = fs::read_link(state_dir.join(CURRENT)) else {
+        return BTreeMap::new();
+    };
+    let dir = state_dir.join(target);
+    fs::read(dir.join(MANIFEST))
+        .ok()
+        .and_then(|b| serde_json::from_slice::<Manifest>(&b).ok())
+        .map(|m| m.lists.into_iter().map(|l| (l.path, dir.join(l.copy))).collect())
+        .unwrap_or_default()
+}
+
+/// Whether the file at `path` holds exactly `bytes`.
+fn same_bytes(path: &Path, bytes: &[u8]) -> bool {
+    fs::metadata(path).is_ok_and(|m| m.len() == bytes.len() as u64) && fs::read(path).is_ok_and(|b| b == bytes)
 }
 
 /// Removes a generation directory: its files, `lists/` and itself. Only
@@ -301,8 +326,20 @@ mod tests {
         .expect("state test setup");
         fs::write(etc.join("peers.txt"), "198.51.100.0/24\n").expect("state test setup");
         let (good, index) = Config::load_indexed(&cfg).expect("state test setup");
+        use std::os::unix::fs::MetadataExt as _;
+        let list_copy = state.join(CURRENT).join(LISTS).join("0");
         save(&state, &cfg, &index).expect("state test setup");
+        let first = fs::metadata(&list_copy).expect("copy").ino();
         save(&state, &cfg, &index).expect("state test setup");
+        // The second save linked the unchanged list instead of writing it,
+        // and removing the older set left the copy in place.
+        let meta = fs::metadata(&list_copy).expect("copy");
+        assert_eq!(
+            (meta.ino(), meta.nlink()),
+            (first, 1),
+            "unchanged list linked, not rewritten"
+        );
+        assert_eq!(fs::read(&list_copy).expect("copy"), b"198.51.100.0/24\n");
         let gens = fs::read_dir(&state)
             .expect("state test setup")
             .filter(|e| {
