@@ -57,8 +57,13 @@ use watch::FileWatch;
 /// when the start fails, so units ordered after relay-guard (the MTA) start
 /// with the filter in place.
 pub async fn run(config_path: &Path, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
-    let agent = Agent::start(config_path).await?;
-    let status = if agent.started_from_copy {
+    let mut agent = Agent::start(config_path).await?;
+    // Started from the copy: files fixed while it synced and attached (before
+    // the watcher saw anything) are applied now.
+    if agent.started_from_copy && crate::config::fingerprint(config_path, &agent.current.list_files) != agent.seen {
+        agent.reload("file change during start");
+    }
+    let status = if agent.started_from_copy && agent.metrics.last_reload_successful.get() == 0 {
         "guarding with the last good config from state_dir: the config is invalid (see the log)"
     } else {
         "guarding"
@@ -117,7 +122,7 @@ impl Agent {
     /// metrics server and the blocked-source log, and installs the signal
     /// handlers: everything before the loop.
     pub async fn start(config_path: &Path) -> anyhow::Result<Agent> {
-        let (cfg, index, boot_errors) = load_at_start(config_path)?;
+        let (cfg, index, boot_errors, attempted) = load_at_start(config_path)?;
         loader::bump_memlock_rlimit();
         let pins = Pins::new(&cfg.pin_dir);
         pins::ensure_bpffs(&cfg.pin_dir)?;
@@ -171,7 +176,7 @@ impl Agent {
         // real (broken) files, so that a fix of any of them is a reload.
         let seen = if boot_errors.is_some() {
             agent_metrics.reload_failed();
-            crate::config::fingerprint(config_path, &cfg.list_files)
+            attempted
         } else {
             agent_metrics.reload_succeeded();
             cfg.fingerprint
@@ -357,23 +362,28 @@ impl Agent {
 
 /// The config to start with: the one at `config_path` or, when it or a list
 /// file is invalid or unreadable, the last good copy saved in `state_dir`
-/// (then also the errors, logged here). With no usable copy either, the
-/// error names both reasons.
-fn load_at_start(config_path: &Path) -> anyhow::Result<(Config, ListIndex, Option<ConfigErrors>)> {
+/// (then also the errors, logged here, and the fingerprint of the real
+/// files as they were read right after the failure). With no usable copy
+/// either, the error names both reasons.
+fn load_at_start(config_path: &Path) -> anyhow::Result<(Config, ListIndex, Option<ConfigErrors>, u64)> {
     let errors = match Config::load_indexed(config_path) {
-        Ok((cfg, index)) => return Ok((cfg, index, None)),
+        Ok((cfg, index)) => {
+            let fp = cfg.fingerprint;
+            return Ok((cfg, index, None, fp));
+        }
         Err(errors) => errors,
     };
     let state_dir = state::state_dir_for(config_path);
     match state::load(&state_dir, config_path) {
         Ok(restored) => {
+            let attempted = crate::config::fingerprint(config_path, &restored.config.list_files);
             error!(
                 copy = %restored.dir.display(),
                 saved_at = restored.saved_at,
                 "invalid config at start; starting from the last good copy in state_dir, \
                  and watching for a fixed config (relay_guard_config_last_reload_successful is 0 until then):\n{errors}"
             );
-            Ok((restored.config, restored.index, Some(errors)))
+            Ok((restored.config, restored.index, Some(errors), attempted))
         }
         Err(why) => Err(anyhow::anyhow!(
             "invalid config:\n{errors}\nand no last good config to start from instead: {why}"
