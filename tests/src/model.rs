@@ -303,6 +303,7 @@ mod tests {
             xdp_mode: XdpMode::Auto,
             metrics_listen: None,
             pin_dir: PathBuf::from("/sys/fs/bpf/test"),
+            state_dir: PathBuf::from(relay_guard::config::DEFAULT_STATE_DIR),
             guards: vec![
                 Guard {
                     name: "relay".into(),

@@ -296,13 +296,44 @@ fn systemd_unit_verifies_and_is_hardened() {
         exec.contains(&format!("--config {config}")),
         "ExecStart uses the default config path {config}: {exec}"
     );
-    let pre = unit.one("Service", "ExecStartPre");
+    // No ExecStartPre=check-config: a config broken at start must reach the
+    // agent, which then applies the last good copy in state_dir (SPEC.md
+    // "Failing safe": Boot).
     assert!(
-        pre.ends_with("check-config") && pre.contains(config),
-        "ExecStartPre validates the config: {pre}"
+        unit.values("Service", "ExecStartPre").is_empty(),
+        "an ExecStartPre= that fails on a broken config keeps the agent from its last good copy"
     );
     assert_eq!(unit.one("Service", "ExecReload"), "/bin/kill -HUP $MAINPID");
     assert_eq!(unit.one("Service", "Restart"), "on-failure");
+    // Started means attached: READY=1 comes from the agent after the first
+    // sync and attach, so Before= the MTA orders something real.
+    assert_eq!(unit.one("Service", "Type"), "notify");
+    assert_eq!(unit.one("Service", "NotifyAccess"), "main");
+    // Never give up restarting (a filter that stays down is an open relay).
+    assert_eq!(unit.one("Unit", "StartLimitIntervalSec"), "0");
+    assert!(
+        unit.values("Unit", "StartLimitBurst").is_empty(),
+        "StartLimitBurst= gives up"
+    );
+    assert!(
+        !unit.one("Service", "RestartSec").is_empty(),
+        "RestartSec= paces the retries"
+    );
+    // state_dir's default is writable under ProtectSystem=strict.
+    assert_eq!(unit.one("Service", "StateDirectory"), "relay-guard");
+    let state_dir = relay_guard::config::DEFAULT_STATE_DIR;
+    assert_eq!(
+        state_dir, "/var/lib/relay-guard",
+        "StateDirectory=relay-guard is /var/lib/relay-guard"
+    );
+    assert!(
+        unit.words("Service", "ReadWritePaths").contains(state_dir),
+        "ReadWritePaths includes state_dir"
+    );
+    let before = unit.words("Unit", "Before");
+    for mta in ["postfix.service", "postfix@-.service", "exim4.service"] {
+        assert!(before.contains(mta), "Before= {mta}: {before:?}");
+    }
     for (key, want) in [
         ("NoNewPrivileges", "yes"),
         ("ProtectSystem", "strict"),
@@ -688,8 +719,12 @@ fn parse_trace(log: &str, exe: &Path) -> Trace {
             | "fchmodat" | "chown" | "fchownat" | "lchown" | "utimensat" | "setxattr" | "lsetxattr" => {
                 t.writes.extend(args.into_iter().take(1));
             }
-            "rename" | "renameat" | "renameat2" | "link" | "linkat" | "symlink" | "symlinkat" => {
+            "rename" | "renameat" | "renameat2" | "link" | "linkat" => {
                 t.writes.extend(args.into_iter().take(2));
+            }
+            // symlink(target, linkpath): the target is the link's content.
+            "symlink" | "symlinkat" => {
+                t.writes.extend(args.into_iter().nth(1));
             }
             "mmap" | "mprotect" | "pkey_mprotect" if call.contains("PROT_WRITE") && call.contains("PROT_EXEC") => {
                 t.refused.push(format!("MemoryDenyWriteExecute: {call}"));
@@ -724,6 +759,73 @@ fn children(pid: i32) -> Vec<i32> {
         .split_whitespace()
         .filter_map(|s| s.parse().ok())
         .collect()
+}
+
+/// The MTA drop-ins shipped in deploy/systemd/: the MTA starts after the
+/// filter is attached (After= a Type=notify unit), and a stop or restart of
+/// relay-guard never stops or restarts the MTA (Wants=, no Requires=,
+/// BindsTo=, PartOf=, Requisite=).
+#[test]
+fn mta_drop_ins_order_without_binding() {
+    if !require::privileged_with("mta_drop_ins_order_without_binding", &["systemd-analyze"]) {
+        return;
+    }
+    let mut found = Vec::new();
+    for mta in ["postfix.service", "postfix@.service", "exim4.service"] {
+        let rel = format!("deploy/systemd/{mta}.d/relay-guard.conf");
+        let unit = Unit::parse(&read(&rel));
+        assert_eq!(unit.one("Unit", "After"), "relay-guard.service", "{rel}: After=");
+        assert_eq!(unit.one("Unit", "Wants"), "relay-guard.service", "{rel}: Wants=");
+        for binding in [
+            "Requires",
+            "Requisite",
+            "BindsTo",
+            "PartOf",
+            "Upholds",
+            "PropagatesStopTo",
+        ] {
+            assert!(
+                unit.values("Unit", binding).is_empty(),
+                "{rel}: {binding}= would stop or restart the MTA with relay-guard"
+            );
+        }
+        assert!(
+            unit.entries.iter().all(|(section, _, _)| section == "Unit"),
+            "{rel} changes only ordering: {:?}",
+            unit.entries
+        );
+        found.push(rel);
+    }
+    // systemd reads it as a drop-in: a stand-in MTA unit with the drop-in
+    // and relay-guard.service beside it verifies (a Wants= of a unit systemd
+    // cannot load would be a complaint naming relay-guard).
+    let dir = TempDir::new();
+    if let Err(why) = systemd_analyze_usable(&dir) {
+        require::skip(
+            "mta_drop_ins_order_without_binding",
+            &format!("{why}; only the structural checks ran"),
+        );
+        return;
+    }
+    let units = dir.0.join("units");
+    std::fs::create_dir_all(units.join("postfix.service.d")).expect("mkdir");
+    std::fs::write(
+        units.join("postfix.service"),
+        "[Unit]\nDescription=stand-in MTA\n[Service]\nType=oneshot\nExecStart=/bin/true\n",
+    )
+    .expect("write unit");
+    std::fs::copy(
+        repo().join("deploy/systemd/postfix.service.d/relay-guard.conf"),
+        units.join("postfix.service.d/relay-guard.conf"),
+    )
+    .expect("copy drop-in");
+    std::fs::write(
+        units.join("relay-guard.service"),
+        read("deploy/relay-guard.service").replace("/usr/bin/relay-guard", agent_bin().to_str().expect("utf-8")),
+    )
+    .expect("write unit");
+    systemd_verify(&units.join("postfix.service"));
+    eprintln!("MTA drop-ins checked: {found:?}");
 }
 
 #[test]
@@ -1520,6 +1622,20 @@ fn kubernetes_manifests_validate() {
         lock["hostPath"]["path"], "/run/relay-guard",
         "the lock directory is the host's"
     );
+    // state_dir survives a pod restart and a node reboot, and a config
+    // broken at start reaches the agent (no init container refuses it).
+    let state = volume(&mount_of(relay_guard::config::DEFAULT_STATE_DIR)["name"]);
+    assert_eq!(
+        state["hostPath"]["path"],
+        relay_guard::config::DEFAULT_STATE_DIR,
+        "state_dir is the host's"
+    );
+    assert!(
+        pod.get("initContainers")
+            .and_then(|i| i.as_array())
+            .is_none_or(|i| i.iter().all(|c| !c.to_string().contains("check-config"))),
+        "an init container that runs check-config keeps the agent from its last good copy"
+    );
     let config_dir = Path::new(config_path).parent().expect("dir").to_str().expect("utf-8");
     let cfg_mount = mount_of(config_dir);
     assert!(
@@ -1695,6 +1811,9 @@ fn debian_package_builds_installs_runs_and_purges() {
         "./usr/share/doc/relay-guard/copyright",
         "./usr/share/doc/relay-guard/examples/prometheus/relay-guard.rules.yml",
         "./usr/share/doc/relay-guard/examples/grafana/relay-guard.json",
+        "./usr/lib/systemd/system/postfix.service.d/relay-guard.conf",
+        "./usr/lib/systemd/system/postfix@.service.d/relay-guard.conf",
+        "./usr/lib/systemd/system/exim4.service.d/relay-guard.conf",
     ] {
         assert!(
             contents.lines().any(|l| l.ends_with(f)),

@@ -192,6 +192,7 @@ fn random_config(rng: &mut StdRng, mode: Mode) -> Config {
         xdp_mode: XdpMode::Auto,
         metrics_listen: None,
         pin_dir: PathBuf::from("/sys/fs/bpf/unused"),
+        state_dir: PathBuf::from(relay_guard::config::DEFAULT_STATE_DIR),
         guards,
         list_files: Vec::new(),
         fingerprint: 0,

@@ -3,7 +3,10 @@
 //! file watcher, and one loop that turns every source of work into an
 //! [`Event`] and hands it to a method of its own. Around it: reload planning
 //! (`reload`, and `incremental` for list-only edits), watching the config and
-//! list files (`watch`), and the Prometheus metrics (`metrics`).
+//! list files (`watch`), the Prometheus metrics (`metrics`), and the last good
+//! config and lists to start from when they are broken at boot (`state`).
+//! Under systemd (`Type=notify`) it says READY only once the maps are synced
+//! and the interfaces attached.
 //!
 //! The layer above `kernel`: it reaches bpf maps, programs and pins only
 //! through `kernel`, compiles through `policy`, reads files through `config`,
@@ -12,6 +15,7 @@
 pub mod incremental;
 pub mod metrics;
 mod reload;
+pub mod state;
 pub mod watch;
 
 use std::{
@@ -22,6 +26,7 @@ use std::{
 };
 
 use anyhow::Context as _;
+use sd_notify::NotifyState;
 use tokio::{
     signal::unix::{Signal, SignalKind, signal},
     task::JoinHandle,
@@ -29,7 +34,7 @@ use tokio::{
 use tracing::{error, info, warn};
 
 use crate::{
-    config::Config,
+    config::{Config, ConfigErrors, lists::ListIndex},
     error::SyncError,
     kernel::{
         counters,
@@ -46,8 +51,25 @@ use watch::FileWatch;
 /// Runs the agent for the config at `config_path` until SIGTERM, SIGINT or
 /// `shutdown` completes (tokio mini-redis's `server::run` shape: the caller
 /// decides what else stops it). The filter stays attached afterwards.
+///
+/// Under systemd (`Type=notify`, `$NOTIFY_SOCKET` set) READY=1 is sent once
+/// the maps are synced and the interfaces attached, never before and never
+/// when the start fails, so units ordered after relay-guard (the MTA) start
+/// with the filter in place.
 pub async fn run(config_path: &Path, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
-    Agent::start(config_path).await?.run(shutdown).await
+    let mut agent = Agent::start(config_path).await?;
+    // Started from the copy: files fixed while it synced and attached (before
+    // the watcher saw anything) are applied now.
+    if agent.started_from_copy && crate::config::fingerprint(config_path, &agent.current.list_files) != agent.seen {
+        agent.reload("file change during start");
+    }
+    let status = if agent.started_from_copy && agent.metrics.last_reload_successful.get() == 0 {
+        "guarding with the last good config from state_dir: the config is invalid (see the log)"
+    } else {
+        "guarding"
+    };
+    notify_systemd(&[NotifyState::Ready, NotifyState::Status(status)]);
+    agent.run(shutdown).await
 }
 
 /// One unit of work for the agent's loop. New sources (link changes, bans,
@@ -92,6 +114,9 @@ pub struct Agent {
     stop_tx: tokio::sync::watch::Sender<bool>,
     metrics_task: Option<JoinHandle<()>>,
     logger_task: Option<JoinHandle<std::io::Result<()>>>,
+    /// Whether the start applied the last good copy from `state_dir`
+    /// because the config did not load.
+    started_from_copy: bool,
     /// Held until the agent is dropped, after everything above.
     _lock: AgentLock,
 }
@@ -101,7 +126,7 @@ impl Agent {
     /// metrics server and the blocked-source log, and installs the signal
     /// handlers: everything before the loop.
     pub async fn start(config_path: &Path) -> anyhow::Result<Agent> {
-        let (cfg, index) = Config::load_indexed(config_path).map_err(|e| anyhow::anyhow!("invalid config:\n{e}"))?;
+        let (cfg, index, boot_errors, attempted) = load_at_start(config_path)?;
         loader::bump_memlock_rlimit();
         pins::ensure_bpffs(&cfg.pin_dir)?;
         // Held until the agent exits.
@@ -140,6 +165,13 @@ impl Agent {
         }
         loaded.prune(&cfg.interfaces);
         info!(mode = ?cfg.mode, interfaces = ?cfg.interfaces, "relay-guard is guarding");
+        // Saved only once applied and attached: what a later boot falls back
+        // to has worked here. A start from the copy leaves it as it is.
+        if boot_errors.is_none()
+            && let Some(live) = &live
+        {
+            save_state(&cfg, config_path, &live.index);
+        }
 
         let slots = counters::slots(&loaded.maps).context("failed to read counter slots")?;
         let labels = Arc::new(RwLock::new(LabelState {
@@ -155,7 +187,15 @@ impl Agent {
                 .unwrap_or_default(),
             ..AgentMetrics::default()
         };
-        agent_metrics.reload_succeeded();
+        // Seen by the watcher: after a start from the copy, the bytes of the
+        // real (broken) files, so that a fix of any of them is a reload.
+        let seen = if boot_errors.is_some() {
+            agent_metrics.reload_failed();
+            attempted
+        } else {
+            agent_metrics.reload_succeeded();
+            cfg.fingerprint
+        };
         let registry = Arc::new(metrics::registry(
             Arc::clone(&loaded.maps.counters),
             Arc::clone(&labels),
@@ -179,7 +219,7 @@ impl Agent {
         let watch = FileWatch::new(&watched_files(config_path, &cfg));
         Ok(Agent {
             config_path: config_path.to_path_buf(),
-            seen: cfg.fingerprint,
+            seen,
             current: cfg,
             loaded,
             live,
@@ -192,6 +232,7 @@ impl Agent {
             stop_tx,
             metrics_task,
             logger_task,
+            started_from_copy: boot_errors.is_some(),
             _lock: lock,
         })
     }
@@ -251,6 +292,9 @@ impl Agent {
     /// failure keeps the previous policy.
     fn reload(&mut self, trigger: &'static str) {
         info!(trigger, "reloading config");
+        let mut reloading = vec![NotifyState::Reloading];
+        reloading.extend(NotifyState::monotonic_usec_now());
+        notify_systemd(&reloading);
         let config_path = self.config_path.as_path();
         // What a failed attempt saw (taken before it reads): a later change
         // of any of these bytes triggers another attempt.
@@ -316,6 +360,11 @@ impl Agent {
         // move also sees its outcome (the kernel maps are already synced).
         match outcome {
             Ok((new, mut new_labels, refresh_slots)) => {
+                // Saved before the success is reported: a scrape that sees
+                // it also finds this set in state_dir.
+                if let Some(live) = &self.live {
+                    save_state(&new, &self.config_path, &live.index);
+                }
                 if refresh_slots {
                     match counters::slots(&self.loaded.maps) {
                         Ok(slots) => new_labels.slots = slots,
@@ -331,12 +380,17 @@ impl Agent {
                 if !self.watch.covers(&files) {
                     self.watch = FileWatch::new(&files);
                 }
+                notify_systemd(&[NotifyState::Ready, NotifyState::Status("guarding")]);
             }
             Err(e) => {
                 error!("reload failed, keeping the previous policy: {e:#}");
                 self.metrics.reload_failed();
                 self.metrics.reloads.inc();
                 self.seen = attempted;
+                notify_systemd(&[
+                    NotifyState::Ready,
+                    NotifyState::Status("guarding with the previous policy: the last reload failed (see the log)"),
+                ]);
             }
         }
     }
@@ -344,6 +398,7 @@ impl Agent {
     /// Stops the background tasks. The pinned links keep the filter
     /// attached: the relay never reopens because the agent stopped.
     async fn stop(mut self) {
+        notify_systemd(&[NotifyState::Stopping]);
         if let Some(t) = self.logger_task.take() {
             t.abort();
         }
@@ -353,6 +408,57 @@ impl Agent {
         }
         // `relay-guard detach` removes it.
         info!(pin_dir = %self.current.pin_dir.display(), "exiting; the filter stays attached (use `relay-guard detach` to remove it)");
+    }
+}
+
+/// The config to start with: the one at `config_path` or, when it or a list
+/// file is invalid or unreadable, the last good copy saved in `state_dir`
+/// (then also the errors, logged here, and the fingerprint of the real
+/// files as they were read right after the failure). With no usable copy
+/// either, the error names both reasons.
+fn load_at_start(config_path: &Path) -> anyhow::Result<(Config, ListIndex, Option<ConfigErrors>, u64)> {
+    let errors = match Config::load_indexed(config_path) {
+        Ok((cfg, index)) => {
+            let fp = cfg.fingerprint;
+            return Ok((cfg, index, None, fp));
+        }
+        Err(errors) => errors,
+    };
+    let state_dir = state::state_dir_for(config_path);
+    match state::load(&state_dir, config_path) {
+        Ok(restored) => {
+            let attempted = crate::config::fingerprint(config_path, &restored.config.list_files);
+            error!(
+                copy = %restored.dir.display(),
+                saved_at = restored.saved_at,
+                "invalid config at start; starting from the last good copy in state_dir, \
+                 and watching for a fixed config (relay_guard_config_last_reload_successful is 0 until then):\n{errors}"
+            );
+            Ok((restored.config, restored.index, Some(errors), attempted))
+        }
+        Err(why) => Err(anyhow::anyhow!(
+            "invalid config:\n{errors}\nand no last good config to start from instead: {why}"
+        )),
+    }
+}
+
+/// Saves what was just applied as the last good set; a failure is logged
+/// (the filter is in place, only a later broken boot would miss the copy).
+fn save_state(cfg: &Config, config_path: &Path, index: &ListIndex) {
+    match state::save(&cfg.state_dir, config_path, index) {
+        Ok(dir) => tracing::debug!(dir = %dir.display(), "saved the last good config"),
+        Err(e) => warn!(
+            state_dir = %cfg.state_dir.display(),
+            "cannot save the last good config (a start with a broken config would find no copy): {e}"
+        ),
+    }
+}
+
+/// Tells systemd (`Type=notify`) about the agent's state; without
+/// `$NOTIFY_SOCKET` this does nothing.
+fn notify_systemd(states: &[NotifyState]) {
+    if let Err(e) = sd_notify::notify(states) {
+        warn!(error = %e, "cannot notify systemd ($NOTIFY_SOCKET)");
     }
 }
 

@@ -36,6 +36,9 @@ use lists::{ListFile, ListIndex};
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/relay-guard/relay-guard.toml";
 /// Default bpffs directory for pinned program, links and maps.
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/relay-guard";
+/// Default directory of the last good config and list files (the agent's
+/// fallback at start, SPEC.md "Failing safe": Boot).
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/relay-guard";
 /// Default Prometheus endpoint.
 pub const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:10947";
 /// Ports a guard covers when it names none: SMTP, SMTPS, submission.
@@ -76,6 +79,7 @@ struct RawConfig {
     xdp_mode: Option<Spanned<XdpMode>>,
     metrics_listen: Option<Spanned<String>>,
     pin_dir: Option<Spanned<String>>,
+    state_dir: Option<Spanned<String>>,
     #[serde(default)]
     guard: Vec<Spanned<RawGuard>>,
 }
@@ -93,6 +97,16 @@ struct RawGuard {
     deny: Vec<Spanned<String>>,
     #[serde(default)]
     deny_files: Vec<Spanned<String>>,
+}
+
+/// The `state_dir` that `text` (a config file, valid or not) names, when
+/// it can be told: the TOML parses and `state_dir` is an absolute path.
+/// `None`: use [`DEFAULT_STATE_DIR`]. The agent needs this to find the last
+/// good copy of a config that fails validation.
+pub fn state_dir_hint(text: &str) -> Option<PathBuf> {
+    let table: toml::Table = toml::from_str(text).ok()?;
+    let dir = PathBuf::from(table.get("state_dir")?.as_str()?);
+    dir.is_absolute().then_some(dir)
 }
 
 /// A validated guard.
@@ -117,6 +131,9 @@ pub struct Config {
     /// `None` when `metrics_listen = ""`.
     pub metrics_listen: Option<SocketAddr>,
     pub pin_dir: PathBuf,
+    /// Where the agent keeps a copy of the last config and list files it
+    /// applied, to start from when they are broken at boot.
+    pub state_dir: PathBuf,
     pub guards: Vec<Guard>,
     /// Every list file read, so a watcher can follow them.
     pub list_files: Vec<PathBuf>,
@@ -149,16 +166,36 @@ impl Config {
                     what: format!("cannot read config: {e}"),
                 }])
             })?;
-        Self::parse_inner(path, &text, index)
+        Self::parse_inner(path, &text, index, None)
+    }
+
+    /// [`Config::load_indexed`] of a saved copy: `text` stands for the
+    /// config at `path`, and each list file it names is read from its copy
+    /// in `copies` (original path -> copy). The result names the original
+    /// paths (origins, `list_files`, the index), as if the files there held
+    /// the saved bytes, so the watcher follows the real files and a later
+    /// delta reload compares them with what was applied. A list file with
+    /// no copy is an error.
+    pub fn load_saved(
+        path: &Path,
+        text: &str,
+        copies: &BTreeMap<PathBuf, PathBuf>,
+    ) -> Result<(Config, ListIndex), ConfigErrors> {
+        Self::parse_inner(path, text, true, Some(copies)).map(|(c, i)| (c, i.expect("indexing was asked for")))
     }
 
     /// Parses and validates `text` as if read from `path` (list files are
     /// resolved relative to the config's directory).
     pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigErrors> {
-        Self::parse_inner(path, text, false).map(|(c, _)| c)
+        Self::parse_inner(path, text, false, None).map(|(c, _)| c)
     }
 
-    fn parse_inner(path: &Path, text: &str, index: bool) -> Result<(Config, Option<ListIndex>), ConfigErrors> {
+    fn parse_inner(
+        path: &Path,
+        text: &str,
+        index: bool,
+        copies: Option<&BTreeMap<PathBuf, PathBuf>>,
+    ) -> Result<(Config, Option<ListIndex>), ConfigErrors> {
         let mut fp = fingerprint_hasher();
         std::hash::Hash::hash(path, &mut fp);
         std::hash::Hash::hash(text.as_bytes(), &mut fp);
@@ -169,6 +206,7 @@ impl Config {
             text,
             errors: Vec::new(),
             list_files: Vec::new(),
+            copies,
             index: index.then(|| ListIndex {
                 config_text: text.as_bytes().to_vec(),
                 config_path: Some(std::sync::Arc::from(path)),
@@ -212,6 +250,8 @@ struct Validator<'a> {
     text: &'a str,
     errors: Vec<ConfigError>,
     list_files: Vec<PathBuf>,
+    /// When loading a saved copy: where each list file's bytes are.
+    copies: Option<&'a BTreeMap<PathBuf, PathBuf>>,
     /// Built when a reload will want it.
     index: Option<ListIndex>,
 }
@@ -290,6 +330,20 @@ impl Validator<'_> {
             }
         };
 
+        let state_dir = match &raw.state_dir {
+            None => PathBuf::from(DEFAULT_STATE_DIR),
+            Some(p) => {
+                let dir = PathBuf::from(p.get_ref());
+                if !dir.is_absolute() {
+                    self.err(
+                        &p.span(),
+                        format!("state_dir: `{}` must be an absolute path", p.get_ref()),
+                    );
+                }
+                dir
+            }
+        };
+
         if raw.guard.is_empty() {
             self.errors.push(ConfigError {
                 file: self.path.to_path_buf(),
@@ -319,6 +373,7 @@ impl Validator<'_> {
             xdp_mode: raw.xdp_mode.map(|m| *m.get_ref()).unwrap_or_default(),
             metrics_listen,
             pin_dir,
+            state_dir,
             guards,
             list_files: std::mem::take(&mut self.list_files),
             fingerprint: std::hash::Hasher::finish(&self.fp),
@@ -422,7 +477,16 @@ impl Validator<'_> {
         ] {
             for f in list {
                 let file = self.resolve(f.get_ref());
-                let read = read_list_file(&file);
+                let read = match self.copies {
+                    None => read_list_file(&file),
+                    Some(copies) => match copies.get(&file) {
+                        Some(copy) => read_list_file(copy),
+                        None => Err(std::io::Error::new(
+                            std::io::ErrorKind::NotFound,
+                            "the saved state has no copy of it",
+                        )),
+                    },
+                };
                 std::hash::Hash::hash(file.as_path(), &mut self.fp);
                 match &read {
                     Ok(bytes) => std::hash::Hash::hash(bytes.as_slice(), &mut self.fp),

@@ -296,6 +296,7 @@ fn defaults_when_optional_keys_are_omitted() {
     assert_eq!(cfg.metrics_listen, Some(SocketAddr::from(([127, 0, 0, 1], 10947))));
     assert_eq!(cfg.pin_dir, PathBuf::from("/sys/fs/bpf/relay-guard"));
     assert_eq!(cfg.pin_dir, PathBuf::from(DEFAULT_PIN_DIR));
+    assert_eq!(cfg.state_dir, PathBuf::from("/var/lib/relay-guard"));
     assert_eq!(cfg.guards.len(), 1);
     assert_eq!(cfg.guards[0].name, "guard1");
     assert_eq!(cfg.guards[0].ports, vec![25, 465, 587]);
@@ -335,6 +336,26 @@ fn explicit_values_override_defaults() {
 
     let native = parse_ok("interfaces = [\"eth0\"]\nxdp_mode = \"native\"\n[[guard]]\n");
     assert_eq!(native.xdp_mode, XdpMode::Native);
+}
+
+#[test]
+fn state_dir_is_an_absolute_path() {
+    let cfg = parse_ok("interfaces = [\"eth0\"]\nstate_dir = \"/srv/rg-state\"\n[[guard]]\nports = [25]\n");
+    assert_eq!(cfg.state_dir, PathBuf::from("/srv/rg-state"));
+    let text = "interfaces = [\"eth0\"]\nstate_dir = \"var/lib/rg\"\n[[guard]]\nports = [25]\n";
+    assert_err(
+        &one_err(text),
+        &fake_path(),
+        2,
+        &["state_dir", "`var/lib/rg`", "absolute"],
+    );
+    // What the agent looks up when a config fails validation.
+    assert_eq!(
+        state_dir_hint("interfaces = []\nstate_dir = \"/srv/rg-state\"\n[[guard]]\nports = [0]\n"),
+        Some(PathBuf::from("/srv/rg-state"))
+    );
+    assert_eq!(state_dir_hint(text), None);
+    assert_eq!(state_dir_hint("state_dir = [\n"), None);
 }
 
 #[test]

@@ -47,6 +47,7 @@ fn config(mode: Mode, guards: Vec<Guard>) -> Config {
         xdp_mode: XdpMode::Auto,
         metrics_listen: None,
         pin_dir: PathBuf::from(DEFAULT_PIN_DIR),
+        state_dir: PathBuf::from(crate::config::DEFAULT_STATE_DIR),
         guards,
         list_files: Vec::new(),
         fingerprint: 0,
