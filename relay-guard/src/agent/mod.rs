@@ -3,13 +3,15 @@
 //! file watcher, and one loop that turns every source of work into an
 //! [`Event`] and hands it to a method of its own. Around it: reload planning
 //! (`reload`, and `incremental` for list-only edits), watching the config and
-//! list files (`watch`), and the Prometheus metrics (`metrics`).
+//! list files (`watch`), keeping configured interfaces attached as devices
+//! come and go (`links`), and the Prometheus metrics (`metrics`).
 //!
 //! The layer above `kernel`: it reaches bpf maps, programs and pins only
 //! through `kernel`, compiles through `policy`, reads files through `config`,
 //! and never prints (`commands` is the CLI boundary; the agent logs with
 //! `tracing`).
 pub mod incremental;
+pub mod links;
 pub mod metrics;
 mod reload;
 pub mod watch;
@@ -34,12 +36,14 @@ use crate::{
         counters,
         events::OncePerSecond,
         loader::{self, Loaded},
+        netdev,
         pins::{self, AgentLock, Pins},
         sync,
     },
     policy::Policy,
 };
 use incremental::Live;
+use links::{LinkWatch, Outcome};
 use metrics::{AgentMetrics, LabelState};
 use watch::FileWatch;
 
@@ -50,8 +54,8 @@ pub async fn run(config_path: &Path, shutdown: impl Future<Output = ()>) -> anyh
     Agent::start(config_path).await?.run(shutdown).await
 }
 
-/// One unit of work for the agent's loop. New sources (link changes, bans,
-/// timers) add a variant here, an arm in `Agent::next_event` and a method.
+/// One unit of work for the agent's loop. New sources (bans, timers) add a
+/// variant here, an arm in `Agent::next_event` and a method.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Event {
     /// SIGTERM, SIGINT or the caller's shutdown: stop (the name, for the log).
@@ -60,6 +64,9 @@ pub enum Event {
     Hangup,
     /// Something changed in a directory of the config or a list file.
     FilesChanged,
+    /// A network device was created, deleted, renamed or changed (or the
+    /// periodic check of the attachments is due).
+    LinksChanged,
 }
 
 /// The signals the agent handles.
@@ -79,8 +86,15 @@ pub struct Agent {
     loaded: Loaded,
     /// Kept for reloads that only edit list files (applied as deltas).
     live: Option<Live>,
-    /// Attached interfaces by ifindex.
+    /// Interface names by ifindex, for the counters' labels: the devices
+    /// attached now, and those attached before under a name still configured.
     interfaces: HashMap<u32, String>,
+    pins: Pins,
+    links: LinkWatch,
+    /// What was last reported for each configured interface that is not
+    /// guarded (so a problem is logged when it starts or changes, not at
+    /// every check).
+    link_problems: HashMap<String, String>,
     labels: Arc<RwLock<LabelState>>,
     metrics: AgentMetrics,
     watch: FileWatch,
@@ -98,6 +112,12 @@ impl Agent {
     /// handlers: everything before the loop.
     pub async fn start(config_path: &Path) -> anyhow::Result<Agent> {
         let (cfg, index) = Config::load_indexed(config_path).map_err(|e| anyhow::anyhow!("invalid config:\n{e}"))?;
+        // A device that cannot be guarded is a config error, found before
+        // anything changes (one that does not exist yet is checked when it
+        // appears).
+        for iface in &cfg.interfaces {
+            netdev::check_ethernet(iface).map_err(|e| anyhow::Error::new(e).context("invalid config"))?;
+        }
         loader::bump_memlock_rlimit();
         let pins = Pins::new(&cfg.pin_dir);
         pins::ensure_bpffs(&cfg.pin_dir)?;
@@ -123,15 +143,32 @@ impl Agent {
             "maps synced"
         );
 
+        // Subscribed before attaching: a device that appears from here on
+        // is seen.
+        let link_watch = LinkWatch::start();
         let mut interfaces = HashMap::new();
+        let mut attached = Vec::new();
+        let mut link_problems = HashMap::new();
         for iface in &cfg.interfaces {
-            let a = loaded
-                .attach(iface, cfg.xdp_mode)
-                .map_err(|e| with_hint(e, "failed to attach"))?;
-            interfaces.insert(a.ifindex, a.interface.clone());
+            let outcome = links::guard_one(
+                &mut loaded,
+                &pins,
+                iface,
+                cfg.xdp_mode,
+                &cfg.interfaces,
+                &mut interfaces,
+                true,
+            )
+            .map_err(|e| with_hint(e, "failed to attach"))?;
+            if outcome == Outcome::Missing {
+                warn!(interface = %iface, "{MISSING}");
+                link_problems.insert(iface.clone(), MISSING.to_string());
+            }
+            attached.push((iface.clone(), outcome != Outcome::Missing));
         }
         loaded.prune(&cfg.interfaces);
-        info!(mode = ?cfg.mode, interfaces = ?cfg.interfaces, "relay-guard is guarding");
+        let guarded: Vec<&str> = attached.iter().filter(|a| a.1).map(|a| a.0.as_str()).collect();
+        info!(mode = ?cfg.mode, interfaces = ?guarded, missing = link_problems.len(), "relay-guard is guarding");
 
         let slots = counters::slots(&loaded.maps).context("failed to read counter slots")?;
         let labels = Arc::new(RwLock::new(LabelState {
@@ -141,6 +178,7 @@ impl Agent {
         }));
         let agent_metrics = AgentMetrics::default();
         agent_metrics.reload_succeeded();
+        agent_metrics.interfaces_attached(&attached);
         let registry = Arc::new(metrics::registry(
             Arc::clone(&loaded.maps.counters),
             Arc::clone(&labels),
@@ -167,6 +205,9 @@ impl Agent {
             loaded,
             live,
             interfaces,
+            pins,
+            links: link_watch,
+            link_problems,
             labels,
             metrics: agent_metrics,
             watch,
@@ -189,6 +230,7 @@ impl Agent {
                 }
                 Event::Hangup => self.reload("SIGHUP"),
                 Event::FilesChanged => self.files_changed().await,
+                Event::LinksChanged => self.guard_interfaces(),
             }
         }
         self.stop().await;
@@ -202,6 +244,7 @@ impl Agent {
             _ = self.signals.terminate.recv() => Event::Stop("SIGTERM"),
             _ = self.signals.hangup.recv() => Event::Hangup,
             Some(()) = self.watch.events.recv() => Event::FilesChanged,
+            () = self.links.changed() => Event::LinksChanged,
             () = shutdown.as_mut() => Event::Stop("shutdown requested"),
         }
     }
@@ -216,6 +259,64 @@ impl Agent {
         if now != self.seen {
             self.reload("file change");
         }
+    }
+
+    /// A device came, went or changed: makes every configured interface's
+    /// device carry the filter (see `links`), reports those that cannot, and
+    /// updates `relay_guard_interface_attached` and the counters' labels.
+    fn guard_interfaces(&mut self) {
+        let mut attached = Vec::new();
+        let mut changed = false;
+        for iface in &self.current.interfaces {
+            let problem = match links::guard_one(
+                &mut self.loaded,
+                &self.pins,
+                iface,
+                self.current.xdp_mode,
+                &self.current.interfaces,
+                &mut self.interfaces,
+                false,
+            ) {
+                Ok(Outcome::Guarded { changed: c, .. }) => {
+                    changed |= c;
+                    None
+                }
+                Ok(Outcome::Missing) => Some(MISSING.to_string()),
+                Err(e) => Some(format!("{:#}", with_hint(e, "failed to attach"))),
+            };
+            attached.push((iface.clone(), problem.is_none()));
+            match problem {
+                None => {
+                    if self.link_problems.remove(iface).is_some() {
+                        info!(interface = %iface, "interface guarded again");
+                    }
+                }
+                Some(p) => {
+                    if self.link_problems.get(iface) != Some(&p) {
+                        if p == MISSING {
+                            warn!(interface = %iface, "{p}");
+                        } else {
+                            error!(interface = %iface, "interface not guarded: {p}");
+                        }
+                        self.link_problems.insert(iface.clone(), p);
+                    }
+                }
+            }
+        }
+        self.link_problems
+            .retain(|name, _| self.current.interfaces.contains(name));
+        // Labels first: a scrape that sees an interface attached sees its
+        // counters under its name.
+        if changed {
+            let mut labels = self.labels.write().unwrap_or_else(std::sync::PoisonError::into_inner);
+            labels.interfaces = self.interfaces.clone();
+            let mut slots = labels.slots.clone();
+            match counters::refresh_iface_slots(&self.loaded.maps, &mut slots, self.interfaces.keys().copied()) {
+                Ok(()) => labels.slots = slots,
+                Err(e) => warn!(error = %e, "failed to read counter slots; metrics labels may lag"),
+            }
+        }
+        self.metrics.interfaces_attached(&attached);
     }
 
     /// Reloads the config (as a delta when only list files changed), and on
@@ -280,6 +381,9 @@ impl Agent {
                 if !self.watch.covers(&files) {
                     self.watch = FileWatch::new(&files);
                 }
+                // Attaches interfaces the reload added (or reports them
+                // missing, and attaches them when they appear).
+                self.guard_interfaces();
             }
             Err(e) => {
                 error!("reload failed, keeping the previous policy: {e:#}");
@@ -304,6 +408,10 @@ impl Agent {
         info!(pin_dir = %self.current.pin_dir.display(), "exiting; the filter stays attached (use `relay-guard detach` to remove it)");
     }
 }
+
+/// What is reported for a configured interface with no device.
+const MISSING: &str =
+    "interface does not exist (yet): reported as relay_guard_interface_attached 0, attached as soon as it appears";
 
 /// The files whose changes trigger a reload: the config and its list files.
 fn watched_files(config_path: &Path, c: &Config) -> Vec<PathBuf> {
