@@ -18,8 +18,8 @@ pub const ALLOWED_V6: &str = "2001:db8:a::10";
 pub const DENIED_V6: &str = "2001:db8:d::20";
 pub const SOURCES: [&str; 4] = [ALLOWED_V4, DENIED_V4, ALLOWED_V6, DENIED_V6];
 
-const SERVER_MAC: &str = "02:72:67:00:00:01";
-const CLIENT_MAC: &str = "02:72:67:00:00:02";
+pub const SERVER_MAC: &str = "02:72:67:00:00:01";
+pub const CLIENT_MAC: &str = "02:72:67:00:00:02";
 
 pub struct Lab {
     // Field order is drop order: client and server namespaces go last.

@@ -387,3 +387,80 @@ fn devices_without_ethernet_framing_are_refused() {
         .args(["-n", &lab.server.name, "link", "del", &later])
         .status();
 }
+
+/// `ip -n NS link set dev FROM down name TO up`. Down drops the device's
+/// IPv4 routes and neighbours (and IPv6 addresses): [`rewire_v4`] puts the
+/// IPv4 ones back.
+fn rename(ns: &NetNs, from: &str, to: &str) {
+    ns.ip(&["link", "set", "dev", from, "down"]);
+    ns.ip(&["link", "set", "dev", from, "name", to]);
+    ns.ip(&["link", "set", "dev", to, "up"]);
+}
+
+fn rewire_v4(lab: &Lab) {
+    let dev = lab.server_if.as_str();
+    lab.server.ip(&["addr", "replace", "203.0.113.1/24", "dev", dev]);
+    for net in ["192.0.2.0/24", "198.51.100.0/24"] {
+        lab.server.ip(&["route", "replace", net, "dev", dev]);
+    }
+    for src in [ALLOWED_V4, DENIED_V4, "203.0.113.2"] {
+        lab.server.ip(&[
+            "neigh",
+            "replace",
+            src,
+            "lladdr",
+            relay_guard_tests::lab::CLIENT_MAC,
+            "dev",
+            dev,
+            "nud",
+            "permanent",
+        ]);
+    }
+}
+
+/// A pinned link stands for the device of its name: renamed away (to a name
+/// the config does not hold), the device is no longer guarded under the old
+/// name (metric 0, pin gone, filter detached from it); a device that takes
+/// the name again is guarded within a second.
+#[test]
+fn a_renamed_interface_is_followed_by_name() {
+    if !require::privileged("a_renamed_interface_is_followed_by_name") {
+        return;
+    }
+    let lab = Lab::new();
+    let dir = TempDir::new();
+    let _server = BannerServer::start(&lab.server, &[25]);
+    let (config, detach) = setup(&dir, &[&lab.server_if]);
+    let agent = Agent::start(&lab.server, config, &dir);
+    assert_gate(&lab.client, ALLOWED_V4, DENIED_V4, SERVER_V4, "at start");
+    let link_pin = detach
+        .pin_dir
+        .join(format!("layout-{}", relay_guard_common::LAYOUT_VERSION))
+        .join("links")
+        .join(&lab.server_if);
+    let other = unique("rn");
+
+    rename(&lab.server, &lab.server_if, &other);
+    until("renamed away: metric 0", WITHIN, || {
+        attached(&lab, &lab.server_if) == 0.0
+    });
+    until("renamed away: pin gone", WITHIN, || !link_pin.exists());
+    until("renamed away: detached", WITHIN, || !has_xdp(&lab.server, &other));
+    let log = agent.log_text();
+    assert!(log.contains("is no longer called"), "{log}");
+
+    let renamed_back = Instant::now();
+    rename(&lab.server, &other, &lab.server_if);
+    until("renamed back: xdp", Duration::from_secs(5), || {
+        has_xdp(&lab.server, &lab.server_if)
+    });
+    let took = renamed_back.elapsed();
+    println!("renamed back: guarded again after {took:?}");
+    assert!(took <= WITHIN, "guarded again only after {took:?}");
+    until("renamed back: metric 1", WITHIN, || {
+        attached(&lab, &lab.server_if) == 1.0
+    });
+    assert!(link_pin.exists());
+    rewire_v4(&lab);
+    assert_gate(&lab.client, ALLOWED_V4, DENIED_V4, SERVER_V4, "renamed back");
+}

@@ -373,8 +373,6 @@ impl Agent {
                     }
                 }
                 *self.labels.write().unwrap_or_else(std::sync::PoisonError::into_inner) = new_labels;
-                self.metrics.reload_succeeded();
-                self.metrics.reloads.inc();
                 self.seen = new.fingerprint;
                 self.current = new;
                 let files = watched_files(&self.config_path, &self.current);
@@ -382,8 +380,11 @@ impl Agent {
                     self.watch = FileWatch::new(&files);
                 }
                 // Attaches interfaces the reload added (or reports them
-                // missing, and attaches them when they appear).
+                // missing, and attaches them when they appear), before the
+                // reload is counted.
                 self.guard_interfaces();
+                self.metrics.reload_succeeded();
+                self.metrics.reloads.inc();
             }
             Err(e) => {
                 error!("reload failed, keeping the previous policy: {e:#}");
