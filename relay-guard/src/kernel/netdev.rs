@@ -166,8 +166,17 @@ pub fn pinned_link_state(path: &Path) -> LinkState {
     if fd < 0 {
         return LinkState::Unknown(format!("BPF_OBJ_GET: {}", io::Error::last_os_error()));
     }
+    let Ok(raw) = i32::try_from(fd) else {
+        return LinkState::Unknown("BPF_OBJ_GET returned no fd".into());
+    };
     // SAFETY: the syscall returned a new fd that we own.
-    let fd = unsafe { OwnedFd::from_raw_fd(i32::try_from(fd).unwrap_or(-1)) };
+    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+    // A program or map pinned there answers BPF_OBJ_GET_INFO_BY_FD with its
+    // own info (an XDP program's type is 6 too): tell the kind from the fd.
+    let kind = std::fs::read_link(format!("/proc/self/fd/{raw}")).unwrap_or_default();
+    if kind != Path::new("anon_inode:bpf-link") {
+        return LinkState::Unknown(format!("not a bpf_link ({})", kind.display()));
+    }
     // SAFETY: LinkInfo is plain data; all-zero is valid.
     let mut info: LinkInfo = unsafe { std::mem::zeroed() };
     let attr = InfoAttr {
