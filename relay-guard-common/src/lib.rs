@@ -14,7 +14,8 @@ use core::mem::size_of;
 /// `#[map]` in the eBPF crate needs literals, so a userspace test checks that
 /// every name in [`maps::ALL`] exists in the built object (relay-guard/tests/object.rs).
 pub mod maps {
-    /// `Array<GuardedPort>` indexed by TCP destination port (host order).
+    /// `Array<PortEntry>` indexed by TCP destination port (host order): the
+    /// port's owner in each generation (see [`super::Settings::generation`]).
     pub const PORTS: &str = "RG_PORTS";
     /// `Array<[u16; 4]>`, mmapable: the IPv4 first level, one `u16` per /24
     /// (block `b` is lane `b & 3` of entry `b >> 2`). A value is a mask index
@@ -45,16 +46,19 @@ pub mod maps {
     /// `PerCpuArray<SourceStats>`: recently blocked sources, for `top`; a
     /// direct-mapped cache indexed by [`super::source_slot`].
     pub const SOURCES: &str = "RG_SOURCES";
+    /// `PerCpuArray<EventBudget>` with one entry: each CPU's token bucket for
+    /// blocked-source log events, and the events it refused.
+    pub const EVENTS: &str = "RG_EVENTS";
     /// Every map the program must define (and the agent pins).
     pub const ALL: &[&str] = &[
-        PORTS, TBL24, LONG24, MASKS, V6_TOP, V6_NODES, V6_LEAVES, IFACES, COUNTERS, SETTINGS, SOURCES,
+        PORTS, TBL24, LONG24, MASKS, V6_TOP, V6_NODES, V6_LEAVES, IFACES, COUNTERS, SETTINGS, SOURCES, EVENTS,
     ];
 }
 
 /// Version of the map layout. Pinned state lives under `layout-<N>/`, so an
 /// agent never opens maps whose layout it does not know. Bump it whenever a
 /// map's name, type, key, value or capacity changes.
-pub const LAYOUT_VERSION: u32 = 5;
+pub const LAYOUT_VERSION: u32 = 6;
 
 /// Number of entries in [`maps::PORTS`]: one per TCP port.
 pub const PORT_SLOTS: u32 = 65_536;
@@ -205,8 +209,21 @@ pub const fn source_slot_v6(w0: u64, w1: u64) -> u32 {
     ((w0 ^ w1.rotate_left(32)).wrapping_mul(0x9e37_79b9_7f4a_7c15) >> (64 - SOURCE_SLOT_BITS)) as u32
 }
 
-/// At most one log event per blocked source per this many nanoseconds.
+/// At most one log event per cache slot (and so per blocked source) per CPU
+/// per this many nanoseconds. A source that takes a slot over inherits the
+/// slot's last event time: a random-source flood cannot reset it.
 pub const EVENT_INTERVAL_NS: u64 = 1_000_000_000;
+
+/// Log events per second per CPU, whatever the number of sources: the rate
+/// of each CPU's token bucket ([`maps::EVENTS`]). Also the agent's total
+/// line budget per second.
+pub const EVENTS_PER_SECOND: u64 = 10;
+
+/// Events a CPU's bucket allows at once after a quiet spell.
+pub const EVENT_BURST: u64 = 10;
+
+/// Nanoseconds of bucket time one event costs.
+pub const EVENT_COST_NS: u64 = 1_000_000_000 / EVENTS_PER_SECOND;
 
 /// Verdicts recorded in [`CounterKey::verdict`].
 pub mod verdict {
@@ -236,17 +253,29 @@ pub mod mode {
     pub const MONITOR: u32 = 1;
 }
 
-/// Value of [`maps::PORTS`]: which guard owns the port.
+/// Which guard owns a port in one generation (half of a [`PortEntry`]).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct GuardedPort {
     /// 1 when the port is guarded; 0 (the zeroed default) leaves it alone.
     pub active: u8,
-    /// Index of the owning guard: the bit to test in [`AllowMask::allow`].
+    /// The owning guard's bit in [`AllowMask::allow`]. Bits are not config
+    /// positions: a bit keeps its meaning for as long as a generation that
+    /// tests it is in force (see `sync.rs`).
     pub guard: u8,
     /// Counter slot of this port (1..[`COUNTER_PORT_SLOTS`]); kept stable
     /// across reloads and restarts so counters stay with their port.
     pub slot: u16,
+}
+
+/// Value of [`maps::PORTS`]: the port's owner in generation 0 and in
+/// generation 1. The program reads [`Settings::generation`] once per packet
+/// and uses that half only, so the agent prepares the other half (with the
+/// mode) and switches every port at once with one store.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PortEntry {
+    pub gens: [GuardedPort; 2],
 }
 
 /// Value of [`maps::IFACES`].
@@ -326,12 +355,47 @@ pub struct SourceStats {
     pub last_verdict: u8,
 }
 
+/// Value of [`maps::EVENTS`] (one entry per CPU): a GCRA token bucket.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EventBudget {
+    /// `bpf_ktime_get_coarse_ns` time at which the bucket is full again if
+    /// nothing more is taken; an event is allowed while this is at most
+    /// `(EVENT_BURST - 1) * EVENT_COST_NS` ahead of now, and moves it on by
+    /// [`EVENT_COST_NS`].
+    pub next_ns: u64,
+    /// Events this CPU refused (a slot's event was due, the bucket was empty).
+    pub suppressed: u64,
+}
+
 /// Value of [`maps::SETTINGS`] (one entry, index 0).
+///
+/// A policy is the pair (ports, mode) of one generation plus the tables;
+/// the tables serve both generations while they differ (see `sync.rs`).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Settings {
-    /// One of [`mode`].
-    pub mode: u32,
+    /// The generation in force, 0 or 1 (only bit 0 is read): which half of
+    /// each [`PortEntry`] and which of [`Settings::modes`] apply. Read once
+    /// per packet; the agent changes it with one aligned store.
+    pub generation: u32,
+    /// The mode of each generation, one of [`mode`].
+    pub modes: [u32; 2],
+    /// Must be zero.
+    pub _pad: u32,
+}
+
+impl Settings {
+    /// The generation in force (0 or 1).
+    #[inline(always)]
+    pub const fn current(&self) -> usize {
+        (self.generation & 1) as usize
+    }
+
+    /// The mode in force.
+    pub const fn mode(&self) -> u32 {
+        self.modes[self.current()]
+    }
 }
 
 const _: () = assert!(size_of::<GuardedPort>() == 4);
@@ -341,7 +405,8 @@ const _: () = assert!(size_of::<IfaceSlot>() == 8);
 const _: () = assert!(size_of::<LongBlock>() == 512);
 const _: () =
     assert!(counter_index(IFACE_SLOTS - 1, COUNTER_PORT_SLOTS - 1, family::UNKNOWN, 4) == COUNTER_ENTRIES - 1);
-const _: () = assert!(size_of::<Settings>() == 4);
+const _: () = assert!(size_of::<Settings>() == 16);
+const _: () = assert!(size_of::<PortEntry>() == 8);
 const _: () = assert!(size_of::<V6Node>() == 64);
 const _: () = assert!(size_of::<V6Leaf>() == 24);
 const _: () = assert!(v6::NODE_LEVELS == 27);
@@ -349,6 +414,7 @@ const _: () = assert!(MAX_MASKS <= v6::NODE);
 const _: () = assert!(v6::NODE_CAPACITY <= v6::INDEX && v6::LEAF_CAPACITY <= v6::INDEX);
 const _: () = assert!(size_of::<SourceKey>() == 20);
 const _: () = assert!(size_of::<SourceStats>() == 56);
+const _: () = assert!(size_of::<EventBudget>() == 16);
 // The program compares and writes the address as two u64 words.
 const _: () = assert!(core::mem::offset_of!(SourceStats, source) % 8 == 0);
 
@@ -356,11 +422,13 @@ const _: () = assert!(core::mem::offset_of!(SourceStats, source) % 8 == 0);
 mod pod {
     // SAFETY: all of these are #[repr(C)], Copy, made of integers, with explicit padding.
     unsafe impl aya::Pod for super::GuardedPort {}
+    unsafe impl aya::Pod for super::PortEntry {}
     unsafe impl aya::Pod for super::AllowMask {}
     unsafe impl aya::Pod for super::CounterKey {}
     unsafe impl aya::Pod for super::Settings {}
     unsafe impl aya::Pod for super::IfaceSlot {}
     unsafe impl aya::Pod for super::SourceKey {}
     unsafe impl aya::Pod for super::SourceStats {}
+    unsafe impl aya::Pod for super::EventBudget {}
     unsafe impl aya::Pod for super::V6Leaf {}
 }

@@ -30,7 +30,7 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use relay_guard_common::{
-    COUNTER_ENTRIES, GuardedPort, IFACE_TABLE, IfaceSlot, LongBlock, MAX_LONG_BLOCKS, MAX_MASKS, PORT_SLOTS,
+    COUNTER_ENTRIES, EventBudget, IFACE_TABLE, IfaceSlot, LongBlock, MAX_LONG_BLOCKS, MAX_MASKS, PORT_SLOTS, PortEntry,
     SOURCE_SLOTS, Settings, SourceStats, TBL24_ENTRIES, V6Leaf, V6Node, counter_index, family, mode, v6 as trie,
     verdict as v,
 };
@@ -40,7 +40,7 @@ use crate::cursor::{Cursor, Stop};
 // ---- Maps (names must match relay_guard_common::maps) ----
 
 #[map(name = "RG_PORTS")]
-static PORTS: Array<GuardedPort> = Array::with_max_entries(PORT_SLOTS, 0);
+static PORTS: Array<PortEntry> = Array::with_max_entries(PORT_SLOTS, 0);
 
 /// mmapable, so the agent writes the 16M-block table directly, not by syscall.
 #[map(name = "RG_TBL24")]
@@ -74,6 +74,9 @@ static SETTINGS: Array<Settings> = Array::with_max_entries(1, 0);
 
 #[map(name = "RG_SOURCES")]
 static SOURCES: PerCpuArray<SourceStats> = PerCpuArray::with_max_entries(SOURCE_SLOTS, 0);
+
+#[map(name = "RG_EVENTS")]
+static EVENTS: PerCpuArray<EventBudget> = PerCpuArray::with_max_entries(1, 0);
 
 // ---- Entry ----
 
@@ -117,7 +120,7 @@ fn stopped(ctx: &XdpContext, stop: Stop) -> u32 {
 /// rare, and it keeps the judged paths short.
 #[inline(never)]
 fn malformed(ctx: &XdpContext, fam: u8) -> u32 {
-    let verdict = if monitor() {
+    let verdict = if monitor(generation()) {
         v::MALFORMED_PASSED
     } else {
         v::MALFORMED_DROPPED
@@ -132,14 +135,15 @@ fn judge_v4(ctx: &XdpContext, c: &mut Cursor) -> u32 {
     let mut src = [0u8; 4];
     parsed!(ctx, ipv4::parse_ipv4(c, &mut src));
     let port = parsed!(ctx, tcp::parse_tcp(c, family::IPV4));
-    let Some(gp) = verdict::guard_of(port) else {
+    let generation = generation();
+    let Some(gp) = verdict::guard_of(port, generation) else {
         return XDP_PASS;
     };
     let slot = u32::from(gp.slot);
     if verdict::allowed_v4(src, gp.guard) {
         return exit(ctx, slot, family::IPV4, v::PASSED);
     }
-    let verdict = not_allowed();
+    let verdict = not_allowed(generation);
     sources::record_v4(ctx, src, port, gp.guard, verdict);
     exit(ctx, slot, family::IPV4, verdict)
 }
@@ -151,14 +155,15 @@ fn judge_v6(ctx: &XdpContext, c: &mut Cursor) -> u32 {
     // SAFETY: parse_ipv6 succeeded, so it wrote all of `src`.
     let src = unsafe { src.assume_init() };
     let port = parsed!(ctx, tcp::parse_tcp(c, family::IPV6));
-    let Some(gp) = verdict::guard_of(port) else {
+    let generation = generation();
+    let Some(gp) = verdict::guard_of(port, generation) else {
         return XDP_PASS;
     };
     let slot = u32::from(gp.slot);
     if verdict::allowed_v6(src.bytes(), gp.guard) {
         return exit(ctx, slot, family::IPV6, v::PASSED);
     }
-    let verdict = not_allowed();
+    let verdict = not_allowed(generation);
     sources::record_v6(ctx, &src, port, gp.guard, verdict);
     exit(ctx, slot, family::IPV6, verdict)
 }
@@ -166,13 +171,27 @@ fn judge_v6(ctx: &XdpContext, c: &mut Cursor) -> u32 {
 /// The verdict for a source that is not allowed: dropped, or would_drop in
 /// monitor mode.
 #[inline(always)]
-fn not_allowed() -> u8 {
-    if monitor() { v::WOULD_DROP } else { v::DROPPED }
+fn not_allowed(generation: usize) -> u8 {
+    if monitor(generation) { v::WOULD_DROP } else { v::DROPPED }
 }
 
+/// The generation in force (see `Settings::generation`), read once per
+/// packet: the port's owner and the mode then come from the same policy
+/// even while the agent switches to another one.
 #[inline(always)]
-fn monitor() -> bool {
-    matches!(SETTINGS.get(0), Some(s) if s.mode == mode::MONITOR)
+fn generation() -> usize {
+    match SETTINGS.get(0) {
+        // SAFETY: an aligned u32 of a live map value; one load.
+        Some(s) => (unsafe { core::ptr::read_volatile(&s.generation) } & 1) as usize,
+        None => 0,
+    }
+}
+
+/// Whether `generation` runs in monitor mode (the modes of both
+/// generations are written before the switch and stay put after it).
+#[inline(always)]
+fn monitor(generation: usize) -> bool {
+    matches!(SETTINGS.get(0), Some(s) if s.modes[generation & 1] == mode::MONITOR)
 }
 
 /// The single exit for counted packets: count, then act on the verdict.

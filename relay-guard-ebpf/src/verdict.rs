@@ -14,12 +14,16 @@ use relay_guard_common::{GuardedPort, LONG_BLOCK, MAX_GUARDS, v6};
 
 use crate::{LONG24, MASKS, PORTS, TBL24, V6_LEAVES, V6_NODES, V6_TOP};
 
-/// The owner of `port`, if the port is guarded.
+/// The owner of `port` in generation `generation` (0 or 1), if the port is
+/// guarded there.
 #[inline(always)]
-pub fn guard_of(port: u16) -> Option<GuardedPort> {
+pub fn guard_of(port: u16, generation: usize) -> Option<GuardedPort> {
     match PORTS.get(u32::from(port)) {
-        Some(gp) if gp.active == 1 => Some(*gp),
-        _ => None,
+        Some(e) => {
+            let gp = e.gens[generation & 1];
+            if gp.active == 1 { Some(gp) } else { None }
+        }
+        None => None,
     }
 }
 

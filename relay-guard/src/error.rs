@@ -45,11 +45,19 @@ pub enum LoadError {
         #[source]
         source: aya::programs::ProgramError,
     },
+    #[error("cannot take over the link pinned at `{}` for `{interface}`: {why}; left in place (a filter it holds keeps guarding) - remove it by hand if it is not relay-guard's", pin.display())]
+    Adopt {
+        interface: String,
+        pin: PathBuf,
+        why: String,
+    },
     #[error("nothing is pinned at `{}` for this version: is the agent installed with this config's pin_dir, and has it run?", pin_dir.display())]
     NotPinned { pin_dir: PathBuf },
     #[error("pin_dir `{}` is not on a bpffs (mount one, or use a path under /sys/fs/bpf)", path.display())]
     NotBpffs { path: PathBuf },
-    #[error("another relay-guard agent (pid {holder}) is running with pin_dir `{}`; stop it first", pin_dir.display())]
+    #[error("pin_dir `{}` refused: {why}", path.display())]
+    BadPinDir { path: PathBuf, why: String },
+    #[error("another relay-guard agent (pid {holder}) is running with pin_dir `{}` (or a detach is in progress); stop it first", pin_dir.display())]
     Locked { pin_dir: PathBuf, holder: String },
     #[error("pinned map `{name}` at `{}` does not match this build's layout", path.display())]
     PinnedMapMismatch { name: &'static str, path: PathBuf },

@@ -15,5 +15,6 @@ pub mod netns;
 pub mod packet;
 pub mod prober;
 pub mod prometheus;
+pub mod raw;
 pub mod require;
 pub mod smtp;

@@ -13,7 +13,7 @@
 use std::{
     collections::BTreeSet,
     net::{Ipv4Addr, Ipv6Addr},
-    os::fd::{AsRawFd, FromRawFd, OwnedFd},
+    os::fd::{AsRawFd, OwnedFd},
     path::PathBuf,
     process::Command,
     time::{Duration, Instant},
@@ -26,14 +26,13 @@ use relay_guard_tests::{
     lab::{ALLOWED_V4, ALLOWED_V6, DENIED_V4, DENIED_V6, Lab, SERVER_V4, SERVER_V6, scrape},
     model,
     net::metric,
-    netns::{NetNs, unique},
+    netns::unique,
     packet::{Ext, Ipv4, Ipv6, Tcp, Vlan, ipv4_options, proto, tcp_flags, tcp_v4, tcp_v6},
+    raw::{ETH_P_ALL, packet_socket, send_frame, socklen},
     require,
 };
 
 const PORT: u16 = 25;
-/// `ETH_P_ALL`: every protocol, for the capture socket.
-const ETH_P_ALL: u16 = 0x0003;
 /// `PACKET_OUTGOING` in `sockaddr_ll.sll_pkttype`: a frame the host sent.
 const PACKET_OUTGOING: u8 = 4;
 /// Prefix of the per-frame marker in the TCP payload; a u32 id follows.
@@ -75,85 +74,7 @@ impl Drop for DetachOnDrop {
     }
 }
 
-// ---- AF_PACKET sockets ----
-
-/// An AF_PACKET raw socket made inside `ns` and bound to `interface` there.
-/// `protocol` 0 receives nothing (a sender); `ETH_P_ALL` captures.
-fn packet_socket(ns: &NetNs, interface: &str, protocol: u16) -> (OwnedFd, i32) {
-    let interface = interface.to_string();
-    ns.run(move || {
-        let ifindex = relay_guard::kernel::loader::ifindex(&interface).unwrap_or_else(|e| panic!("{interface}: {e}"));
-        let ifindex = i32::try_from(ifindex).expect("ifindex fits");
-        // SAFETY: plain socket(2) call; the fd is owned right below.
-        let fd = unsafe {
-            libc::socket(
-                libc::AF_PACKET,
-                libc::SOCK_RAW | libc::SOCK_CLOEXEC,
-                i32::from(protocol.to_be()),
-            )
-        };
-        assert!(fd >= 0, "socket(AF_PACKET): {}", std::io::Error::last_os_error());
-        // SAFETY: fd is a fresh, valid descriptor that nothing else owns.
-        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-        let sll = sockaddr_ll(ifindex, protocol, None);
-        // SAFETY: sll is a valid sockaddr_ll and its size is passed.
-        let rc = unsafe {
-            libc::bind(
-                fd.as_raw_fd(),
-                (&raw const sll).cast(),
-                socklen(size_of::<libc::sockaddr_ll>()),
-            )
-        };
-        assert!(
-            rc == 0,
-            "bind AF_PACKET to {interface}: {}",
-            std::io::Error::last_os_error()
-        );
-        (fd, ifindex)
-    })
-}
-
-fn socklen(n: usize) -> libc::socklen_t {
-    libc::socklen_t::try_from(n).expect("small")
-}
-
-fn sockaddr_ll(ifindex: i32, protocol: u16, dst: Option<[u8; 6]>) -> libc::sockaddr_ll {
-    // SAFETY: sockaddr_ll is plain data; all-zero is a valid value.
-    let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-    sll.sll_family = u16::try_from(libc::AF_PACKET).expect("small");
-    sll.sll_protocol = protocol.to_be();
-    sll.sll_ifindex = ifindex;
-    if let Some(mac) = dst {
-        sll.sll_halen = 6;
-        sll.sll_addr[..6].copy_from_slice(&mac);
-    }
-    sll
-}
-
-fn send_frame(fd: &OwnedFd, ifindex: i32, frame: &[u8]) {
-    let sll = sockaddr_ll(
-        ifindex,
-        0,
-        Some(frame[..6].try_into().expect("frame has a destination MAC")),
-    );
-    // SAFETY: frame and sll are valid for the lengths given.
-    let n = unsafe {
-        libc::sendto(
-            fd.as_raw_fd(),
-            frame.as_ptr().cast(),
-            frame.len(),
-            0,
-            (&raw const sll).cast(),
-            socklen(size_of::<libc::sockaddr_ll>()),
-        )
-    };
-    assert!(
-        usize::try_from(n).ok() == Some(frame.len()),
-        "sendto AF_PACKET ({} bytes): {}",
-        frame.len(),
-        std::io::Error::last_os_error()
-    );
-}
+// ---- AF_PACKET capture ----
 
 fn set_recv_timeout(fd: &OwnedFd, timeout: Duration) {
     let tv = libc::timeval {

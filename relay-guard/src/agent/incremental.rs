@@ -135,15 +135,17 @@ pub enum DeltaError {
 type V4Key = (u8, [u8; 4]);
 type V6Key = (u8, [u8; 16]);
 
-/// The mask a full compile gives the stored prefix `net`, if it is stored.
-fn compiled(index: &ListIndex, net: &IpNet) -> Option<AllowMask> {
+/// The mask a full compile gives the stored prefix `net`, if it is stored,
+/// with guard `g` on bit `bits[g]` (positional when `bits` is shorter).
+fn compiled(index: &ListIndex, net: &IpNet, bits: &[u8]) -> Option<AllowMask> {
     if !index.named(net) {
         return None;
     }
     let mut allow = 0u64;
     for g in 0..index.guards.len() {
         if index.decides(g, net) == Some(Action::Allow) {
-            allow |= 1 << g;
+            let bit = bits.get(g).map_or(g, |&b| usize::from(b));
+            allow |= 1 << bit;
         }
     }
     Some(AllowMask { allow })
@@ -179,7 +181,7 @@ pub fn policy_delta(index: &ListIndex, policy: &mut Policy, changes: &[Change]) 
     let mut v4 = Vec::new();
     let mut v6 = Vec::new();
     for net in dirty {
-        let want = compiled(index, &net);
+        let want = compiled(index, &net, &policy.bits);
         match net {
             IpNet::V4(n) => {
                 let key = (n.prefix_len(), n.network().octets());

@@ -41,7 +41,8 @@ use crate::{config::Config, kernel::maps::Counters, policy::Policy};
 /// every successful reload.
 #[derive(Debug, Default, Clone)]
 pub struct LabelState {
-    /// Guard names by index (the kernel's `guard` field).
+    /// Guard names by the kernel's `guard` field (a guard's bit, see
+    /// `Policy::names_by_bit`).
     pub guards: Vec<String>,
     /// Interface names by ifindex.
     pub interfaces: HashMap<u32, String>,
@@ -80,7 +81,9 @@ pub struct AgentMetrics {
     /// that name carries the filter, 0 while it is missing or refused.
     pub interface_attached: Family<[(&'static str, String); 1], Gauge>,
     /// The interfaces `interface_attached` has a series for.
-    interface_names: Arc<Mutex<Vec<String>>>,
+    pub interface_names: Arc<Mutex<Vec<String>>>,
+    /// Blocked-source log events held back by the bound (kernel and agent).
+    pub blocked_events_suppressed: Counter,
 }
 
 impl AgentMetrics {
@@ -170,6 +173,7 @@ pub fn snapshot(counters: &Counters, labels: &LabelState) -> Result<CounterSnaps
         let guard = labels
             .guards
             .get(usize::from(k.guard))
+            .filter(|n| !n.is_empty())
             .cloned()
             .unwrap_or_else(|| format!("guard{}", k.guard + 1));
         *snap
@@ -282,6 +286,11 @@ pub fn registry(counters: Counters, labels: Arc<RwLock<LabelState>>, agent: &Age
         "Whether the configured interface of that name carries the filter (1) or not (0: missing, refused or failed to attach)",
         agent.interface_attached.clone(),
     );
+    sub.register(
+        "blocked_events_suppressed",
+        "Blocked-source log events held back by the bound of 10 lines a second (kernel bucket or agent)",
+        agent.blocked_events_suppressed.clone(),
+    );
     let build_info = Family::<[(&'static str, &'static str); 1], Gauge>::default();
     build_info.get_or_create(&[("version", crate::VERSION)]).set(1);
     sub.register("build_info", "relay-guard build information (always 1)", build_info);
@@ -335,6 +344,14 @@ pub fn openmetrics_to_text_004(om: &str) -> String {
     out
 }
 
+/// How long a client may take to send a whole request head (the first,
+/// or the next on a kept-alive connection) before it is closed.
+pub const REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// Connections served at once. When all are taken, a new connection closes
+/// the oldest one that is not in the middle of a request (an idle or
+/// silent client), or waits for one to end.
+pub const MAX_CONNECTIONS: usize = 64;
+
 /// Serves `GET /metrics` (and `/healthz`) on `addr` until `shutdown`.
 pub async fn serve(
     addr: SocketAddr,
@@ -343,7 +360,12 @@ pub async fn serve(
 ) -> std::io::Result<()> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
     info!(%addr, "serving metrics at /metrics");
-    let app = Router::new()
+    serve_on(listener, router(registry), shutdown).await
+}
+
+/// The routes: `/metrics` and `/healthz`.
+fn router(registry: Arc<Registry>) -> Router {
+    Router::new()
         .route(
             "/metrics",
             get(move |headers: HeaderMap| {
@@ -374,6 +396,163 @@ pub async fn serve(
                 }
             }),
         )
-        .route("/healthz", get(|| async { "ok\n" }));
-    axum::serve(listener, app).with_graceful_shutdown(shutdown).await
+        .route("/healthz", get(|| async { "ok\n" }))
+}
+
+/// A connection being served.
+struct Conn {
+    /// True while a request is being answered: such a connection is never
+    /// closed to make room.
+    busy: Arc<std::sync::atomic::AtomicBool>,
+    abort: tokio::task::AbortHandle,
+}
+
+/// Serves `app` on `listener` with the limits above ("Bounded work for
+/// hostile input" in SPEC.md): hyper with a timer, so the request-head
+/// timeout applies, and at most [`MAX_CONNECTIONS`] connections.
+async fn serve_on(
+    listener: tokio::net::TcpListener,
+    app: Router,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    let conns: Arc<std::sync::Mutex<BTreeMap<u64, Conn>>> = Arc::default();
+    let permits = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let mut tasks = tokio::task::JoinSet::new();
+    let mut next_id = 0u64;
+    tokio::pin!(shutdown);
+    loop {
+        let stream = tokio::select! {
+            () = &mut shutdown => break,
+            r = listener.accept() => match r {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    // EMFILE and the like: wait instead of spinning.
+                    warn!(error = %e, "metrics: accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        while tasks.try_join_next().is_some() {}
+        let permit = if let Ok(p) = Arc::clone(&permits).try_acquire_owned() {
+            p
+        } else {
+            // Full: close the oldest connection that is not answering a request.
+            {
+                let mut map = conns.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                let idle = map
+                    .iter()
+                    .find(|(_, c)| !c.busy.load(Ordering::Acquire))
+                    .map(|(&id, _)| id);
+                if let Some(c) = idle.and_then(|id| map.remove(&id)) {
+                    c.abort.abort();
+                }
+            }
+            tokio::select! {
+                () = &mut shutdown => break,
+                p = Arc::clone(&permits).acquire_owned() => p.expect("the semaphore is never closed"),
+            }
+        };
+        let id = next_id;
+        next_id += 1;
+        let busy = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = Arc::clone(&busy);
+        let tower = hyper_util::service::TowerToHyperService::new(app.clone());
+        let svc = hyper::service::service_fn(move |req| {
+            flag.store(true, Ordering::Release);
+            let call = hyper::service::Service::call(&tower, req);
+            let flag = Arc::clone(&flag);
+            async move {
+                let r = call.await;
+                flag.store(false, Ordering::Release);
+                r
+            }
+        });
+        let registered = Arc::clone(&conns);
+        // Registered under the lock, so the task's own removal comes after.
+        let mut map = conns.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let abort = tasks.spawn(async move {
+            let _permit = permit;
+            let served = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(REQUEST_TIMEOUT)
+                .max_buf_size(16 * 1024)
+                .serve_connection(TokioIo::new(stream), svc)
+                .await;
+            if let Err(e) = served {
+                tracing::debug!(error = %e, "metrics connection closed");
+            }
+            registered
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .remove(&id);
+        });
+        map.insert(id, Conn { busy, abort });
+        drop(map);
+    }
+    tasks.shutdown().await;
+    Ok(())
+}
+
+#[cfg(test)]
+mod serve_tests {
+    use std::{
+        io::{Read as _, Write as _},
+        net::TcpStream,
+        time::{Duration, Instant},
+    };
+
+    use super::*;
+
+    /// "Bounded work for hostile input": 70 idle connections neither keep
+    /// a scrape from being answered at once nor stay open past the request
+    /// timeout.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn idle_connections_are_bounded_and_closed() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(serve_on(listener, router(Arc::new(Registry::default())), async {
+            let _ = stopped.await;
+        }));
+        let result = tokio::task::spawn_blocking(move || {
+            let opened = Instant::now();
+            let idle: Vec<TcpStream> = (0..70)
+                .map(|_| TcpStream::connect_timeout(&addr, Duration::from_secs(2)).expect("connect"))
+                .collect();
+            std::thread::sleep(Duration::from_millis(300));
+            let asked = Instant::now();
+            let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).expect("connect");
+            s.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
+            write!(s, "GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n").expect("write");
+            let mut out = String::new();
+            s.read_to_string(&mut out).expect("a normal scrape is answered");
+            assert!(out.starts_with("HTTP/1.0 200"), "{out}");
+            assert!(
+                asked.elapsed() < Duration::from_secs(3),
+                "answered after {:?}",
+                asked.elapsed()
+            );
+            let wait = (REQUEST_TIMEOUT + Duration::from_secs(1)).saturating_sub(opened.elapsed());
+            std::thread::sleep(wait);
+            let mut open = 0;
+            for mut c in idle {
+                c.set_read_timeout(Some(Duration::from_millis(500))).expect("timeout");
+                let mut b = [0u8; 64];
+                match c.read(&mut b) {
+                    Ok(0) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+                    _ => open += 1,
+                }
+            }
+            assert_eq!(open, 0, "idle connections still open after {:?}", opened.elapsed());
+        })
+        .await;
+        let _ = stop.send(());
+        let _ = server.await;
+        if let Err(e) = result {
+            std::panic::resume_unwind(e.into_panic());
+        }
+    }
 }

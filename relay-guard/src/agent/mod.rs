@@ -32,9 +32,9 @@ use tracing::{error, info, warn};
 
 use crate::{
     config::Config,
+    error::SyncError,
     kernel::{
         counters,
-        events::OncePerSecond,
         loader::{self, Loaded},
         netdev,
         pins::{self, AgentLock, Pins},
@@ -56,7 +56,7 @@ pub async fn run(config_path: &Path, shutdown: impl Future<Output = ()>) -> anyh
 
 /// One unit of work for the agent's loop. New sources (bans, timers) add a
 /// variant here, an arm in `Agent::next_event` and a method.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
     /// SIGTERM, SIGINT or the caller's shutdown: stop (the name, for the log).
     Stop(&'static str),
@@ -67,6 +67,8 @@ pub enum Event {
     /// A network device was created, deleted, renamed or changed (or the
     /// periodic check of the attachments is due).
     LinksChanged,
+    /// The blocked-source logger task ended (why).
+    BlockedLogEnded(String),
 }
 
 /// The signals the agent handles.
@@ -86,6 +88,8 @@ pub struct Agent {
     loaded: Loaded,
     /// Kept for reloads that only edit list files (applied as deltas).
     live: Option<Live>,
+    /// The policy in force while `live` is gone (after a failed full reload).
+    in_force: Option<Policy>,
     /// Interface names by ifindex, for the counters' labels: the devices
     /// attached now, and those attached before under a name still configured.
     interfaces: HashMap<u32, String>,
@@ -101,7 +105,7 @@ pub struct Agent {
     signals: Signals,
     stop_tx: tokio::sync::watch::Sender<bool>,
     metrics_task: Option<JoinHandle<()>>,
-    logger_task: Option<JoinHandle<()>>,
+    logger_task: Option<JoinHandle<std::io::Result<()>>>,
     /// Held until the agent is dropped, after everything above.
     _lock: AgentLock,
 }
@@ -119,9 +123,11 @@ impl Agent {
             netdev::check_ethernet(iface).map_err(|e| anyhow::Error::new(e).context("invalid config"))?;
         }
         loader::bump_memlock_rlimit();
-        let pins = Pins::new(&cfg.pin_dir);
         pins::ensure_bpffs(&cfg.pin_dir)?;
+        // Held until the agent exits.
         let lock = AgentLock::acquire(&cfg.pin_dir)?;
+        // The resolved path: every spelling of pin_dir names the same state.
+        let pins = Pins::new(&lock.path);
         let mut loaded = Loaded::load_pinned(&pins).map_err(|e| with_hint(e, "failed to load the XDP program"))?;
         if loaded.adopted {
             info!(pin_dir = %cfg.pin_dir.display(), "adopted pinned maps (allowlists and counters kept)");
@@ -132,9 +138,11 @@ impl Agent {
         // sees a gap.
         let mut cfg = cfg;
         let policy = Policy::compile(&cfg);
-        let base_labels = LabelState::new(&cfg, HashMap::new(), counters::Slots::default());
+        let mut base_labels = LabelState::new(&cfg, HashMap::new(), counters::Slots::default());
         reload::strip_entries(&mut cfg);
-        let (stats, shadow) = sync::apply_full(&mut loaded.maps, &policy, &[]).context("failed to fill the maps")?;
+        let (stats, shadow, policy) =
+            sync::apply_full(&mut loaded.maps, &policy, None, &[]).context("failed to fill the maps")?;
+        base_labels.guards = policy.names_by_bit(&base_labels.guards);
         let live = Some(Live::new(&cfg, index, policy, shadow));
         info!(
             written = stats.written,
@@ -176,7 +184,14 @@ impl Agent {
             slots,
             ..base_labels
         }));
-        let agent_metrics = AgentMetrics::default();
+        let agent_metrics = AgentMetrics {
+            blocked_events_suppressed: loaded
+                .logger
+                .as_ref()
+                .map(crate::kernel::events::BlockedLog::suppressed_total)
+                .unwrap_or_default(),
+            ..AgentMetrics::default()
+        };
         agent_metrics.reload_succeeded();
         agent_metrics.interfaces_attached(&attached);
         let registry = Arc::new(metrics::registry(
@@ -190,7 +205,9 @@ impl Agent {
             Some(addr) => Some(serve_metrics(addr, registry, stop_rx)?),
             None => None,
         };
-        let logger_task = loaded.logger.take().and_then(drain_blocked_events);
+        // Blocked-source events from the program, bounded there and in
+        // `kernel::events`. The task is watched: if it ends, the log says so.
+        let logger_task = loaded.logger.take().map(|log| tokio::spawn(log.run()));
 
         let signals = Signals {
             interrupt: signal(SignalKind::interrupt())?,
@@ -204,6 +221,7 @@ impl Agent {
             current: cfg,
             loaded,
             live,
+            in_force: None,
             interfaces,
             pins,
             links: link_watch,
@@ -231,6 +249,9 @@ impl Agent {
                 Event::Hangup => self.reload("SIGHUP"),
                 Event::FilesChanged => self.files_changed().await,
                 Event::LinksChanged => self.guard_interfaces(),
+                Event::BlockedLogEnded(why) => {
+                    error!(reason = %why, "the blocked-source logger stopped: blocked sources are no longer logged (the counters and `relay-guard top` still count them)");
+                }
             }
         }
         self.stop().await;
@@ -246,6 +267,14 @@ impl Agent {
             Some(()) = self.watch.events.recv() => Event::FilesChanged,
             () = self.links.changed() => Event::LinksChanged,
             () = shutdown.as_mut() => Event::Stop("shutdown requested"),
+            ended = async { self.logger_task.as_mut().expect("checked by the branch condition").await }, if self.logger_task.is_some() => {
+                self.logger_task = None;
+                Event::BlockedLogEnded(match ended {
+                    Ok(Err(e)) => e.to_string(),
+                    Err(e) if e.is_panic() => "it panicked".to_string(),
+                    _ => "it ended".to_string(),
+                })
+            }
         }
     }
 
@@ -345,21 +374,43 @@ impl Agent {
         ) {
             Some(outcome) => outcome.map(|(new, labels)| (new, labels, false)),
             None => {
-                // The old state is rebuilt by the full reload: drop it first
-                // so a large list is not held twice (keeping the masks it
-                // left for the next sync to clear).
-                let stale = self.live.take().map(|l| l.shadow.stale).unwrap_or_default();
-                reload::full_reload(
+                // The old state is rebuilt by the full reload: drop its index
+                // first so a large list is not held twice (keeping the masks
+                // it left for the next sync to clear). The policy in force is
+                // kept: guards that change ports keep their old verdicts
+                // until the switch (see `kernel::sync`), and a failed sync is
+                // undone with it.
+                let (stale, old) = match self.live.take() {
+                    Some(l) => (l.shadow.stale, Some(l.policy)),
+                    None => (Vec::new(), self.in_force.take()),
+                };
+                let r = reload::full_reload(
                     &mut self.loaded,
                     &self.current,
                     config_path,
                     &mut self.interfaces,
                     &stale,
-                )
-                .map(|(new, labels, fresh)| {
-                    self.live = fresh;
-                    (new, labels, true)
-                })
+                    old.as_ref(),
+                );
+                match r {
+                    Ok((new, labels, fresh)) => {
+                        self.live = fresh;
+                        Ok((new, labels, true))
+                    }
+                    Err(e) => {
+                        if let Some(old) = &old
+                            && matches!(e.downcast_ref::<SyncError>(), Some(SyncError::Map { .. }))
+                        {
+                            // Written part-way: back to the policy in force.
+                            match sync::apply_full(&mut self.loaded.maps, old, None, &[]) {
+                                Ok(_) => warn!("the failed sync was undone: the kernel holds the previous policy"),
+                                Err(e2) => error!("undoing the failed sync failed too: {e2:#}"),
+                            }
+                        }
+                        self.in_force = old;
+                        Err(e)
+                    }
+                }
             }
         };
         // Counted when the attempt is over, so a scrape that sees the count
@@ -439,26 +490,6 @@ fn serve_metrics(
             error!(%addr, error = %e, "metrics server failed");
         }
     }))
-}
-
-/// Drains blocked-source events from the program (rate-limited there) into
-/// the log.
-fn drain_blocked_events(logger: aya_log::EbpfLogger<OncePerSecond>) -> Option<JoinHandle<()>> {
-    // SAFETY: the logger owns its ring-buffer fd and lives inside the
-    // AsyncFd, so the fd stays open for as long as it is registered.
-    match unsafe { tokio::io::unix::AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE) } {
-        Ok(mut fd) => Some(tokio::spawn(async move {
-            loop {
-                let Ok(mut guard) = fd.readable_mut().await else { break };
-                guard.get_inner_mut().flush();
-                guard.clear_ready();
-            }
-        })),
-        Err(e) => {
-            warn!(error = %e, "cannot read blocked-source events");
-            None
-        }
-    }
 }
 
 /// Adds `what` and, when the kernel said EPERM somewhere down the chain,

@@ -41,7 +41,7 @@ pub(super) fn delta_reload(
             let mut new = current.clone();
             new.fingerprint = state.index.fingerprint();
             let labels = LabelState {
-                guards: state.guard_names.clone(),
+                guards: state.policy.names_by_bit(&state.guard_names),
                 allow_counts: state
                     .guard_names
                     .iter()
@@ -71,6 +71,7 @@ pub(super) fn full_reload(
     path: &Path,
     interfaces: &mut HashMap<u32, String>,
     stale: &[u16],
+    old: Option<&Policy>,
 ) -> anyhow::Result<(Config, LabelState, Option<Live>)> {
     let (mut new, index) = Config::load_indexed(path).map_err(|e| anyhow::anyhow!("invalid config:\n{e}"))?;
     for (what, changed) in [
@@ -90,9 +91,10 @@ pub(super) fn full_reload(
         netdev::check_ethernet(iface).context("invalid config")?;
     }
     let policy = Policy::compile(&new);
-    let labels = LabelState::new(&new, interfaces.clone(), counters::Slots::default());
+    let mut labels = LabelState::new(&new, interfaces.clone(), counters::Slots::default());
     strip_entries(&mut new);
-    let (stats, shadow) = sync::apply_full(&mut loaded.maps, &policy, stale)?;
+    let (stats, shadow, policy) = sync::apply_full(&mut loaded.maps, &policy, old, stale)?;
+    labels.guards = policy.names_by_bit(&labels.guards);
     let live = Live::new(&new, index, policy, shadow);
     info!(
         written = stats.written,

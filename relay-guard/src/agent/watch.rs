@@ -45,7 +45,7 @@ impl FileWatch {
         let dirs = dirs_of(files);
         let watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
             if let Ok(ev) = res
-                && !ev.kind.is_access()
+                && completes_a_change(&ev)
             {
                 let _ = tx.send(());
             }
@@ -74,5 +74,74 @@ impl FileWatch {
     /// Whether the watched directories for `files` differ from these.
     pub fn covers(&self, files: &[PathBuf]) -> bool {
         dirs_of(files) == self.dirs
+    }
+}
+
+/// Whether `ev` ends a change of a file, so that its content is whole:
+/// a writer closed it (`IN_CLOSE_WRITE`), a file was renamed into place
+/// (`IN_MOVED_TO`: write to a temporary file, then rename), removed or
+/// renamed away, or a symlink was made (a ConfigMap's `..data` swap is a
+/// rename). Opening, truncating and each `write` (`IN_MODIFY`) do not
+/// count: a list is never applied half-written.
+fn completes_a_change(ev: &notify::Event) -> bool {
+    use notify::{
+        EventKind,
+        event::{AccessKind, AccessMode, ModifyKind},
+    };
+    match ev.kind {
+        EventKind::Access(AccessKind::Close(AccessMode::Write))
+        | EventKind::Modify(ModifyKind::Name(_))
+        | EventKind::Remove(_) => true,
+        EventKind::Create(_) => ev
+            .paths
+            .iter()
+            .any(|p| std::fs::symlink_metadata(p).is_ok_and(|m| m.file_type().is_symlink())),
+        _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A list file being written is not a change until it is closed (or
+    /// renamed into place): the watcher stays quiet through open, truncate
+    /// and writes, and speaks once the writer closes it.
+    #[test]
+    fn watcher_waits_for_a_file_to_be_fully_written() {
+        use std::io::Write as _;
+        let dir = std::env::temp_dir().join(format!("rg-watch-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        let list = dir.join("drop.txt");
+        std::fs::write(&list, "192.0.2.0/24\n").expect("write");
+        let mut watch = FileWatch::new(std::slice::from_ref(&list));
+        let quiet = |w: &mut FileWatch| {
+            std::thread::sleep(std::time::Duration::from_millis(300));
+            let mut n = 0;
+            while w.events.try_recv().is_ok() {
+                n += 1;
+            }
+            n
+        };
+        assert_eq!(quiet(&mut watch), 0, "no event before any change");
+        let mut f = std::fs::File::create(&list).expect("truncate");
+        f.write_all(b"198.51.100.0/24\n").expect("write");
+        f.flush().expect("flush");
+        assert_eq!(
+            quiet(&mut watch),
+            0,
+            "an event while the file is still open for writing"
+        );
+        f.write_all(b"203.0.113.0/24\n").expect("write");
+        drop(f);
+        assert!(quiet(&mut watch) > 0, "no event after the writer closed the file");
+
+        // Write to a temporary name, then rename: one change, at the rename.
+        let tmp = dir.join(".drop.txt.tmp");
+        std::fs::write(&tmp, "192.0.2.0/24\n").expect("write tmp");
+        let _ = quiet(&mut watch);
+        std::fs::rename(&tmp, &list).expect("rename");
+        assert!(quiet(&mut watch) > 0, "no event after the rename into place");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -1,13 +1,56 @@
-//! `relay-guard check-config`: validate without touching the kernel.
+//! `relay-guard check-config`: validate without touching the kernel,
+//! including every kernel limit a sync checks before it writes (with the
+//! count and the limit).
 use std::path::Path;
 
 use crate::{config::Config, kernel::netdev, policy::Policy};
+
+/// Guards without a `name` (their default `guard<N>` follows their place in
+/// the file), read from the TOML itself.
+fn unnamed_guards(path: &Path) -> usize {
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return 0;
+    };
+    let Ok(table) = text.parse::<toml::Table>() else {
+        return 0;
+    };
+    table
+        .get("guard")
+        .and_then(toml::Value::as_array)
+        .map_or(0, |gs| gs.iter().filter(|g| g.get("name").is_none()).count())
+}
 
 /// Prints the verdict; returns the exit code (0 valid, 1 invalid).
 pub fn execute(path: &Path, json: bool) -> i32 {
     match Config::load(path) {
         Ok(cfg) if refused(&cfg).is_empty() => {
             let policy = Policy::compile(&cfg);
+            let over = policy.limits();
+            if !over.is_empty() {
+                if json {
+                    let errs: Vec<_> = over
+                        .iter()
+                        .map(|l| serde_json::json!({"limit": l.what, "count": l.count, "max": l.limit, "error": l.to_string()}))
+                        .collect();
+                    println!(
+                        "{}",
+                        serde_json::json!({"valid": false, "config": path, "errors": errs})
+                    );
+                } else {
+                    for l in &over {
+                        eprintln!("{}: does not fit the kernel tables: {l}", path.display());
+                    }
+                    eprintln!("{}: {} error(s)", path.display(), over.len());
+                }
+                return 1;
+            }
+            let unnamed = unnamed_guards(path);
+            if unnamed > 1 {
+                eprintln!(
+                    "{}: warning: {unnamed} guards have no `name`: their default names (guard<N>) follow their place in the file, so inserting, removing or reordering guards renames them (metrics labels); give each guard a name",
+                    path.display()
+                );
+            }
             if json {
                 let guards: Vec<_> = cfg
                     .guards

@@ -1,38 +1,42 @@
 //! `relay-guard detach`: remove the program, its links and every pin under
-//! the config's `pin_dir`. Refuses while an agent holds that `pin_dir`.
+//! the config's `pin_dir`. Refuses while an agent holds that `pin_dir`,
+//! when it is not a directory of its own on a bpffs, and when it holds
+//! anything relay-guard did not create (named in the error); in each case
+//! before deleting anything.
 use std::path::Path;
 
 use anyhow::bail;
 
-use crate::kernel::pins::{AgentLock, Pins};
+use crate::kernel::pins::{self, AgentLock, Pins};
 
 pub fn execute(config_path: &Path) -> anyhow::Result<()> {
     let pin_dir = super::pin_dir_of(config_path)?;
-    if let Some(pid) = AgentLock::holder(&pin_dir) {
-        bail!(
-            "an agent (pid {pid}) is running with pin_dir `{}`; stop it first, then detach",
-            pin_dir.display()
-        );
-    }
-    if !pin_dir.exists() {
-        let _ = std::fs::remove_file(crate::kernel::pins::lock_path(&pin_dir));
+    if std::fs::symlink_metadata(&pin_dir).is_err() {
         println!("nothing pinned at {}: already detached", pin_dir.display());
         return Ok(());
     }
-    let pins = Pins::new(&pin_dir);
-    let mut links = Vec::new();
-    for dir in std::iter::once(pins.state()).chain(pins.other_layouts()) {
-        if let Ok(rd) = std::fs::read_dir(dir.join("links")) {
-            for e in rd.filter_map(Result::ok) {
-                // Removing the last reference to a bpf_link detaches it.
-                std::fs::remove_file(e.path())?;
-                links.push(e.file_name().to_string_lossy().into_owned());
-            }
-        }
+    let real = pins::check_pin_dir(&pin_dir)?;
+    // Held until the end: no agent starts on this pin_dir meanwhile.
+    let _lock = AgentLock::lock_existing(&real)?;
+    let pins = Pins::new(&real);
+    let foreign = pins.foreign_entries();
+    if !foreign.is_empty() {
+        let names: Vec<String> = foreign.iter().map(|p| p.display().to_string()).collect();
+        bail!(
+            "pin_dir `{}` holds what relay-guard did not create: {}; nothing was detached (remove those, or fix pin_dir)",
+            pin_dir.display(),
+            names.join(", ")
+        );
     }
-    std::fs::remove_dir_all(&pin_dir)?;
-    // The lock file of this pin_dir too (no agent holds it: checked above).
-    let _ = std::fs::remove_file(crate::kernel::pins::lock_path(&pin_dir));
+    let mut links = Vec::new();
+    let layouts = std::iter::once(pins.state())
+        .filter(|p| p.exists())
+        .chain(pins.other_layouts());
+    for dir in layouts {
+        // Removing the last reference to a bpf_link detaches it.
+        links.extend(pins::remove_layout(&dir)?);
+    }
+    std::fs::remove_dir(&real)?;
     println!(
         "detached from {} interface(s){}; removed {}",
         links.len(),

@@ -32,9 +32,19 @@ pub fn execute(config_path: &Path, addr: IpAddr, port: u16, as_json: bool) -> an
         (gi, g.name.clone(), allowed, entry.cloned())
     });
 
+    crate::kernel::pins::check_pin_dir(&pin_dir)?;
     let pins = Pins::new(&pin_dir);
+    // The kernel keys guards on bits, not on their place in the config.
+    let mut bits: Vec<u8> = (0..guards.len()).map(|g| u8::try_from(g).unwrap_or(u8::MAX)).collect();
     let kernel_side = match inspect::open(&pins) {
-        Ok(km) => Some(inspect::lookup(&km, addr, port).context("failed to read the pinned maps")?),
+        Ok(km) => {
+            if let Some(c) = &cfg
+                && let Ok(b) = crate::kernel::sync::kernel_bits(&km, &crate::policy::Policy::compile(c))
+            {
+                bits = b;
+            }
+            Some(inspect::lookup(&km, addr, port).context("failed to read the pinned maps")?)
+        }
         Err(e) => {
             if !as_json {
                 println!("kernel: no pinned state to compare ({e})");
@@ -42,10 +52,11 @@ pub fn execute(config_path: &Path, addr: IpAddr, port: u16, as_json: bool) -> an
             None
         }
     };
-    let name_of = |gi: u8| {
-        guards
-            .get(usize::from(gi))
-            .map_or(format!("guard{}", gi + 1), |g| g.name.clone())
+    let position = |bit: u8| bits.iter().position(|&b| b == bit);
+    let name_of = |bit: u8| {
+        position(bit)
+            .and_then(|gi| guards.get(gi))
+            .map_or(format!("guard bit {bit}"), |g| g.name.clone())
     };
 
     let agree = match (&config_side, &kernel_side) {
@@ -53,7 +64,7 @@ pub fn execute(config_path: &Path, addr: IpAddr, port: u16, as_json: bool) -> an
         (_, None) => true,
         (None, Some(Lookup::NotGuarded)) => true,
         (Some((gi, _, allowed, _)), Some(Lookup::Judged { guard, allowed: k, .. })) => {
-            usize::from(*guard) == *gi && allowed == k
+            position(*guard) == Some(*gi) && allowed == k
         }
         _ => false,
     };

@@ -23,19 +23,79 @@ pub async fn execute(cli: Cli) -> anyhow::Result<i32> {
 
 /// The `pin_dir` a config names. status, explain, top and detach need only
 /// this from the config, so they work with a config whose list files are
-/// gone, and fall back to the default when the file cannot be read at all.
+/// gone. A config that is not valid TOML, or whose `pin_dir` is not a
+/// string or not an acceptable path, is an error: these commands never fall
+/// back to the default `pin_dir` (that could be another instance's).
 pub fn pin_dir_of(config_path: &std::path::Path) -> anyhow::Result<std::path::PathBuf> {
     use anyhow::Context as _;
-    #[derive(serde::Deserialize)]
-    struct PinDirOnly {
-        pin_dir: Option<String>,
-    }
     let text = std::fs::read_to_string(config_path)
         .with_context(|| format!("failed to read config {}", config_path.display()))?;
-    let v: PinDirOnly = toml::from_str::<toml::Table>(&text)
-        .ok()
-        .and_then(|t| t.try_into().ok())
-        .unwrap_or(PinDirOnly { pin_dir: None });
-    Ok(v.pin_dir
-        .map_or_else(|| crate::config::DEFAULT_PIN_DIR.into(), Into::into))
+    let table: toml::Table = toml::from_str(&text).map_err(|e| {
+        anyhow::anyhow!(
+            "config {} does not parse, so its pin_dir is unknown (nothing done): {}",
+            config_path.display(),
+            e.message().trim_end()
+        )
+    })?;
+    let dir: std::path::PathBuf = match table.get("pin_dir") {
+        None => crate::config::DEFAULT_PIN_DIR.into(),
+        Some(toml::Value::String(s)) => s.into(),
+        Some(other) => anyhow::bail!(
+            "config {}: pin_dir must be a string, not a {} (nothing done)",
+            config_path.display(),
+            other.type_str()
+        ),
+    };
+    if let Some(why) = crate::config::pin_dir_problem(&dir) {
+        anyhow::bail!(
+            "config {}: pin_dir `{}` {why} (nothing done)",
+            config_path.display(),
+            dir.display()
+        );
+    }
+    Ok(dir.components().collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+
+    use super::pin_dir_of;
+
+    fn pin_dir_from(text: &str) -> anyhow::Result<PathBuf> {
+        let dir = std::env::temp_dir().join(format!("rg-pin-dir-of-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        let path = dir.join(format!("c{}.toml", text.len()));
+        std::fs::write(&path, text).expect("write");
+        let r = pin_dir_of(&path);
+        let _ = std::fs::remove_file(&path);
+        r
+    }
+
+    /// status, explain, top and detach never fall back to the default
+    /// pin_dir for a config they cannot read the pin_dir of.
+    #[test]
+    fn pin_dir_of_refuses_what_it_cannot_read() {
+        for (text, why) in [
+            (
+                "interfaces = [\"eth0\"\npin_dir = \"/sys/fs/bpf/x\"\n",
+                "does not parse",
+            ),
+            ("pin_dir = 7\n", "must be a string"),
+            ("pin_dir = \"relative\"\n", "absolute"),
+            ("pin_dir = \"/sys/fs/bpf\"\n", "root of a file system"),
+            ("pin_dir = \"/sys/fs/bpf/a/../..\"\n", "`..`"),
+        ] {
+            let e = pin_dir_from(text).expect_err(text).to_string();
+            assert!(e.contains(why), "{text}: {e}");
+        }
+        assert_eq!(
+            pin_dir_from("interfaces = [\"eth0\"]\n").expect("valid"),
+            PathBuf::from(crate::config::DEFAULT_PIN_DIR)
+        );
+        assert_eq!(
+            pin_dir_from("pin_dir = \"/sys/fs/bpf/rg/\"\n").expect("valid"),
+            PathBuf::from("/sys/fs/bpf/rg")
+        );
+    }
 }

@@ -45,7 +45,11 @@ pub fn execute(config_path: &Path, as_json: bool) -> anyhow::Result<()> {
     };
     let mut drift = None;
     if let Ok(cfg) = &cfg {
-        let named = LabelState::new(cfg, labels.interfaces.clone(), labels.slots.clone());
+        let mut named = LabelState::new(cfg, labels.interfaces.clone(), labels.slots.clone());
+        let policy = Policy::compile(cfg);
+        if let Ok(bits) = sync::kernel_bits(&km, &policy) {
+            named.guards = policy.with_bits(&bits).names_by_bit(&named.guards);
+        }
         labels = named;
         // A dry run of the sync: anything it would change is drift.
         drift = Some(

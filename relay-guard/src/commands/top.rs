@@ -27,8 +27,16 @@ fn monotonic_ns() -> u64 {
 pub fn execute(config_path: &Path, limit: usize, as_json: bool) -> anyhow::Result<()> {
     let pin_dir = super::pin_dir_of(config_path)?;
     let km = inspect::open(&Pins::new(&pin_dir))?;
+    // Guard names by the bit the kernel keys them on.
     let names: Vec<String> = Config::load(config_path)
-        .map(|c| c.guards.into_iter().map(|g| g.name).collect())
+        .map(|c| {
+            let names: Vec<String> = c.guards.iter().map(|g| g.name.clone()).collect();
+            let policy = crate::policy::Policy::compile(&c);
+            match crate::kernel::sync::kernel_bits(&km, &policy) {
+                Ok(bits) => policy.with_bits(&bits).names_by_bit(&names),
+                Err(_) => names,
+            }
+        })
         .unwrap_or_default();
     // Merge the per-CPU cache slots by source: packets add up, the latest
     // sighting wins for last-seen, port, guard and verdict.
@@ -61,8 +69,9 @@ pub fn execute(config_path: &Path, limit: usize, as_json: bool) -> anyhow::Resul
     let guard = |g: u8| {
         names
             .get(usize::from(g))
+            .filter(|n| !n.is_empty())
             .cloned()
-            .unwrap_or_else(|| format!("guard{}", g + 1))
+            .unwrap_or_else(|| format!("guard bit {g}"))
     };
     let vname = |v: u8| {
         if v == verdict::WOULD_DROP {

@@ -113,9 +113,16 @@ pub fn parse_list(file: &Path, text: &str, action: Action) -> (Vec<Entry>, Vec<C
 /// [`parse_list`] of a part of a file whose first line is line `first`.
 pub fn parse_list_from(file: &Path, text: &str, action: Action, first: usize) -> (Vec<Entry>, Vec<ConfigError>) {
     let shared: std::sync::Arc<Path> = std::sync::Arc::from(file);
-    // Sized up front: a 1M-line list must not pass through a doubled Vec.
-    let mut entries = Vec::with_capacity(text.bytes().filter(|&b| b == b'\n').count() + 1);
+    // Sized up front (a 1M-line list must not pass through a doubled Vec),
+    // from the lines that can hold an entry, and bounded: a file of comments
+    // or blank lines reserves nothing, a huge one grows as it parses.
+    let candidates = text
+        .lines()
+        .filter(|l| l.bytes().next().is_some_and(|b| b.is_ascii_hexdigit() || b == b':'))
+        .count();
+    let mut entries = Vec::with_capacity(candidates.min(4 << 20));
     let mut errors = Vec::new();
+    let mut more = 0usize;
     for (i, line) in text.lines().enumerate() {
         let content = line.split(['#', ';']).next().unwrap_or("").trim();
         if content.is_empty() {
@@ -127,12 +134,31 @@ pub fn parse_list_from(file: &Path, text: &str, action: Action, first: usize) ->
         };
         match parse_net(content) {
             Ok(net) => entries.push(Entry { net, action, origin }),
+            Err(_) if errors.len() >= MAX_LIST_ERRORS => more += 1,
             Err(why) => errors.push(ConfigError {
                 file: origin.file.to_path_buf(),
                 line: origin.line,
-                what: format!("`{content}`: {why}"),
+                what: format!("`{}`: {why}", quoted(content)),
             }),
         }
     }
+    if more > 0 {
+        errors.push(ConfigError {
+            file: file.to_path_buf(),
+            line: 0,
+            what: format!("... and {more} more lines that are not addresses (is this a list file?)"),
+        });
+    }
     (entries, errors)
+}
+
+/// Errors reported per list file; the rest are counted.
+pub(crate) const MAX_LIST_ERRORS: usize = 100;
+
+/// At most 80 characters of `s`, for quoting in an error.
+fn quoted(s: &str) -> String {
+    match s.char_indices().nth(80) {
+        Some((at, _)) => format!("{}...", &s[..at]),
+        None => s.to_string(),
+    }
 }

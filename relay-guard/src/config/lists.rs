@@ -290,7 +290,7 @@ impl ListIndex {
         guard_names: &[String],
         small: usize,
     ) -> Result<Option<Pending>, ConfigErrors> {
-        match std::fs::read(config_path) {
+        match crate::config::read_list_file(config_path) {
             Ok(text) if text == self.config_text => {}
             _ => return Ok(None),
         }
@@ -299,11 +299,15 @@ impl ListIndex {
         let mut removed: Vec<(u16, Indexed)> = Vec::new();
         let mut lines = 0usize;
         for (i, f) in self.files.iter().enumerate() {
-            let Ok(bytes) = std::fs::read(&f.path) else {
+            let Ok(bytes) = crate::config::read_list_file(&f.path) else {
                 return Ok(None);
             };
             if bytes == f.bytes {
                 continue;
+            }
+            // Long lines, NUL, non-UTF-8: the full reload reports them by line.
+            if !crate::config::list_bytes_errors(&f.path, &bytes).is_empty() {
+                return Ok(None);
             }
             let (head, tail) = common_lines(&f.bytes, &bytes);
             let old_mid = &f.bytes[head..f.bytes.len() - tail];

@@ -28,6 +28,7 @@ use std::{
 use serde::Deserialize;
 use toml::Spanned;
 
+use entry::MAX_LIST_ERRORS;
 use fingerprint::fingerprint_hasher;
 use lists::{ListFile, ListIndex};
 
@@ -139,13 +140,15 @@ impl Config {
     }
 
     fn read(path: &Path, index: bool) -> Result<(Config, Option<ListIndex>), ConfigErrors> {
-        let text = fs::read_to_string(path).map_err(|e| {
-            ConfigErrors(vec![ConfigError {
-                file: path.to_path_buf(),
-                line: 0,
-                what: format!("cannot read config: {e}"),
-            }])
-        })?;
+        let text = read_list_file(path)
+            .and_then(|b| String::from_utf8(b).map_err(|_| std::io::Error::other("not UTF-8")))
+            .map_err(|e| {
+                ConfigErrors(vec![ConfigError {
+                    file: path.to_path_buf(),
+                    line: 0,
+                    what: format!("cannot read config: {e}"),
+                }])
+            })?;
         Self::parse_inner(path, &text, index)
     }
 
@@ -279,13 +282,11 @@ impl Validator<'_> {
             None => PathBuf::from(DEFAULT_PIN_DIR),
             Some(p) => {
                 let dir = PathBuf::from(p.get_ref());
-                if !dir.is_absolute() {
-                    self.err(
-                        &p.span(),
-                        format!("pin_dir: `{}` must be an absolute path on a bpffs", p.get_ref()),
-                    );
+                if let Some(why) = pin_dir_problem(&dir) {
+                    self.err(&p.span(), format!("pin_dir: `{}` {why}", p.get_ref()));
                 }
-                dir
+                // One spelling: `/x/`, `//x` and `/x/.` are `/x`.
+                dir.components().collect()
             }
         };
 
@@ -421,14 +422,23 @@ impl Validator<'_> {
         ] {
             for f in list {
                 let file = self.resolve(f.get_ref());
-                let read = fs::read_to_string(&file);
+                let read = read_list_file(&file);
                 std::hash::Hash::hash(file.as_path(), &mut self.fp);
                 match &read {
-                    Ok(text) => std::hash::Hash::hash(text.as_bytes(), &mut self.fp),
+                    Ok(bytes) => std::hash::Hash::hash(bytes.as_slice(), &mut self.fp),
                     Err(e) => std::hash::Hash::hash(&e.kind(), &mut self.fp),
                 }
+                let read = read.map(|bytes| {
+                    let problems = list_bytes_errors(&file, &bytes);
+                    if problems.is_empty() {
+                        Ok(String::from_utf8(bytes).expect("checked: every line is UTF-8"))
+                    } else {
+                        Err(problems)
+                    }
+                });
                 match read {
-                    Ok(text) => {
+                    Ok(Err(problems)) => self.errors.extend(problems),
+                    Ok(Ok(text)) => {
                         let (parsed, errs) = parse_list(&file, &text, action);
                         if let Some(first) = parsed.first() {
                             file_order.push(std::sync::Arc::clone(&first.origin.file));
@@ -532,6 +542,134 @@ impl Validator<'_> {
             self.path.parent().unwrap_or(Path::new(".")).join(p)
         }
     }
+}
+
+/// What is wrong with `pin_dir` as written, if anything ("Whose state" in
+/// SPEC.md; the filesystem checks are in `kernel::pins::check_pin_dir`).
+pub fn pin_dir_problem(dir: &Path) -> Option<String> {
+    use std::path::Component;
+    if !dir.is_absolute() {
+        return Some(
+            "must be an absolute path: a directory of its own on a bpffs (e.g. /sys/fs/bpf/relay-guard)".into(),
+        );
+    }
+    if dir.components().any(|c| c == Component::ParentDir) {
+        return Some("must not contain `..`".into());
+    }
+    let normal = dir.components().filter(|c| matches!(c, Component::Normal(_))).count();
+    let plain: PathBuf = dir.components().collect();
+    if normal == 0 || plain == Path::new("/sys/fs/bpf") {
+        return Some(format!(
+            "is the root of a file system: pin_dir must be a directory of its own (e.g. {DEFAULT_PIN_DIR}), as relay-guard deletes its state there"
+        ));
+    }
+    None
+}
+
+/// Largest list (or config) file read, in bytes: bounds the agent's memory
+/// whatever a file holds; real lists are far smaller (1M prefixes: ~16 MiB).
+pub const MAX_LIST_BYTES: u64 = 512 << 20;
+/// Longest line of a list file, in bytes.
+pub const MAX_LINE_BYTES: usize = 4096;
+/// Reads a list file, bounded ("Bounded work for hostile input" in
+/// SPEC.md): a regular file of at most [`MAX_LIST_BYTES`]. A FIFO, a device
+/// (`/dev/zero` through a symlink) or a directory is an error, found
+/// without blocking (opened `O_NONBLOCK`, then `fstat`).
+pub fn read_list_file(path: &Path) -> std::io::Result<Vec<u8>> {
+    use std::{
+        io::Read as _,
+        os::unix::fs::{FileTypeExt as _, OpenOptionsExt as _},
+    };
+    let f = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)?;
+    let meta = f.metadata()?;
+    let t = meta.file_type();
+    if !t.is_file() {
+        let kind = if t.is_fifo() {
+            "a FIFO"
+        } else if t.is_char_device() || t.is_block_device() {
+            "a device"
+        } else if t.is_dir() {
+            "a directory"
+        } else if t.is_socket() {
+            "a socket"
+        } else {
+            "not a file"
+        };
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("not a regular file ({kind})"),
+        ));
+    }
+    let too_big = || {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("larger than {} MiB", MAX_LIST_BYTES >> 20),
+        )
+    };
+    if meta.len() > MAX_LIST_BYTES {
+        return Err(too_big());
+    }
+    let mut bytes = Vec::with_capacity(usize::try_from(meta.len()).unwrap_or(0));
+    f.take(MAX_LIST_BYTES + 1).read_to_end(&mut bytes)?;
+    if bytes.len() as u64 > MAX_LIST_BYTES {
+        return Err(too_big());
+    }
+    Ok(bytes)
+}
+
+/// What makes the bytes of a list file unusable, by line: lines longer
+/// than [`MAX_LINE_BYTES`], NUL bytes, bytes that are not UTF-8. Empty when
+/// the file can be parsed.
+pub fn list_bytes_errors(file: &Path, bytes: &[u8]) -> Vec<ConfigError> {
+    // The common case, fast (a delta reload checks the whole new file):
+    // no NUL, valid UTF-8, and no two newlines further apart than a line
+    // may be long (a line with a CR at the limit takes the slow path).
+    let mut start = 0;
+    let short = memchr::memchr_iter(b'\n', bytes)
+        .chain(std::iter::once(bytes.len()))
+        .all(|end| {
+            let ok = end - start <= MAX_LINE_BYTES;
+            start = end + 1;
+            ok
+        });
+    if short && memchr::memchr(0, bytes).is_none() && std::str::from_utf8(bytes).is_ok() {
+        return Vec::new();
+    }
+    let mut errors = Vec::new();
+    let mut more = 0usize;
+    for (i, line) in bytes.split(|&b| b == b'\n').enumerate() {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        let what = if line.len() > MAX_LINE_BYTES {
+            format!("line is {} bytes long (at most {MAX_LINE_BYTES})", line.len())
+        } else if let Some(col) = memchr::memchr(0, line) {
+            format!("NUL byte at column {}", col + 1)
+        } else if let Err(e) = std::str::from_utf8(line) {
+            let at = e.valid_up_to();
+            format!("not UTF-8: byte {:#04x} at column {}", line[at], at + 1)
+        } else {
+            continue;
+        };
+        if errors.len() >= MAX_LIST_ERRORS {
+            more += 1;
+            continue;
+        }
+        errors.push(ConfigError {
+            file: file.to_path_buf(),
+            line: i + 1,
+            what,
+        });
+    }
+    if more > 0 {
+        errors.push(ConfigError {
+            file: file.to_path_buf(),
+            line: 0,
+            what: format!("... and {more} more such lines (is this a list file?)"),
+        });
+    }
+    errors
 }
 
 #[cfg(test)]

@@ -587,6 +587,32 @@ fn relative_pin_dir_is_an_error() {
     assert_err(&e, &fake_path(), 2, &["`relay-guard`"]);
 }
 
+/// "Whose state": a pin_dir that is a file system root, or that climbs
+/// with `..`, is refused before anything touches it; spellings of one
+/// directory become one path.
+#[test]
+fn pin_dir_must_be_a_directory_of_its_own() {
+    for (dir, quote) in [
+        ("/sys/fs/bpf", "root of a file system"),
+        ("/sys/fs/bpf/", "root of a file system"),
+        ("//sys//fs/bpf/.", "root of a file system"),
+        ("/", "root of a file system"),
+        ("/sys/fs/bpf/../bpf", "`..`"),
+        ("/sys/fs/bpf/rg/..", "`..`"),
+    ] {
+        let e = one_err(&format!(
+            "interfaces = [\"eth0\"]\npin_dir = \"{dir}\"\n[[guard]]\nports = [25]\n"
+        ));
+        assert_err(&e, &fake_path(), 2, &[&format!("`{dir}`"), quote]);
+    }
+    for dir in ["/sys/fs/bpf/rg/", "//sys/fs/bpf//rg", "/sys/fs/bpf/./rg"] {
+        let cfg = parse_ok(&format!(
+            "interfaces = [\"eth0\"]\npin_dir = \"{dir}\"\n[[guard]]\nports = [25]\n"
+        ));
+        assert_eq!(cfg.pin_dir, PathBuf::from("/sys/fs/bpf/rg"), "{dir}");
+    }
+}
+
 #[test]
 fn bad_and_duplicate_guard_names_are_errors() {
     let errs = parse_err(
@@ -839,4 +865,111 @@ fn fast_net_parser_agrees_with_ipnet() {
             assert_eq!(Ok(fast), general, "`{s}`");
         }
     }
+}
+
+// ---------------------------------------------------------------------------
+// Hostile list files ("Bounded work for hostile input")
+// ---------------------------------------------------------------------------
+
+/// Loads a config whose guard reads `list` (relative to `dir`).
+fn load_with_list(dir: &TempDir, list: &str) -> Result<Config, ConfigErrors> {
+    let config = dir.write(
+        "relay-guard.toml",
+        &format!("interfaces = [\"eth0\"]\n[[guard]]\nports = [25]\nallow_files = [\"{list}\"]\n"),
+    );
+    Config::load(&config)
+}
+
+/// A FIFO, a device behind a symlink and a directory are refused at once
+/// (no hang, no endless read), with the file's name.
+#[test]
+fn list_files_that_are_not_regular_files_are_errors() {
+    let dir = TempDir::new();
+    let fifo = dir.path().join("fifo.txt");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).expect("mkfifo");
+    std::os::unix::fs::symlink("/dev/zero", dir.path().join("zero.txt")).expect("symlink");
+    fs::create_dir_all(dir.path().join("dir.txt")).expect("mkdir");
+    for (name, kind) in [
+        ("fifo.txt", "a FIFO"),
+        ("zero.txt", "a device"),
+        ("dir.txt", "a directory"),
+    ] {
+        let started = std::time::Instant::now();
+        let errs = load_with_list(&dir, name).expect_err(name).0;
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(2),
+            "{name}: took {:?}",
+            started.elapsed()
+        );
+        assert_eq!(errs.len(), 1, "{name}: {errs:#?}");
+        assert!(
+            errs[0].what.contains(&format!("`{name}`")) && errs[0].what.contains(kind),
+            "{name}: {}",
+            errs[0]
+        );
+    }
+}
+
+/// Long lines, NUL bytes and bytes that are not UTF-8 are errors that name
+/// the file and the line; the rest of the file is not taken.
+#[test]
+fn list_lines_too_long_nul_or_not_utf8_are_errors_with_line() {
+    let dir = TempDir::new();
+    let mut bytes = b"192.0.2.0/24\n".to_vec();
+    bytes.extend_from_slice(&vec![b'1'; 5000]);
+    bytes.extend_from_slice(b"\n198.51.100.0/24\n203.0.113.0/24\0\n# caf\xe9 au lait\n2001:db8::/32\n");
+    let list = dir.path().join("bad.txt");
+    fs::write(&list, &bytes).expect("write");
+    let errs = load_with_list(&dir, "bad.txt").expect_err("bad bytes").0;
+    let got: Vec<(usize, &str)> = errs.iter().map(|e| (e.line, e.what.as_str())).collect();
+    assert_eq!(errs.len(), 3, "{errs:#?}");
+    assert!(errs.iter().all(|e| e.file == list), "{errs:#?}");
+    assert!(got[0].0 == 2 && got[0].1.contains("5000 bytes"), "{got:?}");
+    assert!(got[1].0 == 4 && got[1].1.contains("NUL byte at column 15"), "{got:?}");
+    assert!(
+        got[2].0 == 5 && got[2].1.contains("not UTF-8") && got[2].1.contains("0xe9"),
+        "{got:?}"
+    );
+
+    // CRLF lines of the maximum length are fine.
+    let ok = format!("{}\r\n192.0.2.0/24\r\n", "#".repeat(MAX_LINE_BYTES));
+    fs::write(dir.path().join("crlf.txt"), ok).expect("write");
+    load_with_list(&dir, "crlf.txt").expect("CRLF list with a 4 KiB comment");
+    // One byte over, with or without a CR.
+    for (name, end) in [("over.txt", "\n"), ("over-crlf.txt", "\r\n")] {
+        fs::write(dir.path().join(name), format!("#{}{end}", "x".repeat(MAX_LINE_BYTES))).expect("write");
+        let errs = load_with_list(&dir, name).expect_err(name).0;
+        assert!(
+            errs.len() == 1 && errs[0].line == 1 && errs[0].what.contains("4097 bytes"),
+            "{errs:#?}"
+        );
+    }
+}
+
+/// A file of garbage reports at most 100 lines and says how many more; a
+/// long value is quoted shortened.
+#[test]
+fn list_errors_are_bounded() {
+    let dir = TempDir::new();
+    let mut text = String::new();
+    for i in 0..1000 {
+        text.push_str(&format!("<html>{i}</html>\n"));
+    }
+    text.push_str(&"x".repeat(4000));
+    text.push('\n');
+    dir.write("page.txt", &text);
+    let errs = load_with_list(&dir, "page.txt").expect_err("garbage").0;
+    assert_eq!(errs.len(), 101, "{:#?}", &errs[..3]);
+    assert!(errs.iter().any(|e| e.what.contains("901 more")), "{:#?}", errs.last());
+    assert!(errs.iter().all(|e| e.what.len() < 200), "an error quotes too much");
+}
+
+/// The capacity reserved for entries follows the lines that can hold one:
+/// a list of comments reserves nothing.
+#[test]
+fn comment_lines_reserve_nothing() {
+    let text = "# comment\n".repeat(100_000);
+    let (entries, errors) = parse_list(Path::new("c.txt"), &text, Action::Allow);
+    assert!(errors.is_empty());
+    assert_eq!(entries.capacity(), 0);
 }

@@ -18,7 +18,8 @@ use crate::{
 pub struct Slots {
     /// iface slot → ifindex (slot 0, "unregistered", is implicit).
     pub ifaces: BTreeMap<u32, u32>,
-    /// port slot → (port, guard) (slot 0, "malformed", is implicit).
+    /// port slot → (port, guard bit) of the generation in force (slot 0,
+    /// "malformed", is implicit).
     pub ports: BTreeMap<u32, (u16, u8)>,
 }
 
@@ -39,8 +40,9 @@ pub fn slots(maps: &Maps) -> Result<Slots, SyncError> {
             s.ifaces.insert(e.slot, e.ifindex);
         }
     }
+    let generation = maps.settings.get(&0, 0).map_err(err(names::SETTINGS))?.current();
     for p in 0..PORT_SLOTS {
-        let gp = maps.ports.get(&p, 0).map_err(err(names::PORTS))?;
+        let gp = maps.ports.get(&p, 0).map_err(err(names::PORTS))?.gens[generation];
         if gp.active != 0 && gp.slot != 0 {
             s.ports
                 .insert(u32::from(gp.slot), (u16::try_from(p).expect("< 65536"), gp.guard));

@@ -12,8 +12,10 @@ use crate::{
     policy::Lookup,
 };
 
-/// Opens the maps pinned under `pins` (this layout only).
+/// Opens the maps pinned under `pins` (this layout only), after checking
+/// that its `pin_dir` is a directory of its own on a bpffs.
 pub fn open(pins: &Pins) -> Result<Maps, LoadError> {
+    crate::kernel::pins::check_pin_dir(&pins.root)?;
     if !pins.has_state_maps() {
         return Err(LoadError::NotPinned {
             pin_dir: pins.root.clone(),
@@ -31,7 +33,8 @@ pub fn open(pins: &Pins) -> Result<Maps, LoadError> {
 /// IPv4 the /24 block or (in a block with longer prefixes) the /32 host
 /// entry; for IPv6 the range of the trie entry, or a leaf's prefix.
 pub fn lookup(maps: &Maps, addr: IpAddr, port: u16) -> Result<Lookup, aya::maps::MapError> {
-    let gp = maps.ports.get(&u32::from(port), 0)?;
+    let generation = maps.settings.get(&0, 0)?.current();
+    let gp = maps.ports.get(&u32::from(port), 0)?.gens[generation];
     if gp.active == 0 {
         return Ok(Lookup::NotGuarded);
     }
@@ -80,9 +83,11 @@ pub type Summary = (Vec<u16>, usize, usize, (u32, u32), u32);
 
 /// What the kernel holds, counted (see [`Summary`]).
 pub fn summary(maps: &Maps) -> Result<Summary, aya::maps::MapError> {
+    let settings = maps.settings.get(&0, 0)?;
+    let generation = settings.current();
     let mut ports = Vec::new();
     for p in 0..relay_guard_common::PORT_SLOTS {
-        if maps.ports.get(&p, 0)?.active != 0 {
+        if maps.ports.get(&p, 0)?.gens[generation].active != 0 {
             ports.push(u16::try_from(p).expect("< 65536"));
         }
     }
@@ -91,6 +96,6 @@ pub fn summary(maps: &Maps) -> Result<Summary, aya::maps::MapError> {
         .count();
     let long = maps.long24.keys().count();
     let v6 = maps.v6.read_tables().counts();
-    let mode = maps.settings.get(&0, 0)?.mode;
+    let mode = settings.mode();
     Ok((ports, blocks, long, v6, mode))
 }

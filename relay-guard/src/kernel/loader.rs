@@ -42,9 +42,9 @@ pub struct Loaded {
     pins: Option<Pins>,
     /// True when the maps were adopted from pinned state (counters kept).
     pub adopted: bool,
-    /// Reader of the program's aya-log ring buffer (rate-limited blocked-source
+    /// Reader of the program's aya-log ring buffer (bounded blocked-source
     /// events); `run` drains it.
-    pub logger: Option<aya_log::EbpfLogger<crate::kernel::events::OncePerSecond>>,
+    pub logger: Option<crate::kernel::events::BlockedLog>,
 }
 
 /// Raises RLIMIT_MEMLOCK for kernels that still charge BPF memory to it
@@ -111,14 +111,13 @@ impl Loaded {
                 source,
             })?;
         }
-        let logger =
-            match aya_log::EbpfLogger::init_with_logger(&mut ebpf, crate::kernel::events::OncePerSecond::default()) {
-                Ok(l) => Some(l),
-                Err(e) => {
-                    warn!(error = %e, "blocked-source events unavailable");
-                    None
-                }
-            };
+        let logger = match crate::kernel::events::BlockedLog::new(&mut ebpf) {
+            Ok(l) => Some(l),
+            Err(e) => {
+                warn!(error = %e, "blocked-source events unavailable");
+                None
+            }
+        };
         Ok(Loaded {
             ebpf,
             maps,
@@ -152,8 +151,18 @@ impl Loaded {
                     .into_iter()
                     .map(|d| d.join("links").join(interface)),
             );
+            // A pinned link is replaced only when it is provably dead (its
+            // interface is gone or is another device now); any other
+            // problem keeps the pin, so the filter it holds keeps guarding,
+            // and fails the attach.
             for path in candidates.into_iter().filter(|p| p.exists()) {
-                match self.adopt_link(&path, &pins.link(interface)) {
+                let verdict = match probe_link(&path, ifindex) {
+                    LinkProbe::Gone => continue,
+                    LinkProbe::Dead(why) => Err(Adopt::Dead(why)),
+                    LinkProbe::Unusable(why) => Err(Adopt::Keep(why)),
+                    LinkProbe::Live => self.adopt_link(&path, &pins.link(interface)),
+                };
+                match verdict {
                     Ok(()) => {
                         info!(interface, pin = %path.display(), "replaced the program on the pinned link atomically");
                         return Ok(Attachment {
@@ -162,9 +171,16 @@ impl Loaded {
                             mode: "adopted",
                         });
                     }
-                    Err(e) => {
-                        warn!(interface, pin = %path.display(), error = %e, "pinned link is unusable (interface gone or recreated?); attaching anew");
+                    Err(Adopt::Dead(why)) => {
+                        warn!(interface, pin = %path.display(), reason = %why, "pinned link is dead; attaching anew");
                         let _ = std::fs::remove_file(&path);
+                    }
+                    Err(Adopt::Keep(why)) => {
+                        return Err(LoadError::Adopt {
+                            interface: interface.to_string(),
+                            pin: path,
+                            why,
+                        });
                     }
                 }
             }
@@ -211,20 +227,28 @@ impl Loaded {
     }
 
     /// Updates the link pinned at `from` to run this program, then pins it
-    /// at `to` (the same path, or this layout's path for an older layout's link).
-    fn adopt_link(&mut self, from: &Path, to: &Path) -> Result<(), String> {
-        let pinned = PinnedLink::from_pin(from).map_err(|e| e.to_string())?;
+    /// at `to` (for an older layout's link) before unpinning `from`, so the
+    /// link is pinned somewhere at every moment.
+    fn adopt_link(&mut self, from: &Path, to: &Path) -> Result<(), Adopt> {
+        let keep = |what: &str, e: &dyn std::fmt::Display| Adopt::Keep(format!("{what}: {e}"));
+        let pinned = PinnedLink::from_pin(from).map_err(|e| keep("BPF_OBJ_GET", &e))?;
         let fd: FdLink = pinned.into();
-        let link = XdpLink::try_from(fd).map_err(|e| e.to_string())?;
-        let id = self
-            .program()
-            .attach_to_link(link)
-            .map_err(|e| format!("bpf_link_update: {e}"))?;
-        let link = self.program().take_link(id).map_err(|e| e.to_string())?;
-        let fd = FdLink::try_from(link).map_err(|e| e.to_string())?;
+        let link = XdpLink::try_from(fd).map_err(|e| keep("not an XDP link", &e))?;
+        let id = match self.program().attach_to_link(link) {
+            Ok(id) => id,
+            Err(e) if has_errno(&e, libc::ENOLINK) => {
+                return Err(Adopt::Dead(format!("bpf_link_update: {e} (the link is detached)")));
+            }
+            Err(e) => return Err(keep("bpf_link_update", &e)),
+        };
+        if from == to {
+            // Updated in place: the pin already names this link.
+            return Ok(());
+        }
+        let link = self.program().take_link(id).map_err(|e| keep("take link", &e))?;
+        let fd = FdLink::try_from(link).map_err(|e| keep("link fd", &e))?;
+        fd.pin(to).map_err(|e| keep(&format!("pin at {}", to.display()), &e))?;
         let _ = std::fs::remove_file(from);
-        let _ = std::fs::remove_file(to);
-        fd.pin(to).map_err(|e| format!("pin at {}: {e}", to.display()))?;
         Ok(())
     }
 
@@ -270,9 +294,125 @@ impl Loaded {
         }
         for other in pins.other_layouts() {
             info!(path = %other.display(), "removing pinned state of another layout version (replaced by this one)");
-            let _ = std::fs::remove_dir_all(&other);
+            if let Err(e) = crate::kernel::pins::remove_layout(&other) {
+                warn!(path = %other.display(), error = %e, "could not remove pinned state of another layout");
+            }
+        }
+        for foreign in pins.foreign_entries() {
+            warn!(path = %foreign.display(), "pin_dir holds something relay-guard did not create; left alone");
         }
     }
+}
+
+/// Why a pinned link was not adopted.
+enum Adopt {
+    /// Provably dead: safe to unpin and attach anew.
+    Dead(String),
+    /// Anything else: the pin stays (its filter keeps guarding).
+    Keep(String),
+}
+
+/// What a link pin holds, looked at before touching it.
+enum LinkProbe {
+    /// Nothing there any more.
+    Gone,
+    /// An XDP link whose interface is gone (ifindex 0) or is not `ifindex`.
+    Dead(String),
+    /// An XDP link on this interface.
+    Live,
+    /// Not something to adopt or delete (not a link, not XDP, unreadable).
+    Unusable(String),
+}
+
+/// Whether `e` or an error in its source chain is the OS error `errno`.
+fn has_errno(e: &(dyn std::error::Error + 'static), errno: i32) -> bool {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = cur {
+        if let Some(io) = err.downcast_ref::<std::io::Error>()
+            && io.raw_os_error() == Some(errno)
+        {
+            return true;
+        }
+        cur = err.source();
+    }
+    false
+}
+
+/// Looks at the object pinned at `path` (`BPF_OBJ_GET`, then
+/// `BPF_OBJ_GET_INFO_BY_FD`) and says whether it is an XDP link attached
+/// to `ifindex`.
+fn probe_link(path: &Path, ifindex: u32) -> LinkProbe {
+    use std::os::fd::{FromRawFd as _, OwnedFd};
+    const BPF_OBJ_GET: libc::c_long = 7;
+    const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+    const BPF_LINK_TYPE_XDP: u32 = 6;
+    let Ok(c) = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()) else {
+        return LinkProbe::Unusable("path contains NUL".into());
+    };
+    // union bpf_attr for BPF_OBJ_GET: pathname (u64), bpf_fd, file_flags, path_fd.
+    let mut attr = [0u64; 3];
+    attr[0] = c.as_ptr() as u64;
+    // SAFETY: bpf(2) reads `attr` (valid for its size) and the NUL-terminated path it points to.
+    let fd = unsafe { libc::syscall(libc::SYS_bpf, BPF_OBJ_GET, attr.as_mut_ptr(), size_of_val(&attr)) };
+    if fd < 0 {
+        let e = std::io::Error::last_os_error();
+        return if e.kind() == std::io::ErrorKind::NotFound {
+            LinkProbe::Gone
+        } else {
+            LinkProbe::Unusable(format!("BPF_OBJ_GET: {e}"))
+        };
+    }
+    let Ok(raw) = i32::try_from(fd) else {
+        return LinkProbe::Unusable("BPF_OBJ_GET returned no fd".into());
+    };
+    // SAFETY: the kernel just returned this fd to us; nothing else owns it.
+    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+    // A map or program pinned here would answer BPF_OBJ_GET_INFO_BY_FD with
+    // its own info struct: tell the kind from the fd first.
+    let kind = std::fs::read_link(format!("/proc/self/fd/{raw}")).unwrap_or_default();
+    if kind != Path::new("anon_inode:bpf-link") {
+        return LinkProbe::Unusable(format!("it is not a bpf_link ({})", kind.display()));
+    }
+    // struct bpf_link_info: type, id, prog_id, then (8-byte aligned, so at
+    // word 4) the union, whose `xdp` member starts with the ifindex.
+    let mut info = [0u32; 64];
+    #[repr(C)]
+    struct InfoAttr {
+        bpf_fd: u32,
+        info_len: u32,
+        info: u64,
+    }
+    let mut attr = InfoAttr {
+        bpf_fd: u32::try_from(raw).expect("fd >= 0"),
+        info_len: u32::try_from(size_of_val(&info)).expect("small"),
+        info: info.as_mut_ptr() as u64,
+    };
+    // SAFETY: bpf(2) reads `attr` and writes at most `info_len` bytes to `info`.
+    if unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_OBJ_GET_INFO_BY_FD,
+            &raw mut attr,
+            size_of::<InfoAttr>(),
+        )
+    } != 0
+    {
+        return LinkProbe::Unusable(format!("BPF_OBJ_GET_INFO_BY_FD: {}", std::io::Error::last_os_error()));
+    }
+    drop(fd);
+    let (link_type, link_ifindex) = (info[0], info[4]);
+    if link_type != BPF_LINK_TYPE_XDP {
+        return LinkProbe::Unusable(format!("it is a bpf_link of type {link_type}, not XDP"));
+    }
+    if link_ifindex == 0 {
+        return LinkProbe::Dead("its interface is gone (link ifindex 0)".into());
+    }
+    if link_ifindex != ifindex {
+        return LinkProbe::Dead(format!(
+            "it is attached to ifindex {link_ifindex}, and the interface of this name is ifindex {ifindex} now"
+        ));
+    }
+    LinkProbe::Live
 }
 
 /// The kernel's index of `interface`.

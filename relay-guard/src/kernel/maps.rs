@@ -12,7 +12,7 @@ use std::{
 
 use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray, PerCpuValues};
 use relay_guard_common::{
-    COUNTER_PORT_SLOTS, GuardedPort, IFACE_SLOTS, IFACE_TABLE, IfaceSlot, LongBlock, Settings, SourceStats,
+    COUNTER_PORT_SLOTS, IFACE_SLOTS, IFACE_TABLE, IfaceSlot, LongBlock, PortEntry, Settings, SourceStats,
     TBL24_ENTRIES, V6Leaf, V6Node, VERDICT_SLOTS, counter_index, maps, v6,
 };
 use tracing::warn;
@@ -24,7 +24,7 @@ use crate::{
 
 /// Every map of the program, typed.
 pub struct Maps {
-    pub ports: Array<MapData, GuardedPort>,
+    pub ports: Array<MapData, PortEntry>,
     pub tbl24: Tbl24,
     pub long24: HashMap<MapData, u32, LongBlock>,
     /// The same map through a second fd, for a second writer thread.

@@ -11,7 +11,6 @@
 //! another map layout is never opened as ours: it is replaced, with a log line.
 use std::{
     fs,
-    io::Write as _,
     os::fd::AsRawFd as _,
     path::{Path, PathBuf},
 };
@@ -24,8 +23,6 @@ use crate::error::LoadError;
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 /// Where the kernel's bpffs is conventionally mounted.
 const BPFFS_ROOT: &str = "/sys/fs/bpf";
-/// Lock files, one per pin_dir.
-const LOCK_DIR: &str = "/run/relay-guard";
 
 /// Paths under one `pin_dir`.
 #[derive(Debug, Clone)]
@@ -70,16 +67,26 @@ impl Pins {
         relay_guard_common::maps::ALL.iter().all(|n| self.map(n).exists())
     }
 
-    /// Entries under `pin_dir` that belong to another layout.
+    /// Entries under `pin_dir` that belong to another layout: only
+    /// directories of the shape relay-guard creates (see [`is_layout_dir`]).
     pub fn other_layouts(&self) -> Vec<PathBuf> {
         let mine = self.state();
+        self.entries()
+            .into_iter()
+            .filter(|p| *p != mine && is_layout_dir(p))
+            .collect()
+    }
+
+    /// Entries under `pin_dir` that relay-guard did not create (anything
+    /// but `layout-<N>` directories of the expected shape). relay-guard
+    /// never deletes these, and `detach` refuses while they exist.
+    pub fn foreign_entries(&self) -> Vec<PathBuf> {
+        self.entries().into_iter().filter(|p| !is_layout_dir(p)).collect()
+    }
+
+    fn entries(&self) -> Vec<PathBuf> {
         fs::read_dir(&self.root)
-            .map(|rd| {
-                rd.filter_map(Result::ok)
-                    .map(|e| e.path())
-                    .filter(|p| *p != mine)
-                    .collect()
-            })
+            .map(|rd| rd.filter_map(Result::ok).map(|e| e.path()).collect())
             .unwrap_or_default()
     }
 
@@ -117,18 +124,72 @@ fn fs_type(path: &Path) -> Option<i64> {
     (unsafe { libc::statfs(c.as_ptr(), &mut st) } == 0).then_some(st.f_type as i64)
 }
 
-/// Makes sure `pin_dir` lives on a bpffs.
-pub fn ensure_bpffs(pin_dir: &Path) -> Result<(), LoadError> {
-    let mut probe = pin_dir.to_path_buf();
-    while !probe.exists() {
-        if !probe.pop() {
-            break;
+/// Whether `path` is a directory of the shape relay-guard creates:
+/// named `layout-<digits>`, holding at most `prog`, `maps/` and `links/`,
+/// with only pinned objects (no directories) inside `maps/` and `links/`.
+pub fn is_layout_dir(path: &Path) -> bool {
+    let named = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .and_then(|n| n.strip_prefix("layout-"))
+        .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()));
+    let is_dir = |p: &Path| fs::symlink_metadata(p).is_ok_and(|m| m.is_dir());
+    if !named || !is_dir(path) {
+        return false;
+    }
+    let Ok(rd) = fs::read_dir(path) else { return false };
+    rd.filter_map(Result::ok).all(|e| {
+        let p = e.path();
+        match e.file_name().to_str() {
+            Some("prog") => !is_dir(&p),
+            Some("maps" | "links") => fs::read_dir(&p).is_ok_and(|rd| {
+                rd.filter_map(Result::ok)
+                    .all(|e| e.file_type().is_ok_and(|t| !t.is_dir()))
+            }),
+            _ => false,
+        }
+    })
+}
+
+/// Removes one layout directory (see [`is_layout_dir`]): its link pins
+/// first (each unpin detaches a link), then the program and maps, then the
+/// directories with `rmdir`, so nothing of another shape is ever deleted.
+/// Returns the names of the links it removed.
+pub fn remove_layout(dir: &Path) -> std::io::Result<Vec<String>> {
+    if !is_layout_dir(dir) {
+        return Err(std::io::Error::other(format!(
+            "{} is not a relay-guard layout directory",
+            dir.display()
+        )));
+    }
+    let mut links = Vec::new();
+    for sub in ["links", "maps"] {
+        let d = dir.join(sub);
+        if let Ok(rd) = fs::read_dir(&d) {
+            for e in rd.filter_map(Result::ok) {
+                fs::remove_file(e.path())?;
+                if sub == "links" {
+                    links.push(e.file_name().to_string_lossy().into_owned());
+                }
+            }
+            fs::remove_dir(&d)?;
         }
     }
-    if fs_type(&probe) == Some(BPF_FS_MAGIC) {
-        return Ok(());
+    match fs::remove_file(dir.join("prog")) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+        _ => {}
     }
-    if pin_dir.starts_with(BPFFS_ROOT) && fs_type(Path::new(BPFFS_ROOT)) != Some(BPF_FS_MAGIC) {
+    fs::remove_dir(dir)?;
+    Ok(links)
+}
+
+/// Mounts bpffs at /sys/fs/bpf if `pin_dir` is under it and nothing is
+/// mounted there, then checks `pin_dir` (see [`check_pin_dir`]).
+pub fn ensure_bpffs(pin_dir: &Path) -> Result<(), LoadError> {
+    if pin_dir.starts_with(BPFFS_ROOT)
+        && Path::new(BPFFS_ROOT).is_dir()
+        && fs_type(Path::new(BPFFS_ROOT)) != Some(BPF_FS_MAGIC)
+    {
         tracing::info!("mounting bpffs at {BPFFS_ROOT}");
         nix::mount::mount(
             Some("bpf"),
@@ -142,77 +203,244 @@ pub fn ensure_bpffs(pin_dir: &Path) -> Result<(), LoadError> {
             path: BPFFS_ROOT.into(),
             source: std::io::Error::from(e),
         })?;
-        return Ok(());
     }
-    Err(LoadError::NotBpffs {
-        path: pin_dir.to_path_buf(),
-    })
+    check_pin_dir(pin_dir).map(|_| ())
 }
 
-/// An exclusive lock on one `pin_dir`, held for the agent's lifetime.
+/// `pin_dir` with symlinks resolved: the existing part canonicalized, the
+/// rest appended.
+fn canonical(pin_dir: &Path) -> std::io::Result<PathBuf> {
+    let mut existing = pin_dir.to_path_buf();
+    let mut rest = Vec::new();
+    while fs::symlink_metadata(&existing).is_err() {
+        match (existing.file_name().map(ToOwned::to_owned), existing.parent()) {
+            (Some(name), Some(parent)) => {
+                rest.push(name);
+                existing = parent.to_path_buf();
+            }
+            _ => break,
+        }
+    }
+    let mut path = fs::canonicalize(&existing)?;
+    path.extend(rest.iter().rev());
+    Ok(path)
+}
+
+fn dev_of(path: &Path) -> Option<u64> {
+    use std::os::unix::fs::MetadataExt as _;
+    fs::metadata(path).ok().map(|m| m.dev())
+}
+
+/// Checks `pin_dir` against the real filesystem ("Whose state" in
+/// SPEC.md): an absolute path without `..`, that is (or will be created as)
+/// a directory on a bpffs, and not the mount root itself (where other
+/// tools pin their state). Returns it with symlinks resolved, so every
+/// spelling of one directory names the same state.
+pub fn check_pin_dir(pin_dir: &Path) -> Result<PathBuf, LoadError> {
+    let bad = |why: String| LoadError::BadPinDir {
+        path: pin_dir.to_path_buf(),
+        why,
+    };
+    if let Some(why) = crate::config::pin_dir_problem(pin_dir) {
+        return Err(bad(why));
+    }
+    let real = canonical(pin_dir).map_err(|e| bad(format!("cannot resolve it: {e}")))?;
+    let mut probe = real.clone();
+    while fs::symlink_metadata(&probe).is_err() {
+        if !probe.pop() {
+            break;
+        }
+    }
+    if fs_type(&probe) != Some(BPF_FS_MAGIC) {
+        return Err(LoadError::NotBpffs {
+            path: pin_dir.to_path_buf(),
+        });
+    }
+    if probe == real {
+        if !real.is_dir() {
+            return Err(bad("it exists and is not a directory".into()));
+        }
+        let parent = real.parent().unwrap_or(Path::new("/"));
+        if real == Path::new("/") || dev_of(&real).is_none() || dev_of(&real) != dev_of(parent) {
+            return Err(bad(format!(
+                "{} is the root of a bpffs mount, shared with other tools; use a directory of its own under it (e.g. {}/relay-guard)",
+                real.display(),
+                real.display()
+            )));
+        }
+    }
+    Ok(real)
+}
+
+/// An exclusive `flock` on the `pin_dir` directory itself, held by the
+/// agent for its lifetime and by `detach` while it runs. Keyed by the
+/// directory's inode, so every spelling of the path (trailing slash, `//`,
+/// a symlink) meets the same lock, and nothing outside bpffs (such as a
+/// systemd RuntimeDirectory) can delete it under a running agent.
 #[derive(Debug)]
 pub struct AgentLock {
-    _file: fs::File,
+    _dir: fs::File,
     pub path: PathBuf,
 }
 
-/// The lock file for `pin_dir`.
-pub fn lock_path(pin_dir: &Path) -> PathBuf {
-    let name: String = pin_dir
-        .to_string_lossy()
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || c == '-' || c == '.' {
-                c
-            } else {
-                '_'
-            }
-        })
-        .collect();
-    Path::new(LOCK_DIR).join(format!("{name}.lock"))
-}
-
 impl AgentLock {
-    /// Takes the lock, or says which process holds it.
+    /// Creates `pin_dir` if needed and takes its lock, or says which
+    /// process holds it.
     pub fn acquire(pin_dir: &Path) -> Result<AgentLock, LoadError> {
-        let path = lock_path(pin_dir);
-        fs::create_dir_all(LOCK_DIR).map_err(|source| LoadError::Pin {
+        let real = check_pin_dir(pin_dir)?;
+        fs::create_dir_all(&real).map_err(|source| LoadError::Pin {
             op: "create",
-            path: LOCK_DIR.into(),
+            path: real.clone(),
             source,
         })?;
-        let mut file = fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&path)
-            .map_err(|source| LoadError::Pin {
-                op: "open",
-                path: path.clone(),
-                source,
-            })?;
+        // Checked again now that it exists (a mount could hide behind it).
+        let real = check_pin_dir(&real)?;
+        Self::lock_existing(&real)
+    }
+
+    /// Takes the lock of an existing `pin_dir` (as `detach` does).
+    pub fn lock_existing(pin_dir: &Path) -> Result<AgentLock, LoadError> {
+        let dir = fs::File::open(pin_dir).map_err(|source| LoadError::Pin {
+            op: "open",
+            path: pin_dir.to_path_buf(),
+            source,
+        })?;
         // SAFETY: flock on a valid, owned fd.
-        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-            let holder = fs::read_to_string(&path).unwrap_or_default().trim().to_string();
+        if unsafe { libc::flock(dir.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            let holder = Self::holder(pin_dir).unwrap_or_else(|| "unknown".into());
             return Err(LoadError::Locked {
                 pin_dir: pin_dir.to_path_buf(),
                 holder,
             });
         }
-        file.set_len(0).ok();
-        let _ = writeln!(file, "{}", std::process::id());
-        Ok(AgentLock { _file: file, path })
+        Ok(AgentLock {
+            _dir: dir,
+            path: pin_dir.to_path_buf(),
+        })
     }
 
-    /// The pid holding the lock for `pin_dir`, if an agent runs.
+    /// The pid holding the lock of `pin_dir`, if an agent runs. Read from
+    /// /proc/locks, without taking the lock (a probe that took it, even
+    /// shared, could make a starting agent fail).
     pub fn holder(pin_dir: &Path) -> Option<String> {
-        let path = lock_path(pin_dir);
-        let file = fs::File::open(&path).ok()?;
-        // SAFETY: flock on a valid, owned fd.
-        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_SH | libc::LOCK_NB) } == 0 {
-            return None;
+        use std::os::unix::fs::MetadataExt as _;
+        let m = fs::metadata(pin_dir).ok()?;
+        let (major, minor) = (libc::major(m.dev()), libc::minor(m.dev()));
+        let want = format!("{major:02x}:{minor:02x}:{}", m.ino());
+        let locks = fs::read_to_string("/proc/locks").ok()?;
+        locks.lines().find_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            // "1: FLOCK  ADVISORY  WRITE 1234 00:2a:5678 0 EOF"; "->" marks a waiter.
+            (f.len() >= 6 && f[1] == "FLOCK" && f[3] == "WRITE" && f[5] == want).then(|| f[4].to_string())
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scratch(name: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("rg-pins-{name}-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&d);
+        fs::create_dir_all(&d).expect("mkdir");
+        d
+    }
+
+    /// Only `layout-<N>` directories holding `prog`, `maps/`, `links/` are
+    /// relay-guard's; anything else is foreign and never removed.
+    #[test]
+    fn only_layout_shaped_entries_are_ours() {
+        let root = scratch("shape");
+        let ours = root.join("layout-4");
+        fs::create_dir_all(ours.join("maps")).expect("mkdir");
+        fs::create_dir_all(ours.join("links")).expect("mkdir");
+        fs::write(ours.join("maps").join("RG_PORTS"), "").expect("write");
+        fs::write(ours.join("links").join("eth0"), "").expect("write");
+        fs::write(ours.join("prog"), "").expect("write");
+        let odd = root.join("layout-3");
+        fs::create_dir_all(odd.join("maps").join("nested")).expect("mkdir");
+        let extra = root.join("layout-2");
+        fs::create_dir_all(extra.join("cilium")).expect("mkdir");
+        for name in ["layout-", "layout-x", "tc", "other-tool"] {
+            fs::create_dir_all(root.join(name)).expect("mkdir");
         }
-        Some(fs::read_to_string(&path).unwrap_or_default().trim().to_string())
+        fs::write(root.join("layout-9"), "a file").expect("write");
+
+        let pins = Pins::new(&root);
+        let mut others = pins.other_layouts();
+        others.sort();
+        assert_eq!(others, vec![ours.clone()]);
+        let mut foreign: Vec<String> = pins
+            .foreign_entries()
+            .iter()
+            .map(|p| p.file_name().expect("name").to_string_lossy().into_owned())
+            .collect();
+        foreign.sort();
+        assert_eq!(
+            foreign,
+            [
+                "layout-",
+                "layout-2",
+                "layout-3",
+                "layout-9",
+                "layout-x",
+                "other-tool",
+                "tc"
+            ]
+        );
+
+        assert!(remove_layout(&odd).is_err());
+        assert!(odd.join("maps").join("nested").exists(), "a foreign shape was touched");
+        assert_eq!(remove_layout(&ours).expect("ours"), ["eth0"]);
+        assert!(!ours.exists());
+        let _ = fs::remove_dir_all(&root);
+    }
+
+    /// A plain directory is not a pin_dir, and `..` or a relative path is
+    /// refused before the file system is looked at.
+    #[test]
+    fn check_pin_dir_refuses_non_bpffs_and_bad_spellings() {
+        let root = scratch("check");
+        if fs_type(&root) == Some(BPF_FS_MAGIC) {
+            return;
+        }
+        assert!(matches!(
+            check_pin_dir(&root.join("pins")),
+            Err(LoadError::NotBpffs { .. })
+        ));
+        assert!(matches!(check_pin_dir(&root), Err(LoadError::NotBpffs { .. })));
+        for bad in ["relative/pins", "/sys/fs/bpf/../../tmp", "/"] {
+            assert!(
+                matches!(check_pin_dir(Path::new(bad)), Err(LoadError::BadPinDir { .. })),
+                "{bad}"
+            );
+        }
+        let _ = fs::remove_dir_all(&root);
+    }
+
+    /// Every spelling of one directory resolves to one path (the lock and
+    /// the state are keyed by it).
+    #[test]
+    fn spellings_resolve_to_one_path() {
+        let root = scratch("canon");
+        let real = root.join("pins");
+        fs::create_dir_all(&real).expect("mkdir");
+        let link = root.join("link");
+        std::os::unix::fs::symlink(&real, &link).expect("symlink");
+        let want = fs::canonicalize(&real).expect("canonical");
+        for p in [
+            real.clone(),
+            PathBuf::from(format!("{}/", real.display())),
+            PathBuf::from(format!("/{}", real.display())),
+            link.clone(),
+        ] {
+            assert_eq!(canonical(&p).expect("resolves"), want, "{}", p.display());
+        }
+        assert_eq!(
+            canonical(&link.join("not-yet")).expect("resolves"),
+            want.join("not-yet")
+        );
+        let _ = fs::remove_dir_all(&root);
     }
 }

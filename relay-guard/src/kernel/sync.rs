@@ -1,15 +1,20 @@
 //! Makes the kernel maps equal to a compiled [`Policy`], as a diff against
 //! what the maps hold now; or, with [`plan`], only counts what would change.
 //!
-//! Order matters for "no gap". Phase 1 writes everything new or changed:
-//! new masks (into indices no table references), then long blocks, then the
-//! /24 table, then the IPv6 trie (new nodes and leaves into unlinked indices,
-//! then the entries that link them; see `tables6`), ports and the mode.
-//! Phase 2 removes what is stale: ports and long blocks. Masks that neither
-//! family references any more, and IPv6 nodes and leaves that were
-//! unlinked, are left as they are (a lookup may still be about to read
-//! them): the next sync clears such masks if still unreferenced, and reuses
-//! such nodes and leaves.
+//! One policy at a time: ports and mode belong to a generation, switched by
+//! one store, and guard bits keep their meaning while packets may test them
+//! (see [`apply_full`]). All or nothing: every limit is checked, and the
+//! first pass and the switch are run without writes, before anything is
+//! written.
+//!
+//! Order within a pass matters for "no gap". Phase 1 writes everything new
+//! or changed: new masks (into indices no table references), then long
+//! blocks, then the /24 table, then the IPv6 trie (new nodes and leaves into
+//! unlinked indices, then the entries that link them; see `tables6`).
+//! Phase 2 removes stale long blocks. Masks that neither family references
+//! any more, and IPv6 nodes and leaves that were unlinked, are left as they
+//! are (a lookup may still be about to read them): the next sync clears such
+//! masks if still unreferenced, and reuses such nodes and leaves.
 //!
 //! [`apply`] diffs the whole policy against the kernel (start-up, config
 //! changes); [`apply_delta`] writes only what a list edit touched, from the
@@ -20,7 +25,10 @@
 //! Entries that did not change are not touched.
 use std::collections::{BTreeMap, BTreeSet};
 
-use relay_guard_common::{COUNTER_PORT_SLOTS, GuardedPort, LONG_BLOCK, MAX_MASKS, PORT_SLOTS, Settings, maps};
+use relay_guard_common::{
+    AllowMask, COUNTER_PORT_SLOTS, GuardedPort, LONG_BLOCK, MAX_GUARDS, MAX_LONG_BLOCKS, MAX_MASKS, PORT_SLOTS,
+    PortEntry, Settings, maps,
+};
 
 use crate::{
     error::SyncError,
@@ -63,21 +71,379 @@ pub struct Shadow {
     pub stale: Vec<u16>,
 }
 
-/// Applies `policy` to `maps`.
+/// Applies `policy` (as [`Policy::compile`] makes it) to `maps`.
 pub fn apply(maps: &mut Maps, policy: &Policy) -> Result<SyncStats, SyncError> {
-    run(maps, policy, true, &[]).map(|(st, _)| st)
+    apply_full(maps, policy, None, &[]).map(|(st, _, _)| st)
 }
 
-/// [`apply`], also returning the [`Shadow`] a later [`apply_delta`] needs.
-/// `stale` is [`Shadow::stale`] of the previous sync, if known.
-pub fn apply_full(maps: &mut Maps, policy: &Policy, stale: &[u16]) -> Result<(SyncStats, Shadow), SyncError> {
-    run(maps, policy, true, stale).map(|(st, sh)| (st, sh.expect("written")))
+/// [`apply`], also returning the [`Shadow`] a later [`apply_delta`] needs
+/// and the policy as written (guards on their kernel bits, see
+/// [`Policy::bits`]). `old` is the policy of the last sync as written, if
+/// known; `stale` is [`Shadow::stale`] of the previous sync, if known.
+///
+/// One policy at a time: the ports and the mode of a policy form a
+/// *generation* ([`PortEntry`], [`Settings`]); the program reads the
+/// generation once per packet. A guard keeps its bit when every port that
+/// tests the bit stays with it, so rewriting the tables in place moves each
+/// of its lookups from the old verdict to the new one. Every other guard
+/// takes a free bit, and the bits it leaves ("kept") keep their old meaning
+/// in the tables until the switch: the first pass writes the union of the
+/// old policy (kept bits) and the new one; then the next generation's
+/// ports and mode are written and one store switches to it; after an RCU
+/// grace period (no packet still judged by the old generation) a second
+/// pass writes the new policy alone. A mode change moves every guard.
+///
+/// All or nothing: the limits ([`Policy::limits`]) and a dry run of the
+/// first pass run before anything is written.
+pub fn apply_full(
+    maps: &mut Maps,
+    policy: &Policy,
+    old: Option<&Policy>,
+    stale: &[u16],
+) -> Result<(SyncStats, Shadow, Policy), SyncError> {
+    let gens = read_gens(maps)?;
+    let active = gens.active();
+    let mode_changes = !active.is_empty() && gens.settings.mode() != policy.mode;
+    // A mode change moves every guard to a new bit, when there are enough
+    // (up to 32 guards); otherwise guards keep their bits and only the
+    // switch changes the mode.
+    let (bits, keep) = match assign_bits(&active, policy, mode_changes) {
+        Err(_) if mode_changes => assign_bits(&active, policy, false)?,
+        r => r?,
+    };
+    let target = policy.with_bits(&bits);
+    let over = target.limits();
+    if !over.is_empty() {
+        let what = over.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ");
+        return Err(SyncError::Capacity { what });
+    }
+    // The kept bits' old meaning, as the kernel holds it (the source of
+    // truth, also after a restart or a failed sync); `old` if it cannot be read.
+    let first = match keep {
+        0 => None,
+        _ => match kernel_policy(maps, keep) {
+            Ok(k) => Some(Policy::union(&k, keep, &target)),
+            Err(e) => match old {
+                Some(old) => Some(Policy::union(old, keep, &target)),
+                None => return Err(e),
+            },
+        },
+    };
+    let first_ref = first.as_ref().unwrap_or(&target);
+    // Everything that can run out, checked before the first write.
+    run(maps, first_ref, false, stale)?;
+    plan_switch(maps, &gens, &target, false)?;
+
+    let (mut st, shadow) = run(maps, first_ref, true, stale)?;
+    let mut shadow = shadow.expect("written");
+    let sw = plan_switch(maps, &gens, &target, true)?;
+    st.written += sw.written;
+    st.removed += sw.removed;
+    st.unchanged += sw.unchanged;
+    if first.is_some() {
+        grace_period();
+        let (st2, shadow2) = run(maps, &target, true, &shadow.stale)?;
+        st.written += st2.written;
+        st.removed += st2.removed;
+        shadow = shadow2.expect("written");
+    }
+    Ok((st, shadow, target))
 }
 
 /// Counts what [`apply`] would change, writing nothing (drift detection).
 /// Unreferenced masks are not drift: no lookup reaches them.
 pub fn plan(maps: &mut Maps, policy: &Policy) -> Result<SyncStats, SyncError> {
-    run(maps, policy, false, &[]).map(|(st, _)| st)
+    let gens = read_gens(maps)?;
+    let active = gens.active();
+    let Ok((bits, _)) = assign_bits(&active, policy, false) else {
+        return Ok(SyncStats {
+            written: 1,
+            ..SyncStats::default()
+        });
+    };
+    let target = policy.with_bits(&bits);
+    let (mut st, _) = run(maps, &target, false, &[])?;
+    for (&port, want) in &target.ports {
+        match active.get(&port) {
+            Some(&bit) if bit == want.guard => st.unchanged += 1,
+            _ => st.written += 1,
+        }
+    }
+    st.removed += active.keys().filter(|p| !target.ports.contains_key(p)).count();
+    if gens.settings.mode() != target.mode {
+        st.written += 1;
+    }
+    Ok(st)
+}
+
+/// The bits the kernel's generation in force gives `policy`'s guards
+/// (config position → bit), as the next [`apply`] would keep them.
+pub fn kernel_bits(maps: &Maps, policy: &Policy) -> Result<Vec<u8>, SyncError> {
+    let gens = read_gens(maps)?;
+    assign_bits(&gens.active(), policy, false).map(|(b, _)| b)
+}
+
+/// The verdicts of the bits `keep` as the kernel's tables hold them, as a
+/// policy: runs of equal value (IPv4 /24 blocks, hosts of a long block, IPv6
+/// top slots) become aligned prefixes, trie entries their ranges, leaves
+/// their prefixes. A lookup in it gives, for those bits, what the program
+/// finds in the kernel.
+fn kernel_policy(maps: &mut Maps, keep: u64) -> Result<Policy, SyncError> {
+    let mut masks = vec![0u64; MAX_MASKS as usize];
+    for i in 1..MAX_MASKS {
+        masks[i as usize] = maps
+            .masks
+            .get(&i, 0)
+            .map_err(merr("read", maps::MASKS, format!("index {i}")))?;
+    }
+    let val = |idx: u32| masks.get(idx as usize).copied().unwrap_or(0) & keep;
+    let mut p = Policy::default();
+    // [start, end) of units of 2^unit_bits addresses from `base`, as prefixes.
+    fn ranges(start: u64, end: u64, mut emit: impl FnMut(u32, u64)) {
+        let mut s = start;
+        while s < end {
+            let mut size_bits = if s == 0 { 63 } else { s.trailing_zeros() };
+            while size_bits > 0 && s + (1u64 << size_bits) > end {
+                size_bits -= 1;
+            }
+            emit(size_bits, s);
+            s += 1u64 << size_bits;
+        }
+    }
+    let v4_run = |p: &mut Policy, start: u32, end: u32, v: u64| {
+        if v != 0 {
+            ranges(u64::from(start), u64::from(end), |bits, s| {
+                let len = u8::try_from(24 - bits).expect("<= 24");
+                let addr = u32::try_from(s << 8).expect("fits");
+                p.v4.insert((len, addr.to_be_bytes()), AllowMask { allow: v });
+            });
+        }
+    };
+    let mut run = (0u32, 0u64);
+    for b in 0..tables::BLOCKS as u32 {
+        let e = maps.tbl24.get(b as usize);
+        if e & LONG_BLOCK == 0 {
+            let v = val(u32::from(e));
+            if v != run.1 {
+                v4_run(&mut p, run.0, b, run.1);
+                run = (b, v);
+            }
+            continue;
+        }
+        v4_run(&mut p, run.0, b, run.1);
+        run = (b + 1, 0);
+        // A block marked long without its hosts denies.
+        let Ok(hosts) = maps.long24.get(&b, 0) else { continue };
+        let mut hrun = (0u32, val(u32::from(hosts[0])));
+        for h in 1..=256u32 {
+            let v = if h < 256 {
+                val(u32::from(hosts[h as usize]))
+            } else {
+                u64::MAX
+            };
+            if v != hrun.1 {
+                if hrun.1 != 0 {
+                    ranges(u64::from(hrun.0), u64::from(h), |bits, s| {
+                        let len = u8::try_from(32 - bits).expect("<= 32");
+                        let addr = (b << 8) | u32::try_from(s).expect("< 256");
+                        p.v4.insert((len, addr.to_be_bytes()), AllowMask { allow: hrun.1 });
+                    });
+                }
+                hrun = (h, v);
+            }
+        }
+    }
+    v4_run(&mut p, run.0, tables::BLOCKS as u32, run.1);
+    maps.tbl24.release();
+
+    // IPv6: the trie read back as prefixes (see `tables6::prefixes`).
+    p.v6 = crate::policy::tables6::prefixes(|s| maps.v6.top(s), |i| maps.v6.node(i), |i| maps.v6.leaf(i), &val);
+    Ok(p)
+}
+
+/// What the kernel holds of the generations.
+struct Gens {
+    settings: Settings,
+    /// Ports guarded in either generation.
+    ports: BTreeMap<u16, PortEntry>,
+}
+
+impl Gens {
+    /// Port → bit in the generation in force.
+    fn active(&self) -> BTreeMap<u16, u8> {
+        let cur = self.settings.current();
+        self.ports
+            .iter()
+            .filter(|(_, e)| e.gens[cur].active != 0)
+            .map(|(&p, e)| (p, e.gens[cur].guard))
+            .collect()
+    }
+}
+
+fn read_gens(maps: &Maps) -> Result<Gens, SyncError> {
+    let settings = maps
+        .settings
+        .get(&0, 0)
+        .map_err(merr("read", maps::SETTINGS, "generation"))?;
+    let mut ports = BTreeMap::new();
+    for port in 0..PORT_SLOTS {
+        let e = maps
+            .ports
+            .get(&port, 0)
+            .map_err(merr("read", maps::PORTS, format!("port {port}")))?;
+        if e.gens.iter().any(|g| g.active != 0) {
+            ports.insert(u16::try_from(port).expect("< 65536"), e);
+        }
+    }
+    Ok(Gens { settings, ports })
+}
+
+/// Bits for `policy`'s guards (config position → bit) against `active`
+/// (port → bit of the generation in force), and the bits of `active` that
+/// must keep their meaning until the switch. A guard keeps an old bit when
+/// all of that bit's ports are its own (unless `renew_all`); the others
+/// take bits `active` does not use.
+pub fn assign_bits(active: &BTreeMap<u16, u8>, policy: &Policy, renew_all: bool) -> Result<(Vec<u8>, u64), SyncError> {
+    let n = policy.bits.len();
+    let owner = |port: &u16| {
+        policy
+            .ports
+            .get(port)
+            .and_then(|gp| policy.bits.iter().position(|&b| b == gp.guard))
+    };
+    let mut by_bit: BTreeMap<u8, Vec<u16>> = BTreeMap::new();
+    for (&p, &b) in active {
+        by_bit.entry(b).or_default().push(p);
+    }
+    let mut bits: Vec<Option<u8>> = vec![None; n];
+    let mut keep = 0u64;
+    for (&b, ports) in &by_bit {
+        let g = owner(&ports[0]);
+        match g {
+            Some(g) if !renew_all && bits[g].is_none() && ports.iter().all(|p| owner(p) == Some(g)) => {
+                bits[g] = Some(b);
+            }
+            _ => keep |= 1 << b,
+        }
+    }
+    let mut free = (0..MAX_GUARDS as u8).filter(|b| !by_bit.contains_key(b));
+    let need = bits.iter().filter(|b| b.is_none()).count();
+    let mut out = Vec::with_capacity(n);
+    for b in bits {
+        match b.or_else(|| free.next()) {
+            Some(b) => out.push(b),
+            None => {
+                return Err(SyncError::Capacity {
+                    what: format!(
+                        "{need} guards need a new bit, but the policy in force uses {} of {MAX_GUARDS}: change fewer guards' ports (or the mode) in one reload",
+                        by_bit.len()
+                    ),
+                });
+            }
+        }
+    }
+    Ok((out, keep))
+}
+
+/// Writes the next generation's ports and mode, then switches to it (one
+/// store), unless the generation in force already is `target`'s. Counter
+/// slots stay with their port.
+fn plan_switch(maps: &mut Maps, gens: &Gens, target: &Policy, write: bool) -> Result<SyncStats, SyncError> {
+    let mut st = SyncStats::default();
+    let cur = gens.settings.current();
+    let next = 1 - cur;
+    let active = gens.active();
+    let same_ports =
+        active.len() == target.ports.len() && target.ports.iter().all(|(p, gp)| active.get(p) == Some(&gp.guard));
+    if same_ports && gens.settings.mode() == target.mode {
+        st.unchanged += target.ports.len() + 1;
+        return Ok(st);
+    }
+    let slot_of = |p: &u16| {
+        gens.ports
+            .get(p)
+            .map(|e| e.gens[cur])
+            .filter(|g| g.active != 0 && g.slot != 0)
+            .map(|g| g.slot)
+    };
+    let mut used: BTreeSet<u16> = target.ports.keys().filter_map(slot_of).collect();
+    let held: BTreeSet<u16> = gens.ports.keys().filter_map(slot_of).collect();
+    let max = u16::try_from(COUNTER_PORT_SLOTS).expect("fits");
+    let mut want: BTreeMap<u16, GuardedPort> = BTreeMap::new();
+    for (&port, gp) in &target.ports {
+        let slot = match slot_of(&port) {
+            Some(s) => s,
+            None => {
+                let free = (1..max)
+                    .find(|s| !used.contains(s) && !held.contains(s))
+                    .or_else(|| (1..max).find(|s| !used.contains(s)))
+                    .ok_or_else(|| SyncError::Capacity {
+                        what: format!("guarded ports: more than {} (the limit is {})", max - 1, max - 1),
+                    })?;
+                used.insert(free);
+                if write {
+                    maps.zero_counters(|_, p| p == u32::from(free))
+                        .map_err(|e| SyncError::Capacity { what: e.to_string() })?;
+                }
+                free
+            }
+        };
+        want.insert(
+            port,
+            GuardedPort {
+                active: 1,
+                guard: gp.guard,
+                slot,
+            },
+        );
+    }
+    // The next generation's half of every port it or the current one names.
+    let ports: BTreeSet<u16> = gens.ports.keys().chain(want.keys()).copied().collect();
+    for port in ports {
+        let mut e = gens.ports.get(&port).copied().unwrap_or_default();
+        let half = want.get(&port).copied().unwrap_or_default();
+        if e.gens[next] == half {
+            continue;
+        }
+        e.gens[next] = half;
+        if half.active != 0 {
+            st.written += 1;
+        } else {
+            st.removed += 1;
+        }
+        if write {
+            maps.ports
+                .set(u32::from(port), e, 0)
+                .map_err(merr("write", maps::PORTS, format!("port {port}")))?;
+        }
+    }
+    st.written += 1;
+    if write {
+        let mut s = gens.settings;
+        s.modes[next] = target.mode;
+        maps.settings
+            .set(0, s, 0)
+            .map_err(merr("write", maps::SETTINGS, "next mode"))?;
+        // The switch: only the generation's lowest byte changes.
+        s.generation = u32::try_from(next).expect("0 or 1");
+        maps.settings
+            .set(0, s, 0)
+            .map_err(merr("write", maps::SETTINGS, "generation"))?;
+    }
+    Ok(st)
+}
+
+/// Waits until no packet can still be judged by the generation just left:
+/// XDP runs under RCU, and `membarrier(MEMBARRIER_CMD_GLOBAL)` returns after
+/// an RCU grace period (`synchronize_rcu`). Where that command is refused
+/// (nohz_full), a sleep far longer than any packet's run stands in.
+fn grace_period() {
+    const MEMBARRIER_CMD_GLOBAL: libc::c_long = 1;
+    // SAFETY: membarrier takes no pointers.
+    let r = unsafe { libc::syscall(libc::SYS_membarrier, MEMBARRIER_CMD_GLOBAL, 0, 0) };
+    if r != 0 {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
 }
 
 fn merr(op: &'static str, map: &'static str, what: impl Into<String>) -> impl FnOnce(aya::maps::MapError) -> SyncError {
@@ -154,6 +520,15 @@ fn run(
         long_all.extend(paint.long);
     }
     maps.tbl24.release();
+    // New long blocks are inserted before stale ones go: the map holds both.
+    let peak = have_long.len() + long_all.keys().filter(|b| !have_long.contains(b)).count();
+    if !write && peak > MAX_LONG_BLOCKS as usize {
+        return Err(SyncError::Capacity {
+            what: format!(
+                "IPv4 /24 blocks holding prefixes longer than /24 (map RG_LONG24): {peak} while the old and the new policy's blocks are both present (the limit is {MAX_LONG_BLOCKS})"
+            ),
+        });
+    }
 
     // The IPv6 trie as the kernel holds it, rebuilt toward the policy
     // (allocating its masks in the same palette, written before any link).
@@ -182,75 +557,7 @@ fn run(
         }
     }
 
-    // ---- Ports (with stable counter slots) and mode ----
-    let mut have_ports: BTreeMap<u16, GuardedPort> = BTreeMap::new();
-    for port in 0..PORT_SLOTS {
-        let gp = maps
-            .ports
-            .get(&port, 0)
-            .map_err(merr("read", maps::PORTS, format!("port {port}")))?;
-        if gp.active != 0 {
-            have_ports.insert(u16::try_from(port).expect("< 65536"), gp);
-        }
-    }
-    let mut used_slots: BTreeSet<u16> = have_ports
-        .iter()
-        .filter(|(p, _)| policy.ports.contains_key(p))
-        .map(|(_, gp)| gp.slot)
-        .collect();
-    for (&port, want) in &policy.ports {
-        let slot = match have_ports.get(&port) {
-            Some(gp) if gp.slot != 0 => gp.slot,
-            _ => {
-                let free = (1..u16::try_from(COUNTER_PORT_SLOTS).expect("fits"))
-                    .find(|s| !used_slots.contains(s) && !have_ports.values().any(|gp| gp.slot == *s))
-                    .or_else(|| (1..u16::try_from(COUNTER_PORT_SLOTS).expect("fits")).find(|s| !used_slots.contains(s)))
-                    .ok_or_else(|| SyncError::Capacity {
-                        what: format!("more than {} guarded ports", COUNTER_PORT_SLOTS - 1),
-                    })?;
-                used_slots.insert(free);
-                if write {
-                    maps.zero_counters(|_, p| p == u32::from(free))
-                        .map_err(|e| SyncError::Capacity { what: e.to_string() })?;
-                }
-                free
-            }
-        };
-        let gp = GuardedPort {
-            active: 1,
-            guard: want.guard,
-            slot,
-        };
-        if have_ports.get(&port) == Some(&gp) {
-            st.unchanged += 1;
-            continue;
-        }
-        st.written += 1;
-        if write {
-            maps.ports
-                .set(u32::from(port), gp, 0)
-                .map_err(merr("write", maps::PORTS, format!("port {port}")))?;
-        }
-    }
-    let mode = maps.settings.get(&0, 0).map_err(merr("read", maps::SETTINGS, "mode"))?;
-    if mode.mode != policy.mode {
-        st.written += 1;
-        if write {
-            maps.settings
-                .set(0, Settings { mode: policy.mode }, 0)
-                .map_err(merr("write", maps::SETTINGS, "mode"))?;
-        }
-    }
-
     // ---- Phase 2: removals ----
-    for &port in have_ports.keys().filter(|p| !policy.ports.contains_key(p)) {
-        st.removed += 1;
-        if write {
-            maps.ports
-                .set(u32::from(port), GuardedPort::default(), 0)
-                .map_err(merr("clear", maps::PORTS, format!("port {port}")))?;
-        }
-    }
     for &block in have_long.iter().filter(|b| !long_all.contains_key(b)) {
         st.removed += 1;
         if write {
@@ -506,4 +813,63 @@ pub fn apply_delta(
 fn block_name(block: u32) -> String {
     let [_, a, b, c] = block.to_be_bytes();
     format!("block {a}.{b}.{c}.0/24")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Config, Guard, Mode};
+
+    fn policy(guards: &[&[u16]]) -> Policy {
+        let mut cfg = Config::parse(
+            std::path::Path::new("/nonexistent/t.toml"),
+            "interfaces = [\"lo\"]\n[[guard]]\nports = [25]\n",
+        )
+        .expect("valid");
+        cfg.mode = Mode::Enforce;
+        cfg.guards = guards
+            .iter()
+            .enumerate()
+            .map(|(i, ports)| Guard {
+                name: format!("g{i}"),
+                ports: ports.to_vec(),
+                entries: Vec::new(),
+            })
+            .collect();
+        Policy::compile(&cfg)
+    }
+
+    fn active(ports: &[(u16, u8)]) -> BTreeMap<u16, u8> {
+        ports.iter().copied().collect()
+    }
+
+    #[test]
+    fn a_guard_keeps_its_bit_while_it_keeps_its_ports() {
+        // relay (25) on bit 0; a guard inserted above it, another below.
+        let (bits, keep) = assign_bits(&active(&[(25, 0)]), &policy(&[&[587], &[25], &[2525]]), false).expect("room");
+        assert_eq!((bits[1], keep), (0, 0));
+        assert!(bits[0] != 0 && bits[2] != 0 && bits[0] != bits[2]);
+        // Reordered: both keep their bits.
+        let (bits, keep) = assign_bits(&active(&[(25, 0), (587, 3)]), &policy(&[&[587], &[25]]), false).expect("room");
+        assert_eq!((bits, keep), (vec![3, 0], 0));
+        // A port moves to another guard: the bit it tested keeps its meaning until the switch.
+        let (bits, keep) = assign_bits(&active(&[(25, 0), (587, 0)]), &policy(&[&[25], &[587]]), false).expect("room");
+        assert_eq!(keep, 1);
+        assert!(!bits.contains(&0));
+        // A removed guard's bit is kept; a guard that gains a port keeps its bit.
+        let (bits, keep) = assign_bits(&active(&[(25, 0), (587, 1)]), &policy(&[&[25, 465]]), false).expect("room");
+        assert_eq!((bits, keep), (vec![0], 1 << 1));
+        // A mode change moves every guard.
+        let (bits, keep) = assign_bits(&active(&[(25, 0)]), &policy(&[&[25]]), true).expect("room");
+        assert_eq!((bits, keep), (vec![1], 1));
+    }
+
+    #[test]
+    fn running_out_of_bits_is_an_error_before_any_write() {
+        let old: Vec<(u16, u8)> = (0..40u8).map(|b| (1000 + u16::from(b), b)).collect();
+        let ports: Vec<Vec<u16>> = (0..30u16).map(|i| vec![3000 + i]).collect();
+        let refs: Vec<&[u16]> = ports.iter().map(Vec::as_slice).collect();
+        let e = assign_bits(&active(&old), &policy(&refs), false).expect_err("40 kept + 30 new > 64");
+        assert!(e.to_string().contains("need a new bit"), "{e}");
+    }
 }

@@ -27,9 +27,13 @@ use std::{
 };
 
 use ipnet::IpNet;
-use relay_guard_common::{AllowMask, GuardedPort, mode};
+use relay_guard_common::{AllowMask, COUNTER_PORT_SLOTS, GuardedPort, MAX_LONG_BLOCKS, MAX_MASKS, mode, v6 as trie};
 
-use crate::config::{Action, Config, Guard, Mode};
+use crate::{
+    config::{Action, Config, Guard, Mode},
+    policy::tables::Palette,
+    policy::tables6::{V6Full, V6Tables},
+};
 
 /// Map contents compiled from a config.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -42,6 +46,24 @@ pub struct Policy {
     pub v6: BTreeMap<(u8, [u8; 16]), AllowMask>,
     /// `RG_SETTINGS.mode`.
     pub mode: u32,
+    /// Guard (config position) → its bit in the masks and in `ports`.
+    /// [`Policy::compile`] makes them positional; `sync` moves them to the
+    /// bits the kernel keys on ([`Policy::with_bits`]).
+    pub bits: Vec<u8>,
+}
+
+/// A kernel limit a policy goes over (see [`Policy::limits`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Limit {
+    pub what: &'static str,
+    pub count: usize,
+    pub limit: usize,
+}
+
+impl std::fmt::Display for Limit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {} (the limit is {})", self.what, self.count, self.limit)
+    }
 }
 
 /// What the kernel decides for one (address, port).
@@ -111,7 +133,164 @@ impl Policy {
             Mode::Enforce => mode::ENFORCE,
             Mode::Monitor => mode::MONITOR,
         };
-        Policy { ports, v4, v6, mode }
+        let bits = (0..cfg.guards.len())
+            .map(|g| u8::try_from(g).expect("validation caps guards at 64"))
+            .collect();
+        Policy {
+            ports,
+            v4,
+            v6,
+            mode,
+            bits,
+        }
+    }
+
+    /// This policy with guard `g` on bit `bits[g]` instead of
+    /// `self.bits[g]` (masks and port owners moved alike).
+    pub fn with_bits(&self, bits: &[u8]) -> Policy {
+        assert_eq!(bits.len(), self.bits.len(), "one bit per guard");
+        let move_bits = |m: u64| {
+            self.bits
+                .iter()
+                .zip(bits)
+                .filter(|&(&from, _)| (m >> from) & 1 == 1)
+                .fold(0u64, |acc, (_, &to)| acc | 1 << to)
+        };
+        let to_new: BTreeMap<u8, u8> = self.bits.iter().copied().zip(bits.iter().copied()).collect();
+        Policy {
+            ports: self
+                .ports
+                .iter()
+                .map(|(&p, gp)| {
+                    let guard = to_new.get(&gp.guard).copied().unwrap_or(gp.guard);
+                    (p, GuardedPort { guard, ..*gp })
+                })
+                .collect(),
+            v4: self
+                .v4
+                .iter()
+                .map(|(&k, m)| {
+                    (
+                        k,
+                        AllowMask {
+                            allow: move_bits(m.allow),
+                        },
+                    )
+                })
+                .collect(),
+            v6: self
+                .v6
+                .iter()
+                .map(|(&k, m)| {
+                    (
+                        k,
+                        AllowMask {
+                            allow: move_bits(m.allow),
+                        },
+                    )
+                })
+                .collect(),
+            mode: self.mode,
+            bits: bits.to_vec(),
+        }
+    }
+
+    /// `names` (by config position) laid out by bit, for labels of what the
+    /// kernel reports (an unused bit has an empty name).
+    pub fn names_by_bit(&self, names: &[String]) -> Vec<String> {
+        let mut out = vec![String::new(); relay_guard_common::MAX_GUARDS];
+        for (g, &b) in self.bits.iter().enumerate() {
+            if let Some(n) = names.get(g) {
+                out[usize::from(b)].clone_from(n);
+            }
+        }
+        out
+    }
+
+    /// The tables of a transition: for every prefix of `old` or `new`, the
+    /// bits `keep` of what `old` decides there and every bit of what `new`
+    /// decides. A lookup in them answers like `old` for the bits `keep` and
+    /// like `new` for the bits of `new` (`keep` and `new.bits` disjoint), as
+    /// the longest stored prefix containing an address is then at least as
+    /// long as either policy's own. Ports and mode are `new`'s.
+    pub fn union(old: &Policy, keep: u64, new: &Policy) -> Policy {
+        Policy {
+            v4: union_family(&old.v4, keep, &new.v4, mask_u32_bytes),
+            v6: union_family(&old.v6, keep, &new.v6, mask_u128_bytes),
+            ..new.clone()
+        }
+    }
+
+    /// The kernel limits this policy goes over, each with its count and
+    /// limit: checked before a sync writes anything, and by `check-config`.
+    pub fn limits(&self) -> Vec<Limit> {
+        let mut out = Vec::new();
+        let ports_limit = COUNTER_PORT_SLOTS as usize - 1;
+        if self.ports.len() > ports_limit {
+            out.push(Limit {
+                what: "guarded ports",
+                count: self.ports.len(),
+                limit: ports_limit,
+            });
+        }
+        let mut long: Vec<u32> = self
+            .v4
+            .keys()
+            .filter(|(len, _)| *len > 24)
+            .map(|(_, a)| u32::from_be_bytes(*a) >> 8)
+            .collect();
+        long.dedup();
+        long.sort_unstable();
+        long.dedup();
+        if long.len() > MAX_LONG_BLOCKS as usize {
+            out.push(Limit {
+                what: "IPv4 /24 blocks holding prefixes longer than /24 (map RG_LONG24)",
+                count: long.len(),
+                limit: MAX_LONG_BLOCKS as usize,
+            });
+        }
+        let mut masks: Vec<u64> = self.v4.values().chain(self.v6.values()).map(|m| m.allow).collect();
+        masks.retain(|&m| m != 0);
+        masks.sort_unstable();
+        masks.dedup();
+        let masks_limit = MAX_MASKS as usize - 1;
+        if masks.len() > masks_limit {
+            out.push(Limit {
+                what: "distinct combinations of guards allowing a prefix (map RG_MASKS)",
+                count: masks.len(),
+                limit: masks_limit,
+            });
+            return out;
+        }
+        // The trie as a first build would lay it out, without a cap.
+        let mut t = V6Tables::with_capacity(trie::INDEX, trie::INDEX);
+        match t.build(&self.v6, &mut Palette::new()) {
+            Ok(_) => {
+                let (nodes, leaves) = t.counts();
+                for (what, count, cap) in [
+                    ("IPv6 trie nodes (map RG_V6_NODES)", nodes, trie::NODE_CAPACITY),
+                    ("IPv6 trie leaves (map RG_V6_LEAVES)", leaves, trie::LEAF_CAPACITY),
+                ] {
+                    if count >= cap {
+                        out.push(Limit {
+                            what,
+                            count: count as usize,
+                            limit: cap as usize - 1,
+                        });
+                    }
+                }
+            }
+            Err(V6Full::Palette(_)) => {}
+            Err(e) => out.push(Limit {
+                what: "IPv6 trie",
+                count: self.v6.len(),
+                limit: match e {
+                    V6Full::Nodes(n) | V6Full::Leaves(n) => n as usize,
+                    V6Full::Palette(_) => 0,
+                },
+            }),
+        }
+        out
     }
 
     /// The verdict the XDP program reaches from these maps (longest stored
@@ -174,6 +353,45 @@ pub fn model_allows(guard: &Guard, addr: IpAddr) -> (bool, Option<IpNet>) {
         .filter(|e| e.net.contains(&addr))
         .max_by_key(|e| e.net.prefix_len())
         .map_or((false, None), |e| (e.action == Action::Allow, Some(e.net)))
+}
+
+fn mask_u32_bytes(a: [u8; 4], len: u8) -> [u8; 4] {
+    mask_u32(u32::from_be_bytes(a), len).to_be_bytes()
+}
+
+fn mask_u128_bytes(a: [u8; 16], len: u8) -> [u8; 16] {
+    mask_u128(u128::from_be_bytes(a), len).to_be_bytes()
+}
+
+/// [`Policy::union`] for one family.
+fn union_family<A: Copy + Ord>(
+    old: &BTreeMap<(u8, A), AllowMask>,
+    keep: u64,
+    new: &BTreeMap<(u8, A), AllowMask>,
+    mask: fn(A, u8) -> A,
+) -> BTreeMap<(u8, A), AllowMask> {
+    let lens = |m: &BTreeMap<(u8, A), AllowMask>| {
+        let mut l: Vec<u8> = m.keys().map(|&(len, _)| len).collect();
+        l.dedup();
+        l.sort_unstable_by(|a, b| b.cmp(a));
+        l.dedup();
+        l
+    };
+    let (old_lens, new_lens) = (lens(old), lens(new));
+    // The value of the longest prefix of `m` containing (len, addr).
+    let longest = |m: &BTreeMap<(u8, A), AllowMask>, ls: &[u8], len: u8, addr: A| {
+        ls.iter()
+            .filter(|&&l| l <= len)
+            .find_map(|&l| m.get(&(l, mask(addr, l))))
+            .map_or(0, |m| m.allow)
+    };
+    let mut out = BTreeMap::new();
+    for &(len, addr) in old.keys().chain(new.keys()) {
+        out.entry((len, addr)).or_insert_with(|| AllowMask {
+            allow: (longest(old, &old_lens, len, addr) & keep) | longest(new, &new_lens, len, addr),
+        });
+    }
+    out
 }
 
 fn mask_u32(a: u32, len: u8) -> u32 {

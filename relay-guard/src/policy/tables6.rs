@@ -274,6 +274,106 @@ pub fn walk(
     hit
 }
 
+/// The trie read back as prefixes with the value `val` gives each mask
+/// index (entries the walk could not follow: 0). Runs of equal top-level
+/// entries become aligned prefixes, node entries their ranges, a leaf its
+/// entry's range (`outside`) and its prefix (`inside`); a prefix is only
+/// stored where its value differs from the one a shorter stored prefix
+/// gives, and zero is never stored at the top. The longest stored prefix
+/// containing an address then has the value of what [`walk`] finds for it.
+pub fn prefixes(
+    top: impl Fn(usize) -> u32,
+    node: impl Fn(u32) -> Option<V6Node>,
+    leaf: impl Fn(u32) -> Option<V6Leaf>,
+    val: &dyn Fn(u32) -> u64,
+) -> BTreeMap<(u8, [u8; 16]), AllowMask> {
+    struct Reader<'a, N, L> {
+        node: N,
+        leaf: L,
+        val: &'a dyn Fn(u32) -> u64,
+        out: BTreeMap<(u8, [u8; 16]), AllowMask>,
+    }
+    impl<N: Fn(u32) -> Option<V6Node>, L: Fn(u32) -> Option<V6Leaf>> Reader<'_, N, L> {
+        fn put(&mut self, len: u8, a: u128, v: u64, parent: u64) {
+            if v != parent {
+                self.out.insert((len, a.to_be_bytes()), AllowMask { allow: v });
+            }
+        }
+
+        /// Entry `e` covering (`depth`, `addr`), under a stored value `parent`.
+        fn entry(&mut self, e: u32, depth: u8, addr: u128, parent: u64) {
+            match e & v6::TAG {
+                0 => self.put(depth, addr, (self.val)(e), parent),
+                v6::NODE if depth <= 124 && depth.is_multiple_of(4) => match (self.node)(e & v6::INDEX) {
+                    Some(n) => {
+                        for (c, &child) in n.iter().enumerate() {
+                            let a = addr | ((c as u128) << (124 - u32::from(depth)));
+                            self.entry(child, depth + 4, a, parent);
+                        }
+                    }
+                    None => self.put(depth, addr, 0, parent),
+                },
+                v6::LEAF => match (self.leaf)(e & v6::INDEX) {
+                    Some(l) if l.len > depth && l.len <= 128 => {
+                        let outside = (self.val)(u32::from(l.outside));
+                        self.put(depth, addr, outside, parent);
+                        let la = u128::from_be_bytes(l.addr);
+                        match l.inside & v6::TAG {
+                            0 => self.put(l.len, la, (self.val)(l.inside), outside),
+                            v6::NODE => self.entry(l.inside, l.len, la, outside),
+                            _ => self.put(l.len, la, 0, outside),
+                        }
+                    }
+                    _ => self.put(depth, addr, 0, parent),
+                },
+                _ => self.put(depth, addr, 0, parent),
+            }
+        }
+    }
+    let mut r = Reader {
+        node,
+        leaf,
+        val,
+        out: BTreeMap::new(),
+    };
+    let shift = 128 - v6::TOP_BITS;
+    // A run of top slots [start, end) holding the value v, as prefixes.
+    let run = |r: &mut Reader<_, _>, start: u32, end: u32, v: u64| {
+        let mut s = start;
+        while v != 0 && s < end {
+            let mut bits = if s == 0 {
+                v6::TOP_BITS
+            } else {
+                s.trailing_zeros().min(v6::TOP_BITS)
+            };
+            while s + (1 << bits) > end {
+                bits -= 1;
+            }
+            let len = TOP_DEPTH - u8::try_from(bits).expect("<= 20");
+            r.out
+                .insert((len, (u128::from(s) << shift).to_be_bytes()), AllowMask { allow: v });
+            s += 1 << bits;
+        }
+    };
+    let (mut start, mut value) = (0u32, 0u64);
+    for slot in 0..v6::TOP_SLOTS {
+        let e = top(slot as usize);
+        if e & v6::TAG == 0 {
+            let v = val(e);
+            if v != value {
+                run(&mut r, start, slot, value);
+                (start, value) = (slot, v);
+            }
+            continue;
+        }
+        run(&mut r, start, slot, value);
+        (start, value) = (slot + 1, 0);
+        r.entry(e, TOP_DEPTH, u128::from(slot) << shift, 0);
+    }
+    run(&mut r, start, v6::TOP_SLOTS, value);
+    r.out
+}
+
 fn broken(a: u128, depth: u8, hit: V6Hit) -> V6Hit {
     V6Hit {
         mask_index: 0,

@@ -858,3 +858,107 @@ proptest! {
         check_policy(&cfg, &addrs)?;
     }
 }
+
+/// The masks an address gets from `p` (longest stored prefix), by family.
+fn mask_at(p: &Policy, addr: IpAddr) -> u64 {
+    match addr {
+        IpAddr::V4(a) => {
+            let a = u32::from(a);
+            (0..=32u8)
+                .rev()
+                .find_map(|l| p.v4.get(&(l, super::mask_u32(a, l).to_be_bytes())))
+                .map_or(0, |m| m.allow)
+        }
+        IpAddr::V6(a) => {
+            let a = u128::from(a);
+            (0..=128u8)
+                .rev()
+                .find_map(|l| p.v6.get(&(l, super::mask_u128(a, l).to_be_bytes())))
+                .map_or(0, |m| m.allow)
+        }
+    }
+}
+
+proptest! {
+    #![proptest_config(prop_config())]
+
+    /// The tables of a transition answer like the old policy for the kept
+    /// bits and like the new one for the new policy's bits, at every address.
+    #[test]
+    fn union_answers_old_for_kept_bits_and_new_for_new_bits(
+        old in raw_case(Fam::V4, 1..=3),
+        new in raw_case(Fam::V4, 1..=3),
+        nports in prop::collection::vec(any::<u8>(), 4),
+    ) {
+        let (eo, en) = (old.entries(Fam::V4), new.entries(Fam::V4));
+        let po = Policy::compile(&build_config(&eo, &nports));
+        // The new guards on bits 8.. so they are disjoint from the old ones.
+        let pn = Policy::compile(&build_config(&en, &nports));
+        let bits: Vec<u8> = (0..pn.bits.len()).map(|g| u8::try_from(g + 8).expect("small")).collect();
+        let pn = pn.with_bits(&bits);
+        let keep: u64 = po.bits.iter().fold(0, |k, &b| k | 1 << b);
+        let u = Policy::union(&po, keep, &pn);
+        let mut addrs = old.addrs(Fam::V4, &eo);
+        addrs.extend(new.addrs(Fam::V4, &en));
+        for a in addrs {
+            let (mu, mo, mn) = (mask_at(&u, a), mask_at(&po, a), mask_at(&pn, a));
+            prop_assert_eq!(mu & keep, mo & keep, "kept bits at {}", a);
+            prop_assert_eq!(mu & !keep, mn, "new bits at {}", a);
+        }
+    }
+}
+
+#[test]
+fn with_bits_moves_masks_and_port_owners_alike() {
+    let cfg = config(
+        Mode::Enforce,
+        vec![
+            guard("a", &[25], &["192.0.2.0/24"], &[]),
+            guard("b", &[587], &["192.0.2.0/25", "2001:db8::/32"], &[]),
+        ],
+    );
+    let p = Policy::compile(&cfg);
+    let q = p.with_bits(&[5, 2]);
+    assert_eq!(q.bits, vec![5, 2]);
+    assert_eq!(q.ports[&25].guard, 5);
+    assert_eq!(q.ports[&587].guard, 2);
+    assert_eq!(q.v4[&(25, [192, 0, 2, 0])].allow, (1 << 5) | (1 << 2));
+    assert_eq!(q.v4[&(24, [192, 0, 2, 0])].allow, 1 << 5);
+    for a in ["192.0.2.1", "192.0.2.200", "2001:db8::1", "198.51.100.1"] {
+        for port in [25, 587] {
+            assert_eq!(allowed(&p, a, port), allowed(&q, a, port), "{a}:{port}");
+        }
+    }
+    let names = q.names_by_bit(&["a".to_string(), "b".to_string()]);
+    assert_eq!(
+        (names[5].as_str(), names[2].as_str(), names[0].as_str()),
+        ("a", "b", "")
+    );
+}
+
+#[test]
+fn limits_report_count_and_limit() {
+    let ports: Vec<u16> = (2000..2128).collect();
+    let cfg = config(Mode::Enforce, vec![guard("many", &ports, &["192.0.2.0/24"], &[])]);
+    let over = Policy::compile(&cfg).limits();
+    assert_eq!(over.len(), 1, "{over:?}");
+    assert_eq!((over[0].count, over[0].limit), (128, 127));
+    assert!(over[0].to_string().contains("guarded ports: 128 (the limit is 127)"));
+    let ok = config(Mode::Enforce, vec![guard("few", &ports[..127], &["192.0.2.0/24"], &[])]);
+    assert!(Policy::compile(&ok).limits().is_empty());
+    // Long blocks: one over the map's capacity, counted without building tables.
+    let mut p = Policy::compile(&ok);
+    for b in 0..=relay_guard_common::MAX_LONG_BLOCKS {
+        let [_, x, y, z] = b.to_be_bytes();
+        p.v4.insert((32, [x, y, z, 1]), AllowMask { allow: 1 });
+    }
+    let over = p.limits();
+    assert_eq!(over.len(), 1, "{over:?}");
+    assert_eq!(
+        (over[0].count, over[0].limit),
+        (
+            relay_guard_common::MAX_LONG_BLOCKS as usize + 1,
+            relay_guard_common::MAX_LONG_BLOCKS as usize
+        )
+    );
+}

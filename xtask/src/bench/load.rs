@@ -200,8 +200,6 @@ impl Agent {
             .stderr(Stdio::null())
             .status();
         let _ = std::fs::remove_dir_all(&self.pin_dir);
-        // The agent leaves its per-pin_dir lock file; this pin_dir is the bench's.
-        let _ = std::fs::remove_file(relay_guard::kernel::pins::lock_path(&self.pin_dir));
     }
 }
 

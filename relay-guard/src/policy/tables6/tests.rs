@@ -662,3 +662,35 @@ proptest! {
         }
     }
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+
+    /// The trie read back as prefixes answers like the trie: what a sync
+    /// keeps of the old policy's bits while it changes guards' ports.
+    #[test]
+    fn prefixes_read_back_answer_like_the_trie(
+        entries in proptest::collection::vec(prefix_strategy(), 0..80),
+        keep in 0u64..8,
+    ) {
+        let v6 = to_map(&entries);
+        let mut pal = Palette::new();
+        let mut t = V6Tables::new();
+        t.build(&v6, &mut pal).expect("fits");
+        let val = |i: u32| pal.masks.get(i as usize).copied().unwrap_or(0) & keep;
+        let back = prefixes(
+            |s| t.top[s],
+            |i| t.nodes.get(i as usize).copied(),
+            |i| t.leaves.get(i as usize).copied(),
+            &val,
+        );
+        for p in probes(&[&v6], &[]) {
+            let a = u128::from_be_bytes(p);
+            let got = (0..=128u8)
+                .rev()
+                .find_map(|l| back.get(&(l, mask128(a, l).to_be_bytes())))
+                .map_or(0, |m| m.allow);
+            prop_assert_eq!(got, val(u32::from(t.lookup(p).mask_index)), "at {:x}", a);
+        }
+    }
+}
