@@ -29,6 +29,14 @@ pub enum LoadError {
     },
     #[error("interface `{interface}` does not exist")]
     NoInterface { interface: String },
+    #[error(
+        "interface `{interface}` has no Ethernet framing (device type {arphrd}, {kind}): the program reads an Ethernet header, so it cannot guard it; guard the Ethernet device the traffic arrives on"
+    )]
+    NotEthernet {
+        interface: String,
+        arphrd: u16,
+        kind: &'static str,
+    },
     #[error("failed to attach to `{interface}` in {mode} mode{hint}")]
     Attach {
         interface: String,

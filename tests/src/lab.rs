@@ -18,8 +18,8 @@ pub const ALLOWED_V6: &str = "2001:db8:a::10";
 pub const DENIED_V6: &str = "2001:db8:d::20";
 pub const SOURCES: [&str; 4] = [ALLOWED_V4, DENIED_V4, ALLOWED_V6, DENIED_V6];
 
-const SERVER_MAC: &str = "02:72:67:00:00:01";
-const CLIENT_MAC: &str = "02:72:67:00:00:02";
+pub const SERVER_MAC: &str = "02:72:67:00:00:01";
+pub const CLIENT_MAC: &str = "02:72:67:00:00:02";
 
 pub struct Lab {
     // Field order is drop order: client and server namespaces go last.
@@ -33,36 +33,58 @@ impl Lab {
     pub fn new() -> Lab {
         let server = NetNs::new("rgs");
         let client = NetNs::new("rgc");
-        let server_if = unique("rs");
-        let client_if = unique("rc");
+        let lab = Lab {
+            server_if: unique("rs"),
+            client_if: unique("rc"),
+            client,
+            server,
+        };
+        lab.add_link();
+        lab.configure_link();
+        lab
+    }
+
+    /// Creates the veth pair (down, unaddressed): the server end appears in
+    /// the server namespace, the client end in the client namespace.
+    pub fn add_link(&self) {
+        let (server, client) = (&self.server, &self.client);
+        let (server_if, client_if) = (&self.server_if, &self.client_if);
         server.ip(&[
             "link",
             "add",
-            &server_if,
+            server_if,
             "address",
             SERVER_MAC,
             "type",
             "veth",
             "peer",
             "name",
-            &client_if,
+            client_if,
             "address",
             CLIENT_MAC,
             "netns",
             &client.name,
         ]);
-        server.ip(&["addr", "add", "203.0.113.1/24", "dev", &server_if]);
-        server.ip(&["addr", "add", "2001:db8:1::1/64", "dev", &server_if, "nodad"]);
-        server.ip(&["link", "set", &server_if, "up"]);
-        client.ip(&["addr", "add", "203.0.113.2/24", "dev", &client_if]);
-        client.ip(&["addr", "add", "2001:db8:1::2/64", "dev", &client_if, "nodad"]);
+    }
+
+    /// Addresses, routes and static neighbours of the pair, and up: what
+    /// [`Lab::new`] does after [`Lab::add_link`] (again after a test deleted
+    /// and re-created the pair).
+    pub fn configure_link(&self) {
+        let (server, client) = (&self.server, &self.client);
+        let (server_if, client_if) = (&self.server_if, &self.client_if);
+        server.ip(&["addr", "add", "203.0.113.1/24", "dev", server_if]);
+        server.ip(&["addr", "add", "2001:db8:1::1/64", "dev", server_if, "nodad"]);
+        server.ip(&["link", "set", server_if, "up"]);
+        client.ip(&["addr", "add", "203.0.113.2/24", "dev", client_if]);
+        client.ip(&["addr", "add", "2001:db8:1::2/64", "dev", client_if, "nodad"]);
         for src in SOURCES {
             let plen = if src.contains(':') { "128" } else { "32" };
-            client.ip(&["addr", "add", &format!("{src}/{plen}"), "dev", &client_if, "nodad"]);
+            client.ip(&["addr", "add", &format!("{src}/{plen}"), "dev", client_if, "nodad"]);
         }
-        client.ip(&["link", "set", &client_if, "up"]);
+        client.ip(&["link", "set", client_if, "up"]);
         for net in ["192.0.2.0/24", "198.51.100.0/24", "2001:db8:a::/48", "2001:db8:d::/48"] {
-            server.ip(&["route", "add", net, "dev", &server_if]);
+            server.ip(&["route", "add", net, "dev", server_if]);
         }
         for src in SOURCES.iter().chain(&["203.0.113.2", "2001:db8:1::2"]) {
             server.ip(&[
@@ -72,7 +94,7 @@ impl Lab {
                 "lladdr",
                 CLIENT_MAC,
                 "dev",
-                &server_if,
+                server_if,
                 "nud",
                 "permanent",
             ]);
@@ -85,16 +107,10 @@ impl Lab {
                 "lladdr",
                 SERVER_MAC,
                 "dev",
-                &client_if,
+                client_if,
                 "nud",
                 "permanent",
             ]);
-        }
-        Lab {
-            server_if,
-            client_if,
-            client,
-            server,
         }
     }
 

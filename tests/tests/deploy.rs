@@ -1290,12 +1290,13 @@ fn rule_exprs(yaml: &str) -> Vec<(String, String)> {
     out
 }
 
-const ALERTS: [&str; 5] = [
+const ALERTS: [&str; 6] = [
     "RelayGuardDropsSpiking",
     "RelayGuardConfigReloadFailed",
     "RelayGuardConfigLastReloadUnsuccessful",
     "RelayGuardAgentDown",
     "RelayGuardMalformedPacketsSurging",
+    "RelayGuardInterfaceNotAttached",
 ];
 
 #[test]

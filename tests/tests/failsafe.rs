@@ -290,7 +290,11 @@ fn agent_killed_mid_sync_leaves_one_policy() {
     let config = dir.write("relay-guard.toml", &config_text(&lab, &pins, &[RELAY]));
     let _detach = DetachOnDrop::new(config.clone(), pins.clone());
     let text = |round: usize| {
-        let guards: &[&str] = if round.is_multiple_of(2) { &[OPEN, RELAY] } else { &[RELAY] };
+        let guards: &[&str] = if round.is_multiple_of(2) {
+            &[OPEN, RELAY]
+        } else {
+            &[RELAY]
+        };
         config_text(&lab, &pins, guards)
     };
     // How long a reload takes, from SIGHUP to the counted outcome.

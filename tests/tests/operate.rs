@@ -585,20 +585,32 @@ fn reload_attaches_new_interfaces_and_detaches_removed_ones() {
     let xdp_on_lo = || lab.server.ip(&["link", "show", "dev", "lo"]).contains("xdp");
     assert!(!xdp_on_lo());
 
-    // An interface that does not exist: the reload fails, nothing changes.
-    let before = metric(&scrape(&lab), "relay_guard_config_reload_failures_total", &[]);
+    // An interface that does not exist: as at start, the reload succeeds,
+    // reports it (metric 0, a log line) and waits for it to appear.
+    let before = metric(&scrape(&lab), "relay_guard_config_reloads_total", &[]);
     let missing = good.replacen(
         &format!("[\"{}\"]", lab.server_if),
         &format!("[\"{}\", \"rg-nope0\"]", lab.server_if),
         1,
     );
     replace(&config, &missing);
-    wait_metric(&lab, "relay_guard_config_reload_failures_total", before + 1.0);
+    let m = wait_metric(&lab, "relay_guard_config_reloads_total", before + 1.0);
+    assert_eq!(metric(&m, "relay_guard_config_last_reload_successful", &[]), 1.0, "{m}");
+    assert_eq!(
+        metric(&m, "relay_guard_interface_attached", &[("interface", "rg-nope0")]),
+        0.0,
+        "{m}"
+    );
     assert!(
-        wait_log(&agent, "rg-nope0").contains("interface `rg-nope0` does not exist"),
+        m.contains("relay_guard_interface_attached{interface=\"rg-nope0\"} 0"),
+        "{m}"
+    );
+    assert!(
+        wait_log(&agent, "does not exist (yet)").contains("does not exist (yet)"),
         "{}",
         agent.log_text()
     );
+    assert_gate(&lab, "with a missing interface configured");
 
     // Adding `lo` attaches to it on reload; removing it detaches.
     let before = metric(&scrape(&lab), "relay_guard_config_reloads_total", &[]);

@@ -10,7 +10,7 @@ use std::{
     fmt,
     net::SocketAddr,
     sync::{
-        Arc, RwLock,
+        Arc, Mutex, RwLock,
         atomic::{AtomicU64, Ordering},
     },
     time::{SystemTime, UNIX_EPOCH},
@@ -27,6 +27,7 @@ use prometheus_client::{
     encoding::{DescriptorEncoder, EncodeMetric},
     metrics::{
         counter::{ConstCounter, Counter},
+        family::Family,
         gauge::{ConstGauge, Gauge},
     },
     registry::Registry,
@@ -76,6 +77,11 @@ pub struct AgentMetrics {
     pub reload_failures: Counter,
     pub last_reload_successful: Gauge,
     pub last_reload_success_timestamp: Gauge<f64, AtomicU64>,
+    /// `relay_guard_interface_attached{interface}`: 1 while the device of
+    /// that name carries the filter, 0 while it is missing or refused.
+    pub interface_attached: Family<[(&'static str, String); 1], Gauge>,
+    /// The interfaces `interface_attached` has a series for.
+    pub interface_names: Arc<Mutex<Vec<String>>>,
     /// Blocked-source log events held back by the bound (kernel and agent).
     pub blocked_events_suppressed: Counter,
 }
@@ -88,6 +94,24 @@ impl AgentMetrics {
             .duration_since(UNIX_EPOCH)
             .map_or(0.0, |d| d.as_secs_f64());
         self.last_reload_success_timestamp.set(now);
+    }
+
+    /// Sets `relay_guard_interface_attached` for every configured interface
+    /// and drops the series of interfaces no longer configured.
+    pub fn interfaces_attached(&self, status: &[(String, bool)]) {
+        let mut names = self
+            .interface_names
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        for (name, attached) in status {
+            self.interface_attached
+                .get_or_create(&[("interface", name.clone())])
+                .set(i64::from(*attached));
+        }
+        for gone in names.iter().filter(|n| !status.iter().any(|(s, _)| s == *n)) {
+            self.interface_attached.remove(&[("interface", gone.clone())]);
+        }
+        *names = status.iter().map(|(n, _)| n.clone()).collect();
     }
 
     pub fn reload_failed(&self) {
@@ -258,11 +282,16 @@ pub fn registry(counters: Counters, labels: Arc<RwLock<LabelState>>, agent: &Age
         agent.last_reload_success_timestamp.clone(),
     );
     sub.register(
+        "interface_attached",
+        "Whether the configured interface of that name carries the filter (1) or not (0: missing, refused or failed to attach)",
+        agent.interface_attached.clone(),
+    );
+    sub.register(
         "blocked_events_suppressed",
         "Blocked-source log events held back by the bound of 10 lines a second (kernel bucket or agent)",
         agent.blocked_events_suppressed.clone(),
     );
-    let build_info = prometheus_client::metrics::family::Family::<[(&'static str, &'static str); 1], Gauge>::default();
+    let build_info = Family::<[(&'static str, &'static str); 1], Gauge>::default();
     build_info.get_or_create(&[("version", crate::VERSION)]).set(1);
     sub.register("build_info", "relay-guard build information (always 1)", build_info);
     r.register_collector(Box::new(KernelCollector {

@@ -3,16 +3,18 @@
 //! file watcher, and one loop that turns every source of work into an
 //! [`Event`] and hands it to a method of its own. Around it: reload planning
 //! (`reload`, and `incremental` for list-only edits), watching the config and
-//! list files (`watch`), the Prometheus metrics (`metrics`), and the last good
-//! config and lists to start from when they are broken at boot (`state`).
-//! Under systemd (`Type=notify`) it says READY only once the maps are synced
-//! and the interfaces attached.
+//! list files (`watch`), keeping configured interfaces attached as devices
+//! come and go (`links`), the Prometheus metrics (`metrics`), and the last
+//! good config and lists to start from when they are broken at boot
+//! (`state`). Under systemd (`Type=notify`) it says READY only once the maps
+//! are synced and the interfaces attached.
 //!
 //! The layer above `kernel`: it reaches bpf maps, programs and pins only
 //! through `kernel`, compiles through `policy`, reads files through `config`,
 //! and never prints (`commands` is the CLI boundary; the agent logs with
 //! `tracing`).
 pub mod incremental;
+pub mod links;
 pub mod metrics;
 mod reload;
 pub mod state;
@@ -39,12 +41,14 @@ use crate::{
     kernel::{
         counters,
         loader::{self, Loaded},
+        netdev,
         pins::{self, AgentLock, Pins},
         sync,
     },
     policy::Policy,
 };
 use incremental::Live;
+use links::{LinkWatch, Outcome};
 use metrics::{AgentMetrics, LabelState};
 use watch::FileWatch;
 
@@ -72,8 +76,8 @@ pub async fn run(config_path: &Path, shutdown: impl Future<Output = ()>) -> anyh
     agent.run(shutdown).await
 }
 
-/// One unit of work for the agent's loop. New sources (link changes, bans,
-/// timers) add a variant here, an arm in `Agent::next_event` and a method.
+/// One unit of work for the agent's loop. New sources (bans, timers) add a
+/// variant here, an arm in `Agent::next_event` and a method.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
     /// SIGTERM, SIGINT or the caller's shutdown: stop (the name, for the log).
@@ -82,6 +86,9 @@ pub enum Event {
     Hangup,
     /// Something changed in a directory of the config or a list file.
     FilesChanged,
+    /// A network device was created, deleted, renamed or changed (or the
+    /// periodic check of the attachments is due).
+    LinksChanged,
     /// The blocked-source logger task ended (why).
     BlockedLogEnded(String),
 }
@@ -105,8 +112,15 @@ pub struct Agent {
     live: Option<Live>,
     /// The policy in force while `live` is gone (after a failed full reload).
     in_force: Option<Policy>,
-    /// Attached interfaces by ifindex.
+    /// Interface names by ifindex, for the counters' labels: the devices
+    /// attached now, and those attached before under a name still configured.
     interfaces: HashMap<u32, String>,
+    pins: Pins,
+    links: LinkWatch,
+    /// What was last reported for each configured interface that is not
+    /// guarded (so a problem is logged when it starts or changes, not at
+    /// every check).
+    link_problems: HashMap<String, String>,
     labels: Arc<RwLock<LabelState>>,
     metrics: AgentMetrics,
     watch: FileWatch,
@@ -127,6 +141,12 @@ impl Agent {
     /// handlers: everything before the loop.
     pub async fn start(config_path: &Path) -> anyhow::Result<Agent> {
         let (cfg, index, boot_errors, attempted) = load_at_start(config_path)?;
+        // A device that cannot be guarded is a config error, found before
+        // anything changes (one that does not exist yet is checked when it
+        // appears).
+        for iface in &cfg.interfaces {
+            netdev::check_ethernet(iface).map_err(|e| anyhow::Error::new(e).context("invalid config"))?;
+        }
         loader::bump_memlock_rlimit();
         pins::ensure_bpffs(&cfg.pin_dir)?;
         // Held until the agent exits.
@@ -156,15 +176,32 @@ impl Agent {
             "maps synced"
         );
 
+        // Subscribed before attaching: a device that appears from here on
+        // is seen.
+        let link_watch = LinkWatch::start();
         let mut interfaces = HashMap::new();
+        let mut attached = Vec::new();
+        let mut link_problems = HashMap::new();
         for iface in &cfg.interfaces {
-            let a = loaded
-                .attach(iface, cfg.xdp_mode)
-                .map_err(|e| with_hint(e, "failed to attach"))?;
-            interfaces.insert(a.ifindex, a.interface.clone());
+            let outcome = links::guard_one(
+                &mut loaded,
+                &pins,
+                iface,
+                cfg.xdp_mode,
+                &cfg.interfaces,
+                &mut interfaces,
+                true,
+            )
+            .map_err(|e| with_hint(e, "failed to attach"))?;
+            if outcome == Outcome::Missing {
+                warn!(interface = %iface, "{MISSING}");
+                link_problems.insert(iface.clone(), MISSING.to_string());
+            }
+            attached.push((iface.clone(), outcome != Outcome::Missing));
         }
         loaded.prune(&cfg.interfaces);
-        info!(mode = ?cfg.mode, interfaces = ?cfg.interfaces, "relay-guard is guarding");
+        let guarded: Vec<&str> = attached.iter().filter(|a| a.1).map(|a| a.0.as_str()).collect();
+        info!(mode = ?cfg.mode, interfaces = ?guarded, missing = link_problems.len(), "relay-guard is guarding");
         // Saved only once applied and attached: what a later boot falls back
         // to has worked here. A start from the copy leaves it as it is.
         if boot_errors.is_none()
@@ -196,6 +233,7 @@ impl Agent {
             agent_metrics.reload_succeeded();
             cfg.fingerprint
         };
+        agent_metrics.interfaces_attached(&attached);
         let registry = Arc::new(metrics::registry(
             Arc::clone(&loaded.maps.counters),
             Arc::clone(&labels),
@@ -225,6 +263,9 @@ impl Agent {
             live,
             in_force: None,
             interfaces,
+            pins,
+            links: link_watch,
+            link_problems,
             labels,
             metrics: agent_metrics,
             watch,
@@ -248,6 +289,7 @@ impl Agent {
                 }
                 Event::Hangup => self.reload("SIGHUP"),
                 Event::FilesChanged => self.files_changed().await,
+                Event::LinksChanged => self.guard_interfaces(),
                 Event::BlockedLogEnded(why) => {
                     error!(reason = %why, "the blocked-source logger stopped: blocked sources are no longer logged (the counters and `relay-guard top` still count them)");
                 }
@@ -264,6 +306,7 @@ impl Agent {
             _ = self.signals.terminate.recv() => Event::Stop("SIGTERM"),
             _ = self.signals.hangup.recv() => Event::Hangup,
             Some(()) = self.watch.events.recv() => Event::FilesChanged,
+            () = self.links.changed() => Event::LinksChanged,
             () = shutdown.as_mut() => Event::Stop("shutdown requested"),
             ended = async { self.logger_task.as_mut().expect("checked by the branch condition").await }, if self.logger_task.is_some() => {
                 self.logger_task = None;
@@ -286,6 +329,64 @@ impl Agent {
         if now != self.seen {
             self.reload("file change");
         }
+    }
+
+    /// A device came, went or changed: makes every configured interface's
+    /// device carry the filter (see `links`), reports those that cannot, and
+    /// updates `relay_guard_interface_attached` and the counters' labels.
+    fn guard_interfaces(&mut self) {
+        let mut attached = Vec::new();
+        let mut changed = false;
+        for iface in &self.current.interfaces {
+            let problem = match links::guard_one(
+                &mut self.loaded,
+                &self.pins,
+                iface,
+                self.current.xdp_mode,
+                &self.current.interfaces,
+                &mut self.interfaces,
+                false,
+            ) {
+                Ok(Outcome::Guarded { changed: c, .. }) => {
+                    changed |= c;
+                    None
+                }
+                Ok(Outcome::Missing) => Some(MISSING.to_string()),
+                Err(e) => Some(format!("{:#}", with_hint(e, "failed to attach"))),
+            };
+            attached.push((iface.clone(), problem.is_none()));
+            match problem {
+                None => {
+                    if self.link_problems.remove(iface).is_some() {
+                        info!(interface = %iface, "interface guarded again");
+                    }
+                }
+                Some(p) => {
+                    if self.link_problems.get(iface) != Some(&p) {
+                        if p == MISSING {
+                            warn!(interface = %iface, "{p}");
+                        } else {
+                            error!(interface = %iface, "interface not guarded: {p}");
+                        }
+                        self.link_problems.insert(iface.clone(), p);
+                    }
+                }
+            }
+        }
+        self.link_problems
+            .retain(|name, _| self.current.interfaces.contains(name));
+        // Labels first: a scrape that sees an interface attached sees its
+        // counters under its name.
+        if changed {
+            let mut labels = self.labels.write().unwrap_or_else(std::sync::PoisonError::into_inner);
+            labels.interfaces = self.interfaces.clone();
+            let mut slots = labels.slots.clone();
+            match counters::refresh_iface_slots(&self.loaded.maps, &mut slots, self.interfaces.keys().copied()) {
+                Ok(()) => labels.slots = slots,
+                Err(e) => warn!(error = %e, "failed to read counter slots; metrics labels may lag"),
+            }
+        }
+        self.metrics.interfaces_attached(&attached);
     }
 
     /// Reloads the config (as a delta when only list files changed), and on
@@ -372,14 +473,18 @@ impl Agent {
                     }
                 }
                 *self.labels.write().unwrap_or_else(std::sync::PoisonError::into_inner) = new_labels;
-                self.metrics.reload_succeeded();
-                self.metrics.reloads.inc();
                 self.seen = new.fingerprint;
                 self.current = new;
                 let files = watched_files(&self.config_path, &self.current);
                 if !self.watch.covers(&files) {
                     self.watch = FileWatch::new(&files);
                 }
+                // Attaches interfaces the reload added (or reports them
+                // missing, and attaches them when they appear), before the
+                // reload is counted.
+                self.guard_interfaces();
+                self.metrics.reload_succeeded();
+                self.metrics.reloads.inc();
                 notify_systemd(&[NotifyState::Ready, NotifyState::Status("guarding")]);
             }
             Err(e) => {
@@ -461,6 +566,10 @@ fn notify_systemd(states: &[NotifyState]) {
         warn!(error = %e, "cannot notify systemd ($NOTIFY_SOCKET)");
     }
 }
+
+/// What is reported for a configured interface with no device.
+const MISSING: &str =
+    "interface does not exist (yet): reported as relay_guard_interface_attached 0, attached as soon as it appears";
 
 /// The files whose changes trigger a reload: the config and its list files.
 fn watched_files(config_path: &Path, c: &Config) -> Vec<PathBuf> {

@@ -13,11 +13,7 @@ use crate::{
         metrics::LabelState,
     },
     config::Config,
-    kernel::{
-        counters,
-        loader::{self, Loaded},
-        sync,
-    },
+    kernel::{counters, loader::Loaded, netdev, sync},
     policy::Policy,
 };
 
@@ -87,10 +83,12 @@ pub(super) fn full_reload(
             warn!("{what} changed: takes effect on restart");
         }
     }
-    // Interfaces are part of validation: a name that does not exist fails the
-    // reload before anything in the kernel changes.
+    // Interfaces are part of validation: a device that cannot be guarded
+    // (no Ethernet framing) fails the reload before anything in the kernel
+    // changes. A name with no device is not an error, as at start: it is
+    // reported, and attached when it appears.
     for iface in new.interfaces.iter().filter(|i| !current.interfaces.contains(i)) {
-        loader::ifindex(iface)?;
+        netdev::check_ethernet(iface).context("invalid config")?;
     }
     let policy = Policy::compile(&new);
     let mut labels = LabelState::new(&new, interfaces.clone(), counters::Slots::default());
@@ -104,14 +102,9 @@ pub(super) fn full_reload(
         unchanged = stats.unchanged,
         "config reloaded"
     );
-    // New interfaces are attached once the maps hold the new policy; removed
-    // ones are detached (their pinned links unpinned).
-    for iface in new.interfaces.iter().filter(|i| !current.interfaces.contains(i)) {
-        let a = loaded
-            .attach(iface, new.xdp_mode)
-            .with_context(|| format!("policy applied, but attaching to new interface `{iface}` failed"))?;
-        interfaces.insert(a.ifindex, a.interface.clone());
-    }
+    // Removed interfaces are detached (their pinned links unpinned); new ones
+    // are attached by the caller once the maps hold the new policy
+    // (`Agent::guard_interfaces`).
     interfaces.retain(|_, name| new.interfaces.contains(name));
     loaded.prune(&new.interfaces);
     let labels = LabelState {

@@ -3,7 +3,7 @@
 //! count and the limit).
 use std::path::Path;
 
-use crate::{config::Config, policy::Policy};
+use crate::{config::Config, kernel::netdev, policy::Policy};
 
 /// Guards without a `name` (their default `guard<N>` follows their place in
 /// the file), read from the TOML itself.
@@ -23,7 +23,7 @@ fn unnamed_guards(path: &Path) -> usize {
 /// Prints the verdict; returns the exit code (0 valid, 1 invalid).
 pub fn execute(path: &Path, json: bool) -> i32 {
     match Config::load(path) {
-        Ok(cfg) => {
+        Ok(cfg) if refused(&cfg).is_empty() => {
             let policy = Policy::compile(&cfg);
             let over = policy.limits();
             if !over.is_empty() {
@@ -77,6 +77,28 @@ pub fn execute(path: &Path, json: bool) -> i32 {
             }
             0
         }
+        Ok(cfg) => {
+            // Devices present here that cannot be guarded (no Ethernet
+            // framing). One that does not exist here is not checked: the
+            // agent checks it when it appears.
+            let refused = refused(&cfg);
+            if json {
+                let errs: Vec<_> = refused
+                    .iter()
+                    .map(|e| serde_json::json!({"file": path, "line": null, "error": e}))
+                    .collect();
+                println!(
+                    "{}",
+                    serde_json::json!({"valid": false, "config": path, "errors": errs})
+                );
+            } else {
+                for e in &refused {
+                    eprintln!("{}: {e}", path.display());
+                }
+                eprintln!("{}: {} error(s)", path.display(), refused.len());
+            }
+            1
+        }
         Err(errors) => {
             if json {
                 let errs: Vec<_> = errors
@@ -97,4 +119,13 @@ pub fn execute(path: &Path, json: bool) -> i32 {
             1
         }
     }
+}
+
+/// Why each configured interface that exists here cannot be guarded.
+fn refused(cfg: &Config) -> Vec<String> {
+    cfg.interfaces
+        .iter()
+        .filter_map(|i| netdev::check_ethernet(i).err())
+        .map(|e| e.to_string())
+        .collect()
 }

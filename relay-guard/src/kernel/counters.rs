@@ -51,6 +51,33 @@ pub fn slots(maps: &Maps) -> Result<Slots, SyncError> {
     Ok(s)
 }
 
+/// Updates the interface part of `slots` for the devices `ifindexes` only
+/// (a few map reads, where [`slots`] reads all 65,536 entries): each gets
+/// the slot the kernel map gives it now, and a slot that moved to one of
+/// them is no longer listed for its previous device.
+pub fn refresh_iface_slots(
+    maps: &Maps,
+    slots: &mut Slots,
+    ifindexes: impl IntoIterator<Item = u32>,
+) -> Result<(), SyncError> {
+    for ifindex in ifindexes {
+        let e = maps
+            .ifaces
+            .get(&(ifindex & (IFACE_TABLE - 1)), 0)
+            .map_err(|source| SyncError::Map {
+                op: "read",
+                map: names::IFACES,
+                what: format!("ifindex {ifindex}"),
+                source,
+            })?;
+        slots.ifaces.retain(|_, &mut i| i != ifindex);
+        if e.ifindex == ifindex && e.slot != 0 {
+            slots.ifaces.insert(e.slot, ifindex);
+        }
+    }
+    Ok(())
+}
+
 /// Non-zero counters of the slots in use, summed over CPUs. Unregistered
 /// interfaces (slot 0) come back with ifindex 0; malformed packets with
 /// port 0 and guard 0.

@@ -473,6 +473,38 @@ impl Maps {
         Ok(slot)
     }
 
+    /// Hands the counter slot of `old` (a device that is gone) to `new` (the
+    /// device that took its name), counters kept, so an interface deleted and
+    /// created again counts on under its name and does not use up a slot each
+    /// time. Returns false (nothing changed) when `old` has no slot.
+    pub fn move_iface_slot(&mut self, old: u32, new: u32) -> Result<bool, LoadError> {
+        let err = |source| LoadError::MapType {
+            name: maps::IFACES,
+            source,
+        };
+        let from = old & (IFACE_TABLE - 1);
+        let e = self.ifaces.get(&from, 0).map_err(err)?;
+        if e.ifindex != old || e.slot == 0 || old == new {
+            return Ok(false);
+        }
+        self.ifaces
+            .set(
+                new & (IFACE_TABLE - 1),
+                IfaceSlot {
+                    ifindex: new,
+                    slot: e.slot,
+                },
+                0,
+            )
+            .map_err(err)?;
+        if from != new & (IFACE_TABLE - 1) {
+            self.ifaces
+                .set(from, IfaceSlot { ifindex: 0, slot: 0 }, 0)
+                .map_err(err)?;
+        }
+        Ok(true)
+    }
+
     /// Zeroes every counter whose (iface slot, port slot) matches `pick`.
     pub fn zero_counters(&mut self, pick: impl Fn(u32, u32) -> bool) -> Result<(), LoadError> {
         let err = |source| LoadError::MapType {

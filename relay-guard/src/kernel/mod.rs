@@ -1,9 +1,10 @@
 //! The kernel side: everything that touches bpf maps, programs, links and
 //! pins. Loading and attaching the XDP program (`loader`), typed handles on
 //! its maps (`maps`), the pinned state under `pin_dir` and the agent lock
-//! (`pins`), writing a compiled policy into the maps (`sync`), reading
-//! counters (`counters`) and pinned maps (`inspect`), and the program's
-//! blocked-source log records (`events`: created with the program's log
+//! (`pins`), what a device and a pinned link are (`netdev`: Ethernet
+//! framing, the device a link guards), writing a compiled policy into the
+//! maps (`sync`), reading counters (`counters`) and pinned maps
+//! (`inspect`), and the program's blocked-source log records (`events`: created with the program's log
 //! ring buffer by `loader`, so it lives here; the agent drains it).
 //!
 //! May use `policy` (what to write) and `config` (its types); never `agent`
@@ -14,5 +15,6 @@ pub mod events;
 pub mod inspect;
 pub mod loader;
 pub mod maps;
+pub mod netdev;
 pub mod pins;
 pub mod sync;
