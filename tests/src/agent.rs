@@ -65,23 +65,6 @@ impl Drop for TempDir {
     }
 }
 
-/// Gives a config that names no `state_dir` one inside the test's own
-/// directory, so that test agents do not write the host's default
-/// `/var/lib/relay-guard` (a config the test writes later, for a reload,
-/// may still leave it out; the agent then saves there, which the boot tests
-/// do not depend on).
-fn own_state_dir(config: &std::path::Path, dir: &TempDir) {
-    let Ok(text) = std::fs::read_to_string(config) else {
-        return;
-    };
-    if text.lines().any(|l| l.trim_start().starts_with("state_dir")) {
-        return;
-    }
-    let state = dir.0.join("state");
-    std::fs::write(config, format!("state_dir = \"{}\"\n{text}", state.display()))
-        .unwrap_or_else(|e| panic!("cannot give {} a state_dir: {e}", config.display()));
-}
-
 pub struct Agent {
     child: Option<Child>,
     ns_path: String,
@@ -142,7 +125,6 @@ impl Agent {
         wrapper: &[&str],
         args: &[&str],
     ) -> Agent {
-        own_state_dir(&config, dir);
         let log = dir.0.join(format!("{}.log", unique("agent")));
         let out = std::fs::File::create(&log).expect("create agent log");
         let child = Command::new("nsenter")
