@@ -147,3 +147,25 @@ pub fn scrape(lab: &Lab) -> String {
 pub fn pin_dir(prefix: &str) -> std::path::PathBuf {
     std::path::PathBuf::from(format!("/sys/fs/bpf/{}", unique(prefix)))
 }
+
+/// The gate on port 25 of a lab whose config allows [`ALLOWED_V4`] and
+/// denies [`DENIED_V4`]: the allowed source gets the banner, the denied one
+/// does not (within 400 ms).
+pub fn assert_gate(lab: &Lab, what: &str) {
+    let ok = crate::net::connect_banner(
+        &lab.client,
+        ip(ALLOWED_V4),
+        ip(SERVER_V4),
+        25,
+        crate::prober::ALLOWED_TIMEOUT,
+    );
+    assert!(ok.is_ok(), "{what}: allowed source failed: {ok:?}");
+    let denied = crate::net::connect_banner(
+        &lab.client,
+        ip(DENIED_V4),
+        ip(SERVER_V4),
+        25,
+        std::time::Duration::from_millis(400),
+    );
+    assert!(denied.is_err(), "{what}: denied source got through");
+}

@@ -12,10 +12,10 @@ use std::{
 
 use relay_guard_tests::{
     agent::{Agent, DetachOnDrop, METRICS, TempDir},
-    lab::{ALLOWED_V4, DENIED_V4, Lab, SERVER_V4, ip, pin_dir},
+    lab::{ALLOWED_V4, DENIED_V4, Lab, SERVER_V4, assert_gate, ip, pin_dir},
     net::{BannerServer, connect_banner},
     netns::{NetNs, unique},
-    prober::{ALLOWED_TIMEOUT, Prober},
+    prober::Prober,
     require,
 };
 
@@ -42,19 +42,6 @@ allow = ["{ALLOWED_V4}"]
 /// `ip -d link show dev IF` inside `ns`.
 fn link_details(ns: &NetNs, interface: &str) -> String {
     ns.ip(&["-d", "link", "show", "dev", interface])
-}
-
-fn assert_gate(lab: &Lab, what: &str) {
-    let ok = connect_banner(&lab.client, ip(ALLOWED_V4), ip(SERVER_V4), 25, ALLOWED_TIMEOUT);
-    assert!(ok.is_ok(), "{what}: allowed source failed: {ok:?}");
-    let denied = connect_banner(
-        &lab.client,
-        ip(DENIED_V4),
-        ip(SERVER_V4),
-        25,
-        Duration::from_millis(400),
-    );
-    assert!(denied.is_err(), "{what}: denied source got through");
 }
 
 #[test]

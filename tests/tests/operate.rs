@@ -10,7 +10,7 @@ use std::{
 use nix::sys::signal::Signal;
 use relay_guard_tests::{
     agent::{Agent, DetachOnDrop, METRICS, TempDir, cli},
-    lab::{ALLOWED_V4, ALLOWED_V6, DENIED_V4, DENIED_V6, Lab, SERVER_V4, ip, pin_dir, scrape},
+    lab::{ALLOWED_V4, ALLOWED_V6, DENIED_V4, DENIED_V6, Lab, SERVER_V4, assert_gate, ip, pin_dir, scrape},
     net::{BannerServer, connect_banner, metric},
     netns::sh,
     prober::{ALLOWED_TIMEOUT, Prober},
@@ -62,19 +62,6 @@ fn wait_metric(lab: &Lab, name: &str, want: f64) -> String {
         assert!(Instant::now() < deadline, "{name} never reached {want}:\n{text}");
         std::thread::sleep(Duration::from_millis(100));
     }
-}
-
-fn assert_gate(lab: &Lab, what: &str) {
-    let ok = connect_banner(&lab.client, ip(ALLOWED_V4), ip(SERVER_V4), 25, ALLOWED_TIMEOUT);
-    assert!(ok.is_ok(), "{what}: allowed source failed: {ok:?}");
-    let denied = connect_banner(
-        &lab.client,
-        ip(DENIED_V4),
-        ip(SERVER_V4),
-        25,
-        Duration::from_millis(400),
-    );
-    assert!(denied.is_err(), "{what}: denied source got through");
 }
 
 #[test]

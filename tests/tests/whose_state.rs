@@ -12,10 +12,9 @@ use std::{
 use relay_guard_common::LAYOUT_VERSION;
 use relay_guard_tests::{
     agent::{Agent, DetachOnDrop, METRICS, TempDir, cli},
-    lab::{ALLOWED_V4, DENIED_V4, Lab, SERVER_V4, ip, pin_dir},
-    net::{BannerServer, connect_banner},
+    lab::{ALLOWED_V4, DENIED_V4, Lab, assert_gate, pin_dir},
+    net::BannerServer,
     netns::{sh, unique},
-    prober::ALLOWED_TIMEOUT,
     require,
 };
 
@@ -35,19 +34,6 @@ allow = ["{ALLOWED_V4}/32"]
 "#,
         pins = pin_dir.display(),
     )
-}
-
-fn assert_gate(lab: &Lab, what: &str) {
-    let ok = connect_banner(&lab.client, ip(ALLOWED_V4), ip(SERVER_V4), 25, ALLOWED_TIMEOUT);
-    assert!(ok.is_ok(), "{what}: allowed source failed: {ok:?}");
-    let denied = connect_banner(
-        &lab.client,
-        ip(DENIED_V4),
-        ip(SERVER_V4),
-        25,
-        Duration::from_millis(400),
-    );
-    assert!(denied.is_err(), "{what}: denied source got through");
 }
 
 /// Runs `relay-guard run` in the server namespace and expects it to exit
