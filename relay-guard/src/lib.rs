@@ -2,6 +2,8 @@
 //! `commands` (the CLI boundary) → `agent` (the long-running process and its
 //! event loop, reloads, metrics) → `kernel` (bpf maps, programs, links,
 //! pins) → `policy` (pure compilation) → `config` (files in, validated).
+//! `relaytest` (the open-relay probe, an SMTP client) sits beside `kernel`:
+//! below `agent`, and it uses no other module.
 //! See docs/architecture.md.
 #![expect(
     clippy::result_large_err,
@@ -14,6 +16,7 @@ pub mod config;
 pub mod error;
 pub mod kernel;
 pub mod policy;
+pub mod relaytest;
 
 /// The XDP object built from `relay-guard-ebpf` by `build.rs`. Empty when
 /// built with `AYA_BUILD_SKIP=1`.
