@@ -13,6 +13,7 @@ pub mod model;
 pub mod net;
 pub mod netns;
 pub mod packet;
+pub mod postfix;
 pub mod prober;
 pub mod prometheus;
 pub mod raw;
