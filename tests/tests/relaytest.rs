@@ -42,7 +42,7 @@ const OPEN_MYNETWORKS: &str = "127.0.0.0/8 192.0.2.0/24 203.0.113.0/24";
 
 fn gate(test: &str) -> bool {
     let mut tools = postfix::TOOLS.to_vec();
-    tools.push("/usr/lib/x86_64-linux-gnu/sasl2/libplain.so");
+    tools.extend(["promtool", "/usr/lib/x86_64-linux-gnu/sasl2/libplain.so"]);
     require::privileged_with(test, &tools)
 }
 
@@ -214,6 +214,19 @@ fn open_relay_is_reported_and_exported() {
         );
     }
     assert!(agent.log_text().contains("OPEN RELAY"), "{}", agent.log_text());
+    // The relaytest series pass promtool's lint.
+    let file = dir.write("metrics.txt", &text);
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(format!("promtool check metrics < {}", file.display()))
+        .output()
+        .expect("promtool");
+    assert!(
+        out.status.success(),
+        "promtool check metrics failed:\n{}{}\n{text}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 #[test]
