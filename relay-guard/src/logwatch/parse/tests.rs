@@ -1,4 +1,4 @@
-use std::net::IpAddr;
+use std::{collections::HashMap, net::IpAddr};
 
 use proptest::prelude::*;
 
@@ -131,6 +131,44 @@ fn postfix_disconnect_counts_what_the_warnings_did_not() {
     assert_eq!(total(&[other_client, disc]), 2);
     // The disconnect settles: the next session of the same process counts anew.
     assert_eq!(total(&[warn, disc, disc]), 2);
+}
+
+/// Lines as Debian 12's Postfix 3.7 with Dovecot SASL (auth_verbose = yes)
+/// wrote them in tests/tests/mail_logs.rs: three failed AUTHs on 587 from
+/// one client, one smtpd process serving them in turn.
+#[test]
+fn real_postfix_3_7_and_dovecot_2_3_logs() {
+    let maillog = [
+        "Dec 02 01:19:32 mail postfix/submission/smtpd[9157]: connect from unknown[198.51.100.20]",
+        "Dec 02 01:19:32 mail postfix/submission/smtpd[9157]: warning: unknown[198.51.100.20]: SASL PLAIN authentication failed: (reason unavailable), sasl_username=alice@example.com",
+        "Dec 02 01:19:32 mail postfix/submission/smtpd[9157]: disconnect from unknown[198.51.100.20] ehlo=2 starttls=1 auth=0/1 quit=1 commands=4/5",
+        "Dec 02 01:19:37 mail postfix/submission/smtpd[9157]: connect from unknown[198.51.100.20]",
+        "Dec 02 01:19:37 mail postfix/submission/smtpd[9157]: warning: unknown[198.51.100.20]: SASL PLAIN authentication failed: (reason unavailable), sasl_username=alice@example.com",
+        "Dec 02 01:19:37 mail postfix/submission/smtpd[9157]: disconnect from unknown[198.51.100.20] ehlo=2 starttls=1 auth=0/1 quit=1 commands=4/5",
+        "Dec 02 01:19:47 mail postfix/submission/smtpd[9157]: warning: unknown[2001:db8:d::20]: SASL PLAIN authentication failed: (reason unavailable), sasl_username=alice@example.com",
+        "Dec 02 01:19:47 mail postfix/submission/smtpd[9157]: disconnect from unknown[2001:db8:d::20] ehlo=2 starttls=1 auth=0/1 quit=1 commands=4/5",
+        "Dec 02 01:19:46 mail postfix/smtps/smtpd[9282]: warning: unknown[198.51.100.20]: SASL PLAIN authentication failed: (reason unavailable), sasl_username=alice@example.com",
+        "Dec 02 01:19:46 mail postfix/smtps/smtpd[9282]: disconnect from unknown[198.51.100.20] ehlo=1 auth=0/1 quit=1 commands=2/3",
+    ];
+    let dovecot = [
+        "Dec 02 01:19:31 master: Info: Dovecot v2.3.19.1 (9b53102964) starting up without any protocols (core dumps disabled)",
+        "Dec 02 01:19:31 auth: Info: passwd-file(alice@example.com,198.51.100.20): Password mismatch",
+        "Dec 02 01:19:47 auth: Info: passwd-file(alice@example.com,2001:db8:d::20): Password mismatch",
+    ];
+    let mut p = Parser::new();
+    let mut by_addr: HashMap<IpAddr, u32> = HashMap::new();
+    for line in maillog.iter().chain(&dovecot) {
+        match p.line(line) {
+            Outcome::Failures(f) => *by_addr.entry(f.addr).or_default() += f.count,
+            Outcome::Ignored => {}
+            Outcome::Unparsed => panic!("unparsed: {line}"),
+        }
+    }
+    assert_eq!(
+        by_addr,
+        HashMap::from([(ip("198.51.100.20"), 3), (ip("2001:db8:d::20"), 1)])
+    );
+    assert_eq!(p.pending(), 0);
 }
 
 #[test]
