@@ -9,11 +9,11 @@
 pub mod agent;
 pub mod daemon;
 pub mod lab;
+pub mod mail;
 pub mod model;
 pub mod net;
 pub mod netns;
 pub mod packet;
-pub mod postfix;
 pub mod prober;
 pub mod prometheus;
 pub mod raw;

@@ -1,9 +1,9 @@
 //! `relay-guard relaytest` and the scheduled relay test against a real
 //! Postfix (GitHub issue 15). Postfix runs in the server namespace of a
-//! lab (tests/src/postfix.rs: 25 and 587 with STARTTLS, 465 with TLS at
-//! connect, Cyrus SASL, every transport `discard:`); the one-off command runs
-//! in the client namespace (source 203.0.113.2), the agent in the server
-//! namespace.
+//! lab (tests/src/mail.rs, with Dovecot for SASL: 25 and 587 with optional
+//! STARTTLS, 465 with TLS at connect, every transport `discard:`); the
+//! one-off command runs in the client namespace (source 203.0.113.2), the
+//! agent in the server namespace.
 //!
 //! - open relay (`mynetworks` takes in the client): probes relayed and
 //!   named, exit 3, Postfix logs the message taken; scheduled through
@@ -19,7 +19,7 @@
 //! - a port relay-guard drops reports "unreachable" (and a port where
 //!   nothing listens "closed"), exit 4, never "closed to relaying".
 use std::{
-    path::PathBuf,
+    path::{Path, PathBuf},
     process::Command,
     time::{Duration, Instant},
 };
@@ -27,9 +27,9 @@ use std::{
 use relay_guard_tests::{
     agent::{Agent, DetachOnDrop, METRICS, TempDir, agent_bin},
     lab::{ALLOWED_V4, Lab, SERVER_V4, pin_dir, scrape},
+    mail::{MailServer, MailServerBuilder},
     net::metric,
     netns::NetNs,
-    postfix::{self, Postfix},
     require,
 };
 use serde_json::Value;
@@ -40,10 +40,31 @@ const TIMEOUT: &str = "3s";
 /// the outside address the scheduled test claims through XCLIENT).
 const OPEN_MYNETWORKS: &str = "127.0.0.0/8 192.0.2.0/24 203.0.113.0/24";
 
+/// The ports the test Postfix listens on.
+const PORTS: [u16; 3] = [25, 465, 587];
+
 fn gate(test: &str) -> bool {
-    let mut tools = postfix::TOOLS.to_vec();
-    tools.extend(["promtool", "/usr/lib/x86_64-linux-gnu/sasl2/libplain.so"]);
-    require::privileged_with(test, &tools)
+    require::privileged_with(test, &["postfix", "dovecot", "openssl", "ss", "promtool"])
+}
+
+/// Postfix on 25 and 587 (plain smtpd, STARTTLS offered) and 465 (TLS at
+/// connect), with SASL through Dovecot, XCLIENT allowed from loopback,
+/// `smtpd_tls_auth_only = yes`, then `settings`. Its files go in `dir/name`.
+fn mail_server(lab: &Lab, dir: &Path, name: &str, settings: &[(&str, &str)]) -> MailServer {
+    let dir = dir.join(name);
+    std::fs::create_dir_all(&dir).expect("mail server dir");
+    let mut b = MailServerBuilder::new(&lab.server, &dir)
+        .tls()
+        .dovecot(&[("user", "secret")])
+        .master("465       inet  n       -       n       -       -       smtpd -o smtpd_tls_wrappermode=yes")
+        .master("587       inet  n       -       n       -       -       smtpd")
+        .main("smtpd_sasl_auth_enable", "yes")
+        .main("smtpd_tls_auth_only", "yes")
+        .main("smtpd_authorized_xclient_hosts", "127.0.0.0/8");
+    for (k, v) in settings {
+        b = b.main(k, v);
+    }
+    b.start()
 }
 
 /// `relay-guard relaytest ARGS…` in `ns`: (exit code, stdout, stderr).
@@ -155,12 +176,13 @@ fn open_relay_is_reported_and_exported() {
     }
     let lab = Lab::new();
     let dir = TempDir::new();
-    let pf = Postfix::start(&lab.server, &dir.0, &[("mynetworks", OPEN_MYNETWORKS)]);
+    let mail = mail_server(&lab, &dir.0, "mail", &[("mynetworks", OPEN_MYNETWORKS)]);
+    let pf = &mail.postfix;
 
     let (code, report) = relaytest_json(&lab.client, &[SERVER_V4]);
     assert_eq!(code, 3, "exit status of an open relay: {report:#}");
     assert_eq!(report["verdict"], "relayed");
-    for n in postfix::PORTS {
+    for n in PORTS {
         let p = port(&report, n);
         let o = outcomes(p);
         assert_eq!(o.len(), 16, "port {n}: {p:#}");
@@ -199,7 +221,7 @@ fn open_relay_is_reported_and_exported() {
     let text = wait_metrics(&lab, &agent, "a relay test run", |t| {
         metric(t, "relay_guard_relaytest_last_run_timestamp_seconds", &[]) > 0.0
     });
-    for n in postfix::PORTS {
+    for n in PORTS {
         let p = n.to_string();
         let relayed = metric(&text, "relay_guard_relaytest_relayed", &[("port", &p)]);
         assert!(
@@ -236,13 +258,14 @@ fn correct_config_is_clean_and_xclient_refusal_is_not() {
     }
     let lab = Lab::new();
     let dir = TempDir::new();
-    let pf = Postfix::start(&lab.server, &dir.0, &[]);
+    let mail = mail_server(&lab, &dir.0, "mail", &[]);
+    let pf = &mail.postfix;
 
     let (code, report) = relaytest_json(&lab.client, &[SERVER_V4]);
     assert_eq!(code, 0, "exit status of a closed relay: {report:#}");
     assert_eq!(report["verdict"], "not_relayed");
     assert_eq!(report["relayed"], 0);
-    for n in postfix::PORTS {
+    for n in PORTS {
         let p = port(&report, n);
         assert_eq!(outcomes(p), vec!["refused"; 16], "port {n}: {p:#}");
         assert_eq!(p["status"], "tested");
@@ -307,7 +330,7 @@ fn auth_before_starttls_is_flagged() {
     }
     let lab = Lab::new();
     let dir = TempDir::new();
-    let pf = Postfix::start(&lab.server, &dir.0, &[("smtpd_tls_auth_only", "no")]);
+    let mail = mail_server(&lab, &dir.0, "auth-any", &[("smtpd_tls_auth_only", "no")]);
     let (code, report) = relaytest_json(&lab.client, &[SERVER_V4, "-p", "587"]);
     assert_eq!(code, 0, "{report:#}");
     let p = port(&report, 587);
@@ -316,7 +339,8 @@ fn auth_before_starttls_is_flagged() {
     let (_, text, _) = relaytest(&lab.client, &[SERVER_V4, "-p", "587", "--timeout", TIMEOUT]);
     assert!(text.contains("AUTH OFFERED BEFORE STARTTLS"), "{text}");
 
-    pf.set("smtpd_tls_auth_only", "yes");
+    drop(mail);
+    let _mail = mail_server(&lab, &dir.0, "auth-tls-only", &[]);
     let (code, report) = relaytest_json(&lab.client, &[SERVER_V4, "-p", "587"]);
     assert_eq!(code, 0, "{report:#}");
     let p = port(&report, 587);
@@ -333,7 +357,7 @@ fn a_port_relay_guard_drops_is_unreachable_not_closed() {
     }
     let lab = Lab::new();
     let dir = TempDir::new();
-    let _pf = Postfix::start(&lab.server, &dir.0, &[]);
+    let _mail = mail_server(&lab, &dir.0, "mail", &[]);
     // Port 25 allows only ALLOWED_V4; the client speaks from 203.0.113.2.
     let (config, _detach) = agent_config(&dir, &lab, &format!("\"{ALLOWED_V4}\""), "[25]", "");
     let _agent = Agent::start(&lab.server, config, &dir);
