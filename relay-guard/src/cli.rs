@@ -63,4 +63,36 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Test an SMTP server for open relay: the 16 probes of nmap's
+    /// smtp-open-relay and Metasploit's smtp_relay, each carried to the end
+    /// of DATA, with STARTTLS where offered (certificate not verified: this
+    /// is a probe). Exit 0: nothing relayed, every probe refused; 3: at least
+    /// one probe relayed; 4: nothing relayed but not everything could be
+    /// tested (closed, unreachable, timeout, TLS error, 4xx, XCLIENT
+    /// refused); 1: bad arguments. Run it from outside the server's
+    /// networks: a test from a trusted address proves little.
+    Relaytest {
+        /// The server: a host name or an IP address.
+        host: String,
+        /// Port to test (repeat for more). Port 465 is TLS at connect.
+        #[arg(long = "port", short = 'p', value_name = "N", default_values_t = crate::config::DEFAULT_PORTS)]
+        ports: Vec<u16>,
+        /// Domain of the probes' senders.
+        #[arg(long, value_name = "D", default_value = crate::relaytest::DEFAULT_FROM_DOMAIN)]
+        from_domain: String,
+        /// Domain of the probes' recipients (default reserved, RFC 2606: a
+        /// relay that accepts delivers nothing).
+        #[arg(long, value_name = "D", default_value = crate::relaytest::DEFAULT_TO_DOMAIN)]
+        to_domain: String,
+        /// Timeout of each step (connect, each reply, TLS handshake), e.g. "10s".
+        #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = crate::config::relaytest::parse_duration)]
+        timeout: std::time::Duration,
+        /// Ask the server (Postfix smtpd_authorized_xclient_hosts) to judge
+        /// each session as coming from this address (XCLIENT).
+        #[arg(long, value_name = "ADDR")]
+        xclient: Option<std::net::IpAddr>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
 }

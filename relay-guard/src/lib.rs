@@ -1,7 +1,10 @@
 //! relay-guard's agent as a library, in layers that import only downwards:
 //! `commands` (the CLI boundary) → `agent` (the long-running process and its
 //! event loop, reloads, metrics) → `kernel` (bpf maps, programs, links,
-//! pins) → `policy` (pure compilation) → `config` (files in, validated).
+//! pins) → `policy` (pure compilation) → `config` (files in, validated);
+//! `logwatch` (failed logins read from mail logs) sits beside `policy` and
+//! `kernel` and uses neither; `relaytest` (the open-relay probe, an SMTP
+//! client) sits beside `kernel`, below `agent`, and uses no other module.
 //! See docs/architecture.md.
 #![expect(
     clippy::result_large_err,
@@ -13,7 +16,9 @@ pub mod commands;
 pub mod config;
 pub mod error;
 pub mod kernel;
+pub mod logwatch;
 pub mod policy;
+pub mod relaytest;
 
 /// The XDP object built from `relay-guard-ebpf` by `build.rs`. Empty when
 /// built with `AYA_BUILD_SKIP=1`.

@@ -9,6 +9,7 @@
 pub mod agent;
 pub mod daemon;
 pub mod lab;
+pub mod mail;
 pub mod model;
 pub mod net;
 pub mod netns;

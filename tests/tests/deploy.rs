@@ -996,6 +996,12 @@ fn exported() -> &'static Exported {
         let dir = TempDir::new();
         let _server = BannerServer::start(&lab.server, &[25]);
         let (config, _detach) = lab_config(&lab, &dir, "monitor");
+        // The scheduled relay test too, so its series (and their `port`
+        // label) are there: nothing listens on loopback, so it finds port
+        // 25 closed at once.
+        let mut text = std::fs::read_to_string(&config).expect("config");
+        text.push_str("\n[relaytest]\nenabled = true\nports = [25]\ntarget = \"127.0.0.1\"\ntimeout = \"1s\"\n");
+        std::fs::write(&config, text).expect("config");
         let mut agent = Agent::start(&lab.server, config, &dir);
         for src in [ALLOWED_V4, DENIED_V4] {
             let _ = connect_banner(
@@ -1009,7 +1015,9 @@ fn exported() -> &'static Exported {
         let deadline = Instant::now() + Duration::from_secs(10);
         let body = loop {
             let m = scrape(&lab, "/metrics").expect("metrics");
-            if metric(&m, "relay_guard_packets_total", &[("verdict", "would_drop")]) > 0.0 {
+            if metric(&m, "relay_guard_packets_total", &[("verdict", "would_drop")]) > 0.0
+                && metric(&m, "relay_guard_relaytest_last_run_timestamp_seconds", &[]) > 0.0
+            {
                 break m;
             }
             assert!(Instant::now() < deadline, "no would_drop packets counted:\n{m}");
@@ -1290,7 +1298,9 @@ fn rule_exprs(yaml: &str) -> Vec<(String, String)> {
     out
 }
 
-const ALERTS: [&str; 6] = [
+const ALERTS: [&str; 8] = [
+    "RelayGuardOpenRelay",
+    "RelayGuardRelayTestFailing",
     "RelayGuardDropsSpiking",
     "RelayGuardConfigReloadFailed",
     "RelayGuardConfigLastReloadUnsuccessful",

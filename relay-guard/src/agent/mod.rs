@@ -16,6 +16,7 @@
 pub mod incremental;
 pub mod links;
 pub mod metrics;
+pub mod relaytest;
 mod reload;
 pub mod state;
 pub mod watch;
@@ -131,6 +132,8 @@ pub struct Agent {
     /// Whether the start applied the last good copy from `state_dir`
     /// because the config did not load.
     started_from_copy: bool,
+    /// The scheduled open-relay test (`[relaytest]`).
+    relaytest: relaytest::Scheduler,
     /// Held until the agent is dropped, after everything above.
     _lock: AgentLock,
 }
@@ -234,11 +237,10 @@ impl Agent {
             cfg.fingerprint
         };
         agent_metrics.interfaces_attached(&attached);
-        let registry = Arc::new(metrics::registry(
-            Arc::clone(&loaded.maps.counters),
-            Arc::clone(&labels),
-            &agent_metrics,
-        ));
+        let mut registry = metrics::registry(Arc::clone(&loaded.maps.counters), Arc::clone(&labels), &agent_metrics);
+        let relaytest_metrics = relaytest::Metrics::default();
+        relaytest_metrics.register(&mut registry);
+        let registry = Arc::new(registry);
 
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let metrics_task = match cfg.metrics_listen {
@@ -255,7 +257,9 @@ impl Agent {
             hangup: signal(SignalKind::hangup())?,
         };
         let watch = FileWatch::new(&watched_files(config_path, &cfg));
+        let relaytest = relaytest::Scheduler::start(&cfg.relaytest, relaytest_metrics);
         Ok(Agent {
+            relaytest,
             config_path: config_path.to_path_buf(),
             seen,
             current: cfg,
@@ -475,6 +479,7 @@ impl Agent {
                 *self.labels.write().unwrap_or_else(std::sync::PoisonError::into_inner) = new_labels;
                 self.seen = new.fingerprint;
                 self.current = new;
+                self.relaytest.update(&self.current.relaytest);
                 let files = watched_files(&self.config_path, &self.current);
                 if !self.watch.covers(&files) {
                     self.watch = FileWatch::new(&files);

@@ -3,6 +3,7 @@
 pub mod check_config;
 pub mod detach;
 pub mod explain;
+pub mod relaytest;
 pub mod run;
 pub mod status;
 pub mod top;
@@ -18,6 +19,28 @@ pub async fn execute(cli: Cli) -> anyhow::Result<i32> {
         Command::Status { json } => status::execute(&cli.config, json).map(|()| 0),
         Command::Explain { addr, port, json } => explain::execute(&cli.config, addr, port, json),
         Command::Top { limit, json } => top::execute(&cli.config, limit, json).map(|()| 0),
+        Command::Relaytest {
+            host,
+            ports,
+            from_domain,
+            to_domain,
+            timeout,
+            xclient,
+            json,
+        } => {
+            relaytest::execute(
+                crate::relaytest::Options {
+                    host,
+                    ports,
+                    from_domain,
+                    to_domain,
+                    timeout,
+                    xclient,
+                },
+                json,
+            )
+            .await
+        }
     }
 }
 

@@ -13,6 +13,7 @@
 mod entry;
 mod fingerprint;
 pub mod lists;
+pub mod relaytest;
 
 pub use entry::{Action, ConfigError, ConfigErrors, Entry, Origin, parse_list, parse_list_from, parse_net};
 pub use fingerprint::fingerprint;
@@ -82,6 +83,7 @@ struct RawConfig {
     state_dir: Option<Spanned<String>>,
     #[serde(default)]
     guard: Vec<Spanned<RawGuard>>,
+    relaytest: Option<relaytest::RawRelaytest>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -135,6 +137,8 @@ pub struct Config {
     /// applied, to start from when they are broken at boot.
     pub state_dir: PathBuf,
     pub guards: Vec<Guard>,
+    /// The `[relaytest]` section (defaults, disabled, when absent).
+    pub relaytest: relaytest::Relaytest,
     /// Every list file read, so a watcher can follow them.
     pub list_files: Vec<PathBuf>,
     /// Hash of the bytes this config was built from (the config text and
@@ -366,6 +370,11 @@ impl Validator<'_> {
             guards.push(guard);
         }
 
+        let relaytest = match raw.relaytest {
+            Some(r) => relaytest::validate(r, &mut |span, what| self.err(span, what)),
+            None => relaytest::Relaytest::default(),
+        };
+
         Config {
             path: self.path.to_path_buf(),
             interfaces,
@@ -375,6 +384,7 @@ impl Validator<'_> {
             pin_dir,
             state_dir,
             guards,
+            relaytest,
             list_files: std::mem::take(&mut self.list_files),
             fingerprint: std::hash::Hasher::finish(&self.fp),
         }
