@@ -449,27 +449,8 @@ pub fn rebuild(
         config.run_prios[i] = *prio;
         config.program_flags[i] = if f { HAS_FRAGS } else { 0 };
     }
-    let object = if frags {
-        crate::DISPATCHER_FRAGS_OBJECT
-    } else {
-        crate::DISPATCHER_OBJECT
-    };
-    if object.is_empty() {
-        return Err(err("this binary was built without the dispatcher (AYA_BUILD_SKIP)"));
-    }
-    let mut ebpf = EbpfLoader::new()
-        .override_global("conf", &config, true)
-        .load(object)
-        .map_err(|e| err(format_args!("loading the dispatcher object: {e}")))?;
-    let prog: &mut Xdp = ebpf
-        .program_mut(NAME)
-        .ok_or_else(|| err("no xdp_dispatcher in the dispatcher object"))?
-        .try_into()
-        .map_err(|e| err(format_args!("xdp_dispatcher: {e}")))?;
-    prog.load()
-        .map_err(|e| err(format_args!("the kernel rejected the dispatcher: {e:?}")))?;
-    let disp_fd = prog.fd().map_err(err)?.try_clone().map_err(err)?;
-    let new_id = prog.info().map_err(err)?.id();
+    let (ebpf, disp_fd) = load_dispatcher(&config, frags)?;
+    let new_id = program_id(&ebpf)?;
     let dir = xdp_dir().join(format!("dispatch-{ifindex}-{new_id}"));
     let result = (|| -> Result<(), Error> {
         fs::create_dir(&dir).map_err(|e| err(format_args!("mkdir {}: {e}", dir.display())))?;
@@ -552,6 +533,80 @@ pub fn rebuild(
         "XDP dispatcher in place"
     );
     Ok(mode)
+}
+
+/// Loads the dispatcher object (the frags variant when `frags`) with
+/// `config`; returns its owner and its program fd.
+fn load_dispatcher(config: &Config, frags: bool) -> Result<(Ebpf, ProgramFd), Error> {
+    let object = if frags {
+        crate::DISPATCHER_FRAGS_OBJECT
+    } else {
+        crate::DISPATCHER_OBJECT
+    };
+    if object.is_empty() {
+        return Err(err("this binary was built without the dispatcher (AYA_BUILD_SKIP)"));
+    }
+    let mut ebpf = EbpfLoader::new()
+        .override_global("conf", config, true)
+        .load(object)
+        .map_err(|e| err(format_args!("loading the dispatcher object: {e}")))?;
+    let prog: &mut Xdp = ebpf
+        .program_mut(NAME)
+        .ok_or_else(|| err("no xdp_dispatcher in the dispatcher object"))?
+        .try_into()
+        .map_err(|e| err(format_args!("xdp_dispatcher: {e}")))?;
+    prog.load()
+        .map_err(|e| err(format_args!("the kernel rejected the dispatcher: {e:?}")))?;
+    let fd = prog.fd().map_err(err)?.try_clone().map_err(err)?;
+    Ok((ebpf, fd))
+}
+
+fn program_id(ebpf: &Ebpf) -> Result<u32, Error> {
+    let prog: &Xdp = ebpf
+        .program(NAME)
+        .ok_or_else(|| err("no xdp_dispatcher"))?
+        .try_into()
+        .map_err(err)?;
+    Ok(prog.info().map_err(err)?.id())
+}
+
+/// A dispatcher holding only relay-guard's component (slot 0, chain on
+/// `XDP_PASS`), attached to no interface: for `BPF_PROG_TEST_RUN` (the
+/// bench's "through the dispatcher" cost). Dropping it unloads everything.
+pub struct Standalone {
+    pub dispatcher: ProgramFd,
+    _owners: (Ebpf, Ebpf),
+    _link: FdLink,
+}
+
+/// Builds a [`Standalone`] dispatcher around the extension `load` returns.
+pub fn standalone(load: &mut LoadExtension<'_>) -> Result<Standalone, Error> {
+    let mut config = Config {
+        magic: MAGIC,
+        dispatcher_version: VERSION,
+        num_progs_enabled: 1,
+        is_xdp_frags: 1,
+        ..Config::default()
+    };
+    config.chain_call_actions[0] = (1 << XDP_PASS) | (1 << RETVAL);
+    config.run_prios[0] = DEFAULT_PRIORITY;
+    config.program_flags[0] = HAS_FRAGS;
+    let (disp, fd) = load_dispatcher(&config, true)?;
+    let (mut owner, name) = load(fd.try_clone().map_err(err)?, "prog0")?;
+    let ext: &mut Extension = owner
+        .program_mut(name)
+        .ok_or_else(|| err("extension vanished"))?
+        .try_into()
+        .map_err(err)?;
+    let id = ext
+        .attach()
+        .map_err(|e| err(format_args!("attaching to the dispatcher: {e:?}")))?;
+    let link: FdLink = ext.take_link(id).map_err(err)?.into();
+    Ok(Standalone {
+        dispatcher: fd,
+        _owners: (disp, owner),
+        _link: link,
+    })
 }
 
 /// The netlink mode flag for an `IFLA_XDP_ATTACHED` value.

@@ -38,6 +38,37 @@ fn is_eperm(e: &aya::programs::ProgramError) -> bool {
     matches!(e, aya::programs::ProgramError::LoadError { io_error, .. } if io_error.raw_os_error() == Some(libc::EPERM))
 }
 
+/// Loads relay-guard's program as an extension (freplace) of `func` in the
+/// dispatcher `target`, sharing the maps pinned under `pins`.
+pub fn load_extension(
+    pins: &Pins,
+    target: aya::programs::ProgramFd,
+    func: &str,
+) -> Result<(aya::Ebpf, &'static str), dispatcher::Error> {
+    let mut loader = EbpfLoader::new();
+    let paths: Vec<(&'static str, std::path::PathBuf)> = maps::ALL.iter().map(|&n| (n, pins.map(n))).collect();
+    for (name, path) in &paths {
+        loader.map_pin_path(name, path.as_path());
+    }
+    loader.extension(PROGRAM_NAME);
+    let mut ebpf = loader
+        .load(EBPF_OBJECT)
+        .map_err(|e| dispatcher::Error(format!("loading relay-guard as an extension: {e}")))?;
+    let ext: &mut Extension = ebpf
+        .program_mut(PROGRAM_NAME)
+        .ok_or_else(|| dispatcher::Error("no relay_guard program".into()))?
+        .try_into()
+        .map_err(|e| dispatcher::Error(format!("{e}")))?;
+    ext.load(target, func).map_err(|e| {
+        if is_eperm(&e) {
+            dispatcher::Error(format!("{EXT_REFUSED} ({e})"))
+        } else {
+            dispatcher::Error(format!("the kernel rejected relay-guard as an extension: {e:?}"))
+        }
+    })?;
+    Ok((ebpf, PROGRAM_NAME))
+}
+
 /// The IDs of relay-guard's `RG_SETTINGS` maps pinned under `pins` (this
 /// layout and any other one still pinned).
 pub fn own_map_ids(pins: &Pins) -> Vec<u32> {
@@ -90,29 +121,7 @@ impl Loaded {
         // Set when the kernel refuses extension programs outright.
         let refused = std::cell::Cell::new(false);
         let mut load = |target: aya::programs::ProgramFd, func: &str| {
-            let mut loader = EbpfLoader::new();
-            let paths: Vec<(&'static str, std::path::PathBuf)> = maps::ALL.iter().map(|&n| (n, pins.map(n))).collect();
-            for (name, path) in &paths {
-                loader.map_pin_path(name, path.as_path());
-            }
-            loader.extension(PROGRAM_NAME);
-            let mut ebpf = loader
-                .load(EBPF_OBJECT)
-                .map_err(|e| dispatcher::Error(format!("loading relay-guard as an extension: {e}")))?;
-            let ext: &mut Extension = ebpf
-                .program_mut(PROGRAM_NAME)
-                .ok_or_else(|| dispatcher::Error("no relay_guard program".into()))?
-                .try_into()
-                .map_err(|e| dispatcher::Error(format!("{e}")))?;
-            ext.load(target, func).map_err(|e| {
-                if is_eperm(&e) {
-                    refused.set(true);
-                    dispatcher::Error(format!("{EXT_REFUSED} ({e})"))
-                } else {
-                    dispatcher::Error(format!("the kernel rejected relay-guard as an extension: {e:?}"))
-                }
-            })?;
-            Ok((ebpf, PROGRAM_NAME))
+            load_extension(&pins, target, func).inspect_err(|e| refused.set(e.0.starts_with(EXT_REFUSED)))
         };
         let mode_flags = match mode {
             XdpMode::Auto => 0,
