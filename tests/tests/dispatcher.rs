@@ -305,3 +305,89 @@ fn foreign_program_is_refused_by_name() {
         "the foreign program was replaced"
     );
 }
+
+/// libxdp recognises relay-guard's Rust dispatcher as a version-2
+/// dispatcher it can operate on (program name, its single read-only config
+/// map of 124 bytes, magic, version, the pins directory), and relay-guard
+/// recognises it back: an empty dispatcher of relay-guard's build attached
+/// by netlink as libxdp attaches its own is reported by `xdp-loader status`
+/// as a multiprog, relay-guard's `run` treats it as a dispatcher to join
+/// (never replaces it), and `xdp-loader unload --all` removes it.
+#[test]
+fn libxdp_recognises_the_rust_dispatcher() {
+    use relay_guard::kernel::dispatcher::{self, Config};
+    if !require("libxdp_recognises_the_rust_dispatcher") {
+        return;
+    }
+    let lab = Lab::new();
+    let dir = TempDir::new();
+    let (config, _detach) = setup(&dir, &lab, "");
+    let cfg = Config {
+        magic: dispatcher::MAGIC,
+        dispatcher_version: dispatcher::VERSION,
+        ..Config::default()
+    };
+    let (ebpf, fd) = dispatcher::load_dispatcher(&cfg, false).expect("load relay-guard's dispatcher");
+    let id = dispatcher::program_id(&ebpf).expect("its id");
+    let ifindex: u32 = lab
+        .server
+        .exec(&["cat", &format!("/sys/class/net/{}/ifindex", lab.server_if)])
+        .trim()
+        .parse()
+        .unwrap_or(0);
+    // /sys/class/net in `ip netns exec` is the namespace's own.
+    assert!(ifindex > 0);
+    let pins = dispatcher::xdp_dir().join(format!("dispatch-{ifindex}-{id}"));
+    std::fs::create_dir_all(&pins).expect("mkdir dispatcher pins");
+    struct Unpin(PathBuf);
+    impl Drop for Unpin {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir(&self.0);
+        }
+    }
+    let _unpin = Unpin(pins.clone());
+    let raw = std::os::fd::AsRawFd::as_raw_fd(&std::os::fd::AsFd::as_fd(&fd));
+    lab.server
+        .run(move || dispatcher::netlink_attach(ifindex, Some(raw), None, dispatcher::XDP_FLAGS_SKB_MODE))
+        .expect("attach the dispatcher by netlink");
+    drop(ebpf);
+    assert_eq!(xdp_prog_id(&lab.server, &lab.server_if), Some(id));
+
+    let (_, verbose) = in_ns(&lab.server, &["xdp-loader", "status", "-vv", &lab.server_if]);
+    assert!(
+        verbose.contains(&format!("Found multiprog with id {id} and 0 component progs")),
+        "libxdp does not take relay-guard's dispatcher for a multiprog:\n{verbose}"
+    );
+    assert!(verbose.contains("Verified XDP dispatcher version 2"), "{verbose}");
+
+    // relay-guard takes it for a dispatcher: it tries to join (on a kernel
+    // that refuses extension programs the join fails, saying why), and it
+    // never replaces it.
+    let mut run = Agent::spawn(&lab.server, config, &dir, &["run"]);
+    let exit = run.wait(Duration::from_secs(15));
+    let log = run.log_text();
+    if exit.success() || log.contains("joined the XDP dispatcher") {
+        println!("branch: the kernel runs extension programs; relay-guard joined");
+        assert!(log.contains("joined the XDP dispatcher"), "{log}");
+    } else {
+        println!("branch: the kernel refuses extension programs");
+        assert!(
+            log.contains("cannot share interface") && log.contains("refuses extension"),
+            "relay-guard did not take it for a dispatcher to join:\n{log}"
+        );
+        assert!(!log.contains("which is not a libxdp dispatcher"), "{log}");
+        assert_eq!(
+            xdp_prog_id(&lab.server, &lab.server_if),
+            Some(id),
+            "the dispatcher was replaced"
+        );
+    }
+
+    let (ok, text) = in_ns(&lab.server, &["xdp-loader", "unload", "--all", &lab.server_if]);
+    assert!(ok, "xdp-loader could not unload relay-guard's dispatcher: {text}");
+    assert_eq!(
+        xdp_prog_id(&lab.server, &lab.server_if),
+        None,
+        "still attached after xdp-loader unload"
+    );
+}

@@ -537,7 +537,7 @@ pub fn rebuild(
 
 /// Loads the dispatcher object (the frags variant when `frags`) with
 /// `config`; returns its owner and its program fd.
-fn load_dispatcher(config: &Config, frags: bool) -> Result<(Ebpf, ProgramFd), Error> {
+pub fn load_dispatcher(config: &Config, frags: bool) -> Result<(Ebpf, ProgramFd), Error> {
     let object = if frags {
         crate::DISPATCHER_FRAGS_OBJECT
     } else {
@@ -561,7 +561,8 @@ fn load_dispatcher(config: &Config, frags: bool) -> Result<(Ebpf, ProgramFd), Er
     Ok((ebpf, fd))
 }
 
-fn program_id(ebpf: &Ebpf) -> Result<u32, Error> {
+/// The kernel ID of the dispatcher program in `ebpf`.
+pub fn program_id(ebpf: &Ebpf) -> Result<u32, Error> {
     let prog: &Xdp = ebpf
         .program(NAME)
         .ok_or_else(|| err("no xdp_dispatcher"))?
