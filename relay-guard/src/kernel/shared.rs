@@ -100,6 +100,16 @@ impl Loaded {
         ifindex: u32,
         mode: XdpMode,
     ) -> Result<Option<Attachment>, LoadError> {
+        // Nothing on the interface and no dispatcher wanted: the direct
+        // path, without creating or locking `<bpffs>/xdp`.
+        match dispatcher::attached(ifindex) {
+            Ok(None) if !self.xdp_dispatcher => return Ok(None),
+            Err(e) if !self.xdp_dispatcher => {
+                warn!(interface, error = %e, "could not read which XDP program the interface runs (netlink); attaching directly");
+                return Ok(None);
+            }
+            _ => {}
+        }
         let _lock = Lock::acquire().map_err(|e| share(interface, e))?;
         let existing = match dispatcher::inspect(ifindex).map_err(|e| share(interface, e))? {
             OnInterface::Nothing if !self.xdp_dispatcher => return Ok(None),
@@ -179,7 +189,16 @@ impl Loaded {
 
 /// Whether the dispatcher on `ifindex` holds relay-guard's slot (of `pins`).
 pub fn in_dispatcher(pins: &Pins, ifindex: u32) -> bool {
+    // Cheap and lock-free when nothing or a single program is attached.
+    if !matches!(dispatcher::attached(ifindex), Ok(Some(_))) {
+        return false;
+    }
     let ours = own_map_ids(pins);
+    if ours.is_empty() {
+        return false;
+    }
+    // libxdp may be swapping dispatchers: look under its lock.
+    let Ok(_lock) = Lock::acquire() else { return false };
     matches!(dispatcher::inspect(ifindex), Ok(OnInterface::Dispatcher(d))
         if d.components.iter().any(|c| c.map_ids.iter().any(|id| ours.contains(id))))
 }
@@ -201,6 +220,9 @@ pub fn own_slots(pins: &Pins) -> Vec<(u32, u32)> {
 /// interface.
 pub fn leave_all(pins: &Pins) -> Result<Vec<u32>, dispatcher::Error> {
     let ours = own_map_ids(pins);
+    if own_slots(pins).is_empty() {
+        return Ok(Vec::new());
+    }
     let _lock = Lock::acquire()?;
     let slots = own_slots(pins);
     for &(ifindex, id) in &slots {
