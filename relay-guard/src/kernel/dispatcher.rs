@@ -411,7 +411,7 @@ pub fn rebuild(
         )));
     }
     // libxdp's order: run priority, then name (stable for the rest).
-    slots.sort_by(|a, b| (a.0, &a.1).cmp(&(b.0, &b.1)));
+    run_order(&mut slots);
     let old_fd = match old {
         Some(o) => Some(
             program_info(o.id)
@@ -429,26 +429,22 @@ pub fn rebuild(
         }
         return Ok(0);
     }
-    let frags = slots.iter().all(|(_, _, s)| match s {
-        Slot::Theirs(c) => c.frags,
-        Slot::Ours => our_frags,
-    });
-    let mut config = Config {
-        magic: MAGIC,
-        dispatcher_version: VERSION,
-        num_progs_enabled: u8::try_from(slots.len()).expect("<= 10"),
-        is_xdp_frags: u8::from(frags),
-        ..Config::default()
-    };
-    for (i, (prio, _, s)) in slots.iter().enumerate() {
-        let (chain, f) = match s {
-            Slot::Theirs(c) => (c.chain, c.frags),
-            Slot::Ours => (1 << XDP_PASS, our_frags),
-        };
-        config.chain_call_actions[i] = chain | (1 << RETVAL);
-        config.run_prios[i] = *prio;
-        config.program_flags[i] = if f { HAS_FRAGS } else { 0 };
-    }
+    let entries: Vec<Entry> = slots
+        .iter()
+        .map(|(prio, _, s)| match s {
+            Slot::Theirs(c) => Entry {
+                priority: *prio,
+                chain: c.chain,
+                frags: c.frags,
+            },
+            Slot::Ours => Entry {
+                priority: *prio,
+                chain: 1 << XDP_PASS,
+                frags: our_frags,
+            },
+        })
+        .collect();
+    let (config, frags) = config_for(&entries);
     let (ebpf, disp_fd) = load_dispatcher(&config, frags)?;
     let new_id = program_id(&ebpf)?;
     let dir = xdp_dir().join(format!("dispatch-{ifindex}-{new_id}"));
@@ -535,6 +531,39 @@ pub fn rebuild(
     Ok(mode)
 }
 
+/// One slot of a dispatcher to build, in run order.
+#[derive(Debug, Clone, Copy)]
+struct Entry {
+    priority: u32,
+    chain: u32,
+    frags: bool,
+}
+
+/// The configuration of a dispatcher running `entries` in this order, and
+/// whether it is frags-capable (only if every component is). Every slot
+/// also chains on the stub's return value, so a detached slot is skipped.
+fn config_for(entries: &[Entry]) -> (Config, bool) {
+    let frags = entries.iter().all(|e| e.frags);
+    let mut config = Config {
+        magic: MAGIC,
+        dispatcher_version: VERSION,
+        num_progs_enabled: u8::try_from(entries.len().min(SLOTS)).expect("<= 10"),
+        is_xdp_frags: u8::from(frags),
+        ..Config::default()
+    };
+    for (i, e) in entries.iter().take(SLOTS).enumerate() {
+        config.chain_call_actions[i] = e.chain | (1 << RETVAL);
+        config.run_prios[i] = e.priority;
+        config.program_flags[i] = if e.frags { HAS_FRAGS } else { 0 };
+    }
+    (config, frags)
+}
+
+/// libxdp's run order: priority, then program name.
+fn run_order<T>(slots: &mut [(u32, String, T)]) {
+    slots.sort_by(|a, b| (a.0, &a.1).cmp(&(b.0, &b.1)));
+}
+
 /// Loads the dispatcher object (the frags variant when `frags`) with
 /// `config`; returns its owner and its program fd.
 pub fn load_dispatcher(config: &Config, frags: bool) -> Result<(Ebpf, ProgramFd), Error> {
@@ -582,16 +611,11 @@ pub struct Standalone {
 
 /// Builds a [`Standalone`] dispatcher around the extension `load` returns.
 pub fn standalone(load: &mut LoadExtension<'_>) -> Result<Standalone, Error> {
-    let mut config = Config {
-        magic: MAGIC,
-        dispatcher_version: VERSION,
-        num_progs_enabled: 1,
-        is_xdp_frags: 1,
-        ..Config::default()
-    };
-    config.chain_call_actions[0] = (1 << XDP_PASS) | (1 << RETVAL);
-    config.run_prios[0] = DEFAULT_PRIORITY;
-    config.program_flags[0] = HAS_FRAGS;
+    let (config, _) = config_for(&[Entry {
+        priority: DEFAULT_PRIORITY,
+        chain: 1 << XDP_PASS,
+        frags: true,
+    }]);
     let (disp, fd) = load_dispatcher(&config, true)?;
     let (mut owner, name) = load(fd.try_clone().map_err(err)?, "prog0")?;
     let ext: &mut Extension = owner
@@ -677,6 +701,38 @@ mod tests {
         assert_eq!(std::mem::offset_of!(Config, chain_call_actions), 4);
         assert_eq!(std::mem::offset_of!(Config, run_prios), 44);
         assert_eq!(std::mem::offset_of!(Config, program_flags), 84);
+    }
+
+    #[test]
+    fn config_follows_libxdp() {
+        let e = |priority, chain, frags| Entry { priority, chain, frags };
+        let (c, frags) = config_for(&[e(10, 1 << XDP_PASS, true), e(50, (1 << XDP_PASS) | (1 << 1), true)]);
+        assert!(frags);
+        assert_eq!(
+            (c.magic, c.dispatcher_version, c.num_progs_enabled, c.is_xdp_frags),
+            (236, 2, 2, 1)
+        );
+        assert_eq!(c.chain_call_actions[0], (1 << 2) | (1 << 31));
+        assert_eq!(c.chain_call_actions[1], (1 << 2) | (1 << 1) | (1 << 31));
+        assert_eq!(c.run_prios[..3], [10, 50, 0]);
+        assert_eq!(c.program_flags[..3], [HAS_FRAGS, HAS_FRAGS, 0]);
+        // One component without frags: the dispatcher has none.
+        let (c, frags) = config_for(&[e(10, 4, true), e(50, 4, false)]);
+        assert!(!frags);
+        assert_eq!(c.is_xdp_frags, 0);
+        assert_eq!(c.program_flags[..2], [HAS_FRAGS, 0]);
+    }
+
+    #[test]
+    fn run_order_is_priority_then_name() {
+        let mut s = vec![
+            (50, "xdp_pass".to_string(), ()),
+            (10, "xdpfilt_alw_all".to_string(), ()),
+            (10, "relay_guard".to_string(), ()),
+        ];
+        run_order(&mut s);
+        let names: Vec<&str> = s.iter().map(|x| x.1.as_str()).collect();
+        assert_eq!(names, ["relay_guard", "xdpfilt_alw_all", "xdp_pass"]);
     }
 
     #[test]
