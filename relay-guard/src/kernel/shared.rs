@@ -22,7 +22,7 @@ use crate::{
 };
 
 /// What an `EPERM` from loading an extension (freplace) program means.
-pub const EXT_REFUSED: &str = "the kernel refuses extension (freplace, BPF_PROG_TYPE_EXT) programs with EPERM although the agent has CAP_BPF, CAP_PERFMON and CAP_SYS_ADMIN: kernel lockdown in `confidentiality` mode or a BPF LSM policy forbids them, and without them no libxdp dispatcher can run here (libxdp itself falls back to single-program mode on such a kernel)";
+pub const EXT_REFUSED: &str = "the kernel refuses extension (freplace, BPF_PROG_TYPE_EXT) programs with EPERM before verifying them (a locked-down kernel or an LSM policy can do this), and without them no libxdp dispatcher can run here (libxdp itself falls back to single-program mode on such a kernel)";
 
 /// Whether a program load failed with `EPERM`.
 fn is_eperm(e: &aya::programs::ProgramError) -> bool {
