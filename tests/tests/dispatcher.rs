@@ -6,10 +6,9 @@
 //! Whether a libxdp dispatcher can run at all depends on the kernel: it
 //! needs extension (freplace) programs, which some kernels refuse with EPERM
 //! (seen on a 6.18 kernel locked down in `confidentiality` mode with the BPF
-//! LSM enabled). Then
-//! libxdp loads xdp-filter as a single program (no dispatcher), and
-//! relay-guard must refuse it by name and leave it working; and
-//! `xdp_dispatcher = true` must still guard (directly). Each test checks
+//! LSM enabled). Then libxdp loads xdp-filter as a single program (no
+//! dispatcher), and relay-guard must refuse it by name and leave it working;
+//! and `xdp_dispatcher = true` must still guard (directly). Each test checks
 //! the branch the kernel allows, and says which one ran.
 use std::{
     path::{Path, PathBuf},
