@@ -275,6 +275,20 @@ fn foreign_program_is_refused_by_name() {
         );
         return;
     }
+    // iproute2 makes its pinning directories on bpffs when it loads an
+    // object: remove them afterwards when this test made them (empty).
+    struct IprouteDirs(bool);
+    impl Drop for IprouteDirs {
+        fn drop(&mut self) {
+            if self.0 {
+                for d in ["/sys/fs/bpf/tc/globals", "/sys/fs/bpf/xdp/globals", "/sys/fs/bpf/tc"] {
+                    let _ = std::fs::remove_dir(d);
+                }
+                let _ = std::fs::remove_file("/sys/fs/bpf/ip");
+            }
+        }
+    }
+    let _iproute = IprouteDirs(!Path::new("/sys/fs/bpf/tc").exists());
     let lab = Lab::new();
     let dir = TempDir::new();
     let (config, _detach) = setup(&dir, &lab, "");
