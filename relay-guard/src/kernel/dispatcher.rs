@@ -374,6 +374,9 @@ pub type LoadExtension<'a> = dyn FnMut(ProgramFd, &str) -> Result<(Ebpf, &'stati
 /// The component to put in (relay-guard's own).
 pub struct Joining<'a> {
     pub load: &'a mut LoadExtension<'a>,
+    /// Receives the `Ebpf` that owns the extension once it is attached (its
+    /// log ring buffer is read from there).
+    pub owner: &'a mut Option<Ebpf>,
     pub priority: u32,
     pub frags: bool,
 }
@@ -479,7 +482,9 @@ pub fn rebuild(
                         .map_err(|e| err(format_args!("attaching relay-guard to the dispatcher: {e:?}")))?;
                     ext.pin(&prog_pin)
                         .map_err(|e| err(format_args!("pin {}: {e}", prog_pin.display())))?;
-                    ext.take_link(id).map_err(err)?.into()
+                    let link: FdLink = ext.take_link(id).map_err(err)?.into();
+                    *j.owner = Some(owner);
+                    link
                 }
             };
             link.pin(&link_pin)

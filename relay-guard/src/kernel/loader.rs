@@ -49,6 +49,9 @@ pub struct Loaded {
     pub xdp_priority: u32,
     /// Attach through a dispatcher even when alone (`xdp_dispatcher`).
     pub xdp_dispatcher: bool,
+    /// relay-guard's program loaded as a dispatcher component, per
+    /// ifindex, kept for its log ring buffer (the latest one only).
+    pub(crate) ext_owners: std::collections::HashMap<u32, Ebpf>,
 }
 
 /// Raises RLIMIT_MEMLOCK for kernels that still charge BPF memory to it
@@ -130,6 +133,7 @@ impl Loaded {
             logger,
             xdp_priority: crate::config::DEFAULT_XDP_PRIORITY,
             xdp_dispatcher: false,
+            ext_owners: std::collections::HashMap::new(),
         })
     }
 

@@ -138,12 +138,14 @@ impl Loaded {
             XdpMode::Native => dispatcher::XDP_FLAGS_DRV_MODE,
             XdpMode::Skb => dispatcher::XDP_FLAGS_SKB_MODE,
         };
+        let mut owner = None;
         let attached = match dispatcher::rebuild(
             ifindex,
             existing.as_ref(),
             &|c| c.map_ids.iter().any(|id| ours.contains(id)),
             Some(Joining {
                 load: &mut load,
+                owner: &mut owner,
                 priority: self.xdp_priority,
                 frags: true,
             }),
@@ -157,6 +159,16 @@ impl Loaded {
             }
             Err(e) => return Err(share(interface, e)),
         };
+        // The extension writes its blocked-source log records to its own
+        // ring buffer: read that one (at start-up, before `run` takes the
+        // logger; with several shared interfaces, the last one joined).
+        if let Some(mut ebpf) = owner {
+            match crate::kernel::events::BlockedLog::new(&mut ebpf) {
+                Ok(log) => self.logger = Some(log),
+                Err(e) => warn!(interface, error = %e, "blocked-source events of the shared program unavailable"),
+            }
+            self.ext_owners.insert(ifindex, ebpf);
+        }
         let others: Vec<&str> = existing
             .iter()
             .flat_map(|d| d.components.iter())
