@@ -15,6 +15,8 @@ fn main() -> anyhow::Result<()> {
     let skip = env::var("AYA_BUILD_SKIP").is_ok_and(|v| v == "1" || v.eq_ignore_ascii_case("true"));
     if skip {
         fs::write(&object, [])?;
+        fs::write(out_dir.join("xdp-dispatcher"), [])?;
+        fs::write(out_dir.join("xdp-dispatcher-frags"), [])?;
         println!("cargo:warning=AYA_BUILD_SKIP set: embedding an empty eBPF object");
         return Ok(());
     }

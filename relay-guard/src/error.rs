@@ -51,6 +51,17 @@ pub enum LoadError {
         pin: PathBuf,
         why: String,
     },
+    #[error(
+        "interface `{interface}` already runs XDP program `{name}` (id {id}), which is not a libxdp dispatcher ({why}); relay-guard never replaces a program it does not own: load `{name}` through libxdp (e.g. `xdp-loader load`) so both share the interface, or remove it (`ip link set dev {interface} xdp off`), then start relay-guard again"
+    )]
+    Foreign {
+        interface: String,
+        name: String,
+        id: u32,
+        why: String,
+    },
+    #[error("cannot share interface `{interface}` through the XDP dispatcher: {why}")]
+    Share { interface: String, why: String },
     #[error("nothing is pinned at `{}` for this version: is the agent installed with this config's pin_dir, and has it run?", pin_dir.display())]
     NotPinned { pin_dir: PathBuf },
     #[error("pin_dir `{}` is not on a bpffs (mount one, or use a path under /sys/fs/bpf)", path.display())]

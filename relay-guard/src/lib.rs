@@ -24,6 +24,16 @@ pub mod relaytest;
 /// built with `AYA_BUILD_SKIP=1`.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/relay-guard"));
 
+/// libxdp's multi-program dispatcher (protocol version 2), built from
+/// `relay-guard-ebpf/src/bin/xdp-dispatcher.rs` by `build.rs`. Empty when
+/// built with `AYA_BUILD_SKIP=1`.
+pub static DISPATCHER_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/xdp-dispatcher"));
+
+/// The same dispatcher loaded with `BPF_F_XDP_HAS_FRAGS` (every component
+/// supports frags).
+pub static DISPATCHER_FRAGS_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/xdp-dispatcher-frags"));
+
 /// Name of the XDP program in [`EBPF_OBJECT`].
 pub const PROGRAM_NAME: &str = "relay_guard";
 

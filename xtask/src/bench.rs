@@ -21,6 +21,9 @@
 //!    with receiver CPU (softirq time) per dropped SYN for relay-guard (native
 //!    XDP), an nftables set rule, iptables+ipset and xdp-filter.
 //!
+//! With part 1: the libxdp dispatcher's cost (a denied SYN on relay-guard
+//! directly and through the dispatcher, `bench/dispatch.rs`), in the notes.
+//!
 //! The plain `cargo xtask` binary is built without the agent library (which
 //! needs bpf-linker, which xtask installs). So this command installs what is
 //! missing, builds the release agent, then re-runs itself from a release build
@@ -34,6 +37,8 @@ use crate::{build_ebpf, run::is_root, toolchain};
 
 #[cfg(feature = "bench")]
 mod bpf;
+#[cfg(feature = "bench")]
+mod dispatch;
 #[cfg(feature = "bench")]
 mod e2e;
 #[cfg(feature = "bench")]

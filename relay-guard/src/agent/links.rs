@@ -156,6 +156,15 @@ pub fn guard_one(
     let Some(ifindex) = now else {
         return Ok(Outcome::Missing);
     };
+    // In a shared (libxdp) dispatcher there is no link of ours to pin: the
+    // slot is found in the dispatcher (and replaced only at start-up).
+    if !adopt && loaded.in_dispatcher(ifindex) {
+        labels.insert(ifindex, name.to_string());
+        return Ok(Outcome::Guarded {
+            ifindex,
+            changed: false,
+        });
+    }
     netdev::check_ethernet(name)?;
     // A device created again under this name counts on in the name's slot.
     let olds: Vec<u32> = labels

@@ -157,6 +157,8 @@ impl Agent {
         // The resolved path: every spelling of pin_dir names the same state.
         let pins = Pins::new(&lock.path);
         let mut loaded = Loaded::load_pinned(&pins).map_err(|e| with_hint(e, "failed to load the XDP program"))?;
+        loaded.xdp_priority = cfg.xdp_priority;
+        loaded.xdp_dispatcher = cfg.xdp_dispatcher;
         if loaded.adopted {
             info!(pin_dir = %cfg.pin_dir.display(), "adopted pinned maps (allowlists and counters kept)");
         }

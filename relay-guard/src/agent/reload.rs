@@ -76,6 +76,8 @@ pub(super) fn full_reload(
     let (mut new, index) = Config::load_indexed(path).map_err(|e| anyhow::anyhow!("invalid config:\n{e}"))?;
     for (what, changed) in [
         ("xdp_mode", new.xdp_mode != current.xdp_mode),
+        ("xdp_priority", new.xdp_priority != current.xdp_priority),
+        ("xdp_dispatcher", new.xdp_dispatcher != current.xdp_dispatcher),
         ("metrics_listen", new.metrics_listen != current.metrics_listen),
         ("pin_dir", new.pin_dir != current.pin_dir),
     ] {

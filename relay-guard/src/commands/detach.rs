@@ -28,7 +28,16 @@ pub fn execute(config_path: &Path) -> anyhow::Result<()> {
             names.join(", ")
         );
     }
-    let mut links = Vec::new();
+    // relay-guard's slot in shared (libxdp) dispatchers goes first, while
+    // the pinned maps still tell which slot is ours; the other programs stay.
+    let mut links: Vec<String> = crate::kernel::shared::leave_all(&pins)
+        .map_err(|e| anyhow::anyhow!("leaving the XDP dispatcher: {e}; nothing else was detached"))?
+        .into_iter()
+        .map(|i| {
+            crate::kernel::loader::ifname(i)
+                .map_or_else(|| format!("ifindex {i}"), |n| format!("{n} (dispatcher slot)"))
+        })
+        .collect();
     let layouts = std::iter::once(pins.state())
         .filter(|p| p.exists())
         .chain(pins.other_layouts());

@@ -27,7 +27,14 @@ pub fn execute(config_path: &Path, as_json: bool) -> anyhow::Result<()> {
     let (ports, blocks, long_blocks, (v6_nodes, v6_leaves), kmode) =
         inspect::summary(&km).context("failed to read the pinned maps")?;
     let agent = AgentLock::holder(&pin_dir);
-    let links = pins.pinned_links();
+    let mut links = pins.pinned_links();
+    // Interfaces where relay-guard runs in a shared (libxdp) dispatcher.
+    for (i, _) in crate::kernel::shared::own_slots(&pins) {
+        let name = ifname(i).unwrap_or_else(|| format!("ifindex {i}"));
+        if !links.contains(&name) {
+            links.push(name);
+        }
+    }
 
     // Labels come from the config when it is valid; the kernel state is shown either way.
     let cfg = Config::load(config_path);

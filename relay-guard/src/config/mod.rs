@@ -71,6 +71,10 @@ pub enum XdpMode {
     Skb,
 }
 
+/// `xdp_priority` when not given: ahead of libxdp's default (50), as
+/// xdp-filter's own priority (10) is.
+pub const DEFAULT_XDP_PRIORITY: u32 = 10;
+
 /// The file as written, with spans. Unknown keys are errors.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -78,6 +82,8 @@ struct RawConfig {
     interfaces: Spanned<Vec<Spanned<String>>>,
     mode: Option<Spanned<Mode>>,
     xdp_mode: Option<Spanned<XdpMode>>,
+    xdp_priority: Option<Spanned<i64>>,
+    xdp_dispatcher: Option<bool>,
     metrics_listen: Option<Spanned<String>>,
     pin_dir: Option<Spanned<String>>,
     state_dir: Option<Spanned<String>>,
@@ -130,6 +136,14 @@ pub struct Config {
     pub interfaces: Vec<String>,
     pub mode: Mode,
     pub xdp_mode: XdpMode,
+    /// Run priority in a libxdp dispatcher shared with other XDP programs
+    /// (lower runs first; libxdp's default is 50).
+    pub xdp_priority: u32,
+    /// Attach through a libxdp dispatcher even when relay-guard is alone on
+    /// the interface, so that libxdp programs (xdp-filter, xdp-loader) can
+    /// join later. Without it relay-guard attaches directly when alone (and
+    /// joins a dispatcher that is there).
+    pub xdp_dispatcher: bool,
     /// `None` when `metrics_listen = ""`.
     pub metrics_listen: Option<SocketAddr>,
     pub pin_dir: PathBuf,
@@ -334,6 +348,17 @@ impl Validator<'_> {
             }
         };
 
+        let xdp_priority = match &raw.xdp_priority {
+            None => DEFAULT_XDP_PRIORITY,
+            Some(p) => u32::try_from(*p.get_ref()).unwrap_or_else(|_| {
+                self.err(
+                    &p.span(),
+                    format!("xdp_priority: {} is not between 0 and {}", p.get_ref(), u32::MAX),
+                );
+                DEFAULT_XDP_PRIORITY
+            }),
+        };
+
         let state_dir = match &raw.state_dir {
             None => PathBuf::from(DEFAULT_STATE_DIR),
             Some(p) => {
@@ -380,6 +405,8 @@ impl Validator<'_> {
             interfaces,
             mode: raw.mode.map(|m| *m.get_ref()).unwrap_or_default(),
             xdp_mode: raw.xdp_mode.map(|m| *m.get_ref()).unwrap_or_default(),
+            xdp_priority,
+            xdp_dispatcher: raw.xdp_dispatcher.unwrap_or(false),
             metrics_listen,
             pin_dir,
             state_dir,

@@ -994,3 +994,16 @@ fn comment_lines_reserve_nothing() {
     assert!(errors.is_empty());
     assert_eq!(entries.capacity(), 0);
 }
+
+#[test]
+fn xdp_priority_and_dispatcher() {
+    let cfg = parse_ok("interfaces = [\"eth0\"]\n[[guard]]\n");
+    assert_eq!(cfg.xdp_priority, 10);
+    assert!(!cfg.xdp_dispatcher);
+    let cfg = parse_ok("interfaces = [\"eth0\"]\nxdp_priority = 50\nxdp_dispatcher = true\n[[guard]]\n");
+    assert_eq!(cfg.xdp_priority, 50);
+    assert!(cfg.xdp_dispatcher);
+    let e = one_err("interfaces = [\"eth0\"]\nxdp_priority = -1\n[[guard]]\n");
+    assert_eq!(e.line, 2);
+    assert!(e.what.contains("xdp_priority: -1"), "{}", e.what);
+}

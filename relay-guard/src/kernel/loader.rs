@@ -39,12 +39,19 @@ pub struct Loaded {
     ebpf: Ebpf,
     pub maps: Maps,
     /// Where state is pinned, if it is.
-    pins: Option<Pins>,
+    pub(crate) pins: Option<Pins>,
     /// True when the maps were adopted from pinned state (counters kept).
     pub adopted: bool,
     /// Reader of the program's aya-log ring buffer (bounded blocked-source
     /// events); `run` drains it.
     pub logger: Option<crate::kernel::events::BlockedLog>,
+    /// Run priority in a shared (libxdp) dispatcher (`xdp_priority`).
+    pub xdp_priority: u32,
+    /// Attach through a dispatcher even when alone (`xdp_dispatcher`).
+    pub xdp_dispatcher: bool,
+    /// relay-guard's program loaded as a dispatcher component, per
+    /// ifindex, kept for its log ring buffer (the latest one only).
+    pub(crate) ext_owners: std::collections::HashMap<u32, Ebpf>,
 }
 
 /// Raises RLIMIT_MEMLOCK for kernels that still charge BPF memory to it
@@ -124,6 +131,9 @@ impl Loaded {
             pins: pins.cloned(),
             adopted,
             logger,
+            xdp_priority: crate::config::DEFAULT_XDP_PRIORITY,
+            xdp_dispatcher: false,
+            ext_owners: std::collections::HashMap::new(),
         })
     }
 
@@ -184,6 +194,11 @@ impl Loaded {
                     }
                 }
             }
+        }
+        // Another XDP program on the interface: join its libxdp dispatcher,
+        // or refuse (a program that is not one is never replaced).
+        if let Some(a) = self.attach_shared(interface, ifindex, mode)? {
+            return Ok(a);
         }
         let attempts: &[(AyaXdpMode, &'static str)] = match mode {
             XdpMode::Auto => &[(AyaXdpMode::Driver, "native"), (AyaXdpMode::Skb, "skb")],

@@ -11,10 +11,12 @@
 //! or `commands`. Holds no long-running state of its own: the agent owns the
 //! handles these functions return.
 pub mod counters;
+pub mod dispatcher;
 pub mod events;
 pub mod inspect;
 pub mod loader;
 pub mod maps;
 pub mod netdev;
 pub mod pins;
+pub mod shared;
 pub mod sync;

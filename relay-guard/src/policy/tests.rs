@@ -45,6 +45,8 @@ fn config(mode: Mode, guards: Vec<Guard>) -> Config {
         interfaces: vec!["eth0".to_string()],
         mode,
         xdp_mode: XdpMode::Auto,
+        xdp_priority: crate::config::DEFAULT_XDP_PRIORITY,
+        xdp_dispatcher: false,
         metrics_listen: None,
         pin_dir: PathBuf::from(DEFAULT_PIN_DIR),
         state_dir: PathBuf::from(crate::config::DEFAULT_STATE_DIR),

@@ -5,7 +5,7 @@ use std::{path::PathBuf, time::Duration};
 use anyhow::{Context as _, bail};
 
 use super::{
-    AGENT_ENV, COMMAND_ENV, Options, Part, e2e, load, prefixes, report,
+    AGENT_ENV, COMMAND_ENV, Options, Part, dispatch, e2e, load, prefixes, report,
     sys::{self, NetNs, TempDir},
     testrun,
 };
@@ -179,6 +179,17 @@ pub fn run(o: &Options) -> anyhow::Result<()> {
         results.diff = out.diff;
         results.program_names = out.program_names;
         loaded = out.loaded;
+        match dispatch::run(&plan) {
+            Ok((direct, through)) => results.notes.push(format!(
+                "libxdp dispatcher: a denied IPv4 SYN :25 costs {direct:.1} ns on relay-guard directly and {through:.1} ns through the dispatcher (relay-guard in slot 0): +{:.1} ns",
+                through - direct
+            )),
+            Err(e) => {
+                sys::check_stop()?;
+                println!("bench: dispatcher cost not measured: {e:#}");
+                results.notes.push(format!("libxdp dispatcher cost not measured: {e:#}"));
+            }
+        }
     }
     if plan.has(Part::Load) {
         match load::run(&plan, &lab, &dir.0, &list) {
