@@ -322,6 +322,9 @@ mod tests {
             ],
             list_files: vec![],
             fingerprint: 0,
+            xdp_priority: 10,
+            xdp_dispatcher: false,
+            relaytest: Default::default(),
         };
         Policy::compile(&cfg)
     }

@@ -196,6 +196,9 @@ fn random_config(rng: &mut StdRng, mode: Mode) -> Config {
         guards,
         list_files: Vec::new(),
         fingerprint: 0,
+        xdp_priority: 10,
+        xdp_dispatcher: false,
+        relaytest: Default::default(),
     }
 }
 
