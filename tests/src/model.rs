@@ -320,6 +320,7 @@ mod tests {
                     entries: vec![entry("198.51.100.0/24", Action::Allow)],
                 },
             ],
+            relaytest: Default::default(),
             list_files: vec![],
             fingerprint: 0,
             xdp_priority: 10,

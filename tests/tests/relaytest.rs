@@ -92,7 +92,7 @@ fn relaytest_json(ns: &NetNs, args: &[&str]) -> (i32, Value) {
     (code, v)
 }
 
-fn port<'a>(report: &'a Value, n: u16) -> &'a Value {
+fn port(report: &Value, n: u16) -> &Value {
     report["ports"]
         .as_array()
         .expect("ports")

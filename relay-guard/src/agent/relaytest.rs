@@ -78,12 +78,16 @@ impl Metrics {
         );
     }
 
-    fn record(&self, report: &Report, previous: &mut BTreeSet<(u16, &'static str)>) {
+    fn clear_untested(&self, previous: &mut BTreeSet<(u16, &'static str)>) {
         for &(port, reason) in previous.iter() {
             self.untested
                 .remove(&[("port", port.to_string()), ("reason", reason.to_string())]);
         }
         previous.clear();
+    }
+
+    fn record(&self, report: &Report, previous: &mut BTreeSet<(u16, &'static str)>) {
+        self.clear_untested(previous);
         for p in &report.ports {
             let port = [("port", p.port.to_string())];
             self.relayed
@@ -174,8 +178,9 @@ async fn schedule(mut rx: watch::Receiver<Relaytest>, metrics: Metrics) {
             log_report(&cfg, &report);
             metrics.record(&report, &mut untested);
         } else {
+            // Disabled: no series but the last run's time (0 if none).
             ports.clear();
-            metrics.record(&Report::empty(), &mut untested);
+            metrics.clear_untested(&mut untested);
         }
         let wait = cfg.interval + jitter(cfg.jitter);
         tokio::select! {

@@ -193,6 +193,58 @@ pub(super) fn validate(raw: RawRelaytest, err: &mut dyn FnMut(&Range<usize>, Str
 mod tests {
     use super::parse_duration;
 
+    const BASE: &str = "interfaces = [\"eth0\"]\n[[guard]]\nallow = [\"192.0.2.1\"]\n";
+
+    fn parse(section: &str) -> Result<crate::config::Config, crate::config::ConfigErrors> {
+        crate::config::Config::parse(
+            std::path::Path::new("/nonexistent/rg.toml"),
+            &format!("{BASE}{section}"),
+        )
+    }
+
+    #[test]
+    fn section_defaults_and_values() {
+        let c = parse("").expect("valid");
+        assert!(!c.relaytest.enabled);
+        assert_eq!(c.relaytest.ports, vec![25, 465, 587]);
+        assert_eq!(c.relaytest.xclient_addr, Some("192.0.2.25".parse().expect("ip")));
+        let c = parse("[relaytest]\nenabled = true\ninterval = \"2h\"\nports = [587]\nxclient_addr = \"\"\n")
+            .expect("valid");
+        assert!(c.relaytest.enabled);
+        assert_eq!(c.relaytest.interval, std::time::Duration::from_secs(7200));
+        assert_eq!(c.relaytest.ports, vec![587]);
+        assert_eq!(c.relaytest.xclient_addr, None);
+    }
+
+    /// Every bad value is reported, each with its line and value.
+    #[test]
+    fn section_errors_name_line_and_value() {
+        let e = parse(
+            "[relaytest]\ninterval = \"6x\"\nports = [0]\ntarget = \"localhost\"\nxclient_addr = \"outside\"\nto_domain = \"a b\"\n",
+        )
+        .expect_err("invalid")
+        .0;
+        let got: Vec<(usize, &str)> = e.iter().map(|e| (e.line, e.what.as_str())).collect();
+        assert_eq!(got.len(), 5, "{got:#?}");
+        for (line, what) in [
+            (5, "relaytest.interval: `6x`"),
+            (6, "relaytest.ports: `0`"),
+            (7, "relaytest.target: `localhost`"),
+            (8, "relaytest.xclient_addr: `outside`"),
+            (9, "relaytest.to_domain: `a b`"),
+        ] {
+            assert!(
+                got.iter().any(|(l, w)| *l == line && w.contains(what)),
+                "{what} at line {line}: {got:#?}"
+            );
+        }
+        assert!(parse("[relaytest]\nbogus = 1\n").is_err(), "unknown keys are errors");
+        assert!(
+            parse("[relaytest]\ninterval = \"10s\"\n").is_err(),
+            "an interval under a minute"
+        );
+    }
+
     #[test]
     fn durations() {
         assert_eq!(parse_duration("6h"), Ok(std::time::Duration::from_secs(21600)));

@@ -204,7 +204,10 @@ async fn open(opts: &Options, addr: SocketAddr, offers: &mut Offers) -> Result<S
     let helo = opts.from_domain.as_str();
     let mut c = client::connect(addr, opts.timeout, implicit, &opts.host)
         .await
-        .map_err(|f| Box::new(SetupError::failure(if implicit { "tls" } else { "connect" }, &f)))?;
+        .map_err(|f| {
+            let stage = if matches!(f, Failure::Tls(_)) { "tls" } else { "connect" };
+            Box::new(SetupError::failure(stage, &f))
+        })?;
     let local = c.local;
     let with = |mut e: SetupError, g: Option<&Reply>, h: Option<&Reply>| {
         e.local = Some(local);
@@ -518,4 +521,78 @@ async fn run_probe(opts: &Options, addr: SocketAddr, probe: Probe) -> ProbeResul
         }
     }
     result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().expect("test address")
+    }
+
+    #[test]
+    fn trusted_sources_are_named() {
+        assert_eq!(
+            trusted_kind(ip("127.0.0.1"), Some(ip("127.0.0.1"))),
+            Some("a loopback address")
+        );
+        assert_eq!(trusted_kind(ip("::ffff:127.0.0.1"), None), Some("a loopback address"));
+        assert!(trusted_kind(ip("203.0.113.1"), Some(ip("203.0.113.1"))).is_some_and(|w| w.contains("own")));
+        assert_eq!(
+            trusted_kind(ip("203.0.113.2"), Some(ip("203.0.113.1"))),
+            Some("in the server's subnet")
+        );
+        assert_eq!(trusted_kind(ip("198.51.100.7"), Some(ip("203.0.113.1"))), None);
+        // An XCLIENT address (no peer to compare with).
+        assert_eq!(trusted_kind(ip("10.1.2.3"), None), Some("a private address"));
+        assert_eq!(trusted_kind(ip("192.0.2.25"), None), None);
+    }
+
+    fn port(status: &'static str, relayed: usize) -> PortReport {
+        PortReport {
+            port: 25,
+            address: None,
+            local_address: None,
+            status,
+            problem: None,
+            greeting: None,
+            ehlo: None,
+            tls: false,
+            implicit_tls: false,
+            starttls_offered: false,
+            auth_before_starttls: false,
+            xclient_accepted: None,
+            probes: Vec::new(),
+            relayed,
+            rcpt_accepted: 0,
+        }
+    }
+
+    /// Relayed wins over could-not-test; a clean exit needs every port tested.
+    #[test]
+    fn exit_codes() {
+        let code = |ports: Vec<PortReport>| {
+            let mut r = Report {
+                host: "h".into(),
+                from_domain: "f".into(),
+                to_domain: "t".into(),
+                xclient: None,
+                ports,
+                relayed: 0,
+                verdict: "",
+                warnings: Vec::new(),
+            };
+            r.finish();
+            r.exit_code()
+        };
+        assert_eq!(code(vec![port("tested", 0)]), report::EXIT_CLEAN);
+        assert_eq!(
+            code(vec![port("tested", 2), port("unreachable", 0)]),
+            report::EXIT_RELAYED
+        );
+        assert_eq!(code(vec![port("tested", 0), port("closed", 0)]), report::EXIT_UNTESTED);
+        assert_eq!(code(vec![port("temporary", 0)]), report::EXIT_UNTESTED);
+        assert_eq!(code(vec![]), report::EXIT_UNTESTED);
+    }
 }

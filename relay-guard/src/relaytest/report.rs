@@ -125,20 +125,6 @@ pub fn failure_status(f: &Failure) -> &'static str {
 }
 
 impl Report {
-    /// A report of no port (a disabled schedule).
-    pub fn empty() -> Report {
-        Report {
-            host: String::new(),
-            from_domain: String::new(),
-            to_domain: String::new(),
-            xclient: None,
-            ports: Vec::new(),
-            relayed: 0,
-            verdict: "could_not_test",
-            warnings: Vec::new(),
-        }
-    }
-
     /// The exit status (module constants).
     pub fn exit_code(&self) -> i32 {
         match self.verdict {
