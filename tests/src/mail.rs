@@ -130,6 +130,7 @@ pub struct MailServerBuilder {
     master: Vec<String>,
     users: Option<Vec<(String, String)>>,
     tls: bool,
+    syslog: bool,
 }
 
 impl MailServerBuilder {
@@ -147,6 +148,7 @@ impl MailServerBuilder {
             master: MASTER_CF.iter().map(|s| (*s).to_owned()).collect(),
             users: None,
             tls: false,
+            syslog: false,
         }
     }
 
@@ -170,6 +172,15 @@ impl MailServerBuilder {
     /// (`smtpd_tls_security_level = may` on port 25).
     pub fn tls(mut self) -> Self {
         self.tls = true;
+        self
+    }
+
+    /// Postfix and Dovecot log through syslog(3) (`/dev/log`) instead of
+    /// their own files: for a test that reads the journal
+    /// (tests/src/journal.rs).
+    pub fn syslog(mut self) -> Self {
+        self.syslog = true;
+        self.main.insert("maillog_file".into(), String::new());
         self
     }
 
@@ -260,7 +271,7 @@ impl MailServerBuilder {
         );
         server.postfix.started = true;
         if let Some(users) = &self.users {
-            server.dovecot = Some(Dovecot::start(&self.ns, &dir, users));
+            server.dovecot = Some(Dovecot::start(&self.ns, &dir, users, self.syslog));
         }
         let deadline = Instant::now() + Duration::from_secs(20);
         for port in ports {
@@ -406,7 +417,7 @@ pub struct Dovecot {
 }
 
 impl Dovecot {
-    fn start(ns: &str, dir: &Path, users: &[(String, String)]) -> Dovecot {
+    fn start(ns: &str, dir: &Path, users: &[(String, String)], syslog: bool) -> Dovecot {
         let conf_dir = dir.join("dovecot-conf");
         let base_dir = dir.join("dovecot-run");
         std::fs::create_dir_all(&conf_dir).expect("create dovecot conf dir");
@@ -415,6 +426,11 @@ impl Dovecot {
         let users_text: String = users.iter().map(|(u, p)| format!("{u}:{{PLAIN}}{p}::::::\n")).collect();
         std::fs::write(&users_file, users_text).expect("write dovecot users");
         let log = dir.join("dovecot.log");
+        let log_path = if syslog {
+            "syslog".to_owned()
+        } else {
+            log.display().to_string()
+        };
         let socket = dir.join("queue/private/auth");
         let config = conf_dir.join("dovecot.conf");
         let text = format!(
@@ -422,8 +438,8 @@ impl Dovecot {
 protocols =
 base_dir = {base}
 state_dir = {base}/state
-log_path = {log}
-info_log_path = {log}
+log_path = {log_path}
+info_log_path = {log_path}
 auth_verbose = yes
 # Answer failed logins at once (default: after 2 s), so tests run quickly.
 auth_failure_delay = 0
@@ -455,7 +471,6 @@ service anvil {{
 }}
 "#,
             base = base_dir.display(),
-            log = log.display(),
             users = users_file.display(),
             socket = socket.display(),
         );

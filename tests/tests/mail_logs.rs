@@ -7,6 +7,7 @@
 use std::{
     collections::HashMap,
     net::IpAddr,
+    process::Command,
     time::{Duration, Instant},
 };
 
@@ -255,5 +256,58 @@ fn rotation_mid_stream_loses_no_failure_and_garbage_is_counted() {
         failures_of(&events, DENIED_V4),
         DURING_RENAME as usize + 1,
         "{events:?}"
+    );
+}
+
+/// `journal = true` without rsyslog: Postfix and Dovecot log through
+/// syslog(3) to a real (private) journald, and logwatch reads them with
+/// journalctl: each failed AUTH counts once, as from the files.
+#[test]
+fn journal_records_count_each_failed_auth_once() {
+    let test = "journal_records_count_each_failed_auth_once";
+    let mut tools = TOOLS.to_vec();
+    tools.extend(["journalctl", relay_guard_tests::journal::JOURNALD]);
+    if !require::privileged_with(test, &tools) {
+        return;
+    }
+    let lab = Lab::new();
+    let dir = TempDir::new();
+    // The journal, Postfix and Dovecot live in this thread's mount namespace;
+    // the lab's namespaces are made and removed outside it.
+    let (events, context) = std::thread::scope(|s| {
+        s.spawn(|| {
+            let journal = relay_guard_tests::journal::PrivateJournal::start(&dir.0);
+            let server = MailServerBuilder::new(&lab.server, &dir.0)
+                .syslog()
+                .dovecot(&[(USER, PASSWORD)])
+                .submission()
+                .start();
+            let (tx, mut rx) = tokio::sync::mpsc::channel(1024);
+            let watch = logwatch::spawn(vec![Source::Journal], tx).expect("logwatch starts");
+            // journalctl --since=now: let it start before the failures.
+            std::thread::sleep(Duration::from_secs(1));
+            fail_auths(&lab, DENIED_V4, 2);
+            fail_auths(&lab, DENIED_V6, 1);
+            let events = drain(&mut rx, Duration::from_secs(3), Duration::from_secs(30));
+            drop(watch);
+            let journal_text = Command::new("journalctl")
+                .args(["--no-pager", "-o", "short-iso"])
+                .output()
+                .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+                .unwrap_or_default();
+            drop(server);
+            drop(journal);
+            (events, journal_text)
+        })
+        .join()
+        .expect("journal thread")
+    });
+    let context = format!("events: {events:?}\n--- journal:\n{context}");
+    assert_eq!(failures_of(&events, DENIED_V4), 2, "{context}");
+    assert_eq!(failures_of(&events, DENIED_V6), 1, "{context}");
+    assert_eq!(unparsed(&events), 0, "{context}");
+    assert!(
+        context.contains("Password mismatch"),
+        "Dovecot's auth lines reach the journal: {context}"
     );
 }
