@@ -1,7 +1,9 @@
 //! relay-guard's agent as a library, in layers that import only downwards:
 //! `commands` (the CLI boundary) → `agent` (the long-running process and its
 //! event loop, reloads, metrics) → `kernel` (bpf maps, programs, links,
-//! pins) → `policy` (pure compilation) → `config` (files in, validated).
+//! pins) → `policy` (pure compilation) → `config` (files in, validated);
+//! `logwatch` (failed logins read from mail logs) sits beside `policy` and
+//! `kernel` and uses neither.
 //! See docs/architecture.md.
 #![expect(
     clippy::result_large_err,
@@ -13,6 +15,7 @@ pub mod commands;
 pub mod config;
 pub mod error;
 pub mod kernel;
+pub mod logwatch;
 pub mod policy;
 
 /// The XDP object built from `relay-guard-ebpf` by `build.rs`. Empty when

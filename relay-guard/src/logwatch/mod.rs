@@ -1,0 +1,185 @@
+//! Failed logins read from Postfix and Dovecot logs, as events for the ban
+//! engine.
+//!
+//! [`spawn`] follows each [`Source`] (a log file, rotation-safe: `tail.rs`;
+//! or the systemd journal: `journal.rs`) on its own thread, parses each line
+//! (`parse.rs`) and sends one [`LogEvent::Failure`] per failed login and one
+//! [`LogEvent::Unparsed`] per line it could not read. Dropping the returned
+//! [`Watch`] stops the threads (within [`POLL`]); so does dropping the
+//! receiver.
+//!
+//! A layer beside `policy` and `kernel`: it uses no other module of this
+//! crate, and the agent wires it to `[[ban]]` sections.
+pub mod journal;
+pub mod parse;
+pub mod tail;
+
+use std::{
+    fmt,
+    net::IpAddr,
+    path::PathBuf,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    thread,
+    time::{Duration, SystemTime},
+};
+
+pub use parse::{Origin, Outcome, Parser};
+use tokio::sync::mpsc;
+
+/// How often a follower looks at its source when no change was signalled,
+/// and how soon it notices that it should stop.
+pub const POLL: Duration = Duration::from_millis(250);
+
+/// Where lines come from.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Source {
+    /// A log file, followed across rename and copytruncate rotation.
+    File(PathBuf),
+    /// The systemd journal (`journalctl -f -o json`).
+    Journal,
+}
+
+impl fmt::Display for Source {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Source::File(path) => write!(f, "{}", path.display()),
+            Source::Journal => f.write_str("the systemd journal"),
+        }
+    }
+}
+
+/// One failed login.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuthFailure {
+    /// The client that failed (IPv4-mapped IPv6 given as IPv4).
+    pub source: IpAddr,
+    pub origin: Origin,
+    /// `postfix/submission/smtpd`, `imap-login`, ...
+    pub service: String,
+    /// When the line was read (files) or logged (journal).
+    pub at: SystemTime,
+}
+
+/// What the followers send.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LogEvent {
+    Failure(AuthFailure),
+    /// A line that looked like Postfix or Dovecot (or like no log line at
+    /// all) but did not parse; `relay_guard_log_lines_unparsed_total`.
+    Unparsed {
+        source: Source,
+    },
+}
+
+/// Starting a follower failed.
+#[derive(Debug, thiserror::Error)]
+pub enum LogwatchError {
+    #[error(
+        "`journal = true` needs journalctl, which is not installed or not on PATH (Debian: apt-get install systemd)"
+    )]
+    NoJournalctl,
+    #[error("failed to start a thread to follow {source_name}")]
+    Thread {
+        source_name: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// The running followers; dropping it stops them.
+#[derive(Debug)]
+pub struct Watch {
+    stop: Arc<AtomicBool>,
+    threads: Vec<thread::JoinHandle<()>>,
+}
+
+impl Watch {
+    /// Stops the followers and waits for their threads.
+    pub fn stop(mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Watch {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+/// Follows every source, each on its own thread, sending events to `tx`.
+/// Files are read from their current end (from the start for a file that
+/// appears later); the journal from now on.
+pub fn spawn(sources: Vec<Source>, tx: mpsc::Sender<LogEvent>) -> Result<Watch, LogwatchError> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut watch = Watch {
+        stop: stop.clone(),
+        threads: Vec::new(),
+    };
+    if sources.contains(&Source::Journal) {
+        journal::check()?;
+    }
+    for source in sources {
+        let (stop, tx) = (stop.clone(), tx.clone());
+        let name = format!("logwatch {source}");
+        let source_name = source.to_string();
+        let thread = thread::Builder::new().name(name).spawn(move || {
+            let sink = Sink { source, tx, stop };
+            match sink.source.clone() {
+                Source::File(path) => tail::follow(&path, &sink),
+                Source::Journal => journal::follow(&sink),
+            }
+        });
+        match thread {
+            Ok(t) => watch.threads.push(t),
+            Err(source) => return Err(LogwatchError::Thread { source_name, source }),
+        }
+    }
+    Ok(watch)
+}
+
+/// Where a follower delivers its lines: parses them and sends the events.
+pub(crate) struct Sink {
+    pub(crate) source: Source,
+    tx: mpsc::Sender<LogEvent>,
+    stop: Arc<AtomicBool>,
+}
+
+impl Sink {
+    /// The follower should end: stopped, or nobody listens any more.
+    pub(crate) fn done(&self) -> bool {
+        self.stop.load(Ordering::Relaxed) || self.tx.is_closed()
+    }
+
+    /// Sends what `outcome` means; false once nobody listens.
+    pub(crate) fn deliver(&self, outcome: Outcome, at: SystemTime) -> bool {
+        match outcome {
+            Outcome::Ignored => true,
+            Outcome::Unparsed => self
+                .tx
+                .blocking_send(LogEvent::Unparsed {
+                    source: self.source.clone(),
+                })
+                .is_ok(),
+            Outcome::Failures(f) => {
+                for _ in 0..f.count {
+                    let event = LogEvent::Failure(AuthFailure {
+                        source: f.addr,
+                        origin: f.origin,
+                        service: f.service.clone(),
+                        at,
+                    });
+                    if self.tx.blocking_send(event).is_err() {
+                        return false;
+                    }
+                }
+                true
+            }
+        }
+    }
+}
