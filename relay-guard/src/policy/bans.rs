@@ -98,6 +98,12 @@ impl BanEngine {
         }
     }
 
+    /// Room for `n` more bans (a restore of many).
+    pub fn reserve(&mut self, n: usize) {
+        self.active.reserve(n);
+        self.history.reserve(n);
+    }
+
     pub fn sections(&self) -> &[Ban] {
         &self.sections
     }
@@ -279,15 +285,28 @@ impl BanEngine {
     }
 
     /// Takes a ban back in (restored from `state_dir`, or read back from the
-    /// kernel after the CLI put it there). Already expired: ignored.
+    /// kernel after the CLI put it there). Returns whether it is in force;
+    /// an expired one only adds to the prefix's history (so the next ban
+    /// still escalates), unless that is older than `max_ban_time`.
     pub fn restore(&mut self, record: BanRecord, now: Duration) -> bool {
-        if record.section >= self.sections.len() || record.expires <= now {
+        let Some(ban) = self.sections.get(record.section) else {
             return false;
-        }
-        if self.sections[record.section].touches_never(&record.net) {
+        };
+        if ban.touches_never(&record.net) {
             return false;
         }
         let key = (record.section, record.net);
+        if record.expires <= now {
+            if now.saturating_sub(record.expires) < ban.max_ban_time {
+                let h = self.history.entry(key).or_insert(History {
+                    times: 0,
+                    until: record.expires,
+                });
+                h.times = h.times.max(record.times);
+                h.until = h.until.max(record.expires);
+            }
+            return false;
+        }
         let h = self.history.entry(key).or_insert(History {
             times: 0,
             until: record.expires,
@@ -296,6 +315,15 @@ impl BanEngine {
         h.until = h.until.max(record.expires);
         self.active.insert(key, record);
         true
+    }
+
+    /// Every prefix with a ban history but no ban in force: (section,
+    /// prefix, times banned, when the last ban ended), for saving.
+    pub fn history(&self) -> impl Iterator<Item = (usize, IpNet, u32, Duration)> + '_ {
+        self.history
+            .iter()
+            .filter(|(k, _)| !self.active.contains_key(k))
+            .map(|(&(s, n), h)| (s, n, h.times, h.until))
     }
 
     /// The bans in force, in no particular order.
