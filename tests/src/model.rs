@@ -320,6 +320,7 @@ mod tests {
                     entries: vec![entry("198.51.100.0/24", Action::Allow)],
                 },
             ],
+            bans: vec![],
             list_files: vec![],
             fingerprint: 0,
         };

@@ -1,5 +1,6 @@
 //! One module per subcommand (bpfman's `cli/` shape). These are the CLI
 //! boundary: they print, and return anyhow errors with context.
+pub mod bans;
 pub mod check_config;
 pub mod detach;
 pub mod explain;
@@ -18,6 +19,11 @@ pub async fn execute(cli: Cli) -> anyhow::Result<i32> {
         Command::Status { json } => status::execute(&cli.config, json).map(|()| 0),
         Command::Explain { addr, port, json } => explain::execute(&cli.config, addr, port, json),
         Command::Top { limit, json } => top::execute(&cli.config, limit, json).map(|()| 0),
+        Command::Ban { target, length, ban } => {
+            bans::ban(&cli.config, &target, length.as_deref(), ban.as_deref()).map(|()| 0)
+        }
+        Command::Unban { target, ban } => bans::unban(&cli.config, &target, ban.as_deref()),
+        Command::Bans { json } => bans::list(&cli.config, json).map(|()| 0),
     }
 }
 

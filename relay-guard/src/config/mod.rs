@@ -10,6 +10,7 @@
 //! other module of the crate, makes no bpf syscall and holds no state between
 //! loads. Inside it, `mod.rs` uses `lists`, and `lists` uses only `entry` and
 //! `fingerprint`, so there is no import circle.
+pub mod ban;
 mod entry;
 mod fingerprint;
 pub mod lists;
@@ -82,6 +83,8 @@ struct RawConfig {
     state_dir: Option<Spanned<String>>,
     #[serde(default)]
     guard: Vec<Spanned<RawGuard>>,
+    #[serde(default)]
+    ban: Vec<Spanned<ban::RawBan>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -135,6 +138,8 @@ pub struct Config {
     /// applied, to start from when they are broken at boot.
     pub state_dir: PathBuf,
     pub guards: Vec<Guard>,
+    /// The `[[ban]]` sections (SPEC.md "Bans").
+    pub bans: Vec<ban::Ban>,
     /// Every list file read, so a watcher can follow them.
     pub list_files: Vec<PathBuf>,
     /// Hash of the bytes this config was built from (the config text and
@@ -366,6 +371,11 @@ impl Validator<'_> {
             guards.push(guard);
         }
 
+        let line_of = |offset: usize| self.line_of(offset);
+        let mut ban_errors = Vec::new();
+        let bans = ban::validate_bans(&raw.ban, self.path, &line_of, &mut ban_errors);
+        self.errors.extend(ban_errors);
+
         Config {
             path: self.path.to_path_buf(),
             interfaces,
@@ -375,6 +385,7 @@ impl Validator<'_> {
             pin_dir,
             state_dir,
             guards,
+            bans,
             list_files: std::mem::take(&mut self.list_files),
             fingerprint: std::hash::Hasher::finish(&self.fp),
         }

@@ -49,6 +49,7 @@ fn config(mode: Mode, guards: Vec<Guard>) -> Config {
         pin_dir: PathBuf::from(DEFAULT_PIN_DIR),
         state_dir: PathBuf::from(crate::config::DEFAULT_STATE_DIR),
         guards,
+        bans: Vec::new(),
         list_files: Vec::new(),
         fingerprint: 0,
     }
