@@ -38,6 +38,12 @@ const FREE_PORT: u16 = 2525;
 const SAME_64: &str = "2001:db8:d::99";
 
 fn config(lab: &Lab, dir: &TempDir, maillog: &Path, failures: u32) -> (std::path::PathBuf, DetachOnDrop) {
+    let source = format!("log_files = [\"{}\"]", maillog.display());
+    config_with(lab, dir, &source, failures)
+}
+
+/// As [`config`], with `source` (`log_files = [...]` or `journal = true`).
+fn config_with(lab: &Lab, dir: &TempDir, source: &str, failures: u32) -> (std::path::PathBuf, DetachOnDrop) {
     let pins = pin_dir("bans-logs-");
     let text = format!(
         r#"interfaces = ["{iface}"]
@@ -54,7 +60,7 @@ allow = ["0.0.0.0/0", "::/0"]
 [[ban]]
 name = "sasl"
 ports = [465, 587, {FREE_PORT}]
-log_files = ["{maillog}"]
+{source}
 failures = {failures}
 window = "10m"
 ban_time = "1h"
@@ -64,7 +70,6 @@ never = ["{ALLOWED_V6}/128"]
         iface = lab.server_if,
         pins = pins.display(),
         state = dir.0.join("state").display(),
-        maillog = maillog.display(),
     );
     // Not beside the logs: the agent watches its config's directory, and
     // every log write there would make it look for a config change.
@@ -336,4 +341,54 @@ fn ban_latency_from_log_line_to_drop() {
         ms[ms.len() - 1],
         ms.len()
     );
+}
+
+/// `journal = true` (no rsyslog): Postfix and Dovecot log through syslog(3)
+/// to a real journald (a private one, tests/src/journal.rs); the agent reads
+/// it with journalctl and bans after `failures` failed AUTHs.
+#[test]
+fn journal_failures_ban_the_source() {
+    let test = "journal_failures_ban_the_source";
+    let mut tools = TOOLS.to_vec();
+    tools.extend(["journalctl", relay_guard_tests::journal::JOURNALD]);
+    if !require::privileged_with(test, &tools) {
+        return;
+    }
+    let lab = Lab::new();
+    let dir = TempDir::new();
+    // The journal, Postfix, Dovecot and the agent (so its journalctl) live in
+    // this thread's mount namespace; the lab's namespaces outside it.
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            let _journal = relay_guard_tests::journal::PrivateJournal::start(&dir.0);
+            let server = MailServerBuilder::new(&lab.server, &dir.0)
+                .syslog()
+                .dovecot(&[(USER, PASSWORD)])
+                .submission()
+                .start();
+            let (config, _detach) = config_with(&lab, &dir, "journal = true", 2);
+            let agent = Agent::start(&lab.server, config, &dir);
+            // journalctl follows from "now": let it start.
+            std::thread::sleep(Duration::from_secs(1));
+            fail(&lab, DENIED_V4, 465);
+            std::thread::sleep(Duration::from_millis(500));
+            assert!(reaches(&lab, DENIED_V4, 587), "one failure does not ban");
+            fail(&lab, DENIED_V4, 465);
+            wait_banned(&lab, DENIED_V4, 587, &server, &agent);
+            assert!(reaches(&lab, DENIED_V4, 25), "25 is not a ban port");
+            let text = scrape(&lab);
+            assert_eq!(
+                metric(
+                    &text,
+                    "relay_guard_auth_failures_total",
+                    &[("ban", "sasl"), ("source", "postfix")]
+                ),
+                2.0,
+                "{text}\n--- agent:\n{}",
+                agent.log_text()
+            );
+        })
+        .join()
+        .unwrap_or_else(|e| std::panic::resume_unwind(e));
+    });
 }
