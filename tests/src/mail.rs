@@ -131,6 +131,7 @@ pub struct MailServerBuilder {
     users: Option<Vec<(String, String)>>,
     tls: bool,
     syslog: bool,
+    imap: bool,
 }
 
 impl MailServerBuilder {
@@ -149,6 +150,7 @@ impl MailServerBuilder {
             users: None,
             tls: false,
             syslog: false,
+            imap: false,
         }
     }
 
@@ -187,6 +189,14 @@ impl MailServerBuilder {
     /// Dovecot as the SASL back end, with these users and passwords.
     pub fn dovecot(mut self, users: &[(&str, &str)]) -> Self {
         self.users = Some(users.iter().map(|(u, p)| ((*u).to_owned(), (*p).to_owned())).collect());
+        self
+    }
+
+    /// Dovecot also serves IMAP on 143 (plaintext LOGIN allowed, no TLS), so
+    /// its `imap-login` process logs failed logins. Implies a Dovecot user
+    /// list ([`Self::dovecot`] sets it).
+    pub fn imap(mut self) -> Self {
+        self.imap = true;
         self
     }
 
@@ -271,9 +281,13 @@ impl MailServerBuilder {
         );
         server.postfix.started = true;
         if let Some(users) = &self.users {
-            server.dovecot = Some(Dovecot::start(&self.ns, &dir, users, self.syslog));
+            server.dovecot = Some(Dovecot::start(&self.ns, &dir, users, self.syslog, self.imap));
         }
         let deadline = Instant::now() + Duration::from_secs(20);
+        let mut ports = ports;
+        if self.imap && self.users.is_some() {
+            ports.push(143);
+        }
         for port in ports {
             loop {
                 if listening_on(&self.ns, port) {
@@ -281,8 +295,9 @@ impl MailServerBuilder {
                 }
                 assert!(
                     Instant::now() < deadline,
-                    "postfix: port {port} not listening after 20 s:\n{}",
-                    server.postfix.log_text()
+                    "port {port} not listening after 20 s:\n{}\n--- dovecot:\n{}",
+                    server.postfix.log_text(),
+                    server.dovecot.as_ref().map(Dovecot::log_text).unwrap_or_default()
                 );
                 std::thread::sleep(Duration::from_millis(100));
             }
@@ -417,7 +432,7 @@ pub struct Dovecot {
 }
 
 impl Dovecot {
-    fn start(ns: &str, dir: &Path, users: &[(String, String)], syslog: bool) -> Dovecot {
+    fn start(ns: &str, dir: &Path, users: &[(String, String)], syslog: bool, imap: bool) -> Dovecot {
         let conf_dir = dir.join("dovecot-conf");
         let base_dir = dir.join("dovecot-run");
         std::fs::create_dir_all(&conf_dir).expect("create dovecot conf dir");
@@ -433,10 +448,17 @@ impl Dovecot {
         };
         let socket = dir.join("queue/private/auth");
         let config = conf_dir.join("dovecot.conf");
+        let protocols = if imap {
+            format!(
+                "protocols = imap\nlisten = *, ::\nmail_location = maildir:{}/mail/%u\n",
+                dir.display()
+            )
+        } else {
+            "protocols =\n".to_owned()
+        };
         let text = format!(
-            r#"# relay-guard test Dovecot: SASL for Postfix only.
-protocols =
-base_dir = {base}
+            r#"# relay-guard test Dovecot: SASL for Postfix (and IMAP on 143).
+{protocols}base_dir = {base}
 state_dir = {base}/state
 log_path = {log_path}
 info_log_path = {log_path}
