@@ -242,6 +242,9 @@ pub struct BanRunner {
     state_dir: PathBuf,
     /// `bans.json` is behind the engine.
     dirty: bool,
+    /// The `relay_guard_bans` gauges are behind the engine (recounted at
+    /// the next tick: a count is O(bans), a burst must not pay it per ban).
+    gauges_dirty: bool,
     last_save: Instant,
     last_gc: Instant,
     pub metrics: BanMetrics,
@@ -264,6 +267,7 @@ impl BanRunner {
             engine: BanEngine::new(cfg.bans.clone()),
             state_dir: cfg.state_dir.clone(),
             dirty: false,
+            gauges_dirty: false,
             last_save: Instant::now(),
             last_gc: Instant::now(),
             metrics: BanMetrics::default(),
@@ -283,7 +287,8 @@ impl BanRunner {
         }
         r.take_commands(maps);
         // Bans only the maps hold (a CLI ban whose line was lost): kept.
-        for kb in maps.list()? {
+        let in_kernel = maps.list()?;
+        for kb in &in_kernel {
             for (s, &x) in kb.expires_ns.iter().enumerate() {
                 if x > boot && s < cfg.bans.len() && r.engine.times_banned(s, kb.net) == 0 {
                     let rec = BanRecord {
@@ -304,17 +309,21 @@ impl BanRunner {
             .active()
             .map(|b| ((b.section, b.net), boot_expiry(b.expires, wall, boot)))
             .collect();
-        for kb in maps.list()? {
+        let mut removed = false;
+        for kb in &in_kernel {
             for (s, &x) in kb.expires_ns.iter().enumerate() {
                 if x != 0 && !want.contains_key(&(s, kb.net)) {
                     maps.unban(kb.net, Some(s), boot)?;
+                    removed = true;
                 }
             }
         }
         for ((s, net), x) in &want {
             maps.ban(*s, *net, *x)?;
         }
-        maps.rebuild_filter()?;
+        if removed {
+            maps.rebuild_filter()?;
+        }
         r.dirty = true;
         r.save_now();
         r.refresh_gauges();
@@ -370,7 +379,7 @@ impl BanRunner {
         let name = self.engine.sections()[rec.section].name.clone();
         self.metrics.event(&name, "banned", 1);
         self.dirty = true;
-        self.refresh_gauges();
+        self.gauges_dirty = true;
     }
 
     /// Takes in the CLI's pending commands (already in the maps).
@@ -402,8 +411,8 @@ impl BanRunner {
                 }
             }
             self.dirty = true;
+            self.gauges_dirty = true;
         }
-        self.refresh_gauges();
     }
 
     /// The periodic work: the CLI's commands, expiry accounting, saving,
@@ -421,6 +430,9 @@ impl BanRunner {
                 self.metrics.event(&name, "expired", n);
             }
             self.dirty = true;
+            self.gauges_dirty = true;
+        }
+        if self.gauges_dirty {
             self.refresh_gauges();
         }
         if self.last_gc.elapsed() >= GC_INTERVAL {
@@ -494,7 +506,8 @@ impl BanRunner {
         self.last_save = Instant::now();
     }
 
-    fn refresh_gauges(&self) {
+    fn refresh_gauges(&mut self) {
+        self.gauges_dirty = false;
         let mut counts: BTreeMap<(String, &'static str), i64> = BTreeMap::new();
         for b in self.engine.sections() {
             counts.insert((b.name.clone(), "ipv4"), 0);

@@ -39,6 +39,9 @@ use crate::{
     kernel::pins::Pins,
 };
 
+/// `BPF_NOEXIST` of `bpf(BPF_MAP_UPDATE_ELEM)`: create only.
+const BPF_NOEXIST: u64 = 1;
+
 /// The ban drop counters, shared with the metrics collector.
 pub type BanCounters = Arc<Mutex<PerCpuArray<MapData, u64>>>;
 
@@ -291,13 +294,17 @@ impl BanMaps {
     }
 
     fn put(&mut self, net: &IpNet, e: &BanEntry) -> Result<(), MapError> {
+        self.put_flags(net, e, 0)
+    }
+
+    fn put_flags(&mut self, net: &IpNet, e: &BanEntry, flags: u64) -> Result<(), MapError> {
         match net {
             IpNet::V4(n) => self
                 .v4
-                .insert(&Key::new(u32::from(n.prefix_len()), n.network().octets()), e, 0),
+                .insert(&Key::new(u32::from(n.prefix_len()), n.network().octets()), e, flags),
             IpNet::V6(n) => self
                 .v6
-                .insert(&Key::new(u32::from(n.prefix_len()), n.network().octets()), e, 0),
+                .insert(&Key::new(u32::from(n.prefix_len()), n.network().octets()), e, flags),
         }
     }
 
@@ -323,15 +330,31 @@ impl BanMaps {
     pub fn ban(&mut self, section: usize, net: IpNet, expires_ns: u64) -> Result<(), SyncError> {
         let net = net.trunc();
         let what = || format!("ban of {net}");
-        let mut e = self
-            .get(&net)
-            .map_err(map_err("read", trie_name(&net), what()))?
-            .unwrap_or_default();
-        e.len = u32::from(net.prefix_len());
+        let mut e = BanEntry {
+            len: u32::from(net.prefix_len()),
+            ..BanEntry::default()
+        };
         if let Some(slot) = e.expires_ns.get_mut(section) {
             *slot = expires_ns;
         }
-        self.put(&net, &e).map_err(map_err("write", trie_name(&net), what()))?;
+        // A new prefix (the common case) in one syscall; an existing one
+        // (another section's ban, or a renewal) read, changed, written.
+        match self.put_flags(&net, &e, BPF_NOEXIST) {
+            Ok(()) => {}
+            Err(MapError::SyscallError(ref s)) if s.io_error.raw_os_error() == Some(libc::EEXIST) => {
+                let mut old = self
+                    .get(&net)
+                    .map_err(map_err("read", trie_name(&net), what()))?
+                    .unwrap_or_default();
+                old.len = e.len;
+                if let Some(slot) = old.expires_ns.get_mut(section) {
+                    *slot = expires_ns;
+                }
+                self.put(&net, &old)
+                    .map_err(map_err("write", trie_name(&net), what()))?;
+            }
+            Err(err) => return Err(map_err("write", trie_name(&net), what())(err)),
+        }
         for bit in filter_bits(&net) {
             self.filter.set(bit);
         }
