@@ -210,6 +210,7 @@ fn postfix_lines_that_are_not_failures() {
         "Dec  2 01:02:03 mx postfix/smtpd[5]: 4F1A2B3C: client=unknown[192.0.2.7], sasl_method=PLAIN, sasl_username=a",
         "Dec  2 01:02:03 mx postfix/qmgr[6]: 4F1A2B3C: removed",
         "Dec  2 01:02:03 mx postfix/postscreen[6]: DISCONNECT [192.0.2.7]:1234",
+        "Dec  2 01:02:03 mx postfix/smtpd[5]: disconnect from unknown[unknown] commands=0/0",
         "Dec  2 01:02:03 mx sshd[6]: Failed password for root from 192.0.2.7 port 22 ssh2",
         "Dec  2 01:02:03 mx kernel: [ 12.345] eth0: link up",
         "",
