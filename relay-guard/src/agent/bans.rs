@@ -473,6 +473,20 @@ impl BanRunner {
             }
             let _ = maps.ban(r.section, r.net, boot_expiry(r.expires, wall, boot));
         }
+        // A `never` entry added by the reload wins over a ban in force.
+        let now_never: Vec<(usize, IpNet)> = self
+            .engine
+            .active()
+            .filter(|r| cfg.bans[r.section].touches_never(&r.net))
+            .map(|r| (r.section, r.net))
+            .collect();
+        for (s, net) in now_never {
+            for r in self.engine.lift(net, Some(s)) {
+                let _ = maps.unban(r.net, Some(r.section), boot);
+                self.metrics.event(&cfg.bans[s].name, "lifted", 1);
+                info!(ban = %cfg.bans[s].name, prefix = %r.net, "ban lifted: the prefix is in or covers a `never` entry now");
+            }
+        }
         match maps.set_ports(&cfg.bans) {
             Ok(slots) => self.port_slots = slots,
             Err(e) => warn!(error = %e, "failed to write the ban ports"),
