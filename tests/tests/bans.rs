@@ -47,7 +47,7 @@ allow = ["{ALLOWED_V4}/32", "2001:db8:a::/48", "2001:db8:d::/48"]
 [[ban]]
 name = "sasl"
 ports = [587, 2525]
-ban_time = "3s"
+{ban_time}
 max_ban_time = "1h"
 ipv6_prefix = 64
 never = ["198.51.100.0/24"]
@@ -56,6 +56,11 @@ never = ["198.51.100.0/24"]
         iface = lab.server_if,
         pins = pins.display(),
         state = state.display(),
+        ban_time = if ban_extra.contains("ban_time") {
+            ""
+        } else {
+            "ban_time = \"3s\""
+        },
     )
 }
 
@@ -413,15 +418,18 @@ fn monitor_mode_counts_would_drop() {
 /// metrics count both.
 #[test]
 fn log_failures_ban_the_source() {
-    if !require::privileged("log_failures_ban_the_source") {
+    if !require::privileged_with("log_failures_ban_the_source", &["promtool"]) {
         return;
     }
     let lab = Lab::new();
     let dir = TempDir::new();
     let log = dir.write("mail.log", "");
-    let extra = format!("log_files = [\"{}\"]\nfailures = 3\nwindow = \"1m\"", log.display());
+    let extra = format!(
+        "log_files = [\"{}\"]\nfailures = 3\nwindow = \"1m\"\nban_time = \"10m\"",
+        log.display()
+    );
     let s = setup(&lab, &dir, "enforce", &extra);
-    let _agent = Agent::start(&lab.server, s.config.clone(), &dir);
+    let agent = Agent::start(&lab.server, s.config.clone(), &dir);
     let line = |src: &str, n: u32| {
         format!(
             "Dec  2 01:00:{n:02} mx postfix/submission/smtpd[{}]: warning: unknown[{src}]: SASL LOGIN authentication failed: authentication failure\n",
@@ -479,5 +487,11 @@ fn log_failures_ban_the_source() {
         "never source banned: {list:?}"
     );
     let b = ban_of(&list, "192.0.2.10/32").unwrap_or_else(|| panic!("{list:?}"));
-    assert_eq!(b["failures"], 3, "{b}");
+    assert_eq!(
+        b["failures"],
+        3,
+        "{b}\n{}\n{}",
+        std::fs::read_to_string(s.state.join("bans.json")).unwrap_or_default(),
+        agent.log_text()
+    );
 }

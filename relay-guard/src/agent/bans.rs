@@ -261,7 +261,10 @@ const SAVE_INTERVAL: Duration = Duration::from_secs(1);
 impl BanRunner {
     /// Restores the saved bans, takes in the CLI's pending ones and those
     /// only the pinned maps know, and writes them all to the kernel.
-    pub fn start(cfg: &Config, maps: &mut BanMaps) -> anyhow::Result<BanRunner> {
+    ///
+    /// `adopted`: the maps were pinned before (else they are new and empty,
+    /// and nothing needs reading back).
+    pub fn start(cfg: &Config, maps: &mut BanMaps, adopted: bool) -> anyhow::Result<BanRunner> {
         let started = Instant::now();
         let mut r = BanRunner {
             engine: BanEngine::new(cfg.bans.clone()),
@@ -271,7 +274,7 @@ impl BanRunner {
             last_save: Instant::now(),
             last_gc: Instant::now(),
             metrics: BanMetrics::default(),
-            port_slots: maps.set_ports(&cfg.bans)?,
+            port_slots: maps.set_ports(&cfg.bans, adopted)?,
         };
         let (wall, boot) = (wall_now(), boot_ns());
         let saved = load_saved(&cfg.state_dir);
@@ -287,7 +290,7 @@ impl BanRunner {
         }
         r.take_commands(maps);
         // Bans only the maps hold (a CLI ban whose line was lost): kept.
-        let in_kernel = maps.list()?;
+        let in_kernel = if adopted { maps.list()? } else { Vec::new() };
         for kb in &in_kernel {
             for (s, &x) in kb.expires_ns.iter().enumerate() {
                 if x > boot && s < cfg.bans.len() && r.engine.times_banned(s, kb.net) == 0 {
@@ -324,8 +327,9 @@ impl BanRunner {
         if removed {
             maps.rebuild_filter()?;
         }
+        // Saved at the first tick (a second from now), not before the
+        // start completes: the file already holds every ban restored.
         r.dirty = true;
-        r.save_now();
         r.refresh_gauges();
         info!(
             restored,
@@ -473,7 +477,21 @@ impl BanRunner {
             }
             let _ = maps.ban(r.section, r.net, boot_expiry(r.expires, wall, boot));
         }
-        match maps.set_ports(&cfg.bans) {
+        // A `never` entry added by the reload wins over a ban in force.
+        let now_never: Vec<(usize, IpNet)> = self
+            .engine
+            .active()
+            .filter(|r| cfg.bans[r.section].touches_never(&r.net))
+            .map(|r| (r.section, r.net))
+            .collect();
+        for (s, net) in now_never {
+            for r in self.engine.lift(net, Some(s)) {
+                let _ = maps.unban(r.net, Some(r.section), boot);
+                self.metrics.event(&cfg.bans[s].name, "lifted", 1);
+                info!(ban = %cfg.bans[s].name, prefix = %r.net, "ban lifted: the prefix is in or covers a `never` entry now");
+            }
+        }
+        match maps.set_ports(&cfg.bans, true) {
             Ok(slots) => self.port_slots = slots,
             Err(e) => warn!(error = %e, "failed to write the ban ports"),
         }

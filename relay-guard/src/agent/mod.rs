@@ -222,7 +222,8 @@ impl Agent {
             save_state(&cfg, config_path, &live.index);
         }
 
-        let ban_runner = bans::BanRunner::start(&cfg, &mut loaded.bans).context("failed to restore the bans")?;
+        let ban_runner =
+            bans::BanRunner::start(&cfg, &mut loaded.bans, loaded.adopted).context("failed to restore the bans")?;
         let ban_inputs = bans::Inputs::start(&cfg);
         let slots = counters::slots(&loaded.maps).context("failed to read counter slots")?;
         let labels = Arc::new(RwLock::new(LabelState {

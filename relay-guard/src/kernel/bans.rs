@@ -223,8 +223,10 @@ impl BanMaps {
     }
 
     /// Writes which sections cover each port; returns the counter port
-    /// slots (slot → port). Only entries that differ are written.
-    pub fn set_ports(&mut self, bans: &[Ban]) -> Result<BTreeMap<u32, u16>, SyncError> {
+    /// slots (slot → port). Only entries that differ are written; with
+    /// `read_back` false (a new, all-zero map) only the covered ports are
+    /// written, without reading the 65,536 entries first.
+    pub fn set_ports(&mut self, bans: &[Ban], read_back: bool) -> Result<BTreeMap<u32, u16>, SyncError> {
         let mut all: Vec<u16> = bans.iter().flat_map(|b| b.ports.iter().copied()).collect();
         all.sort_unstable();
         all.dedup();
@@ -251,6 +253,14 @@ impl BanMaps {
                     e.sections |= 1 << b;
                 }
             }
+        }
+        if !read_back {
+            for (&p, w) in &want {
+                self.ports
+                    .set(u32::from(p), *w, 0)
+                    .map_err(map_err("write", maps::BAN_PORTS, format!("port {p}")))?;
+            }
+            return Ok(slots);
         }
         for port in 0..PORT_SLOTS {
             let p = port as u16;

@@ -100,7 +100,7 @@ pub fn run(plan: &Plan, dir: &Path) -> anyhow::Result<Output> {
     let mut loaded = Loaded::load().context("Loaded::load")?;
     sync::apply(&mut loaded.maps, &Policy::compile(&cfg)).context("sync::apply")?;
     let _ = std::fs::remove_dir_all(&state);
-    let mut runner = BanRunner::start(&cfg, &mut loaded.bans)?;
+    let mut runner = BanRunner::start(&cfg, &mut loaded.bans, false)?;
     record(format!(
         "bans: BPF_PROG_TEST_RUN x {} runs (repeat {}), :25 covered by a [[ban]]; 0 and {BANS} bans",
         plan.runs, plan.repeat
@@ -150,7 +150,7 @@ pub fn run(plan: &Plan, dir: &Path) -> anyhow::Result<Output> {
     let mut fresh = Loaded::load().context("Loaded::load")?;
     println!("bench: bans: restoring {BANS} saved bans");
     let t = Instant::now();
-    let runner = BanRunner::start(&cfg, &mut fresh.bans)?;
+    let runner = BanRunner::start(&cfg, &mut fresh.bans, false)?;
     out.restore = t.elapsed();
     drop(runner);
     let banned_frame = frames::syn_v4(source(11), SERVER_V4, 25);
