@@ -9,6 +9,9 @@
 
 use core::mem::size_of;
 
+pub mod ban;
+pub use ban::{BAN_PORT_SLOTS, MAX_BANS};
+
 /// Map names as they appear in the object file and under the pin directory.
 ///
 /// `#[map]` in the eBPF crate needs literals, so a userspace test checks that
@@ -49,16 +52,43 @@ pub mod maps {
     /// `PerCpuArray<EventBudget>` with one entry: each CPU's token bucket for
     /// blocked-source log events, and the events it refused.
     pub const EVENTS: &str = "RG_EVENTS";
+    /// `Array<BanPort>` indexed by TCP destination port: the ban sections
+    /// that cover it (see [`super::ban`]).
+    pub const BAN_PORTS: &str = "RG_BAN_PORTS";
+    /// `Array<u64>`: the bans' pre-filter bits.
+    pub const BAN_FILTER: &str = "RG_BAN_FILTER";
+    /// `LpmTrie<[u8; 4], BanEntry>`: banned IPv4 prefixes.
+    pub const BAN_V4: &str = "RG_BAN_V4";
+    /// `LpmTrie<[u8; 16], BanEntry>`: banned IPv6 prefixes.
+    pub const BAN_V6: &str = "RG_BAN_V6";
+    /// `PerCpuArray<u64>` indexed by [`super::ban::ban_counter_index`].
+    pub const BAN_COUNTERS: &str = "RG_BAN_COUNTERS";
     /// Every map the program must define (and the agent pins).
     pub const ALL: &[&str] = &[
-        PORTS, TBL24, LONG24, MASKS, V6_TOP, V6_NODES, V6_LEAVES, IFACES, COUNTERS, SETTINGS, SOURCES, EVENTS,
+        PORTS,
+        TBL24,
+        LONG24,
+        MASKS,
+        V6_TOP,
+        V6_NODES,
+        V6_LEAVES,
+        IFACES,
+        COUNTERS,
+        SETTINGS,
+        SOURCES,
+        EVENTS,
+        BAN_PORTS,
+        BAN_FILTER,
+        BAN_V4,
+        BAN_V6,
+        BAN_COUNTERS,
     ];
 }
 
 /// Version of the map layout. Pinned state lives under `layout-<N>/`, so an
 /// agent never opens maps whose layout it does not know. Bump it whenever a
 /// map's name, type, key, value or capacity changes.
-pub const LAYOUT_VERSION: u32 = 6;
+pub const LAYOUT_VERSION: u32 = 7;
 
 /// Number of entries in [`maps::PORTS`]: one per TCP port.
 pub const PORT_SLOTS: u32 = 65_536;

@@ -9,6 +9,7 @@
 #![feature(asm_experimental_arch)]
 #![no_main]
 
+mod bans;
 mod counters;
 mod cursor;
 mod eth;
@@ -135,6 +136,9 @@ fn judge_v4(ctx: &XdpContext, c: &mut Cursor) -> u32 {
     let mut src = [0u8; 4];
     parsed!(ctx, ipv4::parse_ipv4(c, &mut src));
     let port = parsed!(ctx, tcp::parse_tcp(c, family::IPV4));
+    if let Some(action) = bans::judge_v4(ctx, src, port) {
+        return action;
+    }
     let generation = generation();
     let Some(gp) = verdict::guard_of(port, generation) else {
         return XDP_PASS;
@@ -155,6 +159,9 @@ fn judge_v6(ctx: &XdpContext, c: &mut Cursor) -> u32 {
     // SAFETY: parse_ipv6 succeeded, so it wrote all of `src`.
     let src = unsafe { src.assume_init() };
     let port = parsed!(ctx, tcp::parse_tcp(c, family::IPV6));
+    if let Some(action) = bans::judge_v6(ctx, &src, port) {
+        return action;
+    }
     let generation = generation();
     let Some(gp) = verdict::guard_of(port, generation) else {
         return XDP_PASS;

@@ -95,4 +95,31 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Ban a source (an address, or ADDR/LEN) from a [[ban]] section's ports
+    /// now, in the pinned maps (the agent need not run; it takes the ban into
+    /// its saved list). Without --for, the section's ban_time, doubled for
+    /// each earlier ban of the prefix.
+    Ban {
+        /// Address or prefix, e.g. 203.0.113.7 or 2001:db8:1:2::/64.
+        target: String,
+        /// How long, e.g. 90s, 10m, 1h, 1w.
+        #[arg(long = "for", value_name = "DURATION")]
+        length: Option<String>,
+        /// The [[ban]] section (needed when the config has several).
+        #[arg(long = "ban", value_name = "NAME")]
+        ban: Option<String>,
+    },
+    /// Lift the ban of exactly this address or prefix (every section, or
+    /// --ban's). Exits 1 when it was not banned.
+    Unban {
+        target: String,
+        #[arg(long = "ban", value_name = "NAME")]
+        ban: Option<String>,
+    },
+    /// List the bans in force: prefix, ban section, failures, expiry, times banned.
+    Bans {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
 }

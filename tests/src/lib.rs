@@ -8,6 +8,7 @@
 //! backtraces (aya's test/README.md).
 pub mod agent;
 pub mod daemon;
+pub mod journal;
 pub mod lab;
 pub mod mail;
 pub mod model;

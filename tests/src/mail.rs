@@ -130,6 +130,8 @@ pub struct MailServerBuilder {
     master: Vec<String>,
     users: Option<Vec<(String, String)>>,
     tls: bool,
+    syslog: bool,
+    imap: bool,
 }
 
 impl MailServerBuilder {
@@ -147,6 +149,8 @@ impl MailServerBuilder {
             master: MASTER_CF.iter().map(|s| (*s).to_owned()).collect(),
             users: None,
             tls: false,
+            syslog: false,
+            imap: false,
         }
     }
 
@@ -173,9 +177,26 @@ impl MailServerBuilder {
         self
     }
 
+    /// Postfix and Dovecot log through syslog(3) (`/dev/log`) instead of
+    /// their own files: for a test that reads the journal
+    /// (tests/src/journal.rs).
+    pub fn syslog(mut self) -> Self {
+        self.syslog = true;
+        self.main.insert("maillog_file".into(), String::new());
+        self
+    }
+
     /// Dovecot as the SASL back end, with these users and passwords.
     pub fn dovecot(mut self, users: &[(&str, &str)]) -> Self {
         self.users = Some(users.iter().map(|(u, p)| ((*u).to_owned(), (*p).to_owned())).collect());
+        self
+    }
+
+    /// Dovecot also serves IMAP on 143 (plaintext LOGIN allowed, no TLS), so
+    /// its `imap-login` process logs failed logins. Implies a Dovecot user
+    /// list ([`Self::dovecot`] sets it).
+    pub fn imap(mut self) -> Self {
+        self.imap = true;
         self
     }
 
@@ -260,9 +281,13 @@ impl MailServerBuilder {
         );
         server.postfix.started = true;
         if let Some(users) = &self.users {
-            server.dovecot = Some(Dovecot::start(&self.ns, &dir, users));
+            server.dovecot = Some(Dovecot::start(&self.ns, &dir, users, self.syslog, self.imap));
         }
         let deadline = Instant::now() + Duration::from_secs(20);
+        let mut ports = ports;
+        if self.imap && self.users.is_some() {
+            ports.push(143);
+        }
         for port in ports {
             loop {
                 if listening_on(&self.ns, port) {
@@ -270,8 +295,9 @@ impl MailServerBuilder {
                 }
                 assert!(
                     Instant::now() < deadline,
-                    "postfix: port {port} not listening after 20 s:\n{}",
-                    server.postfix.log_text()
+                    "port {port} not listening after 20 s:\n{}\n--- dovecot:\n{}",
+                    server.postfix.log_text(),
+                    server.dovecot.as_ref().map(Dovecot::log_text).unwrap_or_default()
                 );
                 std::thread::sleep(Duration::from_millis(100));
             }
@@ -406,7 +432,7 @@ pub struct Dovecot {
 }
 
 impl Dovecot {
-    fn start(ns: &str, dir: &Path, users: &[(String, String)]) -> Dovecot {
+    fn start(ns: &str, dir: &Path, users: &[(String, String)], syslog: bool, imap: bool) -> Dovecot {
         let conf_dir = dir.join("dovecot-conf");
         let base_dir = dir.join("dovecot-run");
         std::fs::create_dir_all(&conf_dir).expect("create dovecot conf dir");
@@ -415,15 +441,27 @@ impl Dovecot {
         let users_text: String = users.iter().map(|(u, p)| format!("{u}:{{PLAIN}}{p}::::::\n")).collect();
         std::fs::write(&users_file, users_text).expect("write dovecot users");
         let log = dir.join("dovecot.log");
+        let log_path = if syslog {
+            "syslog".to_owned()
+        } else {
+            log.display().to_string()
+        };
         let socket = dir.join("queue/private/auth");
         let config = conf_dir.join("dovecot.conf");
+        let protocols = if imap {
+            format!(
+                "protocols = imap\nlisten = *, ::\nmail_location = maildir:{}/mail/%u\n",
+                dir.display()
+            )
+        } else {
+            "protocols =\n".to_owned()
+        };
         let text = format!(
-            r#"# relay-guard test Dovecot: SASL for Postfix only.
-protocols =
-base_dir = {base}
+            r#"# relay-guard test Dovecot: SASL for Postfix (and IMAP on 143).
+{protocols}base_dir = {base}
 state_dir = {base}/state
-log_path = {log}
-info_log_path = {log}
+log_path = {log_path}
+info_log_path = {log_path}
 auth_verbose = yes
 # Answer failed logins at once (default: after 2 s), so tests run quickly.
 auth_failure_delay = 0
@@ -455,7 +493,6 @@ service anvil {{
 }}
 "#,
             base = base_dir.display(),
-            log = log.display(),
             users = users_file.display(),
             socket = socket.display(),
         );

@@ -321,11 +321,11 @@ mod tests {
                 },
             ],
             relaytest: Default::default(),
+            bans: vec![],
             list_files: vec![],
             fingerprint: 0,
             xdp_priority: 10,
             xdp_dispatcher: false,
-            relaytest: Default::default(),
         };
         Policy::compile(&cfg)
     }

@@ -7,6 +7,7 @@
 use std::{
     collections::HashMap,
     net::IpAddr,
+    process::Command,
     time::{Duration, Instant},
 };
 
@@ -256,4 +257,141 @@ fn rotation_mid_stream_loses_no_failure_and_garbage_is_counted() {
         DURING_RENAME as usize + 1,
         "{events:?}"
     );
+}
+
+/// `journal = true` without rsyslog: Postfix and Dovecot log through
+/// syslog(3) to a real (private) journald, and logwatch reads them with
+/// journalctl: each failed AUTH counts once, as from the files.
+#[test]
+fn journal_records_count_each_failed_auth_once() {
+    let test = "journal_records_count_each_failed_auth_once";
+    let mut tools = TOOLS.to_vec();
+    tools.extend(["journalctl", relay_guard_tests::journal::JOURNALD]);
+    if !require::privileged_with(test, &tools) {
+        return;
+    }
+    let lab = Lab::new();
+    let dir = TempDir::new();
+    // The journal, Postfix and Dovecot live in this thread's mount namespace;
+    // the lab's namespaces are made and removed outside it.
+    let (events, context) = std::thread::scope(|s| {
+        s.spawn(|| {
+            let journal = relay_guard_tests::journal::PrivateJournal::start(&dir.0);
+            let server = MailServerBuilder::new(&lab.server, &dir.0)
+                .syslog()
+                .dovecot(&[(USER, PASSWORD)])
+                .submission()
+                .start();
+            let (tx, mut rx) = tokio::sync::mpsc::channel(1024);
+            let watch = logwatch::spawn(vec![Source::Journal], tx).expect("logwatch starts");
+            // journalctl --since=now: let it start before the failures.
+            std::thread::sleep(Duration::from_secs(1));
+            fail_auths(&lab, DENIED_V4, 2);
+            fail_auths(&lab, DENIED_V6, 1);
+            let events = drain(&mut rx, Duration::from_secs(3), Duration::from_secs(30));
+            drop(watch);
+            let journal_text = Command::new("journalctl")
+                .args(["--no-pager", "-o", "short-iso"])
+                .output()
+                .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+                .unwrap_or_default();
+            drop(server);
+            drop(journal);
+            (events, journal_text)
+        })
+        .join()
+        .expect("journal thread")
+    });
+    let context = format!("events: {events:?}\n--- journal:\n{context}");
+    assert_eq!(failures_of(&events, DENIED_V4), 2, "{context}");
+    assert_eq!(failures_of(&events, DENIED_V6), 1, "{context}");
+    assert_eq!(unparsed(&events), 0, "{context}");
+    assert!(
+        context.contains("Password mismatch"),
+        "Dovecot's auth lines reach the journal: {context}"
+    );
+}
+
+/// One IMAP session from `src` to the server on 143: `attempts` LOGINs with
+/// a wrong password, then LOGOUT. Returns the server's lines.
+fn imap_failed_logins(lab: &Lab, src: &str, attempts: u32) -> String {
+    use std::io::{BufRead, BufReader, Write};
+
+    use socket2::{Domain, Protocol, Socket, Type};
+    let src_ip = lab::ip(src);
+    let dst = std::net::SocketAddr::new(Lab::server_addr_for(src), 143);
+    lab.client.run(move || {
+        let domain = if dst.is_ipv6() { Domain::IPV6 } else { Domain::IPV4 };
+        let s = Socket::new(domain, Type::STREAM, Some(Protocol::TCP)).expect("socket");
+        s.bind(&std::net::SocketAddr::new(src_ip, 0).into()).expect("bind");
+        s.connect_timeout(&dst.into(), Duration::from_secs(5))
+            .expect("connect to 143");
+        s.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+        let stream: std::net::TcpStream = s.into();
+        let mut w = stream.try_clone().expect("clone");
+        let mut r = BufReader::new(stream);
+        let mut transcript = String::new();
+        let mut read_until = |tag: &str, transcript: &mut String| loop {
+            let mut line = String::new();
+            let n = r.read_line(&mut line).expect("read IMAP reply");
+            transcript.push_str(&line);
+            if n == 0 || line.starts_with(tag) {
+                return line;
+            }
+        };
+        read_until("* OK", &mut transcript);
+        for i in 0..attempts {
+            write!(w, "a{i} LOGIN {USER} wrong\r\n").expect("send LOGIN");
+            let reply = read_until(&format!("a{i} "), &mut transcript);
+            assert!(
+                reply.starts_with(&format!("a{i} NO")),
+                "LOGIN should fail: {transcript}"
+            );
+        }
+        write!(w, "z LOGOUT\r\n").expect("send LOGOUT");
+        read_until("z ", &mut transcript);
+        transcript
+    })
+}
+
+/// Dovecot's own log (log_path) with IMAP: the imap-login process's
+/// `Disconnected (auth failed, N attempts ...)` line counts N for `rip`, and
+/// Dovecot's `auth:` lines for the same logins count nothing.
+#[test]
+fn dovecot_imap_login_failures_count_once() {
+    let test = "dovecot_imap_login_failures_count_once";
+    let mut tools = TOOLS.to_vec();
+    tools.push("/usr/lib/dovecot/imap");
+    if !require::privileged_with(test, &tools) {
+        return;
+    }
+    let lab = Lab::new();
+    let dir = TempDir::new();
+    let server = MailServerBuilder::new(&lab.server, &dir.0)
+        .dovecot(&[(USER, PASSWORD)])
+        .imap()
+        .start();
+    let dovecot_log = server.dovecot.as_ref().expect("dovecot").log.clone();
+    let (tx, mut rx) = tokio::sync::mpsc::channel(1024);
+    let watch = logwatch::spawn(vec![Source::File(dovecot_log.clone())], tx).expect("logwatch starts");
+    std::thread::sleep(Duration::from_millis(500));
+    imap_failed_logins(&lab, DENIED_V4, 3);
+    imap_failed_logins(&lab, DENIED_V6, 2);
+    let events = drain(&mut rx, Duration::from_secs(3), Duration::from_secs(30));
+    drop(watch);
+    let log = std::fs::read_to_string(&dovecot_log).unwrap_or_default();
+    let context = format!("events: {events:?}\n--- dovecot.log:\n{log}");
+    assert_eq!(failures_of(&events, DENIED_V4), 3, "{context}");
+    assert_eq!(failures_of(&events, DENIED_V6), 2, "{context}");
+    assert_eq!(unparsed(&events), 0, "{context}");
+    for e in &events {
+        if let LogEvent::Failure(f) = e {
+            assert_eq!(
+                (f.origin, f.service.as_str()),
+                (Origin::Dovecot, "imap-login"),
+                "{context}"
+            );
+        }
+    }
+    assert!(log.contains("Password mismatch"), "{context}");
 }

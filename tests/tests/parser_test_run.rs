@@ -195,11 +195,11 @@ fn random_config(rng: &mut StdRng, mode: Mode) -> Config {
         state_dir: PathBuf::from(relay_guard::config::DEFAULT_STATE_DIR),
         guards,
         relaytest: Default::default(),
+        bans: Vec::new(),
         list_files: Vec::new(),
         fingerprint: 0,
         xdp_priority: 10,
         xdp_dispatcher: false,
-        relaytest: Default::default(),
     }
 }
 

@@ -36,6 +36,8 @@ use anyhow::Context as _;
 use crate::{build_ebpf, run::is_root, toolchain};
 
 #[cfg(feature = "bench")]
+mod bans;
+#[cfg(feature = "bench")]
 mod bpf;
 #[cfg(feature = "bench")]
 mod dispatch;
@@ -109,6 +111,8 @@ pub enum Part {
     Load,
     /// End-to-end SYN flood across veth.
     E2e,
+    /// Bans: SYN cost with 0 and 100,000 bans, bans/s from a burst, restore.
+    Bans,
 }
 
 impl Options {

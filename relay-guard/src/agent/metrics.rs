@@ -50,6 +50,26 @@ pub struct LabelState {
     pub allow_counts: Vec<(String, usize, usize)>,
     /// What each counter slot stands for (refreshed after every sync).
     pub slots: crate::kernel::counters::Slots,
+    /// The ban drop counters and their labels (`agent::bans`).
+    pub bans: BanLabels,
+}
+
+/// What the collector needs for the `banned` packets: the ban counter map,
+/// the ban sections' names and the counter port slots.
+#[derive(Default, Clone)]
+pub struct BanLabels {
+    pub counters: Option<crate::kernel::bans::BanCounters>,
+    pub names: Vec<String>,
+    pub ports: BTreeMap<u32, u16>,
+}
+
+impl fmt::Debug for BanLabels {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("BanLabels")
+            .field("names", &self.names)
+            .field("ports", &self.ports)
+            .finish_non_exhaustive()
+    }
 }
 
 impl LabelState {
@@ -66,6 +86,7 @@ impl LabelState {
                     (g.name.clone(), v4, v6)
                 })
                 .collect(),
+            bans: BanLabels::default(),
         }
     }
 }
@@ -180,6 +201,23 @@ pub fn snapshot(counters: &Counters, labels: &LabelState) -> Result<CounterSnaps
             .packets
             .entry((iface, guard, k.port, family_name(k.family), verdict))
             .or_default() += total;
+    }
+    if let Some(c) = &labels.bans.counters {
+        let islots: Vec<u32> = labels.slots.ifaces.keys().copied().collect();
+        for b in crate::kernel::bans::read_counters(c, &islots, &labels.bans.ports, labels.bans.names.len())? {
+            let iface = match labels.slots.ifaces.get(&b.iface_slot) {
+                Some(ifindex) => labels
+                    .interfaces
+                    .get(ifindex)
+                    .cloned()
+                    .unwrap_or_else(|| format!("if{ifindex}")),
+                None => "unknown".to_string(),
+            };
+            let verdict = if b.would_drop { "would_drop" } else { "banned" };
+            let fam = if b.v6 { "ipv6" } else { "ipv4" };
+            let name = labels.bans.names.get(b.ban).cloned().unwrap_or_default();
+            *snap.packets.entry((iface, name, b.port, fam, verdict)).or_default() += b.packets;
+        }
     }
     Ok(snap)
 }

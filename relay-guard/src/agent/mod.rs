@@ -13,6 +13,7 @@
 //! through `kernel`, compiles through `policy`, reads files through `config`,
 //! and never prints (`commands` is the CLI boundary; the agent logs with
 //! `tracing`).
+pub mod bans;
 pub mod incremental;
 pub mod links;
 pub mod metrics;
@@ -92,6 +93,12 @@ pub enum Event {
     LinksChanged,
     /// The blocked-source logger task ended (why).
     BlockedLogEnded(String),
+    /// A failed login read from a `[[ban]]` section's logs.
+    AuthFailure(bans::AuthFailure),
+    /// A line of a `[[ban]]` section's logs that did not parse.
+    LogLineUnparsed(usize),
+    /// The periodic ban work (`bans::BanRunner::tick`) is due.
+    BanTick,
 }
 
 /// The signals the agent handles.
@@ -134,6 +141,11 @@ pub struct Agent {
     started_from_copy: bool,
     /// The scheduled open-relay test (`[relaytest]`).
     relaytest: relaytest::Scheduler,
+    /// Bans: the engine, its persistence and metrics.
+    bans: bans::BanRunner,
+    /// Failures and unparsed lines from the log followers.
+    ban_inputs: bans::Inputs,
+    ban_tick: tokio::time::Interval,
     /// Held until the agent is dropped, after everything above.
     _lock: AgentLock,
 }
@@ -215,10 +227,14 @@ impl Agent {
             save_state(&cfg, config_path, &live.index);
         }
 
+        let ban_runner =
+            bans::BanRunner::start(&cfg, &mut loaded.bans, loaded.adopted).context("failed to restore the bans")?;
+        let ban_inputs = bans::Inputs::start(&cfg);
         let slots = counters::slots(&loaded.maps).context("failed to read counter slots")?;
         let labels = Arc::new(RwLock::new(LabelState {
             interfaces: interfaces.clone(),
             slots,
+            bans: ban_runner.labels(&loaded.bans),
             ..base_labels
         }));
         let agent_metrics = AgentMetrics {
@@ -242,6 +258,7 @@ impl Agent {
         let mut registry = metrics::registry(Arc::clone(&loaded.maps.counters), Arc::clone(&labels), &agent_metrics);
         let relaytest_metrics = relaytest::Metrics::default();
         relaytest_metrics.register(&mut registry);
+        ban_runner.metrics.register(&mut registry);
         let registry = Arc::new(registry);
 
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -280,6 +297,9 @@ impl Agent {
             metrics_task,
             logger_task,
             started_from_copy: boot_errors.is_some(),
+            bans: ban_runner,
+            ban_inputs,
+            ban_tick: tokio::time::interval(bans::TICK),
             _lock: lock,
         })
     }
@@ -299,6 +319,9 @@ impl Agent {
                 Event::BlockedLogEnded(why) => {
                     error!(reason = %why, "the blocked-source logger stopped: blocked sources are no longer logged (the counters and `relay-guard top` still count them)");
                 }
+                Event::AuthFailure(f) => self.bans.failure(&mut self.loaded.bans, &f),
+                Event::LogLineUnparsed(section) => self.bans.unparsed(section),
+                Event::BanTick => self.bans.tick(&mut self.loaded.bans),
             }
         }
         self.stop().await;
@@ -314,6 +337,8 @@ impl Agent {
             Some(()) = self.watch.events.recv() => Event::FilesChanged,
             () = self.links.changed() => Event::LinksChanged,
             () = shutdown.as_mut() => Event::Stop("shutdown requested"),
+            Some(e) = self.ban_inputs.rx.recv() => e,
+            _ = self.ban_tick.tick() => Event::BanTick,
             ended = async { self.logger_task.as_mut().expect("checked by the branch condition").await }, if self.logger_task.is_some() => {
                 self.logger_task = None;
                 Event::BlockedLogEnded(match ended {
@@ -478,6 +503,11 @@ impl Agent {
                         Err(e) => warn!(error = %e, "failed to read counter slots; metrics labels may lag"),
                     }
                 }
+                self.bans.reconfigure(&new, &mut self.loaded.bans);
+                if self.bans.sections() != self.ban_inputs.sections.as_slice() {
+                    self.ban_inputs = bans::Inputs::start(&new);
+                }
+                new_labels.bans = self.bans.labels(&self.loaded.bans);
                 *self.labels.write().unwrap_or_else(std::sync::PoisonError::into_inner) = new_labels;
                 self.seen = new.fingerprint;
                 self.current = new;
@@ -511,6 +541,7 @@ impl Agent {
     /// attached: the relay never reopens because the agent stopped.
     async fn stop(mut self) {
         notify_systemd(&[NotifyState::Stopping]);
+        self.bans.save_now();
         if let Some(t) = self.logger_task.take() {
             t.abort();
         }

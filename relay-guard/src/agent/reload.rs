@@ -50,6 +50,7 @@ pub(super) fn delta_reload(
                     .collect(),
                 interfaces: interfaces.clone(),
                 slots,
+                bans: super::metrics::BanLabels::default(),
             };
             Some(Ok((new, labels)))
         }

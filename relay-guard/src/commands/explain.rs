@@ -52,6 +52,7 @@ pub fn execute(config_path: &Path, addr: IpAddr, port: u16, as_json: bool) -> an
             None
         }
     };
+    let ban = super::bans::deciding_ban(cfg.as_ref(), &pins, addr, port);
     let position = |bit: u8| bits.iter().position(|&b| b == bit);
     let name_of = |bit: u8| {
         position(bit)
@@ -92,7 +93,8 @@ pub fn execute(config_path: &Path, addr: IpAddr, port: u16, as_json: bool) -> an
         println!(
             "{}",
             serde_json::to_string_pretty(
-                &json!({"address": addr, "port": port, "config": c, "kernel": k, "agree": agree})
+                &json!({"address": addr, "port": port, "config": c, "kernel": k, "agree": agree,
+                    "ban": ban.as_ref().map(|(name, net, left)| json!({"ban": name, "prefix": net.to_string(), "seconds_left": left}))})
             )?
         );
         return Ok(if agree { 0 } else { 1 });
@@ -130,6 +132,11 @@ pub fn execute(config_path: &Path, addr: IpAddr, port: u16, as_json: bool) -> an
             prefix.map_or("none (no match: deny)".to_string(), |p| p.to_string()),
             if allowed { "ALLOW" } else { "DENY" }
         ),
+    }
+    if let Some((name, net, left)) = &ban {
+        println!(
+            "ban: {addr} is banned from port {port} by ban `{name}` ({net}, {left}s left): its packets are DROPPED whatever the guard says"
+        );
     }
     if config_error.is_some() {
         println!("the kernel keeps enforcing its last good policy; fix the config, then reload");

@@ -1,5 +1,6 @@
 //! One module per subcommand (bpfman's `cli/` shape). These are the CLI
 //! boundary: they print, and return anyhow errors with context.
+pub mod bans;
 pub mod check_config;
 pub mod detach;
 pub mod explain;
@@ -41,6 +42,11 @@ pub async fn execute(cli: Cli) -> anyhow::Result<i32> {
             )
             .await
         }
+        Command::Ban { target, length, ban } => {
+            bans::ban(&cli.config, &target, length.as_deref(), ban.as_deref()).map(|()| 0)
+        }
+        Command::Unban { target, ban } => bans::unban(&cli.config, &target, ban.as_deref()),
+        Command::Bans { json } => bans::list(&cli.config, json).map(|()| 0),
     }
 }
 

@@ -10,6 +10,7 @@
 //! other module of the crate, makes no bpf syscall and holds no state between
 //! loads. Inside it, `mod.rs` uses `lists`, and `lists` uses only `entry` and
 //! `fingerprint`, so there is no import circle.
+pub mod ban;
 mod entry;
 mod fingerprint;
 pub mod lists;
@@ -90,6 +91,8 @@ struct RawConfig {
     #[serde(default)]
     guard: Vec<Spanned<RawGuard>>,
     relaytest: Option<relaytest::RawRelaytest>,
+    #[serde(default)]
+    ban: Vec<Spanned<ban::RawBan>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -153,6 +156,8 @@ pub struct Config {
     pub guards: Vec<Guard>,
     /// The `[relaytest]` section (defaults, disabled, when absent).
     pub relaytest: relaytest::Relaytest,
+    /// The `[[ban]]` sections (SPEC.md "Bans").
+    pub bans: Vec<ban::Ban>,
     /// Every list file read, so a watcher can follow them.
     pub list_files: Vec<PathBuf>,
     /// Hash of the bytes this config was built from (the config text and
@@ -399,6 +404,10 @@ impl Validator<'_> {
             Some(r) => relaytest::validate(r, &mut |span, what| self.err(span, what)),
             None => relaytest::Relaytest::default(),
         };
+        let line_of = |offset: usize| self.line_of(offset);
+        let mut ban_errors = Vec::new();
+        let bans = ban::validate_bans(&raw.ban, self.path, &line_of, &mut ban_errors);
+        self.errors.extend(ban_errors);
 
         Config {
             path: self.path.to_path_buf(),
@@ -412,6 +421,7 @@ impl Validator<'_> {
             state_dir,
             guards,
             relaytest,
+            bans,
             list_files: std::mem::take(&mut self.list_files),
             fingerprint: std::hash::Hasher::finish(&self.fp),
         }

@@ -38,6 +38,8 @@ pub struct Loaded {
     /// Owns the program (and unpinned links).
     ebpf: Ebpf,
     pub maps: Maps,
+    /// The ban maps (`kernel::bans`).
+    pub bans: crate::kernel::bans::BanMaps,
     /// Where state is pinned, if it is.
     pub(crate) pins: Option<Pins>,
     /// True when the maps were adopted from pinned state (counters kept).
@@ -97,6 +99,8 @@ impl Loaded {
         }
         let mut ebpf = loader.load(EBPF_OBJECT).map_err(LoadError::Object)?;
         let maps = Maps::from_source(|name| ebpf.take_map(name).ok_or(LoadError::NoMap { name }))?;
+        let bans =
+            crate::kernel::bans::BanMaps::from_source(|name| ebpf.take_map(name).ok_or(LoadError::NoMap { name }))?;
         let prog: &mut Xdp = ebpf
             .program_mut(PROGRAM_NAME)
             .ok_or(LoadError::NoProgram { name: PROGRAM_NAME })?
@@ -128,6 +132,7 @@ impl Loaded {
         Ok(Loaded {
             ebpf,
             maps,
+            bans,
             pins: pins.cloned(),
             adopted,
             logger,

@@ -10,6 +10,7 @@
 //! May use `policy` (what to write) and `config` (its types); never `agent`
 //! or `commands`. Holds no long-running state of its own: the agent owns the
 //! handles these functions return.
+pub mod bans;
 pub mod counters;
 pub mod dispatcher;
 pub mod events;

@@ -17,6 +17,7 @@
 //! (`tables`) and the IPv6 trie (`tables6`), as plain values. It uses only
 //! `config`, makes no syscall and keeps no state: `kernel::sync` writes what
 //! it computes.
+pub mod bans;
 pub mod tables;
 pub mod tables6;
 

@@ -52,6 +52,7 @@ fn config(mode: Mode, guards: Vec<Guard>) -> Config {
         state_dir: PathBuf::from(crate::config::DEFAULT_STATE_DIR),
         guards,
         relaytest: Default::default(),
+        bans: Vec::new(),
         list_files: Vec::new(),
         fingerprint: 0,
     }

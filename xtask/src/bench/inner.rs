@@ -60,7 +60,7 @@ impl Plan {
             );
         }
         let flood = o.flood.unwrap_or(if q { 300_000 } else { 3_000_000 });
-        let parts = [Part::TestRun, Part::Load, Part::E2e]
+        let parts = [Part::TestRun, Part::Load, Part::E2e, Part::Bans]
             .into_iter()
             .filter(|p| !o.skip.contains(p))
             .collect();
@@ -222,6 +222,20 @@ pub fn run(o: &Options) -> anyhow::Result<()> {
         }
     }
     drop(loaded);
+    if plan.has(Part::Bans) {
+        match super::bans::run(&plan, &dir.0) {
+            Ok(r) => results.notes.push(format!(
+                "bans: SYN :25 denied {:.1}/{:.1} ns, allowed {:.1}/{:.1} ns at 0/{} bans; {:.0} bans/s from a burst; restore of {} saved bans {:.0} ms",
+                r.costs[0].2, r.costs[2].2, r.costs[1].2, r.costs[3].2, super::bans::BANS,
+                r.burst_bans_per_s, super::bans::BANS, r.restore.as_secs_f64() * 1e3
+            )),
+            Err(e) => {
+                sys::check_stop()?;
+                println!("bench: bans part failed: {e:#}");
+                results.notes.push(format!("bans part failed: {e:#}"));
+            }
+        }
+    }
     drop(lab);
     results.elapsed = started.elapsed();
     report::write(&plan, &mut results)

@@ -390,7 +390,7 @@ fn diff_sync(plan: &Plan, dir: &Path, list: &[IpNet], loaded: &mut Loaded) -> an
     let (cfg0, index) = Config::load_indexed(&p0).map_err(|e| anyhow::anyhow!("bench config is invalid:\n{e}"))?;
     let policy = Policy::compile(&cfg0);
     drop(cfg0);
-    let (_, shadow) = sync::apply_full(&mut loaded.maps, &policy, &[]).context("sync::apply_full")?;
+    let (_, shadow, _) = sync::apply_full(&mut loaded.maps, &policy, None, &[]).context("sync::apply_full")?;
     let cfg0 = Config::parse(&p0, &t0).map_err(|e| anyhow::anyhow!("{e}"))?;
     let mut live = relay_guard::agent::incremental::Live::new(&cfg0, index, policy, shadow);
     drop(cfg0);

@@ -1,0 +1,497 @@
+//! Bans (SPEC.md "Bans"), enforced by the real XDP program on veth between
+//! namespaces: `relay-guard ban`/`unban`/`bans` against the pinned maps,
+//! port scope (guarded and unguarded ports), IPv6 prefixes, `never`, kernel
+//! expiry with the agent down, escalation, SIGKILL and a simulated reboot,
+//! monitor mode, and a ban from failures in a log file.
+use std::{
+    net::IpAddr,
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+use nix::sys::signal::Signal;
+use relay_guard_tests::{
+    agent::{Agent, DetachOnDrop, METRICS, TempDir, cli},
+    lab::{ALLOWED_V4, ALLOWED_V6, CLIENT_MAC, DENIED_V6, Lab, SERVER_V4, SERVER_V6, ip, pin_dir, scrape},
+    net::{BannerServer, connect_banner, metric},
+    netns::NetNs,
+    require,
+};
+
+/// Ports: 25 guarded (relay) and not banned; 587 guarded and banned; 2525
+/// not guarded but banned.
+const NOT_BANNED: u16 = 25;
+const BANNED_GUARDED: u16 = 587;
+const BANNED_FREE: u16 = 2525;
+/// Another address of ALLOWED_V6's /64, and one outside it.
+const SAME_64: &str = "2001:db8:a::99";
+
+fn config_text(lab: &Lab, pins: &Path, state: &Path, mode: &str, ban_extra: &str) -> String {
+    format!(
+        r#"interfaces = ["{iface}"]
+mode = "{mode}"
+metrics_listen = "{METRICS}"
+pin_dir = "{pins}"
+state_dir = "{state}"
+
+[[guard]]
+name = "relay"
+ports = [25]
+allow = ["{ALLOWED_V4}/32", "2001:db8:a::/48", "2001:db8:d::/48"]
+
+[[guard]]
+name = "submission"
+ports = [587]
+allow = ["{ALLOWED_V4}/32", "2001:db8:a::/48", "2001:db8:d::/48"]
+
+[[ban]]
+name = "sasl"
+ports = [587, 2525]
+{ban_time}
+max_ban_time = "1h"
+ipv6_prefix = 64
+never = ["198.51.100.0/24"]
+{ban_extra}
+"#,
+        iface = lab.server_if,
+        pins = pins.display(),
+        state = state.display(),
+        ban_time = if ban_extra.contains("ban_time") {
+            ""
+        } else {
+            "ban_time = \"3s\""
+        },
+    )
+}
+
+struct Setup {
+    // Drop order: agent first (declared by the caller after this), then
+    // the detach, then the server.
+    _detach: DetachOnDrop,
+    _server: BannerServer,
+    config: PathBuf,
+    state: PathBuf,
+}
+
+fn setup(lab: &Lab, dir: &TempDir, mode: &str, ban_extra: &str) -> Setup {
+    let pins = pin_dir("bans-");
+    let state = dir.0.join("state");
+    let config = dir.write("relay-guard.toml", &config_text(lab, &pins, &state, mode, ban_extra));
+    // A second address of the /64 on the client, reachable from the server.
+    lab.client
+        .ip(&["addr", "add", &format!("{SAME_64}/128"), "dev", &lab.client_if, "nodad"]);
+    lab.server.ip(&[
+        "neigh",
+        "replace",
+        SAME_64,
+        "lladdr",
+        CLIENT_MAC,
+        "dev",
+        &lab.server_if,
+        "nud",
+        "permanent",
+    ]);
+    Setup {
+        _server: BannerServer::start(&lab.server, &[NOT_BANNED, BANNED_GUARDED, BANNED_FREE]),
+        _detach: DetachOnDrop::new(config.clone(), pins),
+        config,
+        state,
+    }
+}
+
+fn server_for(src: &str) -> IpAddr {
+    ip(if src.contains(':') { SERVER_V6 } else { SERVER_V4 })
+}
+
+/// Whether `src` gets the banner on `port` (within 400 ms when it does not).
+fn reaches(lab: &Lab, src: &str, port: u16) -> bool {
+    connect_banner(&lab.client, ip(src), server_for(src), port, Duration::from_millis(400)).is_ok()
+}
+
+fn ban(config: &Path, args: &[&str]) -> String {
+    let mut all = vec!["ban"];
+    all.extend_from_slice(args);
+    let (status, out) = cli(config, &all);
+    assert!(status.success(), "relay-guard {all:?} failed: {out}");
+    out
+}
+
+fn bans_json(config: &Path) -> Vec<serde_json::Value> {
+    let (status, out) = cli(config, &["bans", "--json"]);
+    assert!(status.success(), "bans --json: {out}");
+    serde_json::from_str::<serde_json::Value>(&out)
+        .unwrap_or_else(|e| panic!("bans --json is not JSON ({e}): {out}"))
+        .as_array()
+        .expect("an array")
+        .clone()
+}
+
+fn ban_of<'a>(list: &'a [serde_json::Value], prefix: &str) -> Option<&'a serde_json::Value> {
+    list.iter().find(|b| b["prefix"] == prefix)
+}
+
+/// nft counters of SYNs that got past XDP into the server's stack.
+struct Behind<'a> {
+    ns: &'a NetNs,
+}
+
+impl<'a> Behind<'a> {
+    fn install(ns: &'a NetNs, sources: &[&str], ports: &[u16]) -> Behind<'a> {
+        let mut rules = String::from(
+            "table inet rgbanin {\n chain inp {\n  type filter hook input priority -500; policy accept;\n",
+        );
+        for src in sources {
+            let fam = if src.contains(':') { "ip6" } else { "ip" };
+            for port in ports {
+                rules += &format!(
+                    "  {fam} saddr {src} tcp dport {port} tcp flags & (syn | ack) == syn counter comment \"{src} {port}\"\n"
+                );
+            }
+        }
+        rules += " }\n}\n";
+        let file = std::env::temp_dir().join(format!("{}.nft", relay_guard_tests::netns::unique("bans-nft")));
+        std::fs::write(&file, rules).expect("write nft rules");
+        ns.exec(&["nft", "-f", file.to_str().expect("utf-8")]);
+        let _ = std::fs::remove_file(&file);
+        Behind { ns }
+    }
+
+    fn syns(&self, src: &str, port: u16) -> u64 {
+        let json = self.ns.exec(&["nft", "-j", "list", "table", "inet", "rgbanin"]);
+        let v: serde_json::Value = serde_json::from_str(&json).expect("nft -j output is JSON");
+        let want = format!("{src} {port}");
+        for item in v["nftables"].as_array().expect("nftables array") {
+            let rule = &item["rule"];
+            if rule["comment"].as_str() == Some(want.as_str()) {
+                for e in rule["expr"].as_array().expect("expr array") {
+                    if let Some(p) = e["counter"]["packets"].as_u64() {
+                        return p;
+                    }
+                }
+            }
+        }
+        panic!("no nft counter for {want}")
+    }
+}
+
+/// A CLI ban drops the source's SYNs to the ban's ports (a guarded one it
+/// was allowed on, and an unguarded one) and to no other port; nothing
+/// leaks past XDP; the drops are counted as `banned` under the ban's name;
+/// `bans`, `explain` show it; `unban` lifts it; `never` cannot be banned.
+#[test]
+fn cli_ban_drops_the_ban_ports_only() {
+    if !require::privileged("cli_ban_drops_the_ban_ports_only") {
+        return;
+    }
+    let lab = Lab::new();
+    let dir = TempDir::new();
+    let s = setup(&lab, &dir, "enforce", "");
+    let _agent = Agent::start(&lab.server, s.config.clone(), &dir);
+    for port in [NOT_BANNED, BANNED_GUARDED, BANNED_FREE] {
+        assert!(reaches(&lab, ALLOWED_V4, port), "before the ban, port {port}");
+    }
+    let behind = Behind::install(&lab.server, &[ALLOWED_V4], &[BANNED_GUARDED, BANNED_FREE]);
+    let before = (
+        behind.syns(ALLOWED_V4, BANNED_GUARDED),
+        behind.syns(ALLOWED_V4, BANNED_FREE),
+    );
+
+    let out = ban(&s.config, &[ALLOWED_V4, "--for", "1h"]);
+    assert!(out.contains("banned 192.0.2.10/32"), "{out}");
+    for _ in 0..3 {
+        assert!(
+            !reaches(&lab, ALLOWED_V4, BANNED_GUARDED),
+            "banned source reached {BANNED_GUARDED}"
+        );
+        assert!(
+            !reaches(&lab, ALLOWED_V4, BANNED_FREE),
+            "banned source reached {BANNED_FREE}"
+        );
+    }
+    assert!(
+        reaches(&lab, ALLOWED_V4, NOT_BANNED),
+        "port {NOT_BANNED} is not a ban port"
+    );
+    assert!(
+        reaches(&lab, ALLOWED_V6, BANNED_GUARDED),
+        "another source is not banned"
+    );
+    assert_eq!(
+        (
+            behind.syns(ALLOWED_V4, BANNED_GUARDED),
+            behind.syns(ALLOWED_V4, BANNED_FREE)
+        ),
+        before,
+        "SYNs of the banned source got past XDP"
+    );
+    let text = scrape(&lab);
+    let dropped = metric(
+        &text,
+        "relay_guard_packets_total",
+        &[
+            ("guard", "sasl"),
+            ("port", "2525"),
+            ("verdict", "banned"),
+            ("family", "ipv4"),
+        ],
+    );
+    assert!(dropped >= 3.0, "banned drops counted: {dropped}\n{text}");
+
+    let list = bans_json(&s.config);
+    let b = ban_of(&list, "192.0.2.10/32").unwrap_or_else(|| panic!("bans lists it: {list:?}"));
+    assert_eq!(b["ban"], "sasl");
+    let left = b["expires_in_seconds"].as_u64().expect("expires_in_seconds");
+    assert!((3500..=3600).contains(&left), "{b}");
+    let (_, explain) = cli(&s.config, &["explain", ALLOWED_V4, "587"]);
+    assert!(explain.contains("banned from port 587 by ban `sasl`"), "{explain}");
+
+    // The agent takes the CLI's ban in (bans.json) and does not undo it.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !std::fs::read_to_string(s.state.join("bans.json")).is_ok_and(|t| t.contains("192.0.2.10/32")) {
+        assert!(Instant::now() < deadline, "the agent did not save the CLI's ban");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        !reaches(&lab, ALLOWED_V4, BANNED_GUARDED),
+        "still banned after the agent's tick"
+    );
+
+    let (status, out) = cli(&s.config, &["unban", ALLOWED_V4]);
+    assert!(status.success(), "unban: {out}");
+    assert!(reaches(&lab, ALLOWED_V4, BANNED_GUARDED), "unbanned source reaches 587");
+    let (status, out) = cli(&s.config, &["unban", ALLOWED_V4]);
+    assert_eq!(status.code(), Some(1), "a second unban finds nothing: {out}");
+
+    // never always wins.
+    let (status, out) = cli(&s.config, &["ban", "198.51.100.0/24"]);
+    assert!(!status.success() && out.contains("never"), "{out}");
+    let (status, out) = cli(&s.config, &["ban", "198.51.0.0/16"]);
+    assert!(!status.success() && out.contains("never"), "{out}");
+}
+
+/// An IPv6 ban of a /64 covers every address of it and nothing outside.
+#[test]
+fn ipv6_ban_covers_the_64() {
+    if !require::privileged("ipv6_ban_covers_the_64") {
+        return;
+    }
+    let lab = Lab::new();
+    let dir = TempDir::new();
+    let s = setup(&lab, &dir, "enforce", "");
+    let _agent = Agent::start(&lab.server, s.config.clone(), &dir);
+    for src in [ALLOWED_V6, SAME_64, DENIED_V6] {
+        assert!(reaches(&lab, src, BANNED_FREE), "{src} before the ban");
+    }
+    ban(&s.config, &["2001:db8:a::/64", "--for", "10m"]);
+    assert!(
+        !reaches(&lab, ALLOWED_V6, BANNED_FREE),
+        "{ALLOWED_V6} is in the banned /64"
+    );
+    assert!(
+        !reaches(&lab, SAME_64, BANNED_GUARDED),
+        "{SAME_64} is in the banned /64"
+    );
+    assert!(reaches(&lab, DENIED_V6, BANNED_FREE), "{DENIED_V6} is outside the /64");
+    assert!(reaches(&lab, SAME_64, NOT_BANNED), "port 25 is not a ban port");
+}
+
+/// Bans are the kernel's: they hold through SIGKILL of the agent, expire on
+/// time with the agent down, a second ban of the same source lasts twice as
+/// long, and after a simulated reboot (detach: program and pins gone) the
+/// agent restores them from state_dir with the time left.
+#[test]
+fn bans_survive_sigkill_and_reboot_and_expire_in_the_kernel() {
+    if !require::privileged("bans_survive_sigkill_and_reboot_and_expire_in_the_kernel") {
+        return;
+    }
+    let lab = Lab::new();
+    let dir = TempDir::new();
+    let s = setup(&lab, &dir, "enforce", "");
+    let mut agent = Agent::start(&lab.server, s.config.clone(), &dir);
+    // Long: 2001:db8:a::/64 for 1h. Short: ALLOWED_V4 for ban_time (3s).
+    ban(&s.config, &["2001:db8:a::/64", "--for", "1h"]);
+    let out = ban(&s.config, &[ALLOWED_V4]);
+    let banned_at = Instant::now();
+    assert!(out.contains("for 3s"), "{out}");
+    // Let the agent take both in and save them.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !std::fs::read_to_string(s.state.join("bans.json")).is_ok_and(|t| t.contains("2001:db8:a::/64")) {
+        assert!(Instant::now() < deadline, "the agent did not save the bans");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    agent.signal(Signal::SIGKILL);
+    agent.wait(Duration::from_secs(5));
+    assert!(
+        !reaches(&lab, ALLOWED_V4, BANNED_GUARDED),
+        "short ban holds after SIGKILL"
+    );
+    assert!(
+        !reaches(&lab, ALLOWED_V6, BANNED_GUARDED),
+        "long ban holds after SIGKILL"
+    );
+
+    // Expires in the kernel, agent down.
+    std::thread::sleep(Duration::from_millis(3300).saturating_sub(banned_at.elapsed()));
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while !reaches(&lab, ALLOWED_V4, BANNED_GUARDED) {
+        assert!(
+            Instant::now() < deadline,
+            "the 3 s ban did not lift with the agent down"
+        );
+    }
+    let lifted_after = banned_at.elapsed();
+    assert!(lifted_after >= Duration::from_secs(3), "lifted early: {lifted_after:?}");
+    assert!(!reaches(&lab, ALLOWED_V6, BANNED_GUARDED), "the 1h ban still holds");
+
+    // The second ban of the same source: twice as long (6 s).
+    let out = ban(&s.config, &[ALLOWED_V4]);
+    assert!(out.contains("for 6s") && out.contains("ban number 2"), "{out}");
+    let second_at = Instant::now();
+    let list = bans_json(&s.config);
+    let b = ban_of(&list, "192.0.2.10/32").unwrap_or_else(|| panic!("{list:?}"));
+    assert_eq!(b["times_banned"], 2, "{b}");
+    std::thread::sleep(Duration::from_millis(4000));
+    assert!(
+        !reaches(&lab, ALLOWED_V4, BANNED_GUARDED),
+        "second ban still holds after 4 s"
+    );
+    let deadline = second_at + Duration::from_secs(8);
+    while !reaches(&lab, ALLOWED_V4, BANNED_GUARDED) {
+        assert!(Instant::now() < deadline, "the 6 s ban did not lift");
+    }
+    assert!(second_at.elapsed() >= Duration::from_secs(6), "second ban lifted early");
+
+    // Simulated reboot: program, links and pins gone; start from state_dir.
+    let (status, out) = cli(&s.config, &["detach"]);
+    assert!(status.success(), "detach: {out}");
+    assert!(reaches(&lab, ALLOWED_V6, BANNED_GUARDED), "no filter after detach");
+    let _agent = Agent::start(&lab.server, s.config.clone(), &dir);
+    assert!(
+        !reaches(&lab, ALLOWED_V6, BANNED_GUARDED),
+        "the 1h ban is restored after the reboot"
+    );
+    assert!(
+        reaches(&lab, ALLOWED_V4, BANNED_GUARDED),
+        "the expired ban is not restored"
+    );
+    let list = bans_json(&s.config);
+    let b = ban_of(&list, "2001:db8:a::/64").unwrap_or_else(|| panic!("{list:?}"));
+    let left = b["expires_in_seconds"].as_u64().expect("seconds");
+    assert!((3500..3600).contains(&left), "restored with the time left: {b}");
+    assert!(ban_of(&list, "192.0.2.10/32").is_none(), "{list:?}");
+}
+
+/// Monitor mode: a banned source passes, counted as would_drop.
+#[test]
+fn monitor_mode_counts_would_drop() {
+    if !require::privileged("monitor_mode_counts_would_drop") {
+        return;
+    }
+    let lab = Lab::new();
+    let dir = TempDir::new();
+    let s = setup(&lab, &dir, "monitor", "");
+    let _agent = Agent::start(&lab.server, s.config.clone(), &dir);
+    ban(&s.config, &[ALLOWED_V4, "--for", "1h"]);
+    assert!(
+        reaches(&lab, ALLOWED_V4, BANNED_FREE),
+        "monitor mode passes a banned source"
+    );
+    let text = scrape(&lab);
+    let would = metric(
+        &text,
+        "relay_guard_packets_total",
+        &[("guard", "sasl"), ("port", "2525"), ("verdict", "would_drop")],
+    );
+    assert!(would >= 1.0, "would_drop counted: {would}\n{text}");
+    assert_eq!(
+        metric(
+            &text,
+            "relay_guard_packets_total",
+            &[("guard", "sasl"), ("verdict", "banned")]
+        ),
+        0.0
+    );
+}
+
+/// Failed logins written to a followed log ban the source after `failures`
+/// of them; a `never` source is not banned however often it fails; the
+/// metrics count both.
+#[test]
+fn log_failures_ban_the_source() {
+    if !require::privileged_with("log_failures_ban_the_source", &["promtool"]) {
+        return;
+    }
+    let lab = Lab::new();
+    let dir = TempDir::new();
+    let log = dir.write("mail.log", "");
+    let extra = format!(
+        "log_files = [\"{}\"]\nfailures = 3\nwindow = \"1m\"\nban_time = \"10m\"",
+        log.display()
+    );
+    let s = setup(&lab, &dir, "enforce", &extra);
+    let agent = Agent::start(&lab.server, s.config.clone(), &dir);
+    let line = |src: &str, n: u32| {
+        format!(
+            "Dec  2 01:00:{n:02} mx postfix/submission/smtpd[{}]: warning: unknown[{src}]: SASL LOGIN authentication failed: authentication failure\n",
+            100 + n
+        )
+    };
+    let append = |text: &str| {
+        use std::io::Write as _;
+        let mut f = std::fs::OpenOptions::new().append(true).open(&log).expect("open log");
+        f.write_all(text.as_bytes()).expect("append");
+    };
+    // The follower reads from the end: give it time to open the file.
+    std::thread::sleep(Duration::from_millis(800));
+    for n in 0..5 {
+        append(&line("198.51.100.20", n));
+    }
+    append("this is not a mail log line\n");
+    for n in 0..2 {
+        append(&line(ALLOWED_V4, n));
+    }
+    std::thread::sleep(Duration::from_millis(800));
+    assert!(reaches(&lab, ALLOWED_V4, BANNED_GUARDED), "two failures do not ban");
+    append(&line(ALLOWED_V4, 3));
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while reaches(&lab, ALLOWED_V4, BANNED_GUARDED) {
+        assert!(Instant::now() < deadline, "the third failure did not ban the source");
+    }
+    assert!(reaches(&lab, ALLOWED_V4, NOT_BANNED), "port 25 is not a ban port");
+    let text = scrape(&lab);
+    assert_eq!(
+        metric(
+            &text,
+            "relay_guard_auth_failures_total",
+            &[("ban", "sasl"), ("source", "postfix")]
+        ),
+        8.0,
+        "{text}"
+    );
+    assert_eq!(
+        metric(
+            &text,
+            "relay_guard_ban_events_total",
+            &[("ban", "sasl"), ("action", "banned")]
+        ),
+        1.0,
+        "only the non-never source is banned: {text}"
+    );
+    assert_eq!(
+        metric(&text, "relay_guard_bans", &[("ban", "sasl"), ("family", "ipv4")]),
+        1.0
+    );
+    let list = bans_json(&s.config);
+    assert!(
+        ban_of(&list, "198.51.100.20/32").is_none(),
+        "never source banned: {list:?}"
+    );
+    let b = ban_of(&list, "192.0.2.10/32").unwrap_or_else(|| panic!("{list:?}"));
+    assert_eq!(
+        b["failures"],
+        3,
+        "{b}\n{}\n{}",
+        std::fs::read_to_string(s.state.join("bans.json")).unwrap_or_default(),
+        agent.log_text()
+    );
+}

@@ -1,0 +1,178 @@
+//! Bans (SPEC.md "Bans"): what the ban check adds to the guarded SYN path,
+//! how fast the agent applies bans, and how long a start takes to restore
+//! saved ones.
+//!
+//! 1. Per-packet cost (`BPF_PROG_TEST_RUN`): a denied and an allowed IPv4
+//!    SYN to :25, where a `[[ban]]` section covers :25 (so every packet
+//!    pays the ban check), with 0 and with 100,000 active bans (random
+//!    /32s in 198.18.0.0/15 and 100.64.0.0/10, none of them the test
+//!    sources); and a banned SYN at 100,000.
+//! 2. Bans per second from a burst: 100,000 distinct sources each failing
+//!    once (`failures = 1`) through the agent's path (engine, then the
+//!    kernel write), timed as a whole.
+//! 3. Start-up restore: `BanRunner::start` (what `relay-guard run` calls)
+//!    on fresh maps with 100,000 bans saved in `state_dir`.
+use std::{
+    net::{IpAddr, Ipv4Addr},
+    os::fd::AsFd as _,
+    path::Path,
+    time::{Duration, Instant, SystemTime},
+};
+
+use anyhow::Context as _;
+use relay_guard::{
+    agent::bans::{AuthFailure, BanRunner, save},
+    config::Config,
+    kernel::{loader::Loaded, sync},
+    policy::{Policy, bans::FailureOrigin},
+};
+
+use super::{
+    bpf::{self, XDP_DROP, XDP_PASS},
+    frames,
+    inner::Plan,
+    prefixes::{ALLOWED_V4, DENIED_V4, SERVER_V4},
+    sys::{check_stop, median, record},
+};
+
+pub const BANS: usize = 100_000;
+
+/// The figures of this part.
+#[derive(Debug, Clone, Default)]
+pub struct Output {
+    /// (packet, bans, median ns/run).
+    pub costs: Vec<(&'static str, usize, f64)>,
+    pub burst_bans_per_s: f64,
+    pub burst: Duration,
+    pub restore: Duration,
+}
+
+fn config(dir: &Path, pin_dir: &Path, state: &Path) -> anyhow::Result<Config> {
+    let text = format!(
+        r#"interfaces = ["lo"]
+pin_dir = "{pins}"
+state_dir = "{state}"
+metrics_listen = ""
+[[guard]]
+name = "relay"
+ports = [25]
+allow = ["{ALLOWED_V4}/32"]
+[[ban]]
+name = "sasl"
+ports = [25, 587]
+failures = 1
+ban_time = "1h"
+"#,
+        pins = pin_dir.display(),
+        state = state.display()
+    );
+    let path = dir.join("bans-bench.toml");
+    std::fs::write(&path, &text)?;
+    Config::parse(&path, &text).map_err(|e| anyhow::anyhow!("{e}"))
+}
+
+/// The `n`-th banned source: spread over 198.18.0.0/15 and 100.64.0.0/10.
+fn source(n: usize) -> Ipv4Addr {
+    let n = n as u32;
+    if n % 2 == 0 {
+        Ipv4Addr::from(0xC612_0000 | ((n / 2).wrapping_mul(2_654_435_761) & 0x1_ffff))
+    } else {
+        Ipv4Addr::from(0x6440_0000 | ((n / 2).wrapping_mul(2_654_435_761) & 0x3f_ffff))
+    }
+}
+
+fn cost(plan: &Plan, loaded: &mut Loaded, frame: &[u8], expect: u32) -> anyhow::Result<f64> {
+    let fd = loaded.program().fd()?.as_fd().try_clone_to_owned()?;
+    let mut s = Vec::new();
+    for _ in 0..plan.runs {
+        check_stop()?;
+        let (v, ns) = bpf::test_run(fd.as_fd(), frame, plan.repeat)?;
+        anyhow::ensure!(v == expect, "verdict {v}, expected {expect}");
+        s.push(f64::from(ns));
+    }
+    Ok(median(&s))
+}
+
+pub fn run(plan: &Plan, dir: &Path) -> anyhow::Result<Output> {
+    let mut out = Output::default();
+    let state = dir.join("bans-state");
+    let cfg = config(dir, &plan.pin_dir, &state)?;
+    let mut loaded = Loaded::load().context("Loaded::load")?;
+    sync::apply(&mut loaded.maps, &Policy::compile(&cfg)).context("sync::apply")?;
+    let _ = std::fs::remove_dir_all(&state);
+    let mut runner = BanRunner::start(&cfg, &mut loaded.bans, false)?;
+    record(format!(
+        "bans: BPF_PROG_TEST_RUN x {} runs (repeat {}), :25 covered by a [[ban]]; 0 and {BANS} bans",
+        plan.runs, plan.repeat
+    ));
+    let denied = frames::syn_v4(DENIED_V4, SERVER_V4, 25);
+    let allowed = frames::syn_v4(ALLOWED_V4, SERVER_V4, 25);
+    println!("bench: bans: per-packet cost at 0 bans");
+    out.costs
+        .push(("denied IPv4 SYN :25", 0, cost(plan, &mut loaded, &denied, XDP_DROP)?));
+    out.costs
+        .push(("allowed IPv4 SYN :25", 0, cost(plan, &mut loaded, &allowed, XDP_PASS)?));
+
+    println!("bench: bans: {BANS} failures from distinct sources (failures = 1)");
+    let at = SystemTime::now();
+    let t = Instant::now();
+    for n in 0..BANS {
+        let f = AuthFailure {
+            ban: 0,
+            source: IpAddr::V4(source(n)),
+            origin: FailureOrigin::Postfix,
+            at,
+        };
+        runner.failure(&mut loaded.bans, &f);
+    }
+    out.burst = t.elapsed();
+    out.burst_bans_per_s = BANS as f64 / out.burst.as_secs_f64();
+    runner.save_now();
+
+    println!("bench: bans: per-packet cost at {BANS} bans");
+    out.costs
+        .push(("denied IPv4 SYN :25", BANS, cost(plan, &mut loaded, &denied, XDP_DROP)?));
+    out.costs.push((
+        "allowed IPv4 SYN :25",
+        BANS,
+        cost(plan, &mut loaded, &allowed, XDP_PASS)?,
+    ));
+    let banned = frames::syn_v4(source(7), SERVER_V4, 25);
+    out.costs
+        .push(("banned IPv4 SYN :25", BANS, cost(plan, &mut loaded, &banned, XDP_DROP)?));
+    drop(runner);
+    drop(loaded);
+
+    // Restore: fresh maps, the saved list as the agent wrote it.
+    let saved = relay_guard::agent::bans::load_saved(&state);
+    anyhow::ensure!(saved.len() >= BANS, "saved {} bans", saved.len());
+    save(&state, saved)?;
+    let mut fresh = Loaded::load().context("Loaded::load")?;
+    println!("bench: bans: restoring {BANS} saved bans");
+    let t = Instant::now();
+    let runner = BanRunner::start(&cfg, &mut fresh.bans, false)?;
+    out.restore = t.elapsed();
+    drop(runner);
+    let banned_frame = frames::syn_v4(source(11), SERVER_V4, 25);
+    let (v, _) = bpf::test_run(fresh.program().fd()?.as_fd(), &banned_frame, 1)?;
+    anyhow::ensure!(v == XDP_DROP, "a restored ban does not drop (verdict {v})");
+    let _ = std::fs::remove_dir_all(&state);
+    print(&out);
+    Ok(out)
+}
+
+pub fn print(o: &Output) {
+    println!("\nbans: per-packet cost (median ns per BPF_PROG_TEST_RUN run)");
+    for (name, n, ns) in &o.costs {
+        println!("  {name:<24} {n:>7} bans  {ns:>6.1} ns");
+    }
+    println!(
+        "bans: burst of {BANS} failures -> {BANS} bans in {:.1} ms: {:.0} bans/s",
+        o.burst.as_secs_f64() * 1e3,
+        o.burst_bans_per_s
+    );
+    println!(
+        "bans: start-up restore of {BANS} saved bans: {:.1} ms",
+        o.restore.as_secs_f64() * 1e3
+    );
+}
