@@ -344,8 +344,17 @@ fn oci_image_is_reproducible_and_runs_as_the_daemonset() {
     let cg = MemCgroup::new();
     let procs = cg.dir.join("cgroup.procs");
     let started = Instant::now();
+    // systemd-nspawn 252 applies neither the bundle's noNewPrivileges nor
+    // root.readonly (the checks below caught both): say them on the
+    // command line too.
+    let no_new_privs = format!("--no-new-privileges={}", sc["allowPrivilegeEscalation"] == false);
+    assert_eq!(sc["readOnlyRootFilesystem"], true);
     let container = Container::spawn_in(
-        &[&format!("--oci-bundle={}", bundle.display())],
+        &[
+            &format!("--oci-bundle={}", bundle.display()),
+            &no_new_privs,
+            "--read-only",
+        ],
         dir.0.join("nspawn.log"),
         &procs,
     );
@@ -364,6 +373,38 @@ fn oci_image_is_reproducible_and_runs_as_the_daemonset() {
         std::thread::sleep(Duration::from_millis(200));
     };
     let ready_after = started.elapsed();
+    // The runtime applied the security context: the agent (the container's
+    // PID 1) holds exactly the added capabilities, cannot gain more, and its
+    // root file system is read-only.
+    let status = std::fs::read_to_string(format!("/proc/{}/status", container.init)).expect("agent status");
+    assert!(
+        status.contains("Name:\trelay-guard"),
+        "the container's PID 1 is not the agent:\n{status}"
+    );
+    let want = (1u64 << 12) | (1 << 38) | (1 << 39); // NET_ADMIN, PERFMON, BPF
+    assert_eq!(caps, ["CAP_BPF", "CAP_NET_ADMIN", "CAP_PERFMON"]);
+    for field in ["CapEff:", "CapPrm:", "CapBnd:"] {
+        let got = status
+            .lines()
+            .find_map(|l| l.strip_prefix(field))
+            .map(|v| u64::from_str_radix(v.trim(), 16).expect("hex"));
+        assert_eq!(got, Some(want), "{field} of the agent in the container");
+    }
+    assert!(
+        status.contains("NoNewPrivs:\t1"),
+        "allowPrivilegeEscalation: false not applied"
+    );
+    let mountinfo = std::fs::read_to_string(format!("/proc/{}/mountinfo", container.init)).expect("mountinfo");
+    let root = mountinfo
+        .lines()
+        .find(|l| l.split_whitespace().nth(4) == Some("/"))
+        .expect("a root mount");
+    assert!(
+        root.split_whitespace()
+            .nth(5)
+            .is_some_and(|o| o.split(',').any(|f| f == "ro")),
+        "the root file system is writable: {root}"
+    );
     assert!(health.contains("ok"), "{probe_path}: {health}");
     assert!(
         lab.server.ip(&["link", "show", "dev", &lab.server_if]).contains("xdp"),
