@@ -7,6 +7,7 @@
 //! Tests panic, never return `Result`, so failures keep their messages and
 //! backtraces (aya's test/README.md).
 pub mod agent;
+pub mod container;
 pub mod daemon;
 pub mod journal;
 pub mod lab;

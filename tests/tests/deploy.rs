@@ -349,6 +349,21 @@ fn systemd_unit_verifies_and_is_hardened() {
         unit.words("Service", "ReadWritePaths").contains("/sys/fs/bpf"),
         "ReadWritePaths includes bpffs"
     );
+    // ProtectKernelTunables=yes mounts /sys/fs/bpf read-only, and under
+    // systemd 252 that wins over ReadWritePaths=/sys/fs/bpf: the agent could
+    // not pin (tests/tests/systemd.rs runs the unit under systemd). The unit
+    // makes /sys read-only itself, minus bpffs; ProcSubset=pid hides /proc/sys.
+    assert!(
+        unit.values("Service", "ProtectKernelTunables")
+            .iter()
+            .all(|v| *v != "yes"),
+        "ProtectKernelTunables=yes makes /sys/fs/bpf read-only whatever ReadWritePaths= says"
+    );
+    assert!(
+        unit.words("Service", "ReadOnlyPaths").contains("/sys"),
+        "ReadOnlyPaths=/sys stands in for ProtectKernelTunables="
+    );
+    assert_eq!(unit.one("Service", "ProcSubset"), "pid", "ProcSubset=");
     assert_eq!(
         unit.one("Unit", "AssertPathIsMountPoint"),
         "/sys/fs/bpf",

@@ -5,6 +5,7 @@
 //! missing and saying so; a second run does no extra work.
 mod bench;
 mod build_ebpf;
+mod image;
 mod run;
 mod test;
 mod toolchain;
@@ -31,6 +32,9 @@ enum Command {
     /// Install the peers (xdp-filter, nftables, ipset, trafgen, ...), then
     /// measure relay-guard against them and write docs/benchmarks.{md,png}.
     Bench(bench::Options),
+    /// Build the OCI image the Kubernetes DaemonSet runs (static agent on an
+    /// empty base, reproducible) as an OCI layout directory.
+    Image(image::Options),
 }
 
 fn main() {
@@ -40,6 +44,7 @@ fn main() {
         Command::Run(o) => run::run(&o),
         Command::Test(o) => test::test(&o),
         Command::Bench(o) => bench::bench(&o),
+        Command::Image(o) => image::image(&o),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

@@ -53,8 +53,12 @@ pub fn device_type(interface: &str) -> io::Result<Option<u16>> {
     for (dst, &src) in ifr.ifr_name.iter_mut().zip(name) {
         *dst = src as libc::c_char;
     }
+    // The request's type is c_ulong in glibc and c_int in musl (the static
+    // build of `cargo xtask image`): libc::Ioctl is whichever it is.
+    #[allow(clippy::unnecessary_cast)]
+    let request = libc::SIOCGIFHWADDR as libc::Ioctl;
     // SAFETY: SIOCGIFHWADDR reads ifr_name and writes ifr_hwaddr of a valid ifreq.
-    if unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFHWADDR, &mut ifr) } != 0 {
+    if unsafe { libc::ioctl(sock.as_raw_fd(), request, &mut ifr) } != 0 {
         let e = io::Error::last_os_error();
         return match e.raw_os_error() {
             Some(libc::ENODEV) => Ok(None),
