@@ -8,7 +8,9 @@
 //! backtraces (aya's test/README.md).
 pub mod agent;
 pub mod daemon;
+pub mod journal;
 pub mod lab;
+pub mod mail;
 pub mod model;
 pub mod net;
 pub mod netns;

@@ -194,6 +194,7 @@ fn random_config(rng: &mut StdRng, mode: Mode) -> Config {
         pin_dir: PathBuf::from("/sys/fs/bpf/unused"),
         state_dir: PathBuf::from(relay_guard::config::DEFAULT_STATE_DIR),
         guards,
+        bans: Vec::new(),
         list_files: Vec::new(),
         fingerprint: 0,
     }

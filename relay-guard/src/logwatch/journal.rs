@@ -2,16 +2,18 @@
 //!
 //! ```text
 //! journalctl --follow --output=json --since=now --quiet \
-//!     --output-fields=MESSAGE,SYSLOG_IDENTIFIER,SYSLOG_PID,_PID \
-//!     _COMM=smtpd + SYSLOG_IDENTIFIER=dovecot
+//!     --output-fields=MESSAGE,SYSLOG_IDENTIFIER,SYSLOG_PID,_PID,_COMM,... \
+//!     _COMM=smtpd + SYSLOG_IDENTIFIER=dovecot + _COMM=postlogd
 //! ```
 //!
 //! A subprocess rather than libsystemd bindings: nothing to link, the same
 //! journal access rules as the operator's own `journalctl`, and the JSON
 //! records carry the identifier, pid and message apart (no syslog framing to
 //! guess). The matches select Postfix's smtpd processes (whatever their
-//! `syslog_name`) and Dovecot (whose login processes log through its log
-//! process as `dovecot`). If `journalctl` exits, it is restarted from the
+//! `syslog_name`), Dovecot (whose login processes log through its log
+//! process as `dovecot`), and Postfix's `postlogd` when `maillog_file =
+//! /dev/stdout` sends whole log lines to the journal (containers): those
+//! messages are read as log file lines. If `journalctl` exits, it is restarted from the
 //! last record it printed (`--after-cursor`), after a second.
 use std::{
     io::{BufRead, BufReader},
@@ -49,7 +51,7 @@ pub fn args(cursor: Option<&str>) -> Vec<String> {
         "--output=json",
         "--quiet",
         "--no-pager",
-        "--output-fields=MESSAGE,SYSLOG_IDENTIFIER,SYSLOG_PID,_PID,__CURSOR,__REALTIME_TIMESTAMP",
+        "--output-fields=MESSAGE,SYSLOG_IDENTIFIER,SYSLOG_PID,_PID,_COMM,__CURSOR,__REALTIME_TIMESTAMP",
     ]
     .iter()
     .map(|s| (*s).to_owned())
@@ -58,13 +60,15 @@ pub fn args(cursor: Option<&str>) -> Vec<String> {
         Some(c) => args.push(format!("--after-cursor={c}")),
         None => args.push("--since=now".to_owned()),
     }
-    args.extend(["_COMM=smtpd", "+", "SYSLOG_IDENTIFIER=dovecot"].map(str::to_owned));
+    args.extend(["_COMM=smtpd", "+", "SYSLOG_IDENTIFIER=dovecot", "+", "_COMM=postlogd"].map(str::to_owned));
     args
 }
 
 /// One journal record's fields this module reads.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Record {
+    /// `_COMM`: `postlogd` when the message is a whole log line.
+    pub comm: String,
     pub ident: String,
     pub pid: Option<u32>,
     pub message: String,
@@ -89,6 +93,7 @@ pub fn record(line: &str) -> Option<Record> {
         }
     };
     Some(Record {
+        comm: text("_COMM").unwrap_or_default(),
         ident: text("SYSLOG_IDENTIFIER").unwrap_or_default(),
         pid: text("SYSLOG_PID").or_else(|| text("_PID")).and_then(|p| p.parse().ok()),
         message: text("MESSAGE")?,
@@ -151,7 +156,12 @@ pub(crate) fn follow(sink: &Sink) {
                             let at = r
                                 .realtime_us
                                 .map_or_else(SystemTime::now, |us| UNIX_EPOCH + Duration::from_micros(us));
-                            (parser.record(&r.ident, r.pid, &r.message), at)
+                            let outcome = if r.comm == "postlogd" {
+                                parser.line(&r.message)
+                            } else {
+                                parser.record(&r.ident, r.pid, &r.message)
+                            };
+                            (outcome, at)
                         }
                         None => (super::Outcome::Unparsed, SystemTime::now()),
                     };
@@ -206,6 +216,15 @@ mod tests {
         assert_eq!(record("not json"), None);
         assert_eq!(record("[1,2]"), None);
         assert_eq!(record(r#"{"SYSLOG_IDENTIFIER":"x"}"#), None);
+    }
+
+    #[test]
+    fn postlogd_records_are_whole_lines() {
+        let line = r#"{"_COMM":"postlogd","SYSLOG_IDENTIFIER":"postfix","_PID":"9","MESSAGE":"Dec 02 01:19:46 mail postfix/smtps/smtpd[9282]: disconnect from unknown[198.51.100.20] ehlo=1 auth=0/1 quit=1 commands=2/3"}"#;
+        let r = record(line).expect("record");
+        assert_eq!(r.comm, "postlogd");
+        let mut p = Parser::new();
+        assert!(matches!(p.line(&r.message), super::super::Outcome::Failures(f) if f.count == 1));
     }
 
     #[test]

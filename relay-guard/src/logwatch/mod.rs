@@ -183,3 +183,56 @@ impl Sink {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+
+    use super::*;
+
+    #[test]
+    fn spawn_follows_a_file_and_stops_when_dropped() {
+        let dir = std::env::temp_dir().join(format!("relay-guard-logwatch-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        // Missing at start: waited for, then read from its start.
+        let path = dir.join("mail.log");
+        let (tx, mut rx) = mpsc::channel(16);
+        let watch = spawn(vec![Source::File(path.clone())], tx).expect("spawn");
+        std::thread::sleep(Duration::from_millis(100));
+        let mut f = std::fs::File::create(&path).expect("create log");
+        f.write_all(
+            b"Dec  2 01:02:03 mx postfix/smtps/smtpd[7]: disconnect from unknown[192.0.2.1] ehlo=1 auth=0/2 commands=1/3\n\
+              garbage\n\
+              Dec  2 01:02:03 mx postfix/smtps/smtpd[7]: connect from unknown[192.0.2.1]\n",
+        )
+        .expect("write");
+        let mut got = Vec::new();
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while got.len() < 3 && std::time::Instant::now() < deadline {
+            match rx.try_recv() {
+                Ok(e) => got.push(e),
+                Err(_) => std::thread::sleep(Duration::from_millis(10)),
+            }
+        }
+        let failure = |e: &LogEvent| match e {
+            LogEvent::Failure(f) => Some((f.source, f.origin, f.service.clone())),
+            LogEvent::Unparsed { .. } => None,
+        };
+        let addr: IpAddr = "192.0.2.1".parse().expect("addr");
+        let want = Some((addr, Origin::Postfix, "postfix/smtps/smtpd".to_owned()));
+        assert_eq!(got.len(), 3, "{got:?}");
+        assert_eq!(failure(&got[0]), want);
+        assert_eq!(failure(&got[1]), want);
+        assert_eq!(
+            got[2],
+            LogEvent::Unparsed {
+                source: Source::File(path.clone())
+            }
+        );
+        watch.stop();
+        // Stopped: the sender is gone with the thread.
+        assert!(rx.blocking_recv().is_none());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

@@ -167,6 +167,11 @@ impl Parser {
         }
         if let Some(rest) = message.strip_prefix("disconnect from ") {
             let Some((addr, stats)) = client(rest) else {
+                // `unknown[unknown]` (a client gone before Postfix knew it)
+                // sent no AUTH: not ours unless the line says otherwise.
+                if !rest.contains(" auth=") {
+                    return Outcome::Ignored;
+                }
                 return Outcome::Unparsed;
             };
             let Some(auth) = stats.split_ascii_whitespace().find_map(|t| t.strip_prefix("auth=")) else {

@@ -1,4 +1,4 @@
-use std::net::IpAddr;
+use std::{collections::HashMap, net::IpAddr};
 
 use proptest::prelude::*;
 
@@ -133,6 +133,44 @@ fn postfix_disconnect_counts_what_the_warnings_did_not() {
     assert_eq!(total(&[warn, disc, disc]), 2);
 }
 
+/// Lines as Debian 12's Postfix 3.7 with Dovecot SASL (auth_verbose = yes)
+/// wrote them in tests/tests/mail_logs.rs: three failed AUTHs on 587 from
+/// one client, one smtpd process serving them in turn.
+#[test]
+fn real_postfix_3_7_and_dovecot_2_3_logs() {
+    let maillog = [
+        "Dec 02 01:19:32 mail postfix/submission/smtpd[9157]: connect from unknown[198.51.100.20]",
+        "Dec 02 01:19:32 mail postfix/submission/smtpd[9157]: warning: unknown[198.51.100.20]: SASL PLAIN authentication failed: (reason unavailable), sasl_username=alice@example.com",
+        "Dec 02 01:19:32 mail postfix/submission/smtpd[9157]: disconnect from unknown[198.51.100.20] ehlo=2 starttls=1 auth=0/1 quit=1 commands=4/5",
+        "Dec 02 01:19:37 mail postfix/submission/smtpd[9157]: connect from unknown[198.51.100.20]",
+        "Dec 02 01:19:37 mail postfix/submission/smtpd[9157]: warning: unknown[198.51.100.20]: SASL PLAIN authentication failed: (reason unavailable), sasl_username=alice@example.com",
+        "Dec 02 01:19:37 mail postfix/submission/smtpd[9157]: disconnect from unknown[198.51.100.20] ehlo=2 starttls=1 auth=0/1 quit=1 commands=4/5",
+        "Dec 02 01:19:47 mail postfix/submission/smtpd[9157]: warning: unknown[2001:db8:d::20]: SASL PLAIN authentication failed: (reason unavailable), sasl_username=alice@example.com",
+        "Dec 02 01:19:47 mail postfix/submission/smtpd[9157]: disconnect from unknown[2001:db8:d::20] ehlo=2 starttls=1 auth=0/1 quit=1 commands=4/5",
+        "Dec 02 01:19:46 mail postfix/smtps/smtpd[9282]: warning: unknown[198.51.100.20]: SASL PLAIN authentication failed: (reason unavailable), sasl_username=alice@example.com",
+        "Dec 02 01:19:46 mail postfix/smtps/smtpd[9282]: disconnect from unknown[198.51.100.20] ehlo=1 auth=0/1 quit=1 commands=2/3",
+    ];
+    let dovecot = [
+        "Dec 02 01:19:31 master: Info: Dovecot v2.3.19.1 (9b53102964) starting up without any protocols (core dumps disabled)",
+        "Dec 02 01:19:31 auth: Info: passwd-file(alice@example.com,198.51.100.20): Password mismatch",
+        "Dec 02 01:19:47 auth: Info: passwd-file(alice@example.com,2001:db8:d::20): Password mismatch",
+    ];
+    let mut p = Parser::new();
+    let mut by_addr: HashMap<IpAddr, u32> = HashMap::new();
+    for line in maillog.iter().chain(&dovecot) {
+        match p.line(line) {
+            Outcome::Failures(f) => *by_addr.entry(f.addr).or_default() += f.count,
+            Outcome::Ignored => {}
+            Outcome::Unparsed => panic!("unparsed: {line}"),
+        }
+    }
+    assert_eq!(
+        by_addr,
+        HashMap::from([(ip("198.51.100.20"), 3), (ip("2001:db8:d::20"), 1)])
+    );
+    assert_eq!(p.pending(), 0);
+}
+
 #[test]
 fn postfix_disconnect_lines() {
     let mut p = Parser::new();
@@ -172,6 +210,7 @@ fn postfix_lines_that_are_not_failures() {
         "Dec  2 01:02:03 mx postfix/smtpd[5]: 4F1A2B3C: client=unknown[192.0.2.7], sasl_method=PLAIN, sasl_username=a",
         "Dec  2 01:02:03 mx postfix/qmgr[6]: 4F1A2B3C: removed",
         "Dec  2 01:02:03 mx postfix/postscreen[6]: DISCONNECT [192.0.2.7]:1234",
+        "Dec  2 01:02:03 mx postfix/smtpd[5]: disconnect from unknown[unknown] commands=0/0",
         "Dec  2 01:02:03 mx sshd[6]: Failed password for root from 192.0.2.7 port 22 ssh2",
         "Dec  2 01:02:03 mx kernel: [ 12.345] eth0: link up",
         "",
@@ -211,6 +250,14 @@ fn dovecot_login_processes() {
             "203.0.113.5",
             5,
         ),
+        // Dovecot 2.3.19 (Debian 12), its own log_path file, as written in
+        // tests/tests/mail_logs.rs.
+        (
+            "Dec 02 01:55:25 imap-login: Info: Disconnected: Aborted login by logging out (auth failed, 3 attempts in 9 secs): user=<alice@example.com>, method=PLAIN, rip=198.51.100.20, lip=203.0.113.1, session=<ffs075xhv+nGM2QU>",
+            "imap-login",
+            "198.51.100.20",
+            3,
+        ),
         // Dovecot's own log_path file.
         (
             "Dec 02 01:02:03 imap-login: Info: Disconnected (auth failed, 1 attempts in 2 secs): user=<x>, method=PLAIN, rip=192.0.2.55, lip=192.0.2.1, session=<q>",
@@ -238,6 +285,7 @@ fn dovecot_lines_that_are_not_counted() {
         "Dec  2 01:02:03 mx dovecot: auth: passwd-file(eve,192.0.2.7,<abc>): unknown user",
         "Dec  2 01:02:03 mx dovecot: auth-worker(123): pam(bob,192.0.2.7): pam_authenticate() failed",
         "Dec 02 01:02:03 auth: Info: passwd-file(bob,192.0.2.7): Password mismatch",
+        "Dec 02 01:55:16 auth: Info: passwd-file(alice@example.com,198.51.100.20,<ffs075xhv+nGM2QU>): Password mismatch",
         "Dec  2 01:02:03 mx dovecot: imap-login: Login: user=<bob>, method=PLAIN, rip=192.0.2.7, lip=192.0.2.1",
         "Dec  2 01:02:03 mx dovecot: imap-login: Disconnected (no auth attempts in 0 secs): user=<>, rip=192.0.2.7, lip=192.0.2.1",
         "Dec  2 01:02:03 mx dovecot: imap-login: Disconnected (tried to use disallowed plaintext auth): user=<>, rip=192.0.2.7",
