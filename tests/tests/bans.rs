@@ -477,10 +477,33 @@ fn log_failures_ban_the_source() {
         1.0,
         "only the non-never source is banned: {text}"
     );
-    assert_eq!(
-        metric(&text, "relay_guard_bans", &[("ban", "sasl"), ("family", "ipv4")]),
-        1.0
+    // The gauge is recounted at the agent's next tick.
+    let deadline = Instant::now() + Duration::from_secs(3);
+    let mut text = text;
+    while metric(&text, "relay_guard_bans", &[("ban", "sasl"), ("family", "ipv4")]) != 1.0 {
+        assert!(Instant::now() < deadline, "relay_guard_bans: {text}");
+        std::thread::sleep(Duration::from_millis(200));
+        text = scrape(&lab);
+    }
+    let file = dir.write("metrics.txt", &text);
+    let out = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!("promtool check metrics < {}", file.display()))
+        .output()
+        .expect("promtool");
+    assert!(
+        out.status.success(),
+        "promtool check metrics failed:\n{}{}\n{text}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
     );
+    // `bans --json` takes failures from the agent's saved list (written
+    // within a second of the ban).
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while !std::fs::read_to_string(s.state.join("bans.json")).is_ok_and(|t| t.contains("192.0.2.10/32")) {
+        assert!(Instant::now() < deadline, "the agent did not save the ban");
+        std::thread::sleep(Duration::from_millis(100));
+    }
     let list = bans_json(&s.config);
     assert!(
         ban_of(&list, "198.51.100.20/32").is_none(),
