@@ -3,7 +3,11 @@
 //! write-and-rename and a Kubernetes ConfigMap's `..data` symlink swap are
 //! both seen. Events are debounced and compared by content: a reload is
 //! attempted only when the bytes of the config or a list file changed.
-use std::{collections::BTreeSet, path::PathBuf};
+use std::{
+    collections::BTreeSet,
+    ffi::OsString,
+    path::{Path, PathBuf},
+};
 
 use notify::{RecommendedWatcher, RecursiveMode, Watcher as _};
 use tokio::sync::mpsc;
@@ -14,6 +18,36 @@ pub struct FileWatch {
     _watcher: Option<RecommendedWatcher>,
     pub events: mpsc::UnboundedReceiver<()>,
     dirs: BTreeSet<PathBuf>,
+    names: BTreeSet<OsString>,
+}
+
+/// The names that matter in the watched directories: each file's name and
+/// the name of the file a symlink resolves to. Other files there (a log, the
+/// ban list in `state_dir`, an editor's swap file) are not the config's, and
+/// their writes must not make the agent stop to re-read it.
+fn names_of(files: &[PathBuf]) -> BTreeSet<OsString> {
+    let mut names = BTreeSet::new();
+    for f in files {
+        if let Some(n) = f.file_name() {
+            names.insert(n.to_os_string());
+        }
+        if let Ok(real) = std::fs::canonicalize(f)
+            && let Some(n) = real.file_name()
+        {
+            names.insert(n.to_os_string());
+        }
+    }
+    names
+}
+
+/// Whether an event on `path` can change the config or a list: the path is
+/// one of `names`, or a Kubernetes ConfigMap's `..data` / `..<timestamp>`
+/// entry, whose swap replaces every file at once.
+fn concerns(path: &Path, names: &BTreeSet<OsString>) -> bool {
+    match path.file_name() {
+        Some(n) => names.contains(n) || n.as_encoded_bytes().starts_with(b".."),
+        None => true,
+    }
 }
 
 /// Directories to watch for `files`: each file's directory, and the
@@ -43,9 +77,12 @@ impl FileWatch {
     pub fn new(files: &[PathBuf]) -> FileWatch {
         let (tx, events) = mpsc::unbounded_channel();
         let dirs = dirs_of(files);
+        let names = names_of(files);
+        let concerned = names.clone();
         let watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
             if let Ok(ev) = res
                 && completes_a_change(&ev)
+                && (ev.paths.is_empty() || ev.paths.iter().any(|p| concerns(p, &concerned)))
             {
                 let _ = tx.send(());
             }
@@ -68,12 +105,13 @@ impl FileWatch {
             _watcher: watcher,
             events,
             dirs,
+            names,
         }
     }
 
-    /// Whether the watched directories for `files` differ from these.
+    /// Whether these watched directories and names are the ones `files` need.
     pub fn covers(&self, files: &[PathBuf]) -> bool {
-        dirs_of(files) == self.dirs
+        dirs_of(files) == self.dirs && names_of(files) == self.names
     }
 }
 
@@ -142,6 +180,14 @@ mod tests {
         let _ = quiet(&mut watch);
         std::fs::rename(&tmp, &list).expect("rename");
         assert!(quiet(&mut watch) > 0, "no event after the rename into place");
+
+        // Another file in the same directory (a log, state_dir's ban list)
+        // is none of the config's business: written, renamed, removed.
+        let log = dir.join("mail.log");
+        std::fs::write(&log, "a line\n").expect("write log");
+        std::fs::rename(&log, dir.join("mail.log.1")).expect("rotate log");
+        std::fs::remove_file(dir.join("mail.log.1")).expect("remove log");
+        assert_eq!(quiet(&mut watch), 0, "an unrelated file's writes woke the config watch");
         let _ = std::fs::remove_dir_all(&dir);
     }
 }
