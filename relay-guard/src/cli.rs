@@ -22,7 +22,12 @@ pub struct Cli {
 pub enum Command {
     /// Load the XDP program, attach it to every configured interface, keep its
     /// maps in step with the config (SIGHUP reloads), and serve metrics.
-    Run,
+    Run {
+        /// Serve metrics on ADDR:PORT instead of the config's metrics_listen
+        /// (for a DaemonSet: the node's address, `$(NODE_IP):10947`).
+        #[arg(long, value_name = "ADDR:PORT")]
+        metrics_listen: Option<std::net::SocketAddr>,
+    },
     /// Validate the config and its list files; print every error with file and
     /// line. Exit 0 when valid, 1 when not. Needs no privileges.
     CheckConfig {

@@ -1620,7 +1620,25 @@ fn kubernetes_manifests_validate() {
         .map(|v| v.as_str().expect("arg"))
         .collect();
     let config_path = relay_guard::config::DEFAULT_CONFIG_PATH;
-    assert_eq!(cmd, ["/usr/bin/relay-guard", "--config", config_path, "run"]);
+    assert_eq!(
+        cmd,
+        [
+            "/usr/bin/relay-guard",
+            "--config",
+            config_path,
+            "run",
+            "--metrics-listen",
+            "$(NODE_IP):10947"
+        ]
+    );
+    // $(NODE_IP) is the node's address, from the downward API.
+    let node_ip = c["env"]
+        .as_array()
+        .expect("env")
+        .iter()
+        .find(|e| e["name"] == "NODE_IP")
+        .expect("NODE_IP in env");
+    assert_eq!(node_ip["valueFrom"]["fieldRef"]["fieldPath"], "status.hostIP");
 
     let port = c["ports"]
         .as_array()
@@ -1686,11 +1704,10 @@ fn kubernetes_manifests_validate() {
     }
     let (status, out) = cli(&dir.0.join("relay-guard.toml"), &["check-config"]);
     assert!(status.success(), "the ConfigMap's relay-guard.toml is invalid:\n{out}");
-    let listen_port = format!(":{}\"", port["containerPort"]);
+    assert_eq!(port["containerPort"], 10947, "the port --metrics-listen names");
     assert!(
-        toml.lines()
-            .any(|l| l.starts_with("metrics_listen") && l.contains("0.0.0.0") && l.ends_with(&listen_port)),
-        "metrics_listen must be 0.0.0.0 on the container port (hostNetwork; probes and Prometheus reach the node address)"
+        toml.lines().any(|l| l.starts_with("metrics_listen = \"127.0.0.1:")),
+        "the ConfigMap's own metrics_listen stays on loopback (the command line gives the node address; 0.0.0.0 would serve every address of the host)"
     );
     assert!(
         toml.contains("pin_dir = \"/sys/fs/bpf/"),

@@ -201,20 +201,38 @@ fn oci_image_is_reproducible_and_runs_as_the_daemonset() {
         .map(|v| format!("CAP_{}", v.as_str().expect("cap")))
         .collect();
     assert_eq!(sc["capabilities"]["drop"][0], "ALL");
-    let args: Vec<&str> = c["command"]
+    // The environment as the kubelet makes it: plain values, and the node's
+    // address from the downward API (`status.hostIP`: here the lab's server
+    // address); `$(VAR)` in the command is expanded from it.
+    let mut vars: Vec<(String, String)> = Vec::new();
+    for e in c["env"].as_array().into_iter().flatten() {
+        let name = e["name"].as_str().expect("name").to_string();
+        let value = match e["value"].as_str() {
+            Some(v) => v.to_string(),
+            None => {
+                assert_eq!(
+                    e["valueFrom"]["fieldRef"]["fieldPath"], "status.hostIP",
+                    "env {name}: only status.hostIP is known to this test"
+                );
+                SERVER_V4.to_string()
+            }
+        };
+        vars.push((name, value));
+    }
+    let args: Vec<String> = c["command"]
         .as_array()
         .expect("command")
         .iter()
-        .map(|v| v.as_str().expect("arg"))
+        .map(|v| {
+            let mut a = v.as_str().expect("arg").to_string();
+            for (k, val) in &vars {
+                a = a.replace(&format!("$({k})"), val);
+            }
+            a
+        })
         .collect();
     let mut env = vec!["PATH=/usr/bin".to_string()];
-    for e in c["env"].as_array().into_iter().flatten() {
-        env.push(format!(
-            "{}={}",
-            e["name"].as_str().expect("name"),
-            e["value"].as_str().expect("value")
-        ));
-    }
+    env.extend(vars.iter().map(|(k, v)| format!("{k}={v}")));
     let port = c["ports"][0]["containerPort"].as_u64().expect("containerPort");
     let readiness = &c["readinessProbe"]["httpGet"];
     assert_eq!(readiness["port"], c["ports"][0]["name"]);
@@ -259,15 +277,18 @@ fn oci_image_is_reproducible_and_runs_as_the_daemonset() {
         std::fs::write(cm_dir.join(k), text).expect("write configmap file");
     }
     assert_eq!(edited, 2, "the ConfigMap changed shape; update this test");
-    let toml = std::fs::read_to_string(cm_dir.join("relay-guard.toml")).expect("config");
-    let listen = toml
-        .lines()
-        .find_map(|l| l.strip_prefix("metrics_listen = "))
-        .expect("metrics_listen")
-        .trim_matches('"')
-        .to_string();
+    let listen = args
+        .iter()
+        .position(|a| a == "--metrics-listen")
+        .map(|i| args[i + 1].clone())
+        .expect("the pod's command names --metrics-listen");
     let listen_port: u64 = listen.rsplit_once(':').expect("host:port").1.parse().expect("port");
-    assert_eq!(listen_port, port, "metrics_listen is on the containerPort");
+    assert_eq!(listen_port, port, "--metrics-listen is on the containerPort");
+    assert_eq!(
+        listen,
+        format!("{SERVER_V4}:{port}"),
+        "--metrics-listen is the node's address"
+    );
     let (lock, state) = (dir.0.join("run-relay-guard"), dir.0.join("var-lib-relay-guard"));
     std::fs::create_dir_all(&lock).expect("mkdir");
     std::fs::create_dir_all(&state).expect("mkdir");
@@ -411,6 +432,13 @@ fn oci_image_is_reproducible_and_runs_as_the_daemonset() {
         "ready but not attached"
     );
     let m = http_get(&lab.server, node, "/metrics").expect("/metrics on the node address");
+    // Only there: not on the node's other addresses (loopback here), as
+    // 0.0.0.0 would be.
+    let elsewhere = SocketAddr::new(std::net::Ipv4Addr::LOCALHOST.into(), node.port());
+    assert!(
+        http_get(&lab.server, elsewhere, "/metrics").is_none(),
+        "/metrics also answers on {elsewhere}: not bound to the node address alone"
+    );
     assert!(m.contains("relay_guard_build_info"), "{m}");
     assert_eq!(metric(&m, "relay_guard_config_last_reload_successful", &[]), 1.0);
 

@@ -14,7 +14,7 @@ use crate::cli::{Cli, Command};
 /// Runs the parsed command line; returns the process exit code.
 pub async fn execute(cli: Cli) -> anyhow::Result<i32> {
     match cli.command {
-        Command::Run => run::execute(&cli.config).await.map(|()| 0),
+        Command::Run { metrics_listen } => run::execute(&cli.config, metrics_listen).await.map(|()| 0),
         Command::CheckConfig { json } => Ok(check_config::execute(&cli.config, json)),
         Command::Detach => detach::execute(&cli.config).map(|()| 0),
         Command::Status { json } => status::execute(&cli.config, json).map(|()| 0),

@@ -43,6 +43,12 @@ pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/relay-guard";
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/relay-guard";
 /// Default Prometheus endpoint.
 pub const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:10947";
+
+/// `relay-guard run --metrics-listen ADDR:PORT`: the metrics address for this
+/// process, in place of the config's `metrics_listen` at every load and
+/// reload. A DaemonSet passes the node's address this way (the downward API's
+/// `status.hostIP`), which one ConfigMap for every node cannot.
+pub static METRICS_LISTEN_OVERRIDE: std::sync::OnceLock<SocketAddr> = std::sync::OnceLock::new();
 /// Ports a guard covers when it names none: SMTP, SMTPS, submission.
 pub const DEFAULT_PORTS: [u16; 3] = [25, 465, 587];
 /// Guards are bits of a 64-bit mask in the kernel maps.
@@ -327,6 +333,8 @@ impl Validator<'_> {
         }
 
         let metrics_listen = match &raw.metrics_listen {
+            // `run --metrics-listen` wins over the file (checked all the same).
+            _ if METRICS_LISTEN_OVERRIDE.get().is_some() => METRICS_LISTEN_OVERRIDE.get().copied(),
             None => Some(DEFAULT_METRICS_LISTEN.parse().expect("default address parses")),
             Some(s) if s.get_ref().is_empty() => None,
             Some(s) => match s.get_ref().parse::<SocketAddr>() {
