@@ -1016,8 +1016,25 @@ fn exported() -> &'static Exported {
         // 25 closed at once.
         let mut text = std::fs::read_to_string(&config).expect("config");
         text.push_str("\n[relaytest]\nenabled = true\nports = [25]\ntarget = \"127.0.0.1\"\ntimeout = \"1s\"\n");
+        // And a [[ban]] section fed one failed login, so the ban series
+        // (and their `ban` and `source` labels) are there. Its own
+        // state_dir, so the ban list it saves is nobody else's.
+        let state = dir.0.join("state");
+        let log = dir.0.join("logs").join("mail.log");
+        text = text.replacen("pin_dir = ", &format!("state_dir = \"{}\"\npin_dir = ", state.display()), 1);
+        text.push_str(&format!(
+            "\n[[ban]]\nname = \"sasl\"\nports = [587]\nlog_files = [\"{}\"]\nfailures = 1\nban_time = \"1m\"\n",
+            log.display()
+        ));
         std::fs::write(&config, text).expect("config");
         let mut agent = Agent::start(&lab.server, config, &dir);
+        std::fs::create_dir_all(log.parent().expect("dir")).expect("mkdir logs");
+        std::fs::write(
+            &log,
+            "Dec  2 01:02:03 mx postfix/submission/smtpd[4242]: warning: unknown[198.51.100.77]: SASL PLAIN authentication failed: \n\
+             garbage, not a log line\n",
+        )
+        .expect("write log");
         for src in [ALLOWED_V4, DENIED_V4] {
             let _ = connect_banner(
                 &lab.client,
@@ -1032,10 +1049,16 @@ fn exported() -> &'static Exported {
             let m = scrape(&lab, "/metrics").expect("metrics");
             if metric(&m, "relay_guard_packets_total", &[("verdict", "would_drop")]) > 0.0
                 && metric(&m, "relay_guard_relaytest_last_run_timestamp_seconds", &[]) > 0.0
+                && metric(&m, "relay_guard_auth_failures_total", &[]) > 0.0
+                && metric(&m, "relay_guard_bans", &[]) > 0.0
+                && metric(&m, "relay_guard_log_lines_unparsed_total", &[]) > 0.0
             {
                 break m;
             }
-            assert!(Instant::now() < deadline, "no would_drop packets counted:\n{m}");
+            assert!(
+                Instant::now() < deadline,
+                "no would_drop packets, relay test, failed login or ban counted:\n{m}"
+            );
             std::thread::sleep(Duration::from_millis(100));
         };
         let _ = agent.stop();
