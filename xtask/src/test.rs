@@ -31,8 +31,10 @@ pub struct Options {
 }
 
 /// `tests/tools.txt`: every program a test runs and how to install it
-/// (ip, nft, bpftool, postfix's smtp-sink, swaks, prometheus and promtool,
-/// systemd-analyze, strace, dpkg, cargo-deb, kubernetes-validate, ...). The
+/// (ip, nft, bpftool, postfix and its smtp-sink, dovecot, swaks, xdp-filter
+/// and xdp-loader, prometheus and promtool, systemd-analyze, journalctl,
+/// mmdebstrap, systemd-nspawn, strace, dpkg, cargo-deb, kubernetes-validate,
+/// ...). The
 /// tests' privilege gate refuses a tool that is not listed there, so what
 /// this installs and what the tests require cannot drift apart.
 const TOOL_LIST: &str = include_str!("../../tests/tools.txt");
