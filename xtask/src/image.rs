@@ -125,16 +125,23 @@ fn build_static() -> anyhow::Result<PathBuf> {
         println!("xtask: installing the Rust target {TARGET} (rustup target add)");
         toolchain::run(toolchain::cmd("rustup").args(["target", "add", TARGET]))?;
     }
-    toolchain::run(toolchain::cmd("cargo").args([
-        "build",
-        "--release",
-        "--package",
-        "relay-guard",
-        "--bin",
-        "relay-guard",
-        "--target",
-        TARGET,
-    ]))
+    // ring (rustls, for `relaytest`'s STARTTLS) compiles C and assembly: for
+    // musl that needs musl's gcc wrapper (Debian: musl-tools).
+    toolchain::ensure_debian_tools(&[("musl-gcc", "musl-tools")])?;
+    toolchain::run(
+        toolchain::cmd("cargo")
+            .args([
+                "build",
+                "--release",
+                "--package",
+                "relay-guard",
+                "--bin",
+                "relay-guard",
+                "--target",
+                TARGET,
+            ])
+            .env("CC_x86_64_unknown_linux_musl", "musl-gcc"),
+    )
     .context("building the static agent")?;
     Ok(workspace_root().join("target").join(TARGET).join("release/relay-guard"))
 }

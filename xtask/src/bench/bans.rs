@@ -12,7 +12,15 @@
 //!    kernel write), timed as a whole.
 //! 3. Start-up restore: `BanRunner::start` (what `relay-guard run` calls)
 //!    on fresh maps with 100,000 bans saved in `state_dir`.
+//! 4. From a failure line to the drop: a Postfix SASL failure line appended
+//!    to a log file that `logwatch` follows (inotify), its event handed to
+//!    the engine as the agent does, until `BPF_PROG_TEST_RUN` of a SYN from
+//!    that source to :587 (banned, not guarded) says XDP_DROP; one new
+//!    source per round. The agent's own
+//!    event loop adds its scheduling on top (tests/tests/mail_bans.rs times
+//!    the whole agent on real packets).
 use std::{
+    io::Write as _,
     net::{IpAddr, Ipv4Addr},
     os::fd::AsFd as _,
     path::Path,
@@ -24,6 +32,7 @@ use relay_guard::{
     agent::bans::{AuthFailure, BanRunner, save},
     config::Config,
     kernel::{loader::Loaded, sync},
+    logwatch::{self, LogEvent, Source},
     policy::{Policy, bans::FailureOrigin},
 };
 
@@ -36,6 +45,8 @@ use super::{
 };
 
 pub const BANS: usize = 100_000;
+/// Rounds of the line-to-drop latency.
+pub const LATENCY_ROUNDS: usize = 50;
 
 /// The figures of this part.
 #[derive(Debug, Clone, Default)]
@@ -45,6 +56,8 @@ pub struct Output {
     pub burst_bans_per_s: f64,
     pub burst: Duration,
     pub restore: Duration,
+    /// Failure line written → SYN from that source dropped, per round, sorted.
+    pub latency: Vec<Duration>,
 }
 
 fn config(dir: &Path, pin_dir: &Path, state: &Path) -> anyhow::Result<Config> {
@@ -152,13 +165,73 @@ pub fn run(plan: &Plan, dir: &Path) -> anyhow::Result<Output> {
     let t = Instant::now();
     let runner = BanRunner::start(&cfg, &mut fresh.bans, false)?;
     out.restore = t.elapsed();
-    drop(runner);
+    let mut runner = runner;
     let banned_frame = frames::syn_v4(source(11), SERVER_V4, 25);
     let (v, _) = bpf::test_run(fresh.program().fd()?.as_fd(), &banned_frame, 1)?;
     anyhow::ensure!(v == XDP_DROP, "a restored ban does not drop (verdict {v})");
+
+    println!("bench: bans: failure line to drop, {LATENCY_ROUNDS} rounds");
+    out.latency = latency(&mut runner, &mut fresh, dir)?;
+    drop(runner);
     let _ = std::fs::remove_dir_all(&state);
     print(&out);
     Ok(out)
+}
+
+/// Part 4: see the module comment.
+fn latency(runner: &mut BanRunner, loaded: &mut Loaded, dir: &Path) -> anyhow::Result<Vec<Duration>> {
+    let log = dir.join("bans-latency.log");
+    std::fs::write(&log, "")?;
+    let (tx, mut rx) = tokio::sync::mpsc::channel(64);
+    let _watch = logwatch::spawn(vec![Source::File(log.clone())], tx).map_err(|e| anyhow::anyhow!("{e}"))?;
+    // The follower starts at the end of the (empty) file.
+    std::thread::sleep(Duration::from_millis(300));
+    let fd = loaded.program().fd()?.as_fd().try_clone_to_owned()?;
+    let mut f = std::fs::OpenOptions::new().append(true).open(&log)?;
+    let mut samples = Vec::with_capacity(LATENCY_ROUNDS);
+    for r in 0..LATENCY_ROUNDS {
+        check_stop()?;
+        // Sources no earlier part banned: 198.19.200.0/24 and up.
+        let src = Ipv4Addr::from(0xC613_C800 + r as u32);
+        // :587, which the ban covers and no guard does: passed until the ban.
+        let frame = frames::syn_v4(src, SERVER_V4, 587);
+        let (v, _) = bpf::test_run(fd.as_fd(), &frame, 1)?;
+        anyhow::ensure!(v != XDP_DROP, "{src} dropped before its failure");
+        let t = Instant::now();
+        writeln!(
+            f,
+            "Dec  2 01:02:03 mx postfix/submission/smtpd[4242]: warning: unknown[{src}]: SASL PLAIN authentication failed: "
+        )?;
+        let deadline = t + Duration::from_secs(2);
+        loop {
+            match rx.try_recv() {
+                Ok(LogEvent::Failure(af)) => {
+                    let failure = AuthFailure {
+                        ban: 0,
+                        source: af.source,
+                        origin: FailureOrigin::Postfix,
+                        at: af.at,
+                    };
+                    runner.failure(&mut loaded.bans, &failure);
+                    let (v, _) = bpf::test_run(fd.as_fd(), &frame, 1)?;
+                    if v == XDP_DROP {
+                        break;
+                    }
+                }
+                Ok(LogEvent::Unparsed { .. }) => anyhow::bail!("the failure line for {src} did not parse"),
+                Err(_) => {
+                    anyhow::ensure!(
+                        Instant::now() < deadline,
+                        "{src}: no drop within 2 s of its failure line"
+                    );
+                    std::thread::sleep(Duration::from_micros(50));
+                }
+            }
+        }
+        samples.push(t.elapsed());
+    }
+    samples.sort();
+    Ok(samples)
 }
 
 pub fn print(o: &Output) {
@@ -175,4 +248,13 @@ pub fn print(o: &Output) {
         "bans: start-up restore of {BANS} saved bans: {:.1} ms",
         o.restore.as_secs_f64() * 1e3
     );
+    if let (Some(min), Some(max)) = (o.latency.first(), o.latency.last()) {
+        println!(
+            "bans: failure line to drop: median {:.2} ms (min {:.2}, max {:.2}) over {} rounds; target < 50 ms",
+            o.latency[o.latency.len() / 2].as_secs_f64() * 1e3,
+            min.as_secs_f64() * 1e3,
+            max.as_secs_f64() * 1e3,
+            o.latency.len()
+        );
+    }
 }
