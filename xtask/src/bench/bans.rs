@@ -191,8 +191,9 @@ fn latency(runner: &mut BanRunner, loaded: &mut Loaded, dir: &Path) -> anyhow::R
     let mut samples = Vec::with_capacity(LATENCY_ROUNDS);
     for r in 0..LATENCY_ROUNDS {
         check_stop()?;
-        // Sources no earlier part banned: 198.19.200.0/24 and up.
-        let src = Ipv4Addr::from(0xC613_C800 + r as u32);
+        // Sources no earlier part banned (those are in 198.18.0.0/15 and
+        // 100.64.0.0/10): 198.51.100.128 and up.
+        let src = Ipv4Addr::new(198, 51, 100, 128 + r as u8);
         // :587, which the ban covers and no guard does: passed until the ban.
         let frame = frames::syn_v4(src, SERVER_V4, 587);
         let (v, _) = bpf::test_run(fd.as_fd(), &frame, 1)?;
