@@ -77,7 +77,7 @@ impl Agent {
     /// metrics endpoint answers (the program is attached by then).
     pub fn start(ns: &NetNs, config: PathBuf, dir: &TempDir) -> Agent {
         let mut a = Agent::spawn(ns, config, dir, &["run"]);
-        a.wait_ready(ns);
+        a.wait_ready(ns, Duration::from_secs(30));
         a
     }
 
@@ -91,7 +91,11 @@ impl Agent {
     /// `strace …`, `unshare … sh -c '…; exec "$@"' sh`).
     pub fn start_wrapped(ns: &NetNs, config: PathBuf, dir: &TempDir, wrapper: &[&str]) -> Agent {
         let mut a = Agent::spawn_wrapped(ns, config, dir, wrapper, &["run"]);
-        a.wait_ready(ns);
+        // `strace -f` slows every syscall of the start (map creation, pins,
+        // netlink) many times over; what a wrapped start shows is what it
+        // does, not how fast.
+        let ready_within = if wrapper.is_empty() { 30 } else { 120 };
+        a.wait_ready(ns, Duration::from_secs(ready_within));
         a
     }
 
@@ -112,7 +116,7 @@ impl Agent {
         wrapper: &[&str],
     ) -> Agent {
         let mut a = Agent::spawn_program(ns, program, config, dir, wrapper, &["run"]);
-        a.wait_ready(ns);
+        a.wait_ready(ns, Duration::from_secs(30));
         a
     }
 
@@ -152,8 +156,8 @@ impl Agent {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
-    fn wait_ready(&mut self, ns: &NetNs) {
-        let deadline = Instant::now() + Duration::from_secs(30);
+    fn wait_ready(&mut self, ns: &NetNs, within: Duration) {
+        let deadline = Instant::now() + within;
         let addr: SocketAddr = METRICS.parse().expect("constant");
         loop {
             if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().expect("try_wait")) {
@@ -164,7 +168,8 @@ impl Agent {
             }
             assert!(
                 Instant::now() < deadline,
-                "agent not ready after 30 s:\n{}",
+                "agent not ready after {} s:\n{}",
+                within.as_secs(),
                 self.log_text()
             );
             std::thread::sleep(Duration::from_millis(100));
