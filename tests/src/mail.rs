@@ -340,12 +340,7 @@ fn postfix_cmd(ns: &str, config_dir: &Path, verb: &str) -> Run {
         .stdin(Stdio::null())
         .output()
         .unwrap_or_else(|e| panic!("run postfix {verb}: {e}"));
-    let mut output = String::from_utf8_lossy(&out.stdout).into_owned();
-    output.push_str(&String::from_utf8_lossy(&out.stderr));
-    Run {
-        status: out.status,
-        output,
-    }
+    Run::of(out)
 }
 
 /// A self-signed certificate and key for [`MAIL_HOST`] under `dir`.
@@ -618,10 +613,5 @@ pub fn swaks_auth(ns: &NetNs, src: &str, dst: IpAddr, port: u16, tls: Tls, user:
         .stdin(Stdio::null())
         .output()
         .unwrap_or_else(|e| panic!("run swaks: {e}"));
-    let mut output = String::from_utf8_lossy(&out.stdout).into_owned();
-    output.push_str(&String::from_utf8_lossy(&out.stderr));
-    Run {
-        status: out.status,
-        output,
-    }
+    Run::of(out)
 }

@@ -147,20 +147,26 @@ impl Run {
     pub fn success(&self) -> bool {
         self.status.success()
     }
+
+    /// A finished command's status, and its stdout followed by its stderr.
+    pub fn of(out: std::process::Output) -> Run {
+        let mut output = String::from_utf8_lossy(&out.stdout).into_owned();
+        output.push_str(&String::from_utf8_lossy(&out.stderr));
+        Run {
+            status: out.status,
+            output,
+        }
+    }
 }
 
 fn run_in(ns: &NetNs, args: &[&str]) -> Run {
-    let out = Command::new("ip")
-        .args(["netns", "exec", &ns.name])
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("run {args:?}: {e}"));
-    let mut output = String::from_utf8_lossy(&out.stdout).into_owned();
-    output.push_str(&String::from_utf8_lossy(&out.stderr));
-    Run {
-        status: out.status,
-        output,
-    }
+    Run::of(
+        Command::new("ip")
+            .args(["netns", "exec", &ns.name])
+            .args(args)
+            .output()
+            .unwrap_or_else(|e| panic!("run {args:?}: {e}")),
+    )
 }
 
 /// Whether swaks can speak IPv6 (it needs the Perl module IO::Socket::INET6,
