@@ -34,6 +34,18 @@ use crate::{
 
 /// The host name Postfix announces and its certificate names.
 pub const MAIL_HOST: &str = "mail.example.com";
+/// What a test of Postfix with Dovecot SASL and swaks over TLS needs.
+pub const SUBMISSION_TOOLS: &[&str] = &[
+    "postfix",
+    "dovecot",
+    "openssl",
+    "swaks",
+    "ss",
+    "/usr/share/perl5/IO/Socket/SSL.pm",
+];
+/// The mailbox the tests' Dovecot knows, and its password.
+pub const USER: &str = "alice@example.com";
+pub const PASSWORD: &str = "correct horse";
 
 /// Parameters every test Postfix gets (before overrides). `{dir}` is the test
 /// directory.

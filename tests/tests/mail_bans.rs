@@ -22,16 +22,7 @@ use relay_guard_tests::{
 };
 use socket2::{Domain, Protocol, Socket, Type};
 
-const TOOLS: &[&str] = &[
-    "postfix",
-    "dovecot",
-    "openssl",
-    "swaks",
-    "ss",
-    "/usr/share/perl5/IO/Socket/SSL.pm",
-];
-const USER: &str = "alice@example.com";
-const PASSWORD: &str = "correct horse";
+use relay_guard_tests::mail::{PASSWORD, SUBMISSION_TOOLS as TOOLS, USER};
 /// A port only the ban covers (no guard): a plain listener answers there.
 const FREE_PORT: u16 = 2525;
 /// Another address of DENIED_V6's /64.

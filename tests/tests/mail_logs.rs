@@ -19,16 +19,7 @@ use relay_guard_tests::{
     require, smtp,
 };
 
-const TOOLS: &[&str] = &[
-    "postfix",
-    "dovecot",
-    "openssl",
-    "swaks",
-    "ss",
-    "/usr/share/perl5/IO/Socket/SSL.pm",
-];
-const USER: &str = "alice@example.com";
-const PASSWORD: &str = "correct horse";
+use relay_guard_tests::mail::{PASSWORD, SUBMISSION_TOOLS as TOOLS, USER};
 
 fn mail_server(lab: &Lab, dir: &TempDir) -> MailServer {
     MailServerBuilder::new(&lab.server, &dir.0)
