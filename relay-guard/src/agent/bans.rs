@@ -377,6 +377,9 @@ pub fn save(state_dir: &Path, bans: Vec<SavedBan>) -> std::io::Result<()> {
 
 /// [`save`] with the ended bans.
 pub fn save_all(state_dir: &Path, bans: &[SavedBan], ended: &[SavedEnded], now: Duration) -> std::io::Result<()> {
+    if !state_dir.exists() {
+        ensure_state_dir(state_dir).map_err(std::io::Error::other)?;
+    }
     let mut buf = Vec::with_capacity(64 + 160 * (bans.len() + ended.len()));
     serde_json::to_writer(
         &mut buf,
@@ -712,6 +715,10 @@ pub struct BanRunner {
     pub metrics: BanMetrics,
     /// Counter port slot → port (for the `port` label of banned drops).
     pub port_slots: BTreeMap<u32, u16>,
+    /// The port table as last written (a reload writes only what differs).
+    ports: BTreeMap<u16, relay_guard_common::ban::BanPort>,
+    /// `ports` is what the map holds (else a reload reads it all back).
+    ports_known: bool,
 }
 
 /// How often expired entries are deleted from the tries (the kernel
@@ -746,13 +753,15 @@ impl BanRunner {
                 false
             }
         };
-        let port_slots = match maps.set_ports(&cfg.bans, adopted) {
-            Ok(s) => s,
+        let (port_slots, ports) = match maps.set_ports(&cfg.bans, adopted) {
+            Ok(s) => (s, crate::kernel::bans::port_table(&cfg.bans).1),
             Err(e) => {
                 error!(error = %e, "failed to write the ban ports: bans are not enforced until a reload writes them");
-                BTreeMap::new()
+                // Unknown: the next reload reads every port back.
+                (BTreeMap::new(), BTreeMap::new())
             }
         };
+        let ports_known = !ports.is_empty() || cfg.bans.is_empty();
         let mut r = BanRunner {
             engine: BanEngine::new(cfg.bans.clone()),
             state_dir: cfg.state_dir.clone(),
@@ -764,6 +773,8 @@ impl BanRunner {
             saving: Arc::new(Mutex::new(())),
             metrics: BanMetrics::default(),
             port_slots,
+            ports,
+            ports_known,
         };
         if !state_ok {
             r.metrics.reject("state_dir", 1);
@@ -1134,9 +1145,21 @@ impl BanRunner {
         let old_sections: Vec<Ban> = self.engine.sections().to_vec();
         let mut errors = 0usize;
         let transition = crate::kernel::bans::transition_table(&old_sections, &cfg.bans);
-        if let Err(e) = maps.write_ports(&transition, true) {
-            warn!(error = %e, "failed to write the ban ports for the move");
-            errors += 1;
+        let step = if self.ports_known {
+            maps.change_ports(&self.ports, &transition)
+        } else {
+            maps.write_ports(&transition, true)
+        };
+        match step {
+            Ok(()) => {
+                self.ports = transition.clone();
+                self.ports_known = true;
+            }
+            Err(e) => {
+                warn!(error = %e, "failed to write the ban ports for the move");
+                self.ports_known = false;
+                errors += 1;
+            }
         }
         let old: Vec<String> = old_sections.iter().map(|b| b.name.clone()).collect();
         let (kept, gone) = self.engine.reconfigure(cfg.bans.clone());
@@ -1191,10 +1214,21 @@ impl BanRunner {
                 info!(ban = %cfg.bans[s].name, prefix = %r.net, "ban lifted: the prefix is in or covers a `never` entry now");
             }
         }
-        match maps.set_ports(&cfg.bans, true) {
-            Ok(slots) => self.port_slots = slots,
+        let (slots, table) = crate::kernel::bans::port_table(&cfg.bans);
+        let last = if self.ports_known {
+            maps.change_ports(&self.ports, &table)
+        } else {
+            maps.write_ports(&table, true)
+        };
+        match last {
+            Ok(()) => {
+                self.port_slots = slots;
+                self.ports = table;
+                self.ports_known = true;
+            }
             Err(e) => {
                 warn!(error = %e, "failed to write the ban ports");
+                self.ports_known = false;
                 errors += 1;
             }
         }

@@ -45,17 +45,16 @@ const BPF_NOEXIST: u64 = 1;
 /// The ban drop counters, shared with the metrics collector.
 pub type BanCounters = Arc<Mutex<CounterState>>;
 
-/// The counter map and the last read of it (a scrape reads up to tens of
-/// thousands of per-CPU entries: at most once per [`COUNTER_CACHE`]).
+/// The counter map. A scrape reads up to tens of thousands of per-CPU
+/// entries: in batch syscalls (one per interface and ban section), not one
+/// syscall each.
 pub struct CounterState {
     map: PerCpuArray<MapData, u64>,
-    cache: Option<(std::time::Instant, CounterKey, Vec<BanCount>)>,
+    /// Possible CPUs (the per-CPU value count), once known.
+    cpus: Option<usize>,
+    /// `BPF_MAP_LOOKUP_BATCH` works here (else one lookup per counter).
+    batch_ok: bool,
 }
-
-type CounterKey = (Vec<u32>, BTreeMap<u32, u16>, usize);
-
-/// How long one read of the ban counters serves scrapes.
-pub const COUNTER_CACHE: Duration = Duration::from_secs(1);
 
 /// Typed handles on the ban maps.
 pub struct BanMaps {
@@ -255,7 +254,8 @@ impl BanMaps {
             v6: typed(maps::BAN_V6, get(maps::BAN_V6)?)?,
             counters: Arc::new(Mutex::new(CounterState {
                 map: typed(maps::BAN_COUNTERS, get(maps::BAN_COUNTERS)?)?,
-                cache: None,
+                cpus: None,
+                batch_ok: true,
             })),
             lock: None,
         })
@@ -313,6 +313,25 @@ impl BanMaps {
         let (slots, want) = port_table(bans);
         self.write_ports(&want, read_back)?;
         Ok(slots)
+    }
+
+    /// Changes the port table from `from` (what the map holds, as last
+    /// written) to `to`, writing only the ports that differ.
+    pub fn change_ports(
+        &mut self,
+        from: &BTreeMap<u16, BanPort>,
+        to: &BTreeMap<u16, BanPort>,
+    ) -> Result<(), SyncError> {
+        let ports: std::collections::BTreeSet<u16> = from.keys().chain(to.keys()).copied().collect();
+        for p in ports {
+            let w = to.get(&p).copied().unwrap_or_default();
+            if from.get(&p).copied().unwrap_or_default() != w {
+                self.ports
+                    .set(u32::from(p), w, 0)
+                    .map_err(map_err("write", maps::BAN_PORTS, format!("port {p}")))?;
+            }
+        }
+        Ok(())
     }
 
     /// Writes `want` (port → entry; every other port: no ban check).
@@ -671,28 +690,42 @@ pub fn read_counters(
     bans: usize,
 ) -> Result<Vec<BanCount>, SyncError> {
     let mut state = counters.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-    let key: CounterKey = (iface_slots.to_vec(), port_slots.clone(), bans);
-    if let Some((at, k, v)) = &state.cache
-        && *k == key
-        && at.elapsed() < COUNTER_CACHE
-    {
-        return Ok(v.clone());
-    }
-    let c = &state.map;
     let mut out = Vec::new();
     let ports: Vec<(u32, u16)> = std::iter::once((0, 0))
         .chain(port_slots.iter().map(|(&s, &p)| (s, p)))
         .collect();
+    // One (interface, ban) pair's counters are contiguous: BAN_PORT_SLOTS x
+    // 2 families x 2 verdicts. Read them in one batch syscall when the
+    // kernel has BPF_MAP_LOOKUP_BATCH (5.6+), else one lookup each.
+    let per_pair = (BAN_PORT_SLOTS * 2 * BAN_VERDICT_SLOTS) as usize;
     for &islot in std::iter::once(&0).chain(iface_slots) {
         for ban in 0..bans.min(MAX_BANS) {
+            let first = ban_counter_index(islot, ban as u32, 0, false, 0);
+            let block = if state.batch_ok {
+                match state.read_block(first, per_pair) {
+                    Ok(b) => Some(b),
+                    Err(_) => {
+                        state.batch_ok = false;
+                        None
+                    }
+                }
+            } else {
+                None
+            };
             for &(pslot, port) in &ports {
                 for v6 in [false, true] {
                     for verdict in 0..BAN_VERDICT_SLOTS as u8 {
                         let idx = ban_counter_index(islot, ban as u32, pslot, v6, verdict);
-                        let values =
-                            c.get(&idx, 0)
-                                .map_err(map_err("read", maps::BAN_COUNTERS, format!("index {idx}")))?;
-                        let total = values.iter().copied().fold(0u64, u64::wrapping_add);
+                        let total = match &block {
+                            Some(b) => b[(idx - first) as usize],
+                            None => state
+                                .map
+                                .get(&idx, 0)
+                                .map_err(map_err("read", maps::BAN_COUNTERS, format!("index {idx}")))?
+                                .iter()
+                                .copied()
+                                .fold(0u64, u64::wrapping_add),
+                        };
                         if total != 0 {
                             out.push(BanCount {
                                 iface_slot: islot,
@@ -708,8 +741,94 @@ pub fn read_counters(
             }
         }
     }
-    state.cache = Some((std::time::Instant::now(), key, out.clone()));
     Ok(out)
+}
+
+/// `BPF_MAP_LOOKUP_BATCH` of `bpf(2)`.
+const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
+
+/// The `batch` member of `union bpf_attr`.
+#[repr(C)]
+#[derive(Default)]
+struct BatchAttr {
+    in_batch: u64,
+    out_batch: u64,
+    keys: u64,
+    values: u64,
+    count: u32,
+    map_fd: u32,
+    elem_flags: u64,
+    flags: u64,
+}
+
+impl CounterState {
+    /// Entries `first .. first + n`, each summed over CPUs, in batch
+    /// syscalls.
+    fn read_block(&mut self, first: u32, n: usize) -> std::io::Result<Vec<u64>> {
+        use aya::maps::IterableMap as _;
+        let cpus = match self.cpus {
+            Some(c) => c,
+            None => {
+                let c = aya::util::nr_cpus().map_err(|(_, e)| e)?;
+                self.cpus = Some(c);
+                c
+            }
+        };
+        let fd = self.map.map().fd().as_fd().as_raw_fd();
+        let mut keys = vec![0u32; n];
+        let mut values = vec![0u64; n * cpus];
+        let mut out = vec![0u64; n];
+        let mut done = 0usize;
+        // in_batch is the key before the first one wanted.
+        let mut prev: u32 = first.wrapping_sub(1);
+        let mut out_batch: u32 = 0;
+        while done < n {
+            let mut attr = BatchAttr {
+                in_batch: if first == 0 && done == 0 {
+                    0
+                } else {
+                    std::ptr::from_ref(&prev) as u64
+                },
+                out_batch: std::ptr::from_mut(&mut out_batch) as u64,
+                keys: keys[done..].as_mut_ptr() as u64,
+                values: values[done * cpus..].as_mut_ptr() as u64,
+                count: u32::try_from(n - done).unwrap_or(u32::MAX),
+                map_fd: u32::try_from(fd).unwrap_or(0),
+                ..BatchAttr::default()
+            };
+            // SAFETY: bpf(2) with a batch attr whose buffers hold `count`
+            // keys and `count * cpus` u64 values (per-CPU values are
+            // rounded up to 8 bytes, and ours are u64).
+            let r = unsafe {
+                libc::syscall(
+                    libc::SYS_bpf,
+                    BPF_MAP_LOOKUP_BATCH,
+                    std::ptr::from_mut(&mut attr),
+                    std::mem::size_of::<BatchAttr>(),
+                )
+            };
+            let got = attr.count as usize;
+            let err = (r < 0).then(std::io::Error::last_os_error);
+            for i in done..done + got.min(n - done) {
+                let k = keys[i];
+                if k.wrapping_sub(first) as usize != i {
+                    return Err(std::io::Error::other("batch keys out of order"));
+                }
+                out[i] = values[i * cpus..(i + 1) * cpus]
+                    .iter()
+                    .copied()
+                    .fold(0u64, u64::wrapping_add);
+            }
+            done += got;
+            match err {
+                None if got > 0 => prev = first.wrapping_add(done as u32).wrapping_sub(1),
+                None => return Err(std::io::Error::other("empty batch")),
+                Some(e) if e.raw_os_error() == Some(libc::ENOENT) && done >= n => {}
+                Some(e) => return Err(e),
+            }
+        }
+        Ok(out)
+    }
 }
 
 #[cfg(test)]

@@ -130,6 +130,9 @@ pub struct BanEngine {
     /// Trackers evicted to make room (a counter for the metrics).
     evicted: u64,
     max_trackers: usize,
+    /// No ban in force ends before this: [`Self::expire`] scans nothing
+    /// until then (a second's tick with a million bans costs nothing).
+    next_expiry: Duration,
 }
 
 impl std::fmt::Debug for BanEngine {
@@ -163,6 +166,7 @@ impl BanEngine {
             history: HashMap::new(),
             evicted: 0,
             max_trackers: cap.max(1),
+            next_expiry: Duration::MAX,
         }
     }
 
@@ -378,6 +382,7 @@ impl BanEngine {
                 until: record.expires,
             },
         );
+        self.next_expiry = self.next_expiry.min(record.expires);
         self.active.insert(key, record.clone());
         record
     }
@@ -405,15 +410,21 @@ impl BanEngine {
         out
     }
 
-    /// Bans whose time is up at `now`, removed from the active set.
+    /// Bans whose time is up at `now`, removed from the active set (a scan
+    /// only when one is due).
     pub fn expire(&mut self, now: Duration) -> Vec<BanRecord> {
+        if now < self.next_expiry {
+            return Vec::new();
+        }
         let done: Vec<_> = self
             .active
             .iter()
             .filter(|(_, r)| r.expires <= now)
             .map(|(k, _)| *k)
             .collect();
-        done.into_iter().filter_map(|k| self.active.remove(&k)).collect()
+        let out: Vec<BanRecord> = done.into_iter().filter_map(|k| self.active.remove(&k)).collect();
+        self.next_expiry = self.active.values().map(|r| r.expires).min().unwrap_or(Duration::MAX);
+        out
     }
 
     /// Forgets trackers whose failures all left the window and histories of
@@ -462,6 +473,7 @@ impl BanEngine {
         });
         h.times = h.times.max(record.times);
         h.until = record.expires;
+        self.next_expiry = self.next_expiry.min(record.expires);
         self.active.insert(key, record);
         Ok(true)
     }
