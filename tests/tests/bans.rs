@@ -2,7 +2,11 @@
 //! namespaces: `relay-guard ban`/`unban`/`bans` against the pinned maps,
 //! port scope (guarded and unguarded ports), IPv6 prefixes, `never`, kernel
 //! expiry with the agent down, escalation, SIGKILL and a simulated reboot,
-//! monitor mode, and a ban from failures in a log file.
+//! monitor mode, a ban from failures in a log file; and the trust rules
+//! (SPEC.md "Who may aim a ban"): an unban is final across a restart, a
+//! reboot and a clock behind at boot, a hostile `bans.json`/`bans.cmd`
+//! never stops the start nor bans what the CLI would refuse, and an
+//! allowlisted client is not banned from the logs unless `ban_allowed`.
 use std::{
     net::IpAddr,
     path::{Path, PathBuf},
@@ -25,6 +29,9 @@ const BANNED_GUARDED: u16 = 587;
 const BANNED_FREE: u16 = 2525;
 /// Another address of ALLOWED_V6's /64, and one outside it.
 const SAME_64: &str = "2001:db8:a::99";
+/// A client address that no guard allows and no `never` covers: it
+/// reaches the unguarded ban port only.
+const OTHER_V4: &str = "192.0.2.77";
 
 fn config_text(lab: &Lab, pins: &Path, state: &Path, mode: &str, ban_extra: &str) -> String {
     format!(
@@ -78,19 +85,21 @@ fn setup(lab: &Lab, dir: &TempDir, mode: &str, ban_extra: &str) -> Setup {
     let state = dir.0.join("state");
     let config = dir.write("relay-guard.toml", &config_text(lab, &pins, &state, mode, ban_extra));
     // A second address of the /64 on the client, reachable from the server.
-    lab.client
-        .ip(&["addr", "add", &format!("{SAME_64}/128"), "dev", &lab.client_if, "nodad"]);
-    lab.server.ip(&[
-        "neigh",
-        "replace",
-        SAME_64,
-        "lladdr",
-        CLIENT_MAC,
-        "dev",
-        &lab.server_if,
-        "nud",
-        "permanent",
-    ]);
+    for (a, len) in [(SAME_64, 128), (OTHER_V4, 32)] {
+        lab.client
+            .ip(&["addr", "add", &format!("{a}/{len}"), "dev", &lab.client_if, "nodad"]);
+        lab.server.ip(&[
+            "neigh",
+            "replace",
+            a,
+            "lladdr",
+            CLIENT_MAC,
+            "dev",
+            &lab.server_if,
+            "nud",
+            "permanent",
+        ]);
+    }
     Setup {
         _server: BannerServer::start(&lab.server, &[NOT_BANNED, BANNED_GUARDED, BANNED_FREE]),
         _detach: DetachOnDrop::new(config.clone(), pins),
@@ -424,8 +433,10 @@ fn log_failures_ban_the_source() {
     let lab = Lab::new();
     let dir = TempDir::new();
     let log = dir.write("mail.log", "");
+    // ALLOWED_V4 is allowlisted on 587: only `ban_allowed` lets the logs
+    // ban it (allowlisted_clients_are_not_banned_from_the_logs).
     let extra = format!(
-        "log_files = [\"{}\"]\nfailures = 3\nwindow = \"1m\"\nban_time = \"10m\"",
+        "log_files = [\"{}\"]\nfailures = 3\nwindow = \"1m\"\nban_time = \"10m\"\nban_allowed = true",
         log.display()
     );
     let s = setup(&lab, &dir, "enforce", &extra);
@@ -516,5 +527,312 @@ fn log_failures_ban_the_source() {
         "{b}\n{}\n{}",
         std::fs::read_to_string(s.state.join("bans.json")).unwrap_or_default(),
         agent.log_text()
+    );
+}
+
+/// Waits until `bans.json` satisfies `ok` (the agent saves within a second).
+fn wait_saved(state: &Path, what: &str, ok: impl Fn(&str) -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let text = std::fs::read_to_string(state.join("bans.json")).unwrap_or_default();
+        if ok(&text) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "bans.json never showed {what}:\n{text}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The line of `prefix` in a bans.json (version 2: one record a line).
+fn saved_line<'a>(text: &'a str, prefix: &str) -> Option<&'a str> {
+    text.lines().find(|l| l.contains(&format!("\"prefix\":\"{prefix}\"")))
+}
+
+/// SPEC.md "An unban or an expired ban is final": an unbanned source's
+/// SYNs cross XDP (nft counter behind it) after a restart with the pins
+/// kept (SIGTERM), after a reboot (detach, start from state_dir), and after
+/// a start whose wall clock is far behind the time bans.json was written
+/// (a file whose records claim far-future times); the ban in force beside
+/// it holds each time, never for longer than it had left.
+#[test]
+fn an_unban_is_final_across_restart_reboot_and_a_clock_behind() {
+    if !require::privileged("an_unban_is_final_across_restart_reboot_and_a_clock_behind") {
+        return;
+    }
+    let lab = Lab::new();
+    let dir = TempDir::new();
+    let s = setup(&lab, &dir, "enforce", "");
+    let mut agent = Agent::start(&lab.server, s.config.clone(), &dir);
+    let behind = Behind::install(&lab.server, &[OTHER_V4, ALLOWED_V6], &[BANNED_FREE]);
+    let passes = |why: &str| {
+        let before = behind.syns(OTHER_V4, BANNED_FREE);
+        assert!(
+            reaches(&lab, OTHER_V4, BANNED_FREE),
+            "{why}: the unbanned source is dropped"
+        );
+        assert!(
+            behind.syns(OTHER_V4, BANNED_FREE) > before,
+            "{why}: its SYN did not cross XDP"
+        );
+    };
+    let held = |why: &str| {
+        let before = behind.syns(ALLOWED_V6, BANNED_FREE);
+        assert!(
+            !reaches(&lab, ALLOWED_V6, BANNED_FREE),
+            "{why}: the ban in force was lost"
+        );
+        assert_eq!(
+            behind.syns(ALLOWED_V6, BANNED_FREE),
+            before,
+            "{why}: a banned SYN crossed XDP"
+        );
+    };
+    ban(&s.config, &[OTHER_V4, "--for", "1w"]);
+    ban(&s.config, &["2001:db8:a::/64", "--for", "1h"]);
+    assert!(!reaches(&lab, OTHER_V4, BANNED_FREE), "banned");
+    wait_saved(&s.state, "both bans", |t| {
+        t.contains("192.0.2.77/32") && t.contains("2001:db8:a::/64")
+    });
+    let (status, out) = cli(&s.config, &["unban", OTHER_V4]);
+    assert!(status.success(), "unban: {out}");
+    passes("after the unban");
+    wait_saved(&s.state, "the unban as an ended ban", |t| {
+        saved_line(t, "192.0.2.77/32").is_some_and(|l| l.contains("\"state\":\"ended\""))
+    });
+
+    // Restart, pins kept.
+    let st = agent.stop();
+    assert!(st.success(), "SIGTERM: {st}\n{}", agent.log_text());
+    let mut agent = Agent::start(&lab.server, s.config.clone(), &dir);
+    passes("after a restart");
+    held("after a restart");
+    assert!(ban_of(&bans_json(&s.config), "192.0.2.77/32").is_none());
+
+    // Reboot: program and pins gone, start from state_dir.
+    agent.stop();
+    let (status, out) = cli(&s.config, &["detach"]);
+    assert!(status.success(), "detach: {out}");
+    let mut agent = Agent::start(&lab.server, s.config.clone(), &dir);
+    passes("after a reboot");
+    held("after a reboot");
+    let list = bans_json(&s.config);
+    assert!(ban_of(&list, "192.0.2.77/32").is_none(), "{list:?}");
+    let left = ban_of(&list, "2001:db8:a::/64").expect("kept")["expires_in_seconds"]
+        .as_u64()
+        .expect("seconds");
+    assert!((3300..3600).contains(&left), "the time it had left: {left}");
+
+    // A clock a year behind at boot, in effect: the file was saved a year
+    // from now, its ended ban ended then, and its ban in force ends 60 s
+    // after that. The ended ban stays ended; the ban in force keeps the 60 s
+    // it had left, not a year and 60 s.
+    agent.stop();
+    let (status, out) = cli(&s.config, &["detach"]);
+    assert!(status.success(), "detach: {out}");
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_millis() as u64;
+    let year = 365 * 86_400_000u64;
+    std::fs::write(
+        s.state.join("bans.json"),
+        format!(
+            "{{\"version\":2,\"saved_unix_ms\":{saved}}}\n\
+             {{\"state\":\"ended\",\"ban\":\"sasl\",\"prefix\":\"192.0.2.77/32\",\"ended_unix_ms\":{saved},\"times\":1}}\n\
+             {{\"state\":\"in_force\",\"ban\":\"sasl\",\"prefix\":\"2001:db8:a::/64\",\"expires_unix_ms\":{exp},\"times\":1,\"failures\":0,\"length_ms\":3600000}}\n",
+            saved = now_ms + year,
+            exp = now_ms + year + 60_000,
+        ),
+    )
+    .expect("write bans.json");
+    let agent = Agent::start(&lab.server, s.config.clone(), &dir);
+    passes("with the clock behind");
+    held("with the clock behind");
+    let list = bans_json(&s.config);
+    assert!(
+        ban_of(&list, "192.0.2.77/32").is_none(),
+        "history became a ban: {list:?}"
+    );
+    let left = ban_of(&list, "2001:db8:a::/64").expect("kept")["expires_in_seconds"]
+        .as_u64()
+        .expect("seconds");
+    assert!(left <= 60, "a clock behind lengthened the ban: {left} s left");
+    assert!(
+        agent.log_text().contains("wall clock is behind"),
+        "the start says so:\n{}",
+        agent.log_text()
+    );
+}
+
+/// SPEC.md "bans.json, bans.cmd and the pinned maps are checked like the
+/// CLI's input": a start from a hostile `bans.json` (after a reboot: no
+/// pins) and a hostile `bans.cmd` line starts, guards, keeps the good
+/// bans, bans nothing the CLI would refuse (`::/0`, `0.0.0.0/0`, `never`),
+/// and counts what it dropped.
+#[test]
+fn a_hostile_ban_state_starts_guards_and_keeps_the_good_bans() {
+    if !require::privileged("a_hostile_ban_state_starts_guards_and_keeps_the_good_bans") {
+        return;
+    }
+    let lab = Lab::new();
+    let dir = TempDir::new();
+    let s = setup(&lab, &dir, "enforce", "");
+    std::fs::create_dir_all(&s.state).expect("state_dir");
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_millis() as u64;
+    let exp = now_ms + 3_600_000;
+    let rec = |prefix: &str, ban: &str| {
+        format!(
+            "{{\"state\":\"in_force\",\"ban\":\"{ban}\",\"prefix\":\"{prefix}\",\"expires_unix_ms\":{exp},\"times\":1,\"failures\":0,\"length_ms\":3600000}}\n"
+        )
+    };
+    let mut text = format!("{{\"version\":2,\"saved_unix_ms\":{now_ms}}}\n");
+    text += &rec("2001:db8:a::/64", "sasl");
+    for bad in ["::/0", "0.0.0.0/0", "2001::/16", "198.51.100.0/24", "not-a-net"] {
+        text += &rec(bad, "sasl");
+    }
+    text += &rec("192.0.2.77/32", "no-such-section");
+    text += "{\"state\":\"in_force\",\"ban\":\"sasl\",\"prefix\":\"192.0.2.7";
+    std::fs::write(s.state.join("bans.json"), &text).expect("write bans.json");
+    std::fs::write(
+        s.state.join("bans.cmd"),
+        format!(
+            "{{\"op\":\"ban\",\"ban\":\"sasl\",\"prefix\":\"::/0\",\"expires_unix_ms\":{exp},\"times\":1,\"failures\":0}}\nnot json\n"
+        ),
+    )
+    .expect("write bans.cmd");
+    let agent = Agent::start(&lab.server, s.config.clone(), &dir);
+    let behind = Behind::install(&lab.server, &[OTHER_V4, DENIED_V6, ALLOWED_V6], &[BANNED_FREE]);
+    // It guards: the allowlist holds on 25.
+    assert!(reaches(&lab, ALLOWED_V4, NOT_BANNED), "allowed source on 25");
+    assert!(!reaches(&lab, OTHER_V4, NOT_BANNED), "a source no guard allows on 25");
+    // The good ban holds.
+    assert!(!reaches(&lab, ALLOWED_V6, BANNED_FREE), "the good saved ban");
+    assert_eq!(behind.syns(ALLOWED_V6, BANNED_FREE), 0);
+    // Nothing else is banned: no ::/0, no 0.0.0.0/0.
+    for src in [OTHER_V4, DENIED_V6] {
+        assert!(reaches(&lab, src, BANNED_FREE), "{src} was banned by a hostile entry");
+        assert!(behind.syns(src, BANNED_FREE) >= 1, "{src}: SYN did not cross XDP");
+    }
+    let list = bans_json(&s.config);
+    let prefixes: Vec<&str> = list.iter().filter_map(|b| b["prefix"].as_str()).collect();
+    assert_eq!(prefixes, ["2001:db8:a::/64"], "{list:?}");
+    let text = scrape(&lab);
+    assert_eq!(
+        metric(
+            &text,
+            "relay_guard_ban_state_rejected_total",
+            &[("source", "bans.json")]
+        ),
+        7.0,
+        "{text}\n{}",
+        agent.log_text()
+    );
+    assert_eq!(
+        metric(&text, "relay_guard_ban_state_rejected_total", &[("source", "bans.cmd")]),
+        2.0,
+        "{text}"
+    );
+    let log = agent.log_text();
+    assert!(
+        log.contains("::/0") && log.contains("no-such-section"),
+        "named in the log:\n{log}"
+    );
+    assert!(s.state.join("bans.json.bad").exists(), "the refused file is kept");
+    // The CLI refuses a state_dir others can write, before touching the kernel.
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::set_permissions(&s.state, std::fs::Permissions::from_mode(0o777)).expect("chmod");
+    let (status, out) = cli(&s.config, &["ban", OTHER_V4]);
+    std::fs::set_permissions(&s.state, std::fs::Permissions::from_mode(0o700)).expect("chmod");
+    assert!(
+        !status.success() && out.contains("writable by group or others"),
+        "{out}"
+    );
+    assert!(reaches(&lab, OTHER_V4, BANNED_FREE), "the refused ban was not written");
+}
+
+/// SPEC.md "an address that a guard allows explicitly is never banned by a
+/// log-fed ban": ALLOWED_V4 (allowed on 587 by the `submission` guard)
+/// fails logins well past `failures` and still gets through (nft counter),
+/// while OTHER_V4 (allowed nowhere) is banned by the same log; manual bans
+/// still reach the allowlisted one. `ban_allowed = true` lifts the
+/// exemption (log_failures_ban_the_source).
+#[test]
+fn allowlisted_clients_are_not_banned_from_the_logs() {
+    if !require::privileged("allowlisted_clients_are_not_banned_from_the_logs") {
+        return;
+    }
+    let lab = Lab::new();
+    let dir = TempDir::new();
+    let log = dir.write("mail.log", "");
+    let extra = format!(
+        "log_files = [\"{}\"]\nfailures = 3\nwindow = \"1m\"\nban_time = \"10m\"",
+        log.display()
+    );
+    let s = setup(&lab, &dir, "enforce", &extra);
+    let agent = Agent::start(&lab.server, s.config.clone(), &dir);
+    let behind = Behind::install(&lab.server, &[ALLOWED_V4], &[BANNED_GUARDED]);
+    let line = |src: &str, n: u32| {
+        format!(
+            "Dec  2 01:00:{n:02} mx postfix/submission/smtpd[{}]: warning: unknown[{src}]: SASL LOGIN authentication failed: authentication failure\n",
+            100 + n
+        )
+    };
+    let append = |text: &str| {
+        use std::io::Write as _;
+        let mut f = std::fs::OpenOptions::new().append(true).open(&log).expect("open log");
+        f.write_all(text.as_bytes()).expect("append");
+    };
+    std::thread::sleep(Duration::from_millis(800));
+    for n in 0..6 {
+        append(&line(ALLOWED_V4, n));
+    }
+    for n in 0..3 {
+        append(&line(OTHER_V4, n));
+    }
+    // OTHER_V4's ban is the sign that every line was read.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while reaches(&lab, OTHER_V4, BANNED_FREE) {
+        assert!(
+            Instant::now() < deadline,
+            "the other source was not banned:\n{}",
+            agent.log_text()
+        );
+    }
+    let before = behind.syns(ALLOWED_V4, BANNED_GUARDED);
+    assert!(
+        reaches(&lab, ALLOWED_V4, BANNED_GUARDED),
+        "the allowlisted client was banned"
+    );
+    assert!(
+        behind.syns(ALLOWED_V4, BANNED_GUARDED) > before,
+        "its SYN did not cross XDP"
+    );
+    let text = scrape(&lab);
+    assert_eq!(
+        metric(
+            &text,
+            "relay_guard_ban_failures_exempt_total",
+            &[("ban", "sasl"), ("reason", "allowlisted")]
+        ),
+        6.0,
+        "{text}"
+    );
+    assert_eq!(
+        metric(
+            &text,
+            "relay_guard_ban_events_total",
+            &[("ban", "sasl"), ("action", "banned")]
+        ),
+        1.0,
+        "{text}"
+    );
+    // A manual ban still works on it.
+    ban(&s.config, &[ALLOWED_V4, "--for", "1m"]);
+    assert!(
+        !reaches(&lab, ALLOWED_V4, BANNED_GUARDED),
+        "a manual ban of an allowlisted client"
     );
 }

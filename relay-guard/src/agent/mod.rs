@@ -227,8 +227,23 @@ impl Agent {
             save_state(&cfg, config_path, &live.index);
         }
 
-        let ban_runner =
-            bans::BanRunner::start(&cfg, &mut loaded.bans, loaded.adopted).context("failed to restore the bans")?;
+        // Never fails: a bad saved ban is dropped and counted, and the
+        // guard is attached already.
+        let ban_runner = match &live {
+            Some(l) => {
+                let allows = bans::GuardAllows {
+                    index: &l.index,
+                    guards: &cfg.guards,
+                };
+                bans::BanRunner::start_with(&cfg, &mut loaded.bans, loaded.adopted, &allows)
+            }
+            None => bans::BanRunner::start_with(
+                &cfg,
+                &mut loaded.bans,
+                loaded.adopted,
+                &crate::policy::bans::NoAllowlist,
+            ),
+        };
         let ban_inputs = bans::Inputs::start(&cfg);
         let slots = counters::slots(&loaded.maps).context("failed to read counter slots")?;
         let labels = Arc::new(RwLock::new(LabelState {
@@ -319,7 +334,16 @@ impl Agent {
                 Event::BlockedLogEnded(why) => {
                     error!(reason = %why, "the blocked-source logger stopped: blocked sources are no longer logged (the counters and `relay-guard top` still count them)");
                 }
-                Event::AuthFailure(f) => self.bans.failure(&mut self.loaded.bans, &f),
+                Event::AuthFailure(f) => match &self.live {
+                    Some(l) => {
+                        let allows = bans::GuardAllows {
+                            index: &l.index,
+                            guards: &self.current.guards,
+                        };
+                        self.bans.failure_with(&mut self.loaded.bans, &f, &allows);
+                    }
+                    None => self.bans.failure(&mut self.loaded.bans, &f),
+                },
                 Event::LogLineUnparsed(section) => self.bans.unparsed(section),
                 Event::BanTick => self.bans.tick(&mut self.loaded.bans),
             }

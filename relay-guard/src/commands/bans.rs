@@ -9,7 +9,7 @@ use ipnet::IpNet;
 use serde_json::json;
 
 use crate::{
-    agent::bans::{Command, SavedBan, append_command, load_saved},
+    agent::bans::{Command, SavedBan, append_command, ensure_state_dir, load_saved},
     config::{
         Config,
         ban::{Ban, parse_duration},
@@ -29,6 +29,17 @@ fn open(cfg: &Config) -> anyhow::Result<BanMaps> {
             cfg.pin_dir.display()
         )
     })
+}
+
+/// The maps, for a change: `state_dir` checked first (nothing is written
+/// to the kernel that could not be recorded), and its lock taken for each
+/// entry's read-modify-write.
+fn open_for_change(cfg: &Config) -> anyhow::Result<BanMaps> {
+    ensure_state_dir(&cfg.state_dir).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let mut maps = open(cfg)?;
+    maps.set_lock(&cfg.state_dir)
+        .with_context(|| format!("cannot open the ban lock file in {}", cfg.state_dir.display()))?;
+    Ok(maps)
 }
 
 fn parse_target(s: &str) -> anyhow::Result<IpNet> {
@@ -84,20 +95,24 @@ pub fn ban(config_path: &Path, target: &str, length: Option<&str>, name: Option<
     // saved history of this prefix).
     let mut engine = BanEngine::new(cfg.bans.clone());
     let wall = wall_now();
-    for s in load_saved(&cfg.state_dir) {
-        if s.ban == sec.name && s.prefix == net {
-            let rec = crate::policy::bans::BanRecord {
-                section: index,
-                net,
-                expires: Duration::from_millis(s.expires_unix_ms),
-                times: s.times,
-                failures: s.failures,
-            };
-            engine.restore(rec, wall);
-        }
+    let saved = load_saved(&cfg.state_dir);
+    for s in saved.bans.iter().filter(|s| s.ban == sec.name && s.prefix == net) {
+        // Only its count matters here: it is replaced.
+        let rec = crate::policy::bans::BanRecord {
+            section: index,
+            net,
+            expires: wall,
+            times: s.times,
+            failures: s.failures,
+            length: Duration::from_secs(1),
+        };
+        let _ = engine.restore(rec, wall);
+    }
+    for e in saved.ended.iter().filter(|e| e.ban == sec.name && e.prefix == net) {
+        let _ = engine.restore_history(index, net, e.times, Duration::from_millis(e.ended_unix_ms), wall);
     }
     let rec = engine.manual(index, net, length, wall)?;
-    let mut maps = open(&cfg)?;
+    let mut maps = open_for_change(&cfg)?;
     maps.ban(index, rec.net, boot_expiry(rec.expires, wall, boot_ns()))?;
     append_command(&cfg.state_dir, &Command::Ban(SavedBan::from_record(&rec, &cfg.bans))).with_context(|| {
         format!(
@@ -124,7 +139,7 @@ pub fn unban(config_path: &Path, target: &str, name: Option<&str>) -> anyhow::Re
         Some(n) => Some(section(&cfg, Some(n))?.0),
         None => None,
     };
-    let mut maps = open(&cfg)?;
+    let mut maps = open_for_change(&cfg)?;
     let lifted = maps.unban(net, index, boot_ns())?;
     append_command(
         &cfg.state_dir,
@@ -157,7 +172,7 @@ pub fn list(config_path: &Path, as_json: bool) -> anyhow::Result<()> {
     let cfg = Config::load(config_path).map_err(|e| anyhow::anyhow!("invalid config:\n{e}"))?;
     let maps = open(&cfg)?;
     let (wall, boot) = (wall_now(), boot_ns());
-    let mut saved = load_saved(&cfg.state_dir);
+    let mut saved = load_saved(&cfg.state_dir).bans;
     // Pending CLI lines are newer than the saved list.
     if let Ok(text) = std::fs::read_to_string(cfg.state_dir.join(crate::agent::bans::COMMAND_FILE)) {
         for line in text.lines() {

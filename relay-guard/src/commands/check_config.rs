@@ -51,6 +51,11 @@ pub fn execute(path: &Path, json: bool) -> i32 {
                     path.display()
                 );
             }
+            // The agent guards with a state_dir it refuses, but neither
+            // restores nor saves bans there (agent::bans::check_state_dir).
+            if let Err(e) = crate::agent::bans::check_state_dir(&cfg.state_dir) {
+                eprintln!("{}: warning: {e}", path.display());
+            }
             if json {
                 let guards: Vec<_> = cfg
                     .guards

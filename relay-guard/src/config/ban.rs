@@ -47,6 +47,7 @@ pub(super) struct RawBan {
     ipv6_prefix: Option<Spanned<i64>>,
     #[serde(default)]
     never: Vec<Spanned<String>>,
+    ban_allowed: Option<Spanned<bool>>,
 }
 
 /// A validated `[[ban]]` section.
@@ -74,6 +75,11 @@ pub struct Ban {
     pub ipv6_prefix: u8,
     /// Never banned, whatever the logs or the CLI say.
     pub never: Vec<IpNet>,
+    /// Log-fed bans may hit an address that a guard covering one of
+    /// `ports` allows explicitly (an allow entry other than `0.0.0.0/0` or
+    /// `::/0`). Off by default: such addresses are never banned from the
+    /// logs (manual `relay-guard ban` still bans them).
+    pub ban_allowed: bool,
 }
 
 impl Ban {
@@ -91,6 +97,7 @@ impl Ban {
             ipv4_prefix: 32,
             ipv6_prefix: 64,
             never: Vec::new(),
+            ban_allowed: false,
         }
     }
 
@@ -211,6 +218,7 @@ pub(super) fn validate_bans(
             }
         }
         ban.journal = r.journal.as_ref().is_some_and(|j| *j.get_ref());
+        ban.ban_allowed = r.ban_allowed.as_ref().is_some_and(|j| *j.get_ref());
 
         if let Some(f) = &r.failures {
             match u32::try_from(*f.get_ref()) {
@@ -332,6 +340,14 @@ mod tests {
         assert_eq!(b.max_ban_time, Duration::from_secs(7 * 86_400));
         assert_eq!(b.never, ["192.0.2.0/24".parse::<IpNet>().expect("net")]);
         assert_eq!(b.log_files, [PathBuf::from("/var/log/mail.log")]);
+        assert!(!b.ban_allowed, "ban_allowed is off by default");
+        let c = parse("[[ban]]\nban_allowed = true\n").expect("valid");
+        assert!(c.bans[0].ban_allowed);
+        let e = errors("[[ban]]\nban_allowed = \"yes\"\n");
+        assert!(
+            e.iter().any(|(l, w)| *l == 5 && w.contains("expected a boolean")),
+            "{e:?}"
+        );
     }
 
     #[test]

@@ -19,6 +19,8 @@
 //!    source per round. The agent's own
 //!    event loop adds its scheduling on top (tests/tests/mail_bans.rs times
 //!    the whole agent on real packets).
+//! 5. The engine's cost per failure with its 2^20 trackers full, new
+//!    sources only (each evicts the least recently failed tracker).
 use std::{
     io::Write as _,
     net::{IpAddr, Ipv4Addr},
@@ -58,6 +60,8 @@ pub struct Output {
     pub restore: Duration,
     /// Failure line written → SYN from that source dropped, per round, sorted.
     pub latency: Vec<Duration>,
+    /// The engine's cost per failure with 2^20 trackers (new sources).
+    pub tracker_failure: Duration,
 }
 
 fn config(dir: &Path, pin_dir: &Path, state: &Path) -> anyhow::Result<Config> {
@@ -157,7 +161,7 @@ pub fn run(plan: &Plan, dir: &Path) -> anyhow::Result<Output> {
     drop(loaded);
 
     // Restore: fresh maps, the saved list as the agent wrote it.
-    let saved = relay_guard::agent::bans::load_saved(&state);
+    let saved = relay_guard::agent::bans::load_saved(&state).bans;
     anyhow::ensure!(saved.len() >= BANS, "saved {} bans", saved.len());
     save(&state, saved)?;
     let mut fresh = Loaded::load().context("Loaded::load")?;
@@ -174,8 +178,34 @@ pub fn run(plan: &Plan, dir: &Path) -> anyhow::Result<Output> {
     out.latency = latency(&mut runner, &mut fresh, dir)?;
     drop(runner);
     let _ = std::fs::remove_dir_all(&state);
+    println!(
+        "bench: bans: failures at {} trackers",
+        relay_guard::policy::bans::MAX_TRACKERS
+    );
+    out.tracker_failure = trackers(&cfg);
     print(&out);
     Ok(out)
+}
+
+/// Part 5: the engine's cost per failure with its tracker table full
+/// (2^20 fresh sources, one failure each): new sources failing `failures`
+/// times each (here 1: every failure is a new source and a ban), so each
+/// failure evicts the least recently failed tracker.
+fn trackers(cfg: &Config) -> Duration {
+    use relay_guard::policy::bans::{BanEngine, MAX_TRACKERS};
+    let mut sections = cfg.bans.clone();
+    sections[0].failures = 3;
+    let mut e = BanEngine::new(sections);
+    let at = Duration::from_secs(1_800_000_000);
+    for i in 0..MAX_TRACKERS as u32 {
+        e.failure(0, IpAddr::V4(Ipv4Addr::from(0x0a00_0000 + i)), at);
+    }
+    let n = 300_000u32;
+    let t = Instant::now();
+    for i in 0..n {
+        e.failure(0, IpAddr::V4(Ipv4Addr::from(0x0c00_0000 + i / 3)), at);
+    }
+    t.elapsed() / n
 }
 
 /// Part 4: see the module comment.
@@ -258,4 +288,9 @@ pub fn print(o: &Output) {
             o.latency.len()
         );
     }
+    println!(
+        "bans: {:.2} us per failure at {} trackers (the table full: each new source evicts the oldest)",
+        o.tracker_failure.as_secs_f64() * 1e6,
+        relay_guard::policy::bans::MAX_TRACKERS
+    );
 }

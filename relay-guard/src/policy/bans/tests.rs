@@ -112,7 +112,7 @@ fn manual_ban_escalates_too_and_lift_keeps_history() {
     let mut e = BanEngine::new(vec![section()]);
     let a = e.manual(0, net("203.0.113.0/24"), None, secs(0)).expect("ban");
     assert_eq!(a.expires, secs(100));
-    assert_eq!(e.lift(net("203.0.113.0/24"), None).len(), 1);
+    assert_eq!(e.lift(net("203.0.113.0/24"), None, secs(5)).len(), 1);
     assert_eq!(e.active_count(), 0);
     let b = e.manual(0, net("203.0.113.0/24"), None, secs(10)).expect("ban");
     assert_eq!(b.expires, secs(210));
@@ -135,12 +135,166 @@ fn restore_keeps_the_time_left_and_drops_expired() {
         expires: secs(500),
         times: 2,
         failures: 3,
+        length: secs(200),
     };
-    assert!(!e.restore(r.clone(), secs(500)));
-    assert!(e.restore(r.clone(), secs(400)));
+    assert_eq!(e.restore(r.clone(), secs(500)), Ok(false));
+    assert_eq!(e.restore(r.clone(), secs(400)), Ok(true));
     // The next ban of it is the third.
-    e.lift(r.net, None);
+    e.lift(r.net, None, secs(400));
     assert_eq!(e.manual(0, r.net, None, secs(600)).expect("ban").times, 3);
+}
+
+#[test]
+fn restore_is_checked_like_the_cli() {
+    let mut e = BanEngine::new(vec![section()]);
+    let rec = |n: &str, section: usize| BanRecord {
+        section,
+        net: net(n),
+        expires: secs(500),
+        times: 1,
+        failures: 0,
+        length: secs(100),
+    };
+    for (n, s) in [("0.0.0.0/0", 0), ("::/0", 0), ("2001::/16", 0), ("10.0.0.0/7", 0)] {
+        assert!(
+            matches!(e.restore(rec(n, s), secs(400)), Err(BanRefused::TooShort { .. })),
+            "{n}"
+        );
+    }
+    assert!(matches!(
+        e.restore(rec("192.0.2.0/25", 0), secs(400)),
+        Err(BanRefused::Never { .. })
+    ));
+    assert!(matches!(
+        e.restore(rec("198.51.100.0/24", 3), secs(400)),
+        Err(BanRefused::NoSection(3))
+    ));
+    let mut long = rec("198.51.100.0/24", 0);
+    long.length = secs(20 * 365 * 86_400);
+    assert!(matches!(e.restore(long, secs(400)), Err(BanRefused::TooLong { .. })));
+    assert!(matches!(
+        e.restore_history(0, net("::/0"), 3, secs(100), secs(400)),
+        Err(BanRefused::TooShort { .. })
+    ));
+    assert_eq!(e.active_count(), 0);
+    assert_eq!(e.restore(rec("198.51.100.0/24", 0), secs(400)), Ok(true));
+}
+
+#[test]
+fn a_lifted_ban_is_history_that_ended_when_it_was_lifted() {
+    let mut e = BanEngine::new(vec![section()]);
+    let a = e
+        .manual(0, net("203.0.113.0/24"), Some(secs(300)), secs(0))
+        .expect("ban");
+    assert_eq!(a.expires, secs(300));
+    assert_eq!(e.lift(a.net, None, secs(10)).len(), 1);
+    let h: Vec<_> = e.history().collect();
+    assert_eq!(h, [(0, a.net, 1, secs(10))], "ended at the lift, not at the old expiry");
+    // History never becomes a ban, even with an end in the future.
+    let mut e2 = BanEngine::new(vec![section()]);
+    e2.restore_history(0, a.net, 1, secs(300), secs(10)).expect("history");
+    assert_eq!(e2.active_count(), 0);
+    assert!(e2.failure(0, ip("203.0.113.1"), secs(11)).is_none());
+    assert_eq!(e2.times_banned(0, a.net), 1);
+    // An end in the future is taken as now: pruned max_ban_time later.
+    e2.prune(secs(10 + 349));
+    assert_eq!(e2.times_banned(0, a.net), 1);
+    e2.prune(secs(10 + 351));
+    assert_eq!(e2.times_banned(0, a.net), 0);
+}
+
+struct Allows(Vec<IpNet>);
+
+impl Allowed for Allows {
+    fn allows(&self, ports: &[u16], addr: IpAddr) -> bool {
+        ports.contains(&587) && self.0.iter().any(|n| n.contains(&addr))
+    }
+    fn allows_within(&self, ports: &[u16], n: &IpNet) -> bool {
+        ports.contains(&587) && self.0.iter().any(|a| n.contains(a))
+    }
+}
+
+#[test]
+fn allowlisted_sources_are_not_banned_from_the_logs_unless_ban_allowed() {
+    let allows = Allows(vec![net("203.0.113.10/32"), net("2001:db8:7::10/128")]);
+    let mut e = BanEngine::new(vec![section()]);
+    for t in 0..10 {
+        assert_eq!(
+            e.failure_checked(0, ip("203.0.113.10"), secs(t), &allows),
+            Outcome::Allowlisted
+        );
+    }
+    assert_eq!(e.tracker_count(), 0, "an allowlisted source takes no tracker");
+    // A neighbour in the same /64 as an allowed host: only itself.
+    let mut last = Outcome::Counted;
+    for t in 0..3 {
+        last = e.failure_checked(0, ip("2001:db8:7::99"), secs(t), &allows);
+    }
+    let Outcome::Banned(r) = last else { panic!("{last:?}") };
+    assert_eq!(r.net, net("2001:db8:7::99/128"));
+    // A manual ban still works on it.
+    assert!(e.manual(0, net("203.0.113.10/32"), None, secs(20)).is_ok());
+    // ban_allowed = true: banned like anyone.
+    let mut b = section();
+    b.ban_allowed = true;
+    let mut e = BanEngine::new(vec![b]);
+    let mut last = Outcome::Counted;
+    for t in 0..3 {
+        last = e.failure_checked(0, ip("203.0.113.10"), secs(t), &allows);
+    }
+    assert!(
+        matches!(last, Outcome::Banned(ref r) if r.net == net("203.0.113.10/32")),
+        "{last:?}"
+    );
+}
+
+#[test]
+fn at_the_tracker_cap_the_oldest_tracker_goes_and_new_sources_are_banned() {
+    let mut e = BanEngine::with_tracker_cap(vec![section()], 4);
+    for i in 1..=4u8 {
+        e.failure(0, IpAddr::from([198, 51, 100, i]), secs(0));
+    }
+    // .1 fails again: it is now the most recent; .2 is the oldest.
+    e.failure(0, ip("198.51.100.1"), secs(1));
+    assert_eq!(e.failure(0, ip("203.0.113.9"), secs(2)), None);
+    assert_eq!(e.tracker_count(), 4);
+    assert_eq!(e.evicted(), 1);
+    assert_eq!(e.failure(0, ip("203.0.113.9"), secs(3)), None);
+    assert!(
+        e.failure(0, ip("203.0.113.9"), secs(4)).is_some(),
+        "a new source at the cap is banned"
+    );
+    // .1 kept both failures; .2 was evicted and starts over.
+    assert!(e.failure(0, ip("198.51.100.1"), secs(5)).is_some());
+    assert_eq!(e.failure(0, ip("198.51.100.2"), secs(5)), None);
+}
+
+/// The cost of a failure at the real cap (2^20 trackers, all fresh): a new
+/// source is tracked and banned, and each failure costs O(1) (printed; the
+/// figure belongs in the bench, the test asserts only the behaviour).
+#[test]
+fn a_million_trackers_still_ban_a_new_source() {
+    let mut e = BanEngine::new(vec![section()]);
+    for i in 0..MAX_TRACKERS as u32 {
+        let a = std::net::Ipv4Addr::from(0x0a00_0000 + i);
+        e.failure(0, IpAddr::V4(a), secs(1000));
+    }
+    assert_eq!(e.tracker_count(), MAX_TRACKERS);
+    let started = std::time::Instant::now();
+    let n = 30_000u32;
+    let mut banned = 0;
+    for i in 0..n {
+        // 10,000 new sources failing 3 times each, at the cap.
+        let a = std::net::Ipv4Addr::from(0x0c00_0000 + i / 3);
+        if e.failure(0, IpAddr::V4(a), secs(1001)).is_some() {
+            banned += 1;
+        }
+    }
+    let per = started.elapsed() / n;
+    assert_eq!(banned, n / 3, "every new source is banned at the cap");
+    // Each ban frees its tracker; the cap holds.
+    assert!(e.tracker_count() >= MAX_TRACKERS - 1 && e.tracker_count() <= MAX_TRACKERS);
+    eprintln!("per failure at {MAX_TRACKERS} trackers: {per:?}");
 }
 
 #[test]
