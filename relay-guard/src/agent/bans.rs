@@ -206,6 +206,8 @@ pub struct BanMetrics {
     pub events: Family<Vec<(&'static str, String)>, Counter>,
     pub auth_failures: Family<Vec<(&'static str, String)>, Counter>,
     pub unparsed: Family<Vec<(&'static str, String)>, Counter>,
+    pub suspicious: Family<Vec<(&'static str, String)>, Counter>,
+    pub source_up: Family<Vec<(&'static str, String)>, Gauge>,
 }
 
 impl BanMetrics {
@@ -226,6 +228,16 @@ impl BanMetrics {
             "log_lines_unparsed",
             "Log lines that looked like Postfix or Dovecot but could not be read, by ban section",
             self.unparsed.clone(),
+        );
+        sub.register(
+            "log_lines_suspicious",
+            "Log lines with field-like text (rip=, `, `, brackets) in a client-controlled element such as a user name, by ban section; the real source is still charged",
+            self.suspicious.clone(),
+        );
+        sub.register(
+            "log_source_up",
+            "Whether a ban section's log source is read (1) or not (0: a file missing or unreadable, journalctl not running), by ban section and source (the file's path, or journal)",
+            self.source_up.clone(),
         );
     }
 
@@ -372,6 +384,27 @@ impl BanRunner {
                 .unparsed
                 .get_or_create(&vec![("ban", b.name.clone())])
                 .inc();
+        }
+    }
+
+    /// A log line of `section`'s logs with field-like text in a
+    /// client-controlled element.
+    pub fn suspicious(&mut self, section: usize) {
+        if let Some(b) = self.engine.sections().get(section) {
+            self.metrics
+                .suspicious
+                .get_or_create(&vec![("ban", b.name.clone())])
+                .inc();
+        }
+    }
+
+    /// Whether a log source of `section` is read.
+    pub fn source_up(&mut self, section: usize, source: String, up: bool) {
+        if let Some(b) = self.engine.sections().get(section) {
+            self.metrics
+                .source_up
+                .get_or_create(&vec![("ban", b.name.clone()), ("source", source)])
+                .set(i64::from(up));
         }
     }
 
@@ -608,6 +641,15 @@ impl Inputs {
                             at: f.at,
                         }),
                         LogEvent::Unparsed { .. } => super::Event::LogLineUnparsed(i),
+                        LogEvent::Suspicious { .. } => super::Event::LogLineSuspicious(i),
+                        LogEvent::SourceUp { source, up } => super::Event::LogSourceUp {
+                            ban: i,
+                            source: match source {
+                                Source::File(p) => p.display().to_string(),
+                                Source::Journal => "journal".to_owned(),
+                            },
+                            up,
+                        },
                     };
                     if tx.send(e).await.is_err() {
                         break;
