@@ -118,6 +118,7 @@ fn each_failed_auth_through_postfix_and_dovecot_counts_once() {
                 *counted.entry(f.source).or_default() += 1;
             }
             LogEvent::Unparsed { .. } => unparsed += 1,
+            LogEvent::Suspicious { .. } | LogEvent::SourceUp { .. } => {}
         }
     }
     let maillog = server.postfix.log_text();

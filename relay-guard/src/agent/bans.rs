@@ -502,6 +502,8 @@ pub struct BanMetrics {
     pub refused: Family<Vec<(&'static str, String)>, Counter>,
     pub not_banned: Family<Vec<(&'static str, String)>, Counter>,
     pub trackers_evicted: Counter,
+    pub suspicious: Family<Vec<(&'static str, String)>, Counter>,
+    pub source_up: Family<Vec<(&'static str, String)>, Gauge>,
 }
 
 impl BanMetrics {
@@ -542,6 +544,16 @@ impl BanMetrics {
             "ban_trackers_evicted",
             "Failure trackers evicted (least recently failed first) to make room for new sources",
             self.trackers_evicted.clone(),
+        );
+        sub.register(
+            "log_lines_suspicious",
+            "Log lines with field-like text (rip=, `, `, brackets) in a client-controlled element such as a user name, by ban section; the real source is still charged",
+            self.suspicious.clone(),
+        );
+        sub.register(
+            "log_source_up",
+            "Whether a ban section's log source is read (1) or not (0: a file missing or unreadable, journalctl not running), by ban section and source (the file's path, or journal)",
+            self.source_up.clone(),
         );
     }
 
@@ -985,6 +997,27 @@ impl BanRunner {
         }
     }
 
+    /// A log line of `section`'s logs with field-like text in a
+    /// client-controlled element.
+    pub fn suspicious(&mut self, section: usize) {
+        if let Some(b) = self.engine.sections().get(section) {
+            self.metrics
+                .suspicious
+                .get_or_create(&vec![("ban", b.name.clone())])
+                .inc();
+        }
+    }
+
+    /// Whether a log source of `section` is read.
+    pub fn source_up(&mut self, section: usize, source: String, up: bool) {
+        if let Some(b) = self.engine.sections().get(section) {
+            self.metrics
+                .source_up
+                .get_or_create(&vec![("ban", b.name.clone()), ("source", source)])
+                .set(i64::from(up));
+        }
+    }
+
     /// Puts `rec` in the kernel; `false` (counted, logged, and taken out
     /// of the engine) when the kernel refuses it: what the metrics call
     /// banned is what the kernel drops.
@@ -1393,6 +1426,15 @@ impl Inputs {
                             at: f.at,
                         }),
                         LogEvent::Unparsed { .. } => super::Event::LogLineUnparsed(i),
+                        LogEvent::Suspicious { .. } => super::Event::LogLineSuspicious(i),
+                        LogEvent::SourceUp { source, up } => super::Event::LogSourceUp {
+                            ban: i,
+                            source: match source {
+                                Source::File(p) => p.display().to_string(),
+                                Source::Journal => "journal".to_owned(),
+                            },
+                            up,
+                        },
                     };
                     if tx.send(e).await.is_err() {
                         break;

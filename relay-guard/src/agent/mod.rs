@@ -97,6 +97,12 @@ pub enum Event {
     AuthFailure(bans::AuthFailure),
     /// A line of a `[[ban]]` section's logs that did not parse.
     LogLineUnparsed(usize),
+    /// A line of a `[[ban]]` section's logs with field-like text in a
+    /// client-controlled element.
+    LogLineSuspicious(usize),
+    /// A `[[ban]]` section's log source (a file's path, `journal`) is read
+    /// or not.
+    LogSourceUp { ban: usize, source: String, up: bool },
     /// The periodic ban work (`bans::BanRunner::tick`) is due.
     BanTick,
 }
@@ -345,6 +351,8 @@ impl Agent {
                     None => self.bans.failure(&mut self.loaded.bans, &f),
                 },
                 Event::LogLineUnparsed(section) => self.bans.unparsed(section),
+                Event::LogLineSuspicious(section) => self.bans.suspicious(section),
+                Event::LogSourceUp { ban, source, up } => self.bans.source_up(ban, source, up),
                 Event::BanTick => self.bans.tick(&mut self.loaded.bans),
             }
         }

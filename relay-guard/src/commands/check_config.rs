@@ -44,6 +44,15 @@ pub fn execute(path: &Path, json: bool) -> i32 {
                 }
                 return 1;
             }
+            // A log file others can write: any line there is believed
+            // (SPEC.md "Who may aim a ban").
+            for b in &cfg.bans {
+                for f in &b.log_files {
+                    if let Some(risk) = crate::logwatch::tail::write_risk(f) {
+                        eprintln!("{}: warning: ban `{}`: {risk}", path.display(), b.name);
+                    }
+                }
+            }
             let unnamed = unnamed_guards(path);
             if unnamed > 1 {
                 eprintln!(

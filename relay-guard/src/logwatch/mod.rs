@@ -72,6 +72,20 @@ pub enum LogEvent {
     Unparsed {
         source: Source,
     },
+    /// A line with field-like text in a client-controlled element (a user
+    /// name holding `rip=`, ...): `relay_guard_log_lines_suspicious_total`.
+    /// Sent before the line's failures (charged to the real source) or its
+    /// `Unparsed`.
+    Suspicious {
+        source: Source,
+    },
+    /// Whether the source is being read: a file open (false while missing
+    /// or unreadable), `journalctl` running. Sent at start and on each
+    /// change; `relay_guard_log_source_up`.
+    SourceUp {
+        source: Source,
+        up: bool,
+    },
 }
 
 /// Starting a follower failed.
@@ -156,18 +170,44 @@ impl Sink {
         self.stop.load(Ordering::Relaxed) || self.tx.is_closed()
     }
 
+    /// Sends `up` for this source; false once nobody listens.
+    pub(crate) fn up(&self, up: bool) -> bool {
+        self.tx
+            .blocking_send(LogEvent::SourceUp {
+                source: self.source.clone(),
+                up,
+            })
+            .is_ok()
+    }
+
     /// Sends what `outcome` means; false once nobody listens.
     pub(crate) fn deliver(&self, outcome: Outcome, at: SystemTime) -> bool {
+        let suspicious = match &outcome {
+            Outcome::Failures(f) => f.suspicious,
+            Outcome::Unparsed { suspicious } => *suspicious,
+            Outcome::Ignored => false,
+        };
+        if suspicious
+            && self
+                .tx
+                .blocking_send(LogEvent::Suspicious {
+                    source: self.source.clone(),
+                })
+                .is_err()
+        {
+            return false;
+        }
         match outcome {
             Outcome::Ignored => true,
-            Outcome::Unparsed => self
+            Outcome::Unparsed { .. } => self
                 .tx
                 .blocking_send(LogEvent::Unparsed {
                     source: self.source.clone(),
                 })
                 .is_ok(),
             Outcome::Failures(f) => {
-                for _ in 0..f.count {
+                // At most parse::MAX_FAILURES_PER_LINE: the parser caps it.
+                for _ in 0..f.count.min(parse::MAX_FAILURES_PER_LINE) {
                     let event = LogEvent::Failure(AuthFailure {
                         source: f.addr,
                         origin: f.origin,
@@ -208,16 +248,20 @@ mod tests {
         )
         .expect("write");
         let mut got = Vec::new();
+        let mut ups = Vec::new();
         let deadline = std::time::Instant::now() + Duration::from_secs(5);
-        while got.len() < 3 && std::time::Instant::now() < deadline {
+        while (got.len() < 3 || ups.len() < 2) && std::time::Instant::now() < deadline {
             match rx.try_recv() {
+                Ok(LogEvent::SourceUp { up, .. }) => ups.push(up),
                 Ok(e) => got.push(e),
                 Err(_) => std::thread::sleep(Duration::from_millis(10)),
             }
         }
+        // Missing at start (down), then open (up).
+        assert_eq!(ups, [false, true]);
         let failure = |e: &LogEvent| match e {
             LogEvent::Failure(f) => Some((f.source, f.origin, f.service.clone())),
-            LogEvent::Unparsed { .. } => None,
+            _ => None,
         };
         let addr: IpAddr = "192.0.2.1".parse().expect("addr");
         let want = Some((addr, Origin::Postfix, "postfix/smtps/smtpd".to_owned()));

@@ -17,6 +17,34 @@
 //!   (`Disconnected`, `Disconnected: Connection closed`, `Aborted login`,
 //!   `Login aborted: ...`).
 //!
+//! Who is charged (SPEC.md "Who may aim a ban"): only the address the daemon
+//! wrote for the connection, never text a client chose.
+//! - Postfix: the `NAME[ADDR]` that opens the message. NAME is Postfix's
+//!   validated client name (`unknown` or a host name of letters, digits, `-`,
+//!   `_`, `.`), so the first `]` ends the address. Client text (HELO, MAIL
+//!   FROM, the SASL method, `sasl_username=`) only ever comes after it. The
+//!   disconnect line's counters must all be `word=N` or `word=N/M`. A session
+//!   whose disconnect line shows a successful XCLIENT (`xclient=1`) carries an
+//!   address a local client chose, and is not counted (docs/operations.md
+//!   "Testing for open relay").
+//! - Dovecot: the message is `TEXT: ELEMENTS`, TEXT Dovecot's own and
+//!   ELEMENTS its `login_log_format_elements` (default `user=<%u>
+//!   method=%m rip=%r lip=%l mpid=%e %c session=<%{session}>`) joined by
+//!   `, `. The mark `(auth failed, N attempts` is taken from TEXT only (before
+//!   the first `: user=<`). The user name may hold anything printable (`>`,
+//!   `, `, `=`, `rip=`), so ELEMENTS is read from its end: the last `, rip=`
+//!   must be followed only by Dovecot's own elements (`lip=`, `mpid=`,
+//!   `rport=`, `lport=`, `secured`, `TLS...`, `session=<...>`) and preceded by
+//!   `user=<...>` and an optional `method=`. Anything else (a changed
+//!   `login_log_format_elements`, a missing `rip=`) is [`Outcome::Unparsed`]
+//!   and charges nobody.
+//! - Field-like text (`=`, `, `, `<`, `>`, `[`, `]`) in a client-controlled
+//!   element (Dovecot's user, Postfix's SASL method and `sasl_username`) marks
+//!   the line suspicious ([`Failures::suspicious`], `Unparsed { suspicious }`):
+//!   counted in `relay_guard_log_lines_suspicious_total`; the real source is
+//!   still charged.
+//! - One line adds at most [`MAX_FAILURES_PER_LINE`] failures.
+//!
 //! One failed login counts once. Postfix logs a failed AUTH twice: a warning
 //! when it happens and `auth=0/1` in the disconnect line. Warnings count as
 //! they come; the disconnect line of the same smtpd process (pid) and client
@@ -61,8 +89,10 @@ pub struct Failures {
     /// The syslog identifier (`postfix/submission/smtpd`) or Dovecot login
     /// process (`imap-login`).
     pub service: String,
-    /// How many failed logins (at least 1).
+    /// How many failed logins (1 to [`MAX_FAILURES_PER_LINE`]).
     pub count: u32,
+    /// A client-controlled element of the line holds field-like text.
+    pub suspicious: bool,
 }
 
 /// What one line means.
@@ -70,11 +100,26 @@ pub struct Failures {
 pub enum Outcome {
     Failures(Failures),
     /// Looks like a line this parser reads (or like no log line at all) but
-    /// does not parse.
-    Unparsed,
+    /// cannot be read unambiguously: charges nobody. `suspicious`: a
+    /// client-controlled element holds field-like text.
+    Unparsed {
+        suspicious: bool,
+    },
     /// Not about failed logins.
     Ignored,
 }
+
+impl Outcome {
+    /// An unparsed line without field-like text.
+    pub const UNPARSED: Outcome = Outcome::Unparsed { suspicious: false };
+}
+
+/// Most failed logins one line adds (M5 of the 2026-12-07 review: a count
+/// of 4,294,967,295 must not stall a source for an hour). 20 is Postfix's
+/// default `smtpd_hard_error_limit` (the most failed AUTHs one smtpd session
+/// gets) and more than any sensible `failures`; Dovecot's login processes
+/// disconnect long before.
+pub const MAX_FAILURES_PER_LINE: u32 = 20;
 
 /// How many smtpd (pid, client) pairs with counted warnings are remembered
 /// until their disconnect line. Entries whose disconnect line never comes
@@ -107,7 +152,7 @@ impl Parser {
         }
         match split_header(line) {
             Some((ident, pid, message)) => self.record(ident, pid, message),
-            None => Outcome::Unparsed,
+            None => Outcome::UNPARSED,
         }
     }
 
@@ -136,26 +181,41 @@ impl Parser {
 
     fn postfix(&mut self, ident: &str, pid: u32, message: &str) -> Outcome {
         if let Some(rest) = message.strip_prefix("warning: ") {
-            if !(rest.contains("SASL ") && rest.contains(" authentication failed")) {
-                return Outcome::Ignored;
-            }
             let Some((addr, after)) = client(rest) else {
-                return Outcome::Unparsed;
+                // Not a client's warning, or one whose client element does
+                // not read.
+                if rest.contains(": SASL ") && rest.contains(" authentication failed") {
+                    return Outcome::UNPARSED;
+                }
+                return Outcome::Ignored;
             };
             let Some(after) = after.strip_prefix(": SASL ") else {
-                return Outcome::Unparsed;
+                return Outcome::Ignored;
             };
+            // `METHOD authentication failed: REASON[, sasl_username=USER]`.
+            // The method is the client's AUTH argument (no spaces: Postfix
+            // splits commands on them); the user name comes last.
             let Some((method, reason)) = after.split_once(' ') else {
-                return Outcome::Unparsed;
+                return Outcome::UNPARSED;
             };
-            if method.is_empty() || !reason.starts_with("authentication failed") {
-                return Outcome::Unparsed;
+            if !reason.starts_with("authentication failed") {
+                // `authentication aborted` and the like: no guess.
+                return Outcome::Ignored;
+            }
+            let (reason, user) = match find(reason, ", sasl_username=") {
+                Some(at) => (&reason[..at], Some(&reason[at + ", sasl_username=".len()..])),
+                None => (reason, None),
+            };
+            let suspicious = method.is_empty() || !method.bytes().all(is_mech_char) || user.is_some_and(field_like);
+            if method.is_empty() {
+                return Outcome::Unparsed { suspicious };
             }
             // The AUTH command failed, so the disconnect line counts it: note
             // it either way. A failure of Postfix's own SASL back end is no
-            // guess by the client and is not counted.
+            // guess by the client and is not counted (L5: only the reason
+            // before the client's user name is looked at).
             self.note_warning(ident, pid, addr);
-            if reason.contains("Connection lost to authentication server") {
+            if find(reason, "Connection lost to authentication server").is_some() {
                 return Outcome::Ignored;
             }
             return Outcome::Failures(Failures {
@@ -163,6 +223,7 @@ impl Parser {
                 origin: Origin::Postfix,
                 service: ident.to_owned(),
                 count: 1,
+                suspicious,
             });
         }
         if let Some(rest) = message.strip_prefix("disconnect from ") {
@@ -172,22 +233,33 @@ impl Parser {
                 if !rest.contains(" auth=") {
                     return Outcome::Ignored;
                 }
-                return Outcome::Unparsed;
+                return Outcome::UNPARSED;
             };
-            let Some(auth) = stats.split_ascii_whitespace().find_map(|t| t.strip_prefix("auth=")) else {
-                self.settle(ident, pid, addr);
+            let mut auth = None;
+            let mut xclient = false;
+            // The counters are Postfix's own (`name=N` or `name=N/M`).
+            for token in stats.split_ascii_whitespace() {
+                if let Some(v) = token.strip_prefix("auth=") {
+                    auth = counts(v);
+                    if auth.is_none() {
+                        self.settle(ident, pid, addr);
+                        return Outcome::UNPARSED;
+                    }
+                } else if let Some(v) = token.strip_prefix("xclient=") {
+                    xclient |= counts(v).is_none_or(|(ok, _)| ok > 0);
+                }
+            }
+            let warned = self.settle(ident, pid, addr);
+            let Some((ok, total)) = auth else {
                 return Outcome::Ignored;
             };
-            let (ok, total) = match auth.split_once('/') {
-                Some((ok, total)) => (ok.parse::<u32>(), total.parse::<u32>()),
-                None => (auth.parse::<u32>(), auth.parse::<u32>()),
-            };
-            let (Ok(ok), Ok(total)) = (ok, total) else {
-                self.settle(ident, pid, addr);
-                return Outcome::Unparsed;
-            };
+            if xclient {
+                // The address is what a local client told smtpd through
+                // XCLIENT: nobody is charged.
+                return Outcome::Ignored;
+            }
             let failed = total.saturating_sub(ok);
-            let count = failed.saturating_sub(self.settle(ident, pid, addr));
+            let count = failed.saturating_sub(warned).min(MAX_FAILURES_PER_LINE);
             if count == 0 {
                 return Outcome::Ignored;
             }
@@ -196,6 +268,7 @@ impl Parser {
                 origin: Origin::Postfix,
                 service: ident.to_owned(),
                 count,
+                suspicious: false,
             });
         }
         Outcome::Ignored
@@ -217,6 +290,9 @@ impl Parser {
 
     /// Forgets and returns the warned failures of this smtpd and client.
     fn settle(&mut self, ident: &str, pid: u32, addr: IpAddr) -> u32 {
+        if self.warned.is_empty() {
+            return 0;
+        }
         self.warned.remove(&(ident.to_owned(), pid, addr)).map_or(0, |(n, _)| n)
     }
 
@@ -224,6 +300,66 @@ impl Parser {
     pub fn pending(&self) -> usize {
         self.warned.len()
     }
+}
+
+/// `N` or `N/M` of a disconnect line's counters: (successes, total).
+fn counts(value: &str) -> Option<(u32, u32)> {
+    let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    match value.split_once('/') {
+        Some((ok, total)) if digits(ok) && digits(total) => {
+            Some((ok.parse().unwrap_or(u32::MAX), total.parse().unwrap_or(u32::MAX)))
+        }
+        None if digits(value) => {
+            let n = value.parse().unwrap_or(u32::MAX);
+            Some((n, n))
+        }
+        _ => None,
+    }
+}
+
+/// A SASL mechanism name's characters (RFC 4422: upper-case letters, digits,
+/// `-`, `_`; Postfix logs what the client sent, so lower case too).
+fn is_mech_char(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b == b'-' || b == b'_'
+}
+
+/// Text that looks like a log element: what a client writes into its user
+/// name or similar to be read as another address.
+fn field_like(s: &str) -> bool {
+    let b = s.as_bytes();
+    b.iter()
+        .enumerate()
+        .any(|(i, &c)| matches!(c, b'=' | b'<' | b'>' | b'[' | b']') || (c == b',' && b.get(i + 1) == Some(&b' ')))
+}
+
+/// Where `needle` (not empty) first occurs in `hay`. The needles here start
+/// with a byte that is rare in log lines (`,`, `:`, `(`), so a scan for it
+/// with memchr and a compare beats building a substring searcher per call
+/// (this runs on every line).
+fn find(hay: &str, needle: &str) -> Option<usize> {
+    let (h, n) = (hay.as_bytes(), needle.as_bytes());
+    let mut from = 0;
+    while let Some(p) = memchr::memchr(n[0], &h[from..]) {
+        let at = from + p;
+        if h[at..].starts_with(n) {
+            return Some(at);
+        }
+        from = at + 1;
+    }
+    None
+}
+
+/// Where `needle` (not empty) last occurs in `hay`.
+fn rfind(hay: &str, needle: &str) -> Option<usize> {
+    let (h, n) = (hay.as_bytes(), needle.as_bytes());
+    let mut to = h.len();
+    while let Some(at) = memchr::memrchr(n[0], &h[..to]) {
+        if h[at..].starts_with(n) {
+            return Some(at);
+        }
+        to = at;
+    }
+    None
 }
 
 /// `Info: ` and the like, which Dovecot's own log file puts before messages.
@@ -236,42 +372,109 @@ fn strip_level(message: &str) -> &str {
     message
 }
 
+/// A Dovecot login process's line: `TEXT: user=<USER>, method=M, rip=ADDR,
+/// DOVECOT'S OWN ELEMENTS` (see the module docs).
 fn dovecot_login(process: &str, message: &str) -> Outcome {
     const MARK: &str = "(auth failed, ";
-    let Some(at) = message.find(MARK) else {
+    const USER: &str = ": user=<";
+    // TEXT is Dovecot's own: the first `: user=<` ends it (the user element
+    // comes after it, so nothing a client wrote can come before).
+    let (text, elements) = match find(message, USER) {
+        Some(at) => (&message[..at], Some(&message[at + USER.len()..])),
+        None => (message, None),
+    };
+    let Some(at) = find(text, MARK) else {
+        // Not a failed login; or its mark only in a client's user name.
         return Outcome::Ignored;
     };
-    let after = &message[at + MARK.len()..];
+    let after = &text[at + MARK.len()..];
     let Some(count) = after
         .split_once(' ')
         .filter(|(_, rest)| rest.starts_with("attempts"))
         .and_then(|(n, _)| n.parse::<u32>().ok())
     else {
-        return Outcome::Unparsed;
-    };
-    let Some(addr) = message
-        .split([',', ' '])
-        .find_map(|field| field.strip_prefix("rip="))
-        .and_then(parse_addr)
-    else {
-        return Outcome::Unparsed;
+        return Outcome::UNPARSED;
     };
     if count == 0 {
         return Outcome::Ignored;
     }
-    Outcome::Failures(Failures {
-        addr,
-        origin: Origin::Dovecot,
-        service: process.to_owned(),
-        count,
-    })
+    let Some(elements) = elements else {
+        return Outcome::UNPARSED;
+    };
+    match dovecot_rip(elements) {
+        Ok((addr, suspicious)) => Outcome::Failures(Failures {
+            addr,
+            origin: Origin::Dovecot,
+            service: process.to_owned(),
+            count: count.min(MAX_FAILURES_PER_LINE),
+            suspicious,
+        }),
+        Err(suspicious) => Outcome::Unparsed { suspicious },
+    }
+}
+
+/// From `USER>, method=M, rip=ADDR, lip=..., session=<...>` (what follows
+/// `user=<`): Dovecot's own `rip=` and whether the user name looks like
+/// elements. `Err(suspicious)`: not readable unambiguously.
+fn dovecot_rip(elements: &str) -> Result<(IpAddr, bool), bool> {
+    const RIP: &str = ", rip=";
+    // Everything after the real `rip=` is Dovecot's own, so the last one is
+    // it: a `rip=` in the user name comes before.
+    let Some(at) = rfind(elements, RIP) else {
+        return Err(find(elements, "rip=").is_some());
+    };
+    let (head, tail) = (&elements[..at], &elements[at + RIP.len()..]);
+    // The head: `USER>` or `USER>, method=MECH`.
+    const METHOD: &str = ">, method=";
+    let user = match rfind(head, METHOD).map(|at| (&head[..at], &head[at + METHOD.len()..])) {
+        Some((user, mech)) if !mech.is_empty() && mech.bytes().all(is_mech_char) => user,
+        _ => match head.strip_suffix('>') {
+            Some(user) => user,
+            None => return Err(field_like(head)),
+        },
+    };
+    let suspicious = field_like(user);
+    let (rip, mut rest) = match find(tail, ", ") {
+        Some(at) => (&tail[..at], Some(&tail[at + 2..])),
+        None => (tail, None),
+    };
+    let addr = parse_addr(rip).ok_or(suspicious)?;
+    while let Some(r) = rest {
+        let (part, next) = match find(r, ", ") {
+            Some(at) => (&r[..at], Some(&r[at + 2..])),
+            None => (r, None),
+        };
+        rest = next;
+        let last = next.is_none();
+        let own = match part.split_once('=') {
+            // An address's characters (not parsed: it charges nobody).
+            Some(("lip", v)) => !v.is_empty() && v.bytes().all(|b| b.is_ascii_hexdigit() || b == b'.' || b == b':'),
+            Some(("mpid" | "rport" | "lport", v)) => !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()),
+            // Always Dovecot's last element: a `session=<` in a user name
+            // would take the user element's closing `>`.
+            Some(("session", v)) => {
+                last && v
+                    .strip_prefix('<')
+                    .and_then(|v| v.strip_suffix('>'))
+                    .is_some_and(|id| id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'+' || b == b'/'))
+            }
+            Some(_) => false,
+            None => part == "secured" || part.starts_with("TLS"),
+        };
+        if !own {
+            return Err(suspicious);
+        }
+    }
+    Ok((addr, suspicious))
 }
 
 /// `NAME[ADDR]` (optionally `:PORT`, with `smtpd_client_port_logging`) at
-/// the start of `s`: the address and what follows.
+/// the start of `s`: the address and what follows. NAME must be what Postfix
+/// writes there: `unknown` or a host name (letters, digits, `-`, `_`, `.`).
 fn client(s: &str) -> Option<(IpAddr, &str)> {
     let open = s.find('[')?;
-    if s[..open].contains(' ') {
+    let name = &s[..open];
+    if name.is_empty() || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b)) {
         return None;
     }
     let close = open + s[open..].find(']')?;

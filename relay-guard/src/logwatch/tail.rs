@@ -11,6 +11,14 @@
 //! - A file missing at start, or gone (deleted, renamed away), is waited for,
 //!   and read from its start when it appears. A file present at start is read
 //!   from its end: what was logged before the agent started is not counted.
+//! - A file that is there but cannot be opened (permissions) is an error,
+//!   not "not there yet": logged, and the source is down
+//!   (`relay_guard_log_source_up` 0) until it opens. It is tried again at
+//!   every poll.
+//! - A file that others than root and its daemon could write (group or
+//!   other write bits, or a non-root owner that is no mail or syslog daemon
+//!   user) is warned about once per follow ([`write_risk`]): any line in it
+//!   would be believed.
 //! - A last line without its newline is held until the newline comes. A line
 //!   longer than [`MAX_LINE`] is passed on cut (and will not parse).
 //!
@@ -126,11 +134,69 @@ fn emit(bytes: &[u8], lines: &mut dyn FnMut(&str)) {
     lines(&String::from_utf8_lossy(&bytes[start..]));
 }
 
+/// Whether the followed path is being read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FileState {
+    /// The file the path names is open.
+    Open,
+    /// No file there (yet, or any more): waited for.
+    Missing,
+    /// There, but opening it failed (the error).
+    Unreadable(String),
+}
+
+impl FileState {
+    fn of(result: &std::io::Result<Reader>) -> FileState {
+        match result {
+            Ok(_) => FileState::Open,
+            Err(e) if e.kind() == ErrorKind::NotFound => FileState::Missing,
+            Err(e) => FileState::Unreadable(e.to_string()),
+        }
+    }
+}
+
+/// The owners a log file may have besides root: the users mail daemons and
+/// syslog daemons write as (Postfix's `mail_owner`, Dovecot, rsyslog on
+/// Ubuntu).
+pub const TRUSTED_OWNERS: &[&str] = &["postfix", "dovecot", "dovenull", "syslog"];
+
+/// Why a line in `path` might not come from its daemon: it is writable by
+/// group or others, or owned by a user that is neither root nor one of
+/// [`TRUSTED_OWNERS`]. `None`: only root and the daemon can write it (or it
+/// is not there to judge).
+pub fn write_risk(path: &Path) -> Option<String> {
+    let meta = std::fs::metadata(path).ok()?;
+    let mode = meta.mode() & 0o7777;
+    if mode & 0o022 != 0 {
+        return Some(format!(
+            "{} is writable by its group or by others (mode {mode:04o}): any line written there is believed; make it 0640 or stricter",
+            path.display()
+        ));
+    }
+    let uid = meta.uid();
+    if uid != 0 {
+        let name = nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid))
+            .ok()
+            .flatten()
+            .map(|u| u.name);
+        if !name.as_deref().is_some_and(|n| TRUSTED_OWNERS.contains(&n)) {
+            return Some(format!(
+                "{} is owned by {} (uid {uid}), neither root nor a mail or syslog daemon user ({}): that user can write any line there, and it is believed",
+                path.display(),
+                name.as_deref().unwrap_or("an unknown user"),
+                TRUSTED_OWNERS.join(", ")
+            ));
+        }
+    }
+    None
+}
+
 /// The reading state of one followed path.
 #[derive(Debug)]
 pub struct Tail {
     path: PathBuf,
     current: Option<Reader>,
+    state: FileState,
     /// Files rotated away, read until their deadline.
     draining: Vec<(Reader, Instant)>,
     /// The next open is the first and found the file there at start: read
@@ -142,20 +208,32 @@ impl Tail {
     /// Starts following `path`: from its end if it exists now, else from the
     /// start of the file that appears there.
     pub fn new(path: &Path) -> Tail {
-        let mut tail = Tail {
+        let opened = Reader::open(path, true);
+        Tail {
             path: path.to_owned(),
-            current: None,
+            state: FileState::of(&opened),
+            current: opened.ok(),
             draining: Vec::new(),
-            from_end: true,
-        };
-        tail.current = Reader::open(path, true).ok();
-        tail.from_end = false;
-        tail
+            from_end: false,
+        }
+        .unreadable_reads_from_end()
+    }
+
+    /// A file that was there but unreadable holds history: once readable,
+    /// it is read from its end, like a file there at start.
+    fn unreadable_reads_from_end(mut self) -> Tail {
+        self.from_end = matches!(self.state, FileState::Unreadable(_));
+        self
     }
 
     /// Whether a file is open (false while it is waited for).
     pub fn is_open(&self) -> bool {
         self.current.is_some()
+    }
+
+    /// Whether the path's file is being read, as of the last poll.
+    pub fn state(&self) -> &FileState {
+        &self.state
     }
 
     /// Reads every line added since the last call, in order: first the rest
@@ -183,12 +261,22 @@ impl Tail {
                         old.read(lines);
                         self.draining.push((old, now + DRAIN));
                     }
-                    self.current = Reader::open(&self.path, self.from_end).ok();
+                    let opened = Reader::open(&self.path, self.from_end);
+                    self.state = FileState::of(&opened);
+                    self.current = opened.ok();
+                    self.from_end = matches!(self.state, FileState::Unreadable(_));
                 }
             }
-            Err(_) => {
+            Err(e) => {
                 // Gone, or rotated and not yet re-created: keep reading what
                 // is open; the new file is opened when it appears.
+                self.state = if e.kind() == ErrorKind::NotFound {
+                    // What appears next is a new file: read from its start.
+                    self.from_end = false;
+                    FileState::Missing
+                } else {
+                    FileState::Unreadable(e.to_string())
+                };
             }
         }
         if let Some(reader) = &mut self.current {
@@ -214,9 +302,8 @@ pub(crate) fn follow(path: &Path, sink: &Sink) {
         .to_owned();
     let mut watching = false;
     let mut tail = Tail::new(path);
-    if !tail.is_open() {
-        tracing::warn!(path = %path.display(), "log file does not exist (yet); waiting for it");
-    }
+    let mut reported: Option<FileState> = None;
+    let mut risk_warned = false;
     let mut parser = Parser::new();
     loop {
         if !watching && let Some(w) = watcher.as_mut() {
@@ -228,6 +315,29 @@ pub(crate) fn follow(path: &Path, sink: &Sink) {
                 alive = sink.deliver(parser.line(line), SystemTime::now());
             }
         });
+        if reported.as_ref() != Some(tail.state()) {
+            let state = tail.state().clone();
+            match &state {
+                FileState::Open => tracing::info!(path = %path.display(), "following the log file"),
+                FileState::Missing => {
+                    tracing::warn!(path = %path.display(), "log file does not exist (yet); waiting for it");
+                }
+                FileState::Unreadable(e) => tracing::error!(
+                    path = %path.display(),
+                    error = %e,
+                    "cannot read the log file: its failed logins are not counted until it can be read (the agent needs read permission on it)"
+                ),
+            }
+            let up = state == FileState::Open;
+            alive = alive && sink.up(up);
+            if up && !risk_warned {
+                if let Some(risk) = write_risk(path) {
+                    tracing::warn!(path = %path.display(), "{risk}");
+                }
+                risk_warned = true;
+            }
+            reported = Some(state);
+        }
         if !alive || sink.done() {
             return;
         }

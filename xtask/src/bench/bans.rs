@@ -249,7 +249,10 @@ fn latency(runner: &mut BanRunner, loaded: &mut Loaded, dir: &Path) -> anyhow::R
                         break;
                     }
                 }
-                Ok(LogEvent::Unparsed { .. }) => anyhow::bail!("the failure line for {src} did not parse"),
+                Ok(LogEvent::Unparsed { .. } | LogEvent::Suspicious { .. }) => {
+                    anyhow::bail!("the failure line for {src} did not parse")
+                }
+                Ok(LogEvent::SourceUp { .. }) => {}
                 Err(_) => {
                     anyhow::ensure!(
                         Instant::now() < deadline,

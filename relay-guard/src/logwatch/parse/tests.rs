@@ -161,7 +161,7 @@ fn real_postfix_3_7_and_dovecot_2_3_logs() {
         match p.line(line) {
             Outcome::Failures(f) => *by_addr.entry(f.addr).or_default() += f.count,
             Outcome::Ignored => {}
-            Outcome::Unparsed => panic!("unparsed: {line}"),
+            Outcome::Unparsed { .. } => panic!("unparsed: {line}"),
         }
     }
     assert_eq!(
@@ -326,7 +326,7 @@ fn lines_of_ours_that_do_not_parse_are_unparsed() {
         "Dec  2 01:02:03 mx postfix/smtpd[x]: disconnect",
         "<999999>1 - - - -",
     ] {
-        assert_eq!(p.line(line), Outcome::Unparsed, "{line}");
+        assert_eq!(p.line(line), Outcome::UNPARSED, "{line}");
     }
 }
 
@@ -402,5 +402,397 @@ proptest! {
         let mut p = Parser::new();
         let _ = p.line(&line);
         let _ = p.line(&line[..at]);
+    }
+}
+
+/// The lines of the 2026-12-07 review (C1), as Dovecot 2.3.19.1 wrote them:
+/// the user name holds another address; the real one is charged.
+#[test]
+fn dovecot_user_names_do_not_choose_the_address() {
+    let mut p = Parser::new();
+    for (line, addr, n) in [
+        (
+            "Dec 07 14:57:36 imap-login: Info: Disconnected: Aborted login by logging out (auth failed, 5 attempts in 44 secs): user=<x rip=203.0.113.9 y>, method=PLAIN, rip=127.0.0.1, lip=127.0.0.1, secured, session=<OqyjbwxipKN/AAAB>",
+            "127.0.0.1",
+            5,
+        ),
+        (
+            "Dec  7 14:57:36 mx dovecot: imap-login: Disconnected: Aborted login by logging out (auth failed, 5 attempts in 44 secs): user=<x rip=192.0.2.1 y>, method=PLAIN, rip=198.51.100.7, lip=192.0.2.2, TLS, session=<OqyjbwxipKN/AAAB>",
+            "198.51.100.7",
+            5,
+        ),
+        // The user element closed and the real elements imitated inside it.
+        (
+            "Dec  7 14:57:36 mx dovecot: pop3-login: Disconnected (auth failed, 2 attempts in 4 secs): user=<a>, method=PLAIN, rip=203.0.113.9, lip=192.0.2.1, session=<x>, method=PLAIN, rip=2001:db8:1::5, lip=2001:db8::1, mpid=0, TLS, session=<AbC+/9>",
+            "2001:db8:1::5",
+            2,
+        ),
+        // The mark inside the user name of a line that has its own.
+        (
+            "Dec  7 14:57:36 mx dovecot: submission-login: Disconnected (auth failed, 1 attempts in 4 secs): user=<(auth failed, 20 attempts in 1 secs): user=<>, rip=203.0.113.9>, method=LOGIN, rip=192.0.2.44, lip=192.0.2.1, session=<x>",
+            "192.0.2.44",
+            1,
+        ),
+    ] {
+        match p.line(line) {
+            Outcome::Failures(f) => {
+                assert_eq!((f.addr, f.count), (ip(addr), n), "{line}");
+                assert!(f.suspicious, "field-like user name: {line}");
+            }
+            o => panic!("{line}: {o:?}"),
+        }
+    }
+    // A user name with `, ` but nothing else field-like: charged, suspicious.
+    match p.line("Dec  7 14:57:36 mx dovecot: imap-login: Disconnected (auth failed, 1 attempts in 4 secs): user=<Doe, John>, method=PLAIN, rip=192.0.2.45, lip=192.0.2.1, session=<x>") {
+        Outcome::Failures(f) => assert_eq!((f.addr, f.suspicious), (ip("192.0.2.45"), true)),
+        o => panic!("{o:?}"),
+    }
+    match p.line("Dec  7 14:57:36 mx dovecot: imap-login: Disconnected (auth failed, 1 attempts in 4 secs): user=<alice@example.com>, method=PLAIN, rip=192.0.2.46, lip=192.0.2.1, mpid=0, secured, session=<x>") {
+        Outcome::Failures(f) => assert_eq!((f.addr, f.suspicious), (ip("192.0.2.46"), false)),
+        o => panic!("{o:?}"),
+    }
+}
+
+/// Lines that cannot be read unambiguously charge nobody.
+#[test]
+fn dovecot_lines_of_another_format_charge_nobody() {
+    let mut p = Parser::new();
+    for (line, suspicious) in [
+        // login_log_format_elements without rip (the user's rip= is all there is).
+        (
+            "Dec  7 14:57:36 mx dovecot: imap-login: Disconnected (auth failed, 5 attempts in 4 secs): user=<x>, rip=203.0.113.9, session=<a>, method=PLAIN, lip=192.0.2.1",
+            false,
+        ),
+        (
+            "Dec  7 14:57:36 mx dovecot: imap-login: Disconnected (auth failed, 5 attempts in 4 secs): user=<x, rip=203.0.113.9, session=<a>, lip=192.0.2.1",
+            false,
+        ),
+        // rip before user: the elements after it are not Dovecot's own.
+        (
+            "Dec  7 14:57:36 mx dovecot: imap-login: Disconnected (auth failed, 5 attempts in 4 secs): rip=192.0.2.9, user=<x>, method=PLAIN, lip=192.0.2.1",
+            false,
+        ),
+        // An element this parser does not know after rip.
+        (
+            "Dec  7 14:57:36 mx dovecot: imap-login: Disconnected (auth failed, 5 attempts in 4 secs): user=<x>, method=PLAIN, rip=192.0.2.9, lip=192.0.2.1, foo=bar, session=<a>",
+            false,
+        ),
+        // No user element at all.
+        (
+            "Dec  7 14:57:36 mx dovecot: imap-login: Disconnected (auth failed, 5 attempts in 4 secs): method=PLAIN, rip=192.0.2.9, lip=192.0.2.1",
+            false,
+        ),
+        // session not last.
+        (
+            "Dec  7 14:57:36 mx dovecot: imap-login: Disconnected (auth failed, 5 attempts in 4 secs): user=<x>, method=PLAIN, rip=192.0.2.9, session=<a>, lip=192.0.2.1",
+            false,
+        ),
+    ] {
+        assert_eq!(p.line(line), Outcome::Unparsed { suspicious }, "{line}");
+    }
+    // The mark only in the user name of a line without its own: not a failure.
+    assert_eq!(
+        p.line("Dec  7 14:57:36 mx dovecot: imap-login: Login: user=<(auth failed, 5 attempts in 1 secs)>, method=PLAIN, rip=192.0.2.9, lip=192.0.2.1, mpid=7, session=<a>"),
+        Outcome::Ignored
+    );
+}
+
+/// M5: one line adds at most MAX_FAILURES_PER_LINE.
+#[test]
+fn one_line_adds_a_bounded_number_of_failures() {
+    let mut p = Parser::new();
+    for line in [
+        "Dec  7 14:57:36 mx dovecot: imap-login: Disconnected (auth failed, 4294967295 attempts in 2 secs): user=<>, method=PLAIN, rip=2001:db8:1::1, lip=192.0.2.1",
+        "Dec  7 14:57:36 mx postfix/smtpd[1]: disconnect from unknown[203.0.113.9] ehlo=1 auth=0/4294967295 commands=1/4294967296",
+        "Dec  7 14:57:36 mx postfix/smtpd[1]: disconnect from unknown[203.0.113.9] ehlo=1 auth=0/99999999999999999999 commands=1/2",
+    ] {
+        match p.line(line) {
+            Outcome::Failures(f) => assert_eq!(f.count, MAX_FAILURES_PER_LINE, "{line}"),
+            o => panic!("{line}: {o:?}"),
+        }
+    }
+}
+
+/// L5: the back-end failure text counts only where Postfix writes the
+/// reason, not in the client's sasl_username.
+#[test]
+fn postfix_back_end_text_in_the_user_name_is_a_failure() {
+    let warn = "Dec  2 01:02:03 mx postfix/smtpd[5]: warning: unknown[198.51.100.66]: SASL PLAIN authentication failed: , sasl_username=Connection lost to authentication server";
+    let disc = "Dec  2 01:02:04 mx postfix/smtpd[5]: disconnect from unknown[198.51.100.66] ehlo=1 auth=0/1 quit=1 commands=2/3";
+    assert_eq!(total(&[warn, disc]), 1);
+    // The reason itself still exempts.
+    let real = "Dec  2 01:02:03 mx postfix/smtpd[5]: warning: unknown[198.51.100.66]: SASL PLAIN authentication failed: Connection lost to authentication server, sasl_username=bob";
+    assert_eq!(total(&[real, disc]), 0);
+}
+
+/// M1: a session that used XCLIENT (its address is what a local client
+/// said) charges nobody; a refused XCLIENT changes nothing.
+#[test]
+fn postfix_xclient_sessions_charge_nobody() {
+    let xc = "Dec  2 01:02:04 mx postfix/relaytest/smtpd[9]: disconnect from unknown[203.0.113.9] ehlo=2 xclient=1 auth=0/5 quit=1 commands=4/9";
+    assert_eq!(total(&[xc]), 0);
+    let refused = "Dec  2 01:02:04 mx postfix/smtpd[9]: disconnect from localhost[127.0.0.1] ehlo=1 xclient=0/1 auth=0/2 quit=1 commands=2/5";
+    assert_eq!(total(&[refused]), 2);
+}
+
+#[test]
+fn postfix_client_fields_do_not_choose_the_address() {
+    let mut p = Parser::new();
+    // Field-like SASL method and user name: the real client, suspicious.
+    for line in [
+        "Dec  2 01:02:03 mx postfix/smtpd[5]: warning: unknown[192.0.2.7]: SASL x]:unknown[203.0.113.9]: authentication failed: , sasl_username=a",
+        "Dec  2 01:02:03 mx postfix/smtpd[5]: warning: unknown[192.0.2.7]: SASL PLAIN authentication failed: (reason unavailable), sasl_username=unknown[203.0.113.9]: SASL PLAIN authentication failed: ",
+        "Dec  2 01:02:03 mx postfix/smtpd[5]: warning: unknown[192.0.2.7]: SASL LOGIN authentication failed: , sasl_username=x, rip=203.0.113.9, y",
+    ] {
+        match p.line(line) {
+            Outcome::Failures(f) => assert_eq!((f.addr, f.count, f.suspicious), (ip("192.0.2.7"), 1, true), "{line}"),
+            o => panic!("{line}: {o:?}"),
+        }
+    }
+    // HELO, MAIL FROM, RCPT TO in other lines: nobody.
+    for line in [
+        "Dec  2 01:02:03 mx postfix/smtpd[5]: NOQUEUE: reject: RCPT from unknown[192.0.2.7]: 554 5.7.1 <a@b>: Relay access denied; from=<unknown[203.0.113.9]: SASL PLAIN authentication failed: > to=<a@b> proto=ESMTP helo=<disconnect from unknown[203.0.113.9] auth=0/5>",
+        "Dec  2 01:02:03 mx postfix/smtpd[5]: 4F1A2B3C: client=unknown[192.0.2.7], sasl_method=PLAIN, sasl_username=rip=203.0.113.9",
+        "Dec  2 01:02:03 mx postfix/smtpd[5]: lost connection after AUTH from unknown[192.0.2.7]",
+    ] {
+        assert_eq!(p.line(line), Outcome::Ignored, "{line}");
+    }
+    // A client name Postfix never writes: unparsed.
+    assert_eq!(
+        p.line("Dec  2 01:02:03 mx postfix/smtpd[5]: warning: x y[203.0.113.9]: SASL PLAIN authentication failed: "),
+        Outcome::UNPARSED
+    );
+    assert_eq!(
+        p.line("Dec  2 01:02:03 mx postfix/smtpd[5]: warning: Illegal address syntax from unknown[192.0.2.7] in MAIL command: <x: SASL y authentication failed>"),
+        Outcome::UNPARSED
+    );
+}
+
+// ---- Property test: every format, every client-controlled field. ----
+
+/// What a client can get into a field: the pieces an attacker would use,
+/// joined, plus arbitrary printable text (daemons replace control
+/// characters), up to very long.
+fn hostile() -> impl Strategy<Value = String> {
+    let atoms = prop::sample::select(vec![
+        "rip=",
+        "lip=",
+        "rip=203.0.113.9",
+        ", rip=203.0.113.9, lip=192.0.2.1",
+        ", rip=2001:db8:bad::1",
+        ", ",
+        "]:",
+        "[",
+        "]",
+        "unknown[203.0.113.9]",
+        "unknown[203.0.113.9]: SASL PLAIN authentication failed: ",
+        ">",
+        "<",
+        "=",
+        "\"",
+        "'",
+        "user=<",
+        ": user=<",
+        ">, method=PLAIN",
+        "session=<abc",
+        "session=<abc>",
+        "(auth failed, 20 attempts in 1 secs)",
+        "disconnect from unknown[203.0.113.9] auth=0/9",
+        " auth=0/9",
+        "xclient=1",
+        ", sasl_username=",
+        "Connection lost to authentication server",
+        "IPv6:",
+        "::ffff:203.0.113.9",
+        "ü",
+        "日本語",
+        "\u{202e}",
+        " ",
+        "x",
+    ]);
+    prop_oneof![
+        4 => prop::collection::vec(atoms, 0..10).prop_map(|v| v.concat()),
+        2 => "[^\\x00-\\x1f\\x7f]{0,40}",
+        1 => (prop::sample::select(vec!["rip=203.0.113.9, ", "]: ", "a"]), 200usize..3000)
+            .prop_map(|(s, n)| s.repeat(n / s.len())),
+    ]
+}
+
+/// No white space (SMTP arguments: Postfix splits commands on it).
+fn word() -> impl Strategy<Value = String> {
+    hostile().prop_map(|s| s.split_whitespace().collect::<Vec<_>>().concat())
+}
+
+/// A client name as Postfix writes it: `unknown` or a validated host name
+/// (the reverse-DNS name, letters, digits, `-`, `_`, `.`).
+fn client_name() -> impl Strategy<Value = String> {
+    prop_oneof![Just("unknown".to_owned()), "[A-Za-z0-9_.-]{1,60}"]
+}
+
+/// The true client: documentation addresses, never 203.0.113.9 (the
+/// address the hostile text names).
+fn true_addr() -> impl Strategy<Value = IpAddr> {
+    prop_oneof![
+        (0u8..=255).prop_map(|x| IpAddr::from([198, 51, 100, x])),
+        (0u16..=0xffff).prop_map(|x| IpAddr::from([0x2001, 0xdb8, 0xa, 0, 0, 0, 0, x])),
+    ]
+}
+
+/// How Postfix and Dovecot write an address.
+fn postfix_addr(a: IpAddr, v6_prefix: bool) -> String {
+    match a {
+        IpAddr::V6(a) if v6_prefix => format!("IPv6:{a}"),
+        a => a.to_string(),
+    }
+}
+
+/// One framing of `ident[pid]: message` (index picks it).
+fn framed(framing: usize, ident: &str, pid: u32, message: &str) -> String {
+    match framing % 5 {
+        0 => format!("Dec  2 01:02:03 mx {ident}[{pid}]: {message}"),
+        1 => format!("Dec 02 01:02:03.123456 mx {ident}[{pid}]: {message}"),
+        2 => format!("2026-12-02T01:02:03.123456+00:00 mx.example.com {ident}[{pid}]: {message}"),
+        3 => format!("<22>1 2026-12-02T01:02:03Z mx {ident} {pid} - - {message}"),
+        _ => format!("<22>1 2026-12-02T01:02:03Z mx {ident} {pid} - [meta x=\"]\"] {message}"),
+    }
+}
+
+/// Feeds `line` (or, with `journal`, the record) and adds its failures;
+/// panics if any is charged to another address.
+fn charged(p: &mut Parser, journal: Option<(&str, u32, &str)>, line: &str, truth: IpAddr) -> (u32, bool) {
+    let outcome = match journal {
+        Some((ident, pid, message)) => p.record(ident, Some(pid), message),
+        None => p.line(line),
+    };
+    match outcome {
+        Outcome::Failures(f) => {
+            assert_eq!(f.addr, truth, "charged the wrong address: {line}");
+            assert!(f.count >= 1 && f.count <= MAX_FAILURES_PER_LINE, "{line}");
+            (f.count, f.suspicious)
+        }
+        Outcome::Unparsed { suspicious } => (0, suspicious),
+        Outcome::Ignored => (0, false),
+    }
+}
+
+const SERVICES: &[&str] = &[
+    "postfix/smtpd",
+    "postfix/submission/smtpd",
+    "postfix/smtps/smtpd",
+    "postfix-out/smtpd",
+    "postfix-out/submission/smtpd",
+];
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 2000, ..ProptestConfig::default() })]
+
+    /// Postfix: SASL warnings with a hostile method and sasl_username, and
+    /// disconnect lines, with a hostile reverse-DNS name; HELO, MAIL FROM
+    /// and RCPT TO in the lines that carry them. The true client is charged
+    /// exactly the failed AUTHs, once each.
+    #[test]
+    fn postfix_charges_the_true_client_exactly(
+        truth in true_addr(),
+        v6_prefix in any::<bool>(),
+        port in prop::option::of(1u16..),
+        name in client_name(),
+        method in word(),
+        users in prop::collection::vec(hostile(), 1..4),
+        helo in hostile(),
+        mail_from in hostile(),
+        warned in 0usize..4,
+        extra in 0u32..3,
+        framing in 0usize..5,
+        service in prop::sample::select(SERVICES),
+        journal in any::<bool>(),
+        pid in 1u32..100_000,
+    ) {
+        let mut p = Parser::new();
+        let addr = postfix_addr(truth, v6_prefix);
+        let port = port.map(|p| format!(":{p}")).unwrap_or_default();
+        let client = format!("{name}[{addr}]{port}");
+        let mut messages = vec![
+            format!("connect from {client}"),
+            format!("NOQUEUE: reject: RCPT from {client}: 554 5.7.1 <{mail_from}>: Relay access denied; from=<{mail_from}> to=<{mail_from}> proto=ESMTP helo=<{helo}>"),
+            format!("warning: Illegal address syntax from {client} in MAIL command: <{mail_from}>"),
+        ];
+        let method_ok = !method.is_empty();
+        let warned = if method_ok { warned.min(users.len()) } else { 0 };
+        for user in users.iter().take(warned) {
+            messages.push(format!("warning: {client}: SASL {method} authentication failed: (reason unavailable), sasl_username={user}"));
+        }
+        let attempts = warned as u32 + extra;
+        messages.push(format!("disconnect from {client} ehlo=1 auth=0/{attempts} rset=1 quit=1 commands=3/{}", attempts + 3));
+        let mut total = 0;
+        let mut suspicious = false;
+        for m in &messages {
+            let line = framed(framing, service, pid, m);
+            let (n, s) = charged(&mut p, journal.then_some((service, pid, m.as_str())), &line, truth);
+            total += n;
+            suspicious |= s;
+        }
+        prop_assert_eq!(total, attempts);
+        prop_assert_eq!(p.pending(), 0);
+        if warned > 0 && (users.iter().take(warned).any(|u| u.contains("rip=") || u.contains('[')) || method.contains('[')) {
+            prop_assert!(suspicious);
+        }
+    }
+
+    /// Dovecot login processes: a hostile user name (IMAP LOGIN, POP3 USER,
+    /// AUTH PLAIN/LOGIN), every framing and variant of the elements: the
+    /// true rip is charged N attempts (capped).
+    #[test]
+    fn dovecot_charges_the_true_rip_exactly(
+        truth in true_addr(),
+        mapped in any::<bool>(),
+        user in hostile(),
+        attempts in 1u32..40,
+        process in prop::sample::select(vec!["imap-login", "pop3-login", "submission-login", "managesieve-login"]),
+        text in prop::sample::select(vec![
+            "Disconnected",
+            "Disconnected: Aborted login by logging out",
+            "Disconnected: Connection closed",
+            "Aborted login",
+            "Login aborted: Connection closed",
+        ]),
+        v24 in any::<bool>(),
+        method in prop::sample::select(vec!["PLAIN", "LOGIN", "CRAM-MD5", "SCRAM-SHA-256"]),
+        mpid in any::<bool>(),
+        secured in prop::sample::select(vec!["", ", secured", ", TLS", ", TLS handshaking"]),
+        session in prop::option::of("[A-Za-z0-9+/]{0,16}"),
+        framing in 0usize..4,
+        pid in 1u32..100_000,
+    ) {
+        let rip = match truth {
+            IpAddr::V4(a) if mapped => format!("::ffff:{a}"),
+            a => a.to_string(),
+        };
+        let reason = if v24 { " (auth_failed)" } else { "" };
+        let mpid = if mpid { ", mpid=0" } else { "" };
+        let session = session.map(|s| format!(", session=<{s}>")).unwrap_or_default();
+        let message = format!(
+            "{text} (auth failed, {attempts} attempts in 4 secs){reason}: user=<{user}>, method={method}, rip={rip}, lip=192.0.2.1{mpid}{secured}{session}"
+        );
+        let mut p = Parser::new();
+        let syslog = format!("{process}: {message}");
+        let (line, journal) = match framing {
+            0 => (format!("Dec  2 01:02:03 mx dovecot: {syslog}"), None),
+            1 => (format!("2026-12-02T01:02:03.5+00:00 mx dovecot[{pid}]: {syslog}"), None),
+            2 => (format!("Dec 02 01:02:03 {process}: Info: {message}"), None),
+            _ => (String::new(), Some(("dovecot", pid, syslog.as_str()))),
+        };
+        let (n, suspicious) = charged(&mut p, journal, &line, truth);
+        prop_assert_eq!(n, attempts.min(MAX_FAILURES_PER_LINE));
+        if user.contains("rip=") || user.contains('>') {
+            prop_assert!(suspicious);
+        }
+        // The same user name in lines that are not failures: nobody.
+        for other in [
+            format!("Dec  2 01:02:03 mx dovecot: {process}: Login: user=<{user}>, method={method}, rip={rip}, lip=192.0.2.1, mpid=7, TLS"),
+            format!("Dec  2 01:02:03 mx dovecot: auth: passwd-file({user},{rip}): Password mismatch"),
+            format!("Dec 02 01:02:03 auth: Info: passwd-file({user},{rip},<abc>): unknown user"),
+        ] {
+            prop_assert_eq!(charged(&mut p, None, &other, truth).0, 0);
+        }
     }
 }

@@ -116,3 +116,48 @@ fn overlong_lines_are_cut_and_the_next_line_is_whole() {
     assert_eq!(lines[1], "next");
     let _ = fs::remove_dir_all(&d);
 }
+
+#[test]
+fn a_file_that_cannot_be_opened_is_unreadable_not_missing() {
+    let d = dir("unreadable");
+    let p = d.join("mail.log");
+    let mut t = Tail::new(&p);
+    assert_eq!(t.state(), &FileState::Missing);
+    // A socket is there but cannot be opened (ENXIO), as a file the agent
+    // may not read is (EACCES: root in the unit tests passes every mode).
+    let sock = std::os::unix::net::UnixListener::bind(&p).expect("bind a socket at the path");
+    assert!(poll(&mut t).is_empty());
+    assert!(matches!(t.state(), FileState::Unreadable(_)), "{:?}", t.state());
+    assert!(!t.is_open());
+    drop(sock);
+    fs::remove_file(&p).expect("remove the socket");
+    assert!(poll(&mut t).is_empty());
+    assert_eq!(t.state(), &FileState::Missing);
+    append(&p, "line 1\n");
+    assert_eq!(poll(&mut t), ["line 1"], "a file that appears is read from its start");
+    assert_eq!(t.state(), &FileState::Open);
+    let _ = fs::remove_dir_all(&d);
+}
+
+#[test]
+fn write_risk_names_group_and_other_writers_and_foreign_owners() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let d = dir("risk");
+    let p = d.join("mail.log");
+    append(&p, "");
+    fs::set_permissions(&p, fs::Permissions::from_mode(0o640)).expect("chmod");
+    assert_eq!(write_risk(&p), None);
+    fs::set_permissions(&p, fs::Permissions::from_mode(0o662)).expect("chmod");
+    let risk = write_risk(&p).expect("world-writable is a risk");
+    assert!(risk.contains("0662"), "{risk}");
+    fs::set_permissions(&p, fs::Permissions::from_mode(0o620)).expect("chmod");
+    assert!(write_risk(&p).is_some(), "group-writable is a risk");
+    fs::set_permissions(&p, fs::Permissions::from_mode(0o600)).expect("chmod");
+    // Owned by nobody (65534): not root, not a daemon user.
+    if nix::unistd::chown(&p, Some(nix::unistd::Uid::from_raw(65534)), None).is_ok() {
+        let risk = write_risk(&p).expect("a foreign owner is a risk");
+        assert!(risk.contains("uid 65534"), "{risk}");
+    }
+    assert_eq!(write_risk(&d.join("missing")), None);
+    let _ = fs::remove_dir_all(&d);
+}
