@@ -80,8 +80,8 @@ pub async fn run(config_path: &Path, options: LoadOptions, shutdown: impl Future
     agent.run(shutdown).await
 }
 
-/// One unit of work for the agent's loop. New sources (bans, timers) add a
-/// variant here, an arm in `Agent::next_event` and a method.
+/// One unit of work for the agent's loop. A new source adds a variant here,
+/// an arm in `Agent::next_event` and a method.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
     /// SIGTERM, SIGINT or the caller's shutdown: stop (the name, for the log).
