@@ -44,19 +44,6 @@ pub const fn ban_counter_index(iface_slot: u32, ban: u32, port_slot: u32, v6: bo
     (((i * MAX_BANS as u32 + b) * BAN_PORT_SLOTS + p) * 2 + v6 as u32) * BAN_VERDICT_SLOTS + v
 }
 
-/// Inverse of [`ban_counter_index`]: (iface slot, ban, port slot, v6, verdict).
-pub const fn ban_counter_slots(index: u32) -> (u32, u32, u32, bool, u8) {
-    let v = index % BAN_VERDICT_SLOTS;
-    let rest = index / BAN_VERDICT_SLOTS;
-    let f = rest % 2;
-    let rest = rest / 2;
-    let p = rest % BAN_PORT_SLOTS;
-    let rest = rest / BAN_PORT_SLOTS;
-    let b = rest % MAX_BANS as u32;
-    let i = rest / MAX_BANS as u32;
-    (i, b, p, f == 1, v as u8)
-}
-
 /// Value of [`super::maps::BAN_PORTS`] (indexed by TCP destination port).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

@@ -201,22 +201,6 @@ pub const fn counter_index(iface_slot: u32, port_slot: u32, family: u8, verdict:
     ((i * COUNTER_PORT_SLOTS + p) * FAMILY_SLOTS + family_slot(family)) * VERDICT_SLOTS + v
 }
 
-/// Inverse of [`counter_index`]: (iface slot, port slot, family, verdict).
-pub const fn counter_slots(index: u32) -> (u32, u32, u8, u8) {
-    let v = index % VERDICT_SLOTS;
-    let rest = index / VERDICT_SLOTS;
-    let f = rest % FAMILY_SLOTS;
-    let rest = rest / FAMILY_SLOTS;
-    let p = rest % COUNTER_PORT_SLOTS;
-    let i = rest / COUNTER_PORT_SLOTS;
-    let fam = match f {
-        0 => family::IPV4,
-        1 => family::IPV6,
-        _ => family::UNKNOWN,
-    };
-    (i, p, fam, v as u8)
-}
-
 /// Slots per CPU of the blocked-source cache (a power of two).
 pub const SOURCE_SLOTS: u32 = 4096;
 

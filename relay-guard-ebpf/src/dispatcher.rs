@@ -28,7 +28,7 @@ pub struct XdpDispatcherConfig {
     pub program_flags: [u32; MAX_DISPATCHER_ACTIONS],
 }
 
-/// Set by the loader (`EbpfLoader::set_global("conf", ..)`); read with
+/// Set by the loader (`EbpfLoader::override_global("conf", ..)`); read with
 /// volatile loads so the compiler keeps the checks. The kernel freezes the
 /// map and prunes the calls of unused slots.
 #[unsafe(no_mangle)]

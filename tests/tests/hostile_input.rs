@@ -114,8 +114,8 @@ fn idle_metrics_connections_neither_block_nor_stay() {
 
 /// A list rewritten in place over more than a second (truncate, write part,
 /// pause, write the rest, close) is applied once, when the writer closes
-/// it: never the half-written list (the old agent applied it 200 ms after
-/// the first write, dropping a source the old and the new list allow).
+/// it: never the half-written list, so a source that the old and the new
+/// list both allow is never dropped meanwhile.
 #[test]
 fn a_list_is_applied_only_when_fully_written() {
     if !require::privileged("a_list_is_applied_only_when_fully_written") {
@@ -152,8 +152,8 @@ fn a_list_is_applied_only_when_fully_written() {
 }
 
 /// A FIFO renamed over a list file: the reload fails at once with the file
-/// named (the old agent blocked reading it, forever), the policy stays,
-/// and a real file put back is applied.
+/// named (reading never blocks on it), the policy stays, and a real file
+/// put back is applied.
 #[test]
 fn a_fifo_in_place_of_a_list_is_an_error_not_a_hang() {
     if !require::privileged("a_fifo_in_place_of_a_list_is_an_error_not_a_hang") {

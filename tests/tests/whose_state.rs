@@ -131,9 +131,9 @@ fn pin_foreign_map(path: &Path) {
     );
 }
 
-/// pin_dir = the root of a bpffs mount: `run` and `detach` refuse, and
-/// another tool's state on that bpffs survives (the old agent pruned every
-/// other tree there; the old `detach` deleted the whole mount's contents).
+/// pin_dir = the root of a bpffs mount: `run` and `detach` (and `status`,
+/// `top`) refuse it, naming why, and another tool's state on that bpffs
+/// survives: nothing is attached and nothing of the mount is deleted.
 #[test]
 fn pin_dir_on_a_bpffs_root_is_refused() {
     if !require::privileged("pin_dir_on_a_bpffs_root_is_refused") {
@@ -164,8 +164,8 @@ fn pin_dir_on_a_bpffs_root_is_refused() {
     );
 }
 
-/// pin_dir on a plain directory: `run` and `detach` refuse, and its files
-/// stay (the old `detach` deleted them and returned 0).
+/// pin_dir on a plain directory: `run` and `detach` refuse (a non-zero
+/// exit), and its files stay.
 #[test]
 fn pin_dir_on_a_plain_directory_is_refused() {
     if !require::privileged("pin_dir_on_a_plain_directory_is_refused") {
@@ -193,8 +193,8 @@ fn pin_dir_on_a_plain_directory_is_refused() {
 }
 
 /// A config that does not parse (or whose pin_dir is not a string):
-/// `detach`, `status`, `top` and `explain` fail and name the config; the
-/// default pin_dir (which the old code fell back to) is left alone.
+/// `detach`, `status`, `top` and `explain` fail and name the config; they
+/// never fall back to the default pin_dir, which is left alone.
 #[test]
 fn a_broken_config_never_falls_back_to_the_default_pin_dir() {
     if !require::privileged("a_broken_config_never_falls_back_to_the_default_pin_dir") {
@@ -314,7 +314,7 @@ fn one_agent_per_pin_dir_whatever_the_spelling() {
 
 /// A link pin that holds something that is not a link (planted by another
 /// tool or a mistake): the agent refuses to take it over, says why, and
-/// leaves it in place (the old agent deleted any pin it could not adopt).
+/// leaves it in place: a pin it cannot adopt is never deleted.
 #[test]
 fn a_pin_that_is_not_a_link_is_never_deleted() {
     if !require::privileged("a_pin_that_is_not_a_link_is_never_deleted") {

@@ -33,7 +33,10 @@ use std::{path::PathBuf, process::Command};
 
 use anyhow::Context as _;
 
-use crate::{build_ebpf, run::is_root, toolchain};
+use crate::{
+    build_ebpf, toolchain,
+    utils::{is_root, workspace_root},
+};
 
 #[cfg(feature = "bench")]
 mod bans;
@@ -188,10 +191,7 @@ pub fn bench(opts: &Options) -> anyhow::Result<()> {
     println!("xtask: building the bench itself (release, --features bench)");
     toolchain::run(toolchain::cmd("cargo").args(["build", "--release", "--package", "xtask", "--features", "bench"]))
         .context("building xtask with --features bench")?;
-    let exe = build_ebpf::workspace_root()
-        .join("target")
-        .join("release")
-        .join("xtask");
+    let exe = workspace_root().join("target").join("release").join("xtask");
     let typed: Vec<String> = std::env::args().skip(1).collect();
     let command = format!("cargo xtask {}", typed.join(" "));
     let mut c = if is_root() {
@@ -207,7 +207,7 @@ pub fn bench(opts: &Options) -> anyhow::Result<()> {
         .env(AGENT_ENV, &agent)
         .env(COMMAND_ENV, command)
         .env("PATH", toolchain::path_env())
-        .current_dir(build_ebpf::workspace_root());
+        .current_dir(workspace_root());
     toolchain::run(&mut c)
 }
 

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use anyhow::Context as _;
 
-use crate::toolchain;
+use crate::{toolchain, utils::workspace_root};
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct Options {
@@ -28,11 +28,4 @@ pub fn build(opts: &Options) -> anyhow::Result<PathBuf> {
         .join("relay-guard");
     println!("xtask: built {}", bin.display());
     Ok(bin)
-}
-
-pub fn workspace_root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("xtask is in the workspace")
-        .to_path_buf()
 }

@@ -26,7 +26,7 @@ use anyhow::{Context as _, bail};
 use serde_json::{Value, json};
 use sha2::{Digest as _, Sha256};
 
-use crate::{build_ebpf::workspace_root, toolchain};
+use crate::{toolchain, utils::workspace_root};
 
 pub const TARGET: &str = "x86_64-unknown-linux-musl";
 

@@ -9,6 +9,7 @@ mod image;
 mod run;
 mod test;
 mod toolchain;
+mod utils;
 
 use clap::{Parser, Subcommand};
 

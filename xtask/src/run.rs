@@ -5,7 +5,10 @@ use std::{fs, path::PathBuf};
 
 use anyhow::{Context as _, bail};
 
-use crate::{build_ebpf, toolchain};
+use crate::{
+    build_ebpf, toolchain,
+    utils::{is_root, workspace_root},
+};
 
 #[derive(clap::Args, Debug)]
 pub struct Options {
@@ -42,7 +45,7 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
 /// Writes the example config with `interfaces` set to `interface` (or the
 /// default-route interface) under target/, and returns its path.
 fn example_config_for(interface: Option<String>) -> anyhow::Result<PathBuf> {
-    let root = build_ebpf::workspace_root();
+    let root = workspace_root();
     let example = root.join("deploy").join("relay-guard.example.toml");
     let text = fs::read_to_string(&example).with_context(|| format!("failed to read {}", example.display()))?;
     let iface = match interface {
@@ -111,23 +114,12 @@ fn default_route_interface() -> anyhow::Result<String> {
         .context("no default route: pass --interface NAME")
 }
 
-pub fn is_root() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    unsafe { libc_geteuid() == 0 }
-}
-
-unsafe extern "C" {
-    #[link_name = "geteuid"]
-    fn libc_geteuid() -> u32;
-}
-
 #[cfg(test)]
 mod tests {
     #[test]
     fn the_demo_config_never_uses_the_default_pin_dir() {
-        let example =
-            std::fs::read_to_string(crate::build_ebpf::workspace_root().join("deploy/relay-guard.example.toml"))
-                .expect("example config");
+        let example = std::fs::read_to_string(crate::utils::workspace_root().join("deploy/relay-guard.example.toml"))
+            .expect("example config");
         let demo = super::demo_config(&example, "veth-demo").expect("demo config");
         assert!(demo.contains("interfaces = [\"veth-demo\"]"), "{demo}");
         assert!(

@@ -19,7 +19,7 @@ use std::{
 
 use anyhow::{Context as _, bail};
 
-use crate::{build_ebpf, run::is_root, toolchain};
+use crate::{build_ebpf, toolchain, utils::is_root};
 
 #[derive(clap::Args, Debug)]
 pub struct Options {
@@ -439,7 +439,7 @@ mod doc_links {
 
     #[test]
     fn readme_and_docs_links_resolve_inside_the_repository() {
-        let root = crate::build_ebpf::workspace_root();
+        let root = crate::utils::workspace_root();
         let root = root.canonicalize().expect("workspace root");
         let mut files = vec![root.join("README.md"), root.join("tests/README.md")];
         for e in std::fs::read_dir(root.join("docs")).expect("docs/") {

@@ -163,7 +163,7 @@ pub fn ensure_debian_tools(tools: &[(&str, &str)]) -> anyhow::Result<()> {
     if missing.is_empty() {
         return Ok(());
     }
-    if !crate::run::is_root() {
+    if !crate::utils::is_root() {
         bail!(
             "missing Debian packages {missing:?}; install them (apt-get install {})",
             missing.join(" ")

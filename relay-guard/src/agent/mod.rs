@@ -38,7 +38,7 @@ use tokio::{
 use tracing::{error, info, warn};
 
 use crate::{
-    config::{Config, ConfigErrors, lists::ListIndex},
+    config::{Config, ConfigErrors, ConfigFile, LoadOptions, lists::ListIndex},
     error::SyncError,
     kernel::{
         counters,
@@ -54,16 +54,18 @@ use links::{LinkWatch, Outcome};
 use metrics::{AgentMetrics, LabelState};
 use watch::FileWatch;
 
-/// Runs the agent for the config at `config_path` until SIGTERM, SIGINT or
-/// `shutdown` completes (tokio mini-redis's `server::run` shape: the caller
-/// decides what else stops it). The filter stays attached afterwards.
+/// Runs the agent for the config at `config_path`, every load of it with
+/// `options` (what the command line sets in place of the file), until
+/// SIGTERM, SIGINT or `shutdown` completes (tokio mini-redis's
+/// `server::run` shape: the caller decides what else stops it). The filter
+/// stays attached afterwards.
 ///
 /// Under systemd (`Type=notify`, `$NOTIFY_SOCKET` set) READY=1 is sent once
 /// the maps are synced and the interfaces attached, never before and never
 /// when the start fails, so units ordered after relay-guard (the MTA) start
 /// with the filter in place.
-pub async fn run(config_path: &Path, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
-    let mut agent = Agent::start(config_path).await?;
+pub async fn run(config_path: &Path, options: LoadOptions, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    let mut agent = Agent::start(config_path, options).await?;
     // Started from the copy: files fixed while it synced and attached (before
     // the watcher saw anything) are applied now.
     if agent.started_from_copy && crate::config::fingerprint(config_path, &agent.current.list_files) != agent.seen {
@@ -78,8 +80,8 @@ pub async fn run(config_path: &Path, shutdown: impl Future<Output = ()>) -> anyh
     agent.run(shutdown).await
 }
 
-/// One unit of work for the agent's loop. New sources (bans, timers) add a
-/// variant here, an arm in `Agent::next_event` and a method.
+/// One unit of work for the agent's loop. A new source adds a variant here,
+/// an arm in `Agent::next_event` and a method.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
     /// SIGTERM, SIGINT or the caller's shutdown: stop (the name, for the log).
@@ -117,6 +119,8 @@ struct Signals {
 /// The running agent: the state that lives as long as the process.
 pub struct Agent {
     config_path: PathBuf,
+    /// What the command line sets in place of the file, at every load.
+    options: LoadOptions,
     /// The config in force (its entries dropped once compiled).
     current: Config,
     /// Fingerprint of the files as last loaded or attempted.
@@ -160,8 +164,8 @@ impl Agent {
     /// Loads (or adopts) the program, fills the maps, attaches, starts the
     /// metrics server and the blocked-source log, and installs the signal
     /// handlers: everything before the loop.
-    pub async fn start(config_path: &Path) -> anyhow::Result<Agent> {
-        let (cfg, index, boot_errors, attempted) = load_at_start(config_path)?;
+    pub async fn start(config_path: &Path, options: LoadOptions) -> anyhow::Result<Agent> {
+        let (cfg, index, boot_errors, attempted) = load_at_start(config_path, &options)?;
         // A device that cannot be guarded is a config error, found before
         // anything changes (one that does not exist yet is checked when it
         // appears).
@@ -301,6 +305,7 @@ impl Agent {
         Ok(Agent {
             relaytest,
             config_path: config_path.to_path_buf(),
+            options,
             seen,
             current: cfg,
             loaded,
@@ -495,6 +500,7 @@ impl Agent {
                     &mut self.loaded,
                     &self.current,
                     config_path,
+                    &self.options,
                     &mut self.interfaces,
                     &stale,
                     old.as_ref(),
@@ -591,16 +597,26 @@ impl Agent {
 /// (then also the errors, logged here, and the fingerprint of the real
 /// files as they were read right after the failure). With no usable copy
 /// either, the error names both reasons.
-fn load_at_start(config_path: &Path) -> anyhow::Result<(Config, ListIndex, Option<ConfigErrors>, u64)> {
-    let errors = match Config::load_indexed(config_path) {
-        Ok((cfg, index)) => {
-            let fp = cfg.fingerprint;
-            return Ok((cfg, index, None, fp));
+fn load_at_start(
+    config_path: &Path,
+    options: &LoadOptions,
+) -> anyhow::Result<(Config, ListIndex, Option<ConfigErrors>, u64)> {
+    // Read and parsed once: a config that does not validate may still name
+    // the state_dir of its last good copy.
+    let (errors, state_dir) = match crate::config::read_config_text(config_path) {
+        Ok(text) => {
+            let file = ConfigFile::parse(config_path, &text);
+            match file.validate_indexed(options) {
+                Ok((cfg, index)) => {
+                    let fp = cfg.fingerprint;
+                    return Ok((cfg, index, None, fp));
+                }
+                Err(errors) => (errors, state::state_dir_for(Some(&file))),
+            }
         }
-        Err(errors) => errors,
+        Err(errors) => (errors, state::state_dir_for(None)),
     };
-    let state_dir = state::state_dir_for(config_path);
-    match state::load(&state_dir, config_path) {
+    match state::load(&state_dir, config_path, options) {
         Ok(restored) => {
             let attempted = crate::config::fingerprint(config_path, &restored.config.list_files);
             error!(

@@ -12,7 +12,7 @@ use crate::{
         incremental::{DeltaError, Live},
         metrics::LabelState,
     },
-    config::Config,
+    config::{Config, LoadOptions},
     kernel::{counters, loader::Loaded, netdev, sync},
     policy::Policy,
 };
@@ -70,11 +70,13 @@ pub(super) fn full_reload(
     loaded: &mut Loaded,
     current: &Config,
     path: &Path,
+    options: &LoadOptions,
     interfaces: &mut HashMap<u32, String>,
     stale: &[u16],
     old: Option<&Policy>,
 ) -> anyhow::Result<(Config, LabelState, Option<Live>)> {
-    let (mut new, index) = Config::load_indexed(path).map_err(|e| anyhow::anyhow!("invalid config:\n{e}"))?;
+    let (mut new, index) =
+        Config::load_indexed_with(path, options).map_err(|e| anyhow::anyhow!("invalid config:\n{e}"))?;
     for (what, changed) in [
         ("xdp_mode", new.xdp_mode != current.xdp_mode),
         ("xdp_priority", new.xdp_priority != current.xdp_priority),

@@ -29,7 +29,7 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::{Config, ConfigErrors, DEFAULT_STATE_DIR, lists::ListIndex, state_dir_hint};
+use crate::config::{Config, ConfigErrors, ConfigFile, DEFAULT_STATE_DIR, LoadOptions, lists::ListIndex};
 
 /// The symlink naming the generation in force.
 const CURRENT: &str = "current";
@@ -103,18 +103,17 @@ pub struct Restored {
     pub saved_at: u64,
 }
 
-/// The `state_dir` to look in for the config at `config_path` when that
-/// config does not load: the one it names if it can still be told (see
-/// [`state_dir_hint`]), else the default.
-pub fn state_dir_for(config_path: &Path) -> PathBuf {
-    fs::read_to_string(config_path)
-        .ok()
-        .and_then(|text| state_dir_hint(&text))
+/// The `state_dir` to look in for a config that does not load (`None`: it
+/// could not be read): the one it names if it can still be told (see
+/// [`ConfigFile::state_dir_hint`]), else the default.
+pub(crate) fn state_dir_for(file: Option<&ConfigFile>) -> PathBuf {
+    file.and_then(ConfigFile::state_dir_hint)
         .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR))
 }
 
-/// Loads the last good copy saved for `config_path` in `state_dir`.
-pub fn load(state_dir: &Path, config_path: &Path) -> Result<Restored, StateError> {
+/// Loads the last good copy saved for `config_path` in `state_dir`, with
+/// the same `options` as a load of the config itself.
+pub fn load(state_dir: &Path, config_path: &Path, options: &LoadOptions) -> Result<Restored, StateError> {
     let current = state_dir.join(CURRENT);
     let target = fs::read_link(&current).map_err(|source| StateError::Missing {
         dir: state_dir.to_path_buf(),
@@ -143,10 +142,12 @@ pub fn load(state_dir: &Path, config_path: &Path) -> Result<Restored, StateError
         source,
     })?;
     let copies: BTreeMap<PathBuf, PathBuf> = manifest.lists.into_iter().map(|l| (l.path, dir.join(l.copy))).collect();
-    let (config, index) = Config::load_saved(config_path, &text, &copies).map_err(|errors| StateError::Invalid {
-        dir: dir.clone(),
-        errors,
-    })?;
+    let (config, index) = ConfigFile::parse(config_path, &text)
+        .validate_saved(&copies, options)
+        .map_err(|errors| StateError::Invalid {
+            dir: dir.clone(),
+            errors,
+        })?;
     Ok(Restored {
         config,
         index,
@@ -356,20 +357,30 @@ mod tests {
         // original paths.
         fs::write(etc.join("peers.txt"), "198.51.100.0/24\nnot-an-address\n").expect("state test setup");
         assert!(Config::load(&cfg).is_err());
-        assert_eq!(state_dir_for(&cfg), state);
-        let restored = load(&state, &cfg).expect("state test setup");
+        let text = fs::read_to_string(&cfg).expect("state test setup");
+        assert_eq!(state_dir_for(Some(&ConfigFile::parse(&cfg, &text))), state);
+        let restored = load(&state, &cfg, &LoadOptions::default()).expect("state test setup");
         assert_eq!(restored.config, good);
         assert_eq!(restored.index.files[0].bytes, b"198.51.100.0/24\n");
         assert_eq!(&*restored.index.files[0].path, etc.join("peers.txt"));
         fs::write(&cfg, "interfaces = [").expect("state test setup");
-        assert_eq!(state_dir_for(&cfg), PathBuf::from(DEFAULT_STATE_DIR));
-        assert!(load(&state, &cfg).is_ok());
+        assert_eq!(
+            state_dir_for(Some(&ConfigFile::parse(&cfg, "interfaces = ["))),
+            PathBuf::from(DEFAULT_STATE_DIR)
+        );
+        assert_eq!(state_dir_for(None), PathBuf::from(DEFAULT_STATE_DIR));
+        assert!(load(&state, &cfg, &LoadOptions::default()).is_ok());
 
         // A copy of another config is not used.
         let other = etc.join("other.toml");
-        assert!(matches!(load(&state, &other), Err(StateError::OtherConfig { .. })));
+        assert!(matches!(
+            load(&state, &other, &LoadOptions::default()),
+            Err(StateError::OtherConfig { .. })
+        ));
         // Nothing saved: the reason says where it looked.
-        let err = load(&root.join("nothing"), &cfg).err().expect("no copy there");
+        let err = load(&root.join("nothing"), &cfg, &LoadOptions::default())
+            .err()
+            .expect("no copy there");
         assert!(err.to_string().contains("no last good copy"), "{err}");
         fs::remove_dir_all(&root).expect("state test setup");
     }

@@ -3,26 +3,23 @@
 //! count and the limit).
 use std::path::Path;
 
-use crate::{config::Config, kernel::netdev, policy::Policy};
-
-/// Guards without a `name` (their default `guard<N>` follows their place in
-/// the file), read from the TOML itself.
-fn unnamed_guards(path: &Path) -> usize {
-    let Ok(text) = std::fs::read_to_string(path) else {
-        return 0;
-    };
-    let Ok(table) = text.parse::<toml::Table>() else {
-        return 0;
-    };
-    table
-        .get("guard")
-        .and_then(toml::Value::as_array)
-        .map_or(0, |gs| gs.iter().filter(|g| g.get("name").is_none()).count())
-}
+use crate::{
+    config::{Config, ConfigFile, LoadOptions, read_config_text},
+    kernel::netdev,
+    policy::Policy,
+};
 
 /// Prints the verdict; returns the exit code (0 valid, 1 invalid).
 pub fn execute(path: &Path, json: bool) -> i32 {
-    match Config::load(path) {
+    // Read and parsed once, for the verdict and for the warning below.
+    let (loaded, unnamed) = match read_config_text(path) {
+        Ok(text) => {
+            let file = ConfigFile::parse(path, &text);
+            (file.validate(&LoadOptions::default()), file.unnamed_guards())
+        }
+        Err(e) => (Err(e), 0),
+    };
+    match loaded {
         Ok(cfg) if refused(&cfg).is_empty() => {
             let policy = Policy::compile(&cfg);
             let over = policy.limits();
@@ -53,7 +50,6 @@ pub fn execute(path: &Path, json: bool) -> i32 {
                     }
                 }
             }
-            let unnamed = unnamed_guards(path);
             if unnamed > 1 {
                 eprintln!(
                     "{}: warning: {unnamed} guards have no `name`: their default names (guard<N>) follow their place in the file, so inserting, removing or reordering guards renames them (metrics labels); give each guard a name",

@@ -10,7 +10,8 @@ use anyhow::bail;
 use crate::kernel::pins::{self, AgentLock, Pins};
 
 pub fn execute(config_path: &Path) -> anyhow::Result<()> {
-    let pin_dir = super::pin_dir_of(config_path)?;
+    let text = super::config_text(config_path)?;
+    let pin_dir = super::pin_dir_of(&crate::config::ConfigFile::parse(config_path, &text))?;
     if std::fs::symlink_metadata(&pin_dir).is_err() {
         println!("nothing pinned at {}: already detached", pin_dir.display());
         return Ok(());

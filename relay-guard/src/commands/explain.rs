@@ -7,7 +7,7 @@ use anyhow::Context as _;
 use serde_json::json;
 
 use crate::{
-    config::{Action, Config},
+    config::{Action, ConfigFile, LoadOptions},
     kernel::{inspect, pins::Pins},
     policy::{Lookup, model_allows},
 };
@@ -17,11 +17,13 @@ use crate::{
 pub fn execute(config_path: &Path, addr: IpAddr, port: u16, as_json: bool) -> anyhow::Result<i32> {
     // An invalid config still lets the kernel side be shown (that is what is
     // enforcing right now); the config side then reports the errors.
-    let loaded = Config::load(config_path);
+    let text = super::config_text(config_path)?;
+    let file = ConfigFile::parse(config_path, &text);
+    let loaded = file.validate(&LoadOptions::default());
     let config_error = loaded.as_ref().err().map(ToString::to_string);
     let pin_dir = match &loaded {
         Ok(c) => c.pin_dir.clone(),
-        Err(_) => super::pin_dir_of(config_path)?,
+        Err(_) => super::pin_dir_of(&file)?,
     };
     let cfg = loaded.ok();
     let guards = cfg.as_ref().map(|c| c.guards.clone()).unwrap_or_default();

@@ -9,7 +9,10 @@ pub mod run;
 pub mod status;
 pub mod top;
 
-use crate::cli::{Cli, Command};
+use crate::{
+    cli::{Cli, Command},
+    config::ConfigFile,
+};
 
 /// Runs the parsed command line; returns the process exit code.
 pub async fn execute(cli: Cli) -> anyhow::Result<i32> {
@@ -50,25 +53,30 @@ pub async fn execute(cli: Cli) -> anyhow::Result<i32> {
     }
 }
 
+/// Reads the text of the config at `config_path`, once for everything a
+/// command needs from it (parse it with [`ConfigFile::parse`]).
+pub(crate) fn config_text(config_path: &std::path::Path) -> anyhow::Result<String> {
+    use anyhow::Context as _;
+    crate::config::read_text(config_path).with_context(|| format!("failed to read config {}", config_path.display()))
+}
+
 /// The `pin_dir` a config names. status, explain, top and detach need only
 /// this from the config, so they work with a config whose list files are
 /// gone. A config that is not valid TOML, or whose `pin_dir` is not a
 /// string or not an acceptable path, is an error: these commands never fall
 /// back to the default `pin_dir` (that could be another instance's).
-pub fn pin_dir_of(config_path: &std::path::Path) -> anyhow::Result<std::path::PathBuf> {
-    use anyhow::Context as _;
-    let text = std::fs::read_to_string(config_path)
-        .with_context(|| format!("failed to read config {}", config_path.display()))?;
-    let table: toml::Table = toml::from_str(&text).map_err(|e| {
+pub(crate) fn pin_dir_of(file: &ConfigFile) -> anyhow::Result<std::path::PathBuf> {
+    let config_path = file.path;
+    let value = file.value("pin_dir").map_err(|e| {
         anyhow::anyhow!(
             "config {} does not parse, so its pin_dir is unknown (nothing done): {}",
             config_path.display(),
             e.message().trim_end()
         )
     })?;
-    let dir: std::path::PathBuf = match table.get("pin_dir") {
+    let dir: std::path::PathBuf = match value {
         None => crate::config::DEFAULT_PIN_DIR.into(),
-        Some(toml::Value::String(s)) => s.into(),
+        Some(toml::de::DeValue::String(s)) => s.as_ref().into(),
         Some(other) => anyhow::bail!(
             "config {}: pin_dir must be a string, not a {} (nothing done)",
             config_path.display(),
@@ -89,14 +97,15 @@ pub fn pin_dir_of(config_path: &std::path::Path) -> anyhow::Result<std::path::Pa
 mod tests {
     use std::path::PathBuf;
 
-    use super::pin_dir_of;
+    use super::{config_text, pin_dir_of};
+    use crate::config::ConfigFile;
 
     fn pin_dir_from(text: &str) -> anyhow::Result<PathBuf> {
         let dir = std::env::temp_dir().join(format!("rg-pin-dir-of-{}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("mkdir");
         let path = dir.join(format!("c{}.toml", text.len()));
         std::fs::write(&path, text).expect("write");
-        let r = pin_dir_of(&path);
+        let r = config_text(&path).and_then(|text| pin_dir_of(&ConfigFile::parse(&path, &text)));
         let _ = std::fs::remove_file(&path);
         r
     }

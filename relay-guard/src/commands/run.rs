@@ -3,8 +3,6 @@
 use std::{net::SocketAddr, path::Path};
 
 pub async fn execute(config_path: &Path, metrics_listen: Option<SocketAddr>) -> anyhow::Result<()> {
-    if let Some(addr) = metrics_listen {
-        let _ = crate::config::METRICS_LISTEN_OVERRIDE.set(addr);
-    }
-    crate::agent::run(config_path, std::future::pending()).await
+    let options = crate::config::LoadOptions { metrics_listen };
+    crate::agent::run(config_path, options, std::future::pending()).await
 }

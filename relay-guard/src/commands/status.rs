@@ -10,7 +10,7 @@ use serde_json::json;
 
 use crate::{
     agent::metrics::{LabelState, snapshot},
-    config::Config,
+    config::{ConfigFile, LoadOptions},
     kernel::{
         counters, inspect,
         loader::ifname,
@@ -21,7 +21,9 @@ use crate::{
 };
 
 pub fn execute(config_path: &Path, as_json: bool) -> anyhow::Result<()> {
-    let pin_dir = super::pin_dir_of(config_path)?;
+    let text = super::config_text(config_path)?;
+    let file = ConfigFile::parse(config_path, &text);
+    let pin_dir = super::pin_dir_of(&file)?;
     let pins = Pins::new(&pin_dir);
     let mut km = inspect::open(&pins)?;
     let (ports, blocks, long_blocks, (v6_nodes, v6_leaves), kmode) =
@@ -37,7 +39,7 @@ pub fn execute(config_path: &Path, as_json: bool) -> anyhow::Result<()> {
     }
 
     // Labels come from the config when it is valid; the kernel state is shown either way.
-    let cfg = Config::load(config_path);
+    let cfg = file.validate(&LoadOptions::default());
     let slots = counters::slots(&km).context("failed to read counter slots")?;
     // Interface names as this process sees them (run it in the agent's netns for names).
     let names = slots

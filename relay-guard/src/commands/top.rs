@@ -12,7 +12,7 @@ use relay_guard_common::{family, verdict};
 use serde_json::json;
 
 use crate::{
-    config::Config,
+    config::{ConfigFile, LoadOptions},
     kernel::{inspect, pins::Pins},
 };
 
@@ -25,10 +25,13 @@ fn monotonic_ns() -> u64 {
 }
 
 pub fn execute(config_path: &Path, limit: usize, as_json: bool) -> anyhow::Result<()> {
-    let pin_dir = super::pin_dir_of(config_path)?;
+    let text = super::config_text(config_path)?;
+    let file = ConfigFile::parse(config_path, &text);
+    let pin_dir = super::pin_dir_of(&file)?;
     let km = inspect::open(&Pins::new(&pin_dir))?;
     // Guard names by the bit the kernel keys them on.
-    let names: Vec<String> = Config::load(config_path)
+    let names: Vec<String> = file
+        .validate(&LoadOptions::default())
         .map(|c| {
             let names: Vec<String> = c.guards.iter().map(|g| g.name.clone()).collect();
             let policy = crate::policy::Policy::compile(&c);

@@ -4,19 +4,24 @@
 //! name the file, the line and the offending value. Validation is separate
 //! from parsing and reports every problem it finds, not only the first.
 //!
-//! The bottom layer: it owns reading and validating the files (`entry`: list
-//! lines and the error type; `lists`: the list files and their line index,
-//! for delta reloads; `fingerprint`: hashes of the bytes read). It uses no
-//! other module of the crate, makes no bpf syscall and holds no state between
-//! loads. Inside it, `mod.rs` uses `lists`, and `lists` uses only `entry` and
-//! `fingerprint`, so there is no import circle.
+//! The bottom layer: it owns reading and validating the files (`file`: the
+//! config read and parsed as TOML once, and the lenient view of it that
+//! callers use before or without validation; `entry`: list lines and the
+//! error type; `lists`: the list files and their line index, for delta
+//! reloads; `fingerprint`: hashes of the bytes read). It uses no other
+//! module of the crate, makes no bpf syscall and holds no state between
+//! loads: what the command line overrides is passed to each load as
+//! [`LoadOptions`]. Inside it, `mod.rs` uses `file` and `lists`, and
+//! `lists` uses only `entry` and `fingerprint`, so there is no import circle.
 pub mod ban;
 mod entry;
+mod file;
 mod fingerprint;
 pub mod lists;
 pub mod relaytest;
 
 pub use entry::{Action, ConfigError, ConfigErrors, Entry, Origin, parse_list, parse_list_from, parse_net};
+pub(crate) use file::{ConfigFile, read_text};
 pub use fingerprint::fingerprint;
 
 use std::{
@@ -44,11 +49,19 @@ pub const DEFAULT_STATE_DIR: &str = "/var/lib/relay-guard";
 /// Default Prometheus endpoint.
 pub const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:10947";
 
-/// `relay-guard run --metrics-listen ADDR:PORT`: the metrics address for this
-/// process, in place of the config's `metrics_listen` at every load and
-/// reload. A DaemonSet passes the node's address this way (the downward API's
-/// `status.hostIP`), which one ConfigMap for every node cannot.
-pub static METRICS_LISTEN_OVERRIDE: std::sync::OnceLock<SocketAddr> = std::sync::OnceLock::new();
+/// What the command line sets in place of the file, for one load. The
+/// agent takes it from `relay-guard run` and hands the same value to every
+/// load it does (start, the saved copy, each reload); other loads use
+/// [`LoadOptions::default`]: the file as written.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LoadOptions {
+    /// `relay-guard run --metrics-listen ADDR:PORT`: the metrics address, in
+    /// place of the config's `metrics_listen`. A DaemonSet passes the node's
+    /// address this way (the downward API's `status.hostIP`), which one
+    /// ConfigMap for every node cannot.
+    pub metrics_listen: Option<SocketAddr>,
+}
+
 /// Ports a guard covers when it names none: SMTP, SMTPS, submission.
 pub const DEFAULT_PORTS: [u16; 3] = [25, 465, 587];
 /// Guards are bits of a 64-bit mask in the kernel maps.
@@ -116,16 +129,6 @@ struct RawGuard {
     deny_files: Vec<Spanned<String>>,
 }
 
-/// The `state_dir` that `text` (a config file, valid or not) names, when
-/// it can be told: the TOML parses and `state_dir` is an absolute path.
-/// `None`: use [`DEFAULT_STATE_DIR`]. The agent needs this to find the last
-/// good copy of a config that fails validation.
-pub fn state_dir_hint(text: &str) -> Option<PathBuf> {
-    let table: toml::Table = toml::from_str(text).ok()?;
-    let dir = PathBuf::from(table.get("state_dir")?.as_str()?);
-    dir.is_absolute().then_some(dir)
-}
-
 /// A validated guard.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Guard {
@@ -174,57 +177,82 @@ pub struct Config {
 }
 
 impl Config {
-    /// Reads, parses and validates the config at `path`, with its list files.
+    /// Reads, parses and validates the config at `path`, with its list
+    /// files, as written (no [`LoadOptions`]: what `check-config` and the
+    /// other commands judge).
     pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
-        Self::read(path, false).map(|(c, _)| c)
+        let text = read_config_text(path)?;
+        ConfigFile::parse(path, &text).validate(&LoadOptions::default())
     }
 
     /// [`Config::load`], also returning what a later reload needs to apply a
     /// list-file edit as a delta (see [`crate::config::lists`]).
     pub fn load_indexed(path: &Path) -> Result<(Config, ListIndex), ConfigErrors> {
-        Self::read(path, true).map(|(c, i)| (c, i.expect("indexing was asked for")))
+        Self::load_indexed_with(path, &LoadOptions::default())
     }
 
-    fn read(path: &Path, index: bool) -> Result<(Config, Option<ListIndex>), ConfigErrors> {
-        let text = read_list_file(path)
-            .and_then(|b| String::from_utf8(b).map_err(|_| std::io::Error::other("not UTF-8")))
-            .map_err(|e| {
-                ConfigErrors(vec![ConfigError {
-                    file: path.to_path_buf(),
-                    line: 0,
-                    what: format!("cannot read config: {e}"),
-                }])
-            })?;
-        Self::parse_inner(path, &text, index, None)
-    }
-
-    /// [`Config::load_indexed`] of a saved copy: `text` stands for the
-    /// config at `path`, and each list file it names is read from its copy
-    /// in `copies` (original path -> copy). The result names the original
-    /// paths (origins, `list_files`, the index), as if the files there held
-    /// the saved bytes, so the watcher follows the real files and a later
-    /// delta reload compares them with what was applied. A list file with
-    /// no copy is an error.
-    pub fn load_saved(
-        path: &Path,
-        text: &str,
-        copies: &BTreeMap<PathBuf, PathBuf>,
-    ) -> Result<(Config, ListIndex), ConfigErrors> {
-        Self::parse_inner(path, text, true, Some(copies)).map(|(c, i)| (c, i.expect("indexing was asked for")))
+    /// [`Config::load_indexed`] with `options` in place of what they
+    /// override: every load the agent does.
+    pub fn load_indexed_with(path: &Path, options: &LoadOptions) -> Result<(Config, ListIndex), ConfigErrors> {
+        let text = read_config_text(path)?;
+        ConfigFile::parse(path, &text).validate_indexed(options)
     }
 
     /// Parses and validates `text` as if read from `path` (list files are
     /// resolved relative to the config's directory).
     pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigErrors> {
-        Self::parse_inner(path, text, false, None).map(|(c, _)| c)
+        ConfigFile::parse(path, text).validate(&LoadOptions::default())
+    }
+}
+
+/// [`read_text`], its failure as the one error of a load.
+pub(crate) fn read_config_text(path: &Path) -> Result<String, ConfigErrors> {
+    read_text(path).map_err(|e| {
+        ConfigErrors(vec![ConfigError {
+            file: path.to_path_buf(),
+            line: 0,
+            what: format!("cannot read config: {e}"),
+        }])
+    })
+}
+
+impl ConfigFile<'_> {
+    /// Validates the file, with its list files, and `options` in place of
+    /// what they override.
+    pub fn validate(&self, options: &LoadOptions) -> Result<Config, ConfigErrors> {
+        self.validate_inner(options, false, None).map(|(c, _)| c)
     }
 
-    fn parse_inner(
-        path: &Path,
-        text: &str,
+    /// [`ConfigFile::validate`], also returning what a later reload needs
+    /// to apply a list-file edit as a delta (see [`crate::config::lists`]).
+    pub fn validate_indexed(&self, options: &LoadOptions) -> Result<(Config, ListIndex), ConfigErrors> {
+        self.validate_inner(options, true, None)
+            .map(|(c, i)| (c, i.expect("indexing was asked for")))
+    }
+
+    /// [`ConfigFile::validate_indexed`] of a saved copy: this file's text
+    /// stands for the config at its `path`, and each list file it names is
+    /// read from its copy in `copies` (original path -> copy). The result
+    /// names the original paths (origins, `list_files`, the index), as if
+    /// the files there held the saved bytes, so the watcher follows the real
+    /// files and a later delta reload compares them with what was applied.
+    /// A list file with no copy is an error.
+    pub fn validate_saved(
+        &self,
+        copies: &BTreeMap<PathBuf, PathBuf>,
+        options: &LoadOptions,
+    ) -> Result<(Config, ListIndex), ConfigErrors> {
+        self.validate_inner(options, true, Some(copies))
+            .map(|(c, i)| (c, i.expect("indexing was asked for")))
+    }
+
+    fn validate_inner(
+        &self,
+        options: &LoadOptions,
         index: bool,
         copies: Option<&BTreeMap<PathBuf, PathBuf>>,
     ) -> Result<(Config, Option<ListIndex>), ConfigErrors> {
+        let (path, text) = (self.path, self.text);
         let mut fp = fingerprint_hasher();
         std::hash::Hash::hash(path, &mut fp);
         std::hash::Hash::hash(text.as_bytes(), &mut fp);
@@ -233,6 +261,7 @@ impl Config {
             path,
             file: std::sync::Arc::from(path),
             text,
+            options,
             errors: Vec::new(),
             list_files: Vec::new(),
             copies,
@@ -242,7 +271,13 @@ impl Config {
                 ..ListIndex::default()
             }),
         };
-        let raw: RawConfig = match toml::from_str(text) {
+        // The one parse (`ConfigFile`), typed with spans: a syntax error and
+        // a value of the wrong type are reported alike.
+        let raw = match self.document() {
+            Ok(doc) => RawConfig::deserialize(toml::de::Deserializer::from(doc.clone())),
+            Err(e) => Err(e.clone()),
+        };
+        let raw: RawConfig = match raw {
             Ok(raw) => raw,
             Err(e) => {
                 let line = e.span().map_or(0, |s| v.line_of(s.start));
@@ -277,6 +312,8 @@ struct Validator<'a> {
     /// `path`, shared by every inline entry's origin.
     file: std::sync::Arc<Path>,
     text: &'a str,
+    /// What the command line sets in place of the file.
+    options: &'a LoadOptions,
     errors: Vec<ConfigError>,
     list_files: Vec<PathBuf>,
     /// When loading a saved copy: where each list file's bytes are.
@@ -333,8 +370,9 @@ impl Validator<'_> {
         }
 
         let metrics_listen = match &raw.metrics_listen {
-            // `run --metrics-listen` wins over the file (checked all the same).
-            _ if METRICS_LISTEN_OVERRIDE.get().is_some() => METRICS_LISTEN_OVERRIDE.get().copied(),
+            // `run --metrics-listen` wins over the file, whose value is then
+            // neither used nor checked.
+            _ if self.options.metrics_listen.is_some() => self.options.metrics_listen,
             None => Some(DEFAULT_METRICS_LISTEN.parse().expect("default address parses")),
             Some(s) if s.get_ref().is_empty() => None,
             Some(s) => match s.get_ref().parse::<SocketAddr>() {

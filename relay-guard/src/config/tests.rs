@@ -58,6 +58,11 @@ fn parse(text: &str) -> Result<Config, ConfigErrors> {
     Config::parse(&fake_path(), text)
 }
 
+/// What the agent reads from a config that fails validation.
+fn state_dir_hint(text: &str) -> Option<PathBuf> {
+    ConfigFile::parse(&fake_path(), text).state_dir_hint()
+}
+
 fn parse_ok(text: &str) -> Config {
     match parse(text) {
         Ok(c) => c,
@@ -356,6 +361,34 @@ fn state_dir_is_an_absolute_path() {
     );
     assert_eq!(state_dir_hint(text), None);
     assert_eq!(state_dir_hint("state_dir = [\n"), None);
+}
+
+/// `run --metrics-listen` is a value handed to a load, not process state:
+/// it replaces the file's address (or its default, or its "") in that load
+/// only, and a load without it sees the file again.
+#[test]
+fn metrics_listen_option_overrides_that_load_only() {
+    let node: SocketAddr = "192.0.2.7:10947".parse().expect("addr");
+    let options = LoadOptions {
+        metrics_listen: Some(node),
+    };
+    for text in [
+        "interfaces = [\"eth0\"]\n[[guard]]\nports = [25]\n",
+        "interfaces = [\"eth0\"]\nmetrics_listen = \"\"\n[[guard]]\nports = [25]\n",
+        "interfaces = [\"eth0\"]\nmetrics_listen = \"[::1]:9100\"\n[[guard]]\nports = [25]\n",
+    ] {
+        let path = fake_path();
+        let file = ConfigFile::parse(&path, text);
+        let cfg = file.validate(&options).unwrap_or_else(|e| panic!("{text}: {e}"));
+        assert_eq!(cfg.metrics_listen, Some(node), "{text}");
+        let (indexed, _) = file.validate_indexed(&options).expect("valid");
+        assert_eq!(indexed.metrics_listen, Some(node), "{text}");
+        assert_ne!(
+            parse_ok(text).metrics_listen,
+            Some(node),
+            "{text}: a later load without it"
+        );
+    }
 }
 
 #[test]

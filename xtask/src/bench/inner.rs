@@ -9,7 +9,7 @@ use super::{
     sys::{self, NetNs, TempDir},
     testrun,
 };
-use crate::build_ebpf::workspace_root;
+use crate::utils::workspace_root;
 
 pub const RCV_IF: &str = "rg-rcv0";
 pub const SND_IF: &str = "rg-snd0";
@@ -158,7 +158,7 @@ pub fn run(o: &Options) -> anyhow::Result<()> {
     let agent = dir.0.join("relay-guard");
     std::fs::copy(&plan.agent, &agent).with_context(|| format!("copy {}", plan.agent.display()))?;
     // Recorded relative to the workspace: the doc names no path of this machine.
-    let root = crate::build_ebpf::workspace_root();
+    let root = crate::utils::workspace_root();
     let shown = plan.agent.strip_prefix(&root).unwrap_or(&plan.agent);
     sys::record(format!(
         "cp {} {}  # the release agent built by `cargo xtask build-ebpf --release`",

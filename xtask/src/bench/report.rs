@@ -18,7 +18,7 @@ use super::{
         self, BESIDE_SYN_V6, DENIED_SYN_V4, DENIED_SYN_V6, DiffSync, FLOOR, RG, SizeCosts, XF, ms, verdict_name,
     },
 };
-use crate::build_ebpf::workspace_root;
+use crate::utils::workspace_root;
 
 const SCALE: usize = 1_000_000;
 const SMALL: usize = 10;
