@@ -2,22 +2,45 @@
 //! lock that keeps two agents off one `pin_dir`.
 //!
 //! ```text
-//! <pin_dir>/layout-<N>/prog            the XDP program
 //! <pin_dir>/layout-<N>/links/<ifname>  one bpf_link per interface
-//! <pin_dir>/layout-<N>/maps/<NAME>     every map (relay_guard_common::maps::ALL)
+//! <pin_dir>/layout-<N>/maps/<NAME>     the maps every set shares (counters, bans, …)
+//! <pin_dir>/layout-<N>/set-<K>/prog    the XDP program of set K
+//! <pin_dir>/layout-<N>/set-<K>/<NAME>  set K's maps ([`SET_MAPS`]: the policy's tables)
+//! <pin_dir>/layout-<N>/set -> set-<K>  the set in force (a symlink)
 //! ```
 //!
 //! The layout version is part of the path, so state written by an agent with
 //! another map layout is never opened as ours: it is replaced, with a log line.
+//!
+//! A *set* is the program with the maps sized to a policy. A resize fills a
+//! new set beside the one in force, then renames a new `set` symlink over
+//! the old one (one atomic step), so the pins name one complete set at every
+//! instant; a set directory the symlink does not name is a leftover of a
+//! resize cut short, removed by the next agent.
 use std::{
     fs,
     os::fd::AsRawFd as _,
     path::{Path, PathBuf},
 };
 
-use relay_guard_common::LAYOUT_VERSION;
+use relay_guard_common::{LAYOUT_VERSION, maps};
 
 use crate::error::LoadError;
+
+/// The maps of one set (see the module doc): the policy's tables, with
+/// the ports and settings that select them. Every other map is shared by
+/// all sets, so counters, interface slots and bans carry over a resize.
+pub const SET_MAPS: &[&str] = &[
+    maps::PORTS,
+    maps::TBL16,
+    maps::TBL24,
+    maps::LONG24,
+    maps::MASKS,
+    maps::V6_TOP,
+    maps::V6_NODES,
+    maps::V6_LEAVES,
+    maps::SETTINGS,
+];
 
 /// bpffs's `f_type` (include/uapi/linux/magic.h).
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
@@ -42,16 +65,94 @@ impl Pins {
         self.root.join(format!("layout-{LAYOUT_VERSION}"))
     }
 
+    /// The program of the set in force (through the `set` symlink).
     pub fn prog(&self) -> PathBuf {
-        self.state().join("prog")
+        self.set_link().join("prog")
     }
 
     pub fn maps_dir(&self) -> PathBuf {
         self.state().join("maps")
     }
 
+    /// Map `name` of the state in force: a set map through the `set`
+    /// symlink, any other in `maps/`.
     pub fn map(&self, name: &str) -> PathBuf {
-        self.maps_dir().join(name)
+        if SET_MAPS.contains(&name) {
+            self.set_link().join(name)
+        } else {
+            self.maps_dir().join(name)
+        }
+    }
+
+    /// Map `name` as set `set` pins it (a shared map: in `maps/`).
+    pub fn map_in(&self, set: u32, name: &str) -> PathBuf {
+        if SET_MAPS.contains(&name) {
+            self.set_dir(set).join(name)
+        } else {
+            self.maps_dir().join(name)
+        }
+    }
+
+    /// The symlink naming the set in force.
+    pub fn set_link(&self) -> PathBuf {
+        self.state().join("set")
+    }
+
+    pub fn set_dir(&self, set: u32) -> PathBuf {
+        self.state().join(format!("set-{set}"))
+    }
+
+    /// The set in force, if the symlink names one.
+    pub fn current_set(&self) -> Option<u32> {
+        let target = fs::read_link(self.set_link()).ok()?;
+        target.to_str()?.strip_prefix("set-")?.parse().ok()
+    }
+
+    /// Set directories present (in force or not).
+    pub fn sets(&self) -> Vec<u32> {
+        fs::read_dir(self.state())
+            .map(|rd| {
+                rd.filter_map(Result::ok)
+                    .filter_map(|e| e.file_name().to_str()?.strip_prefix("set-")?.parse().ok())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// A set number no directory uses.
+    pub fn next_set(&self) -> u32 {
+        self.sets()
+            .into_iter()
+            .chain(self.current_set())
+            .max()
+            .map_or(1, |k| k + 1)
+    }
+
+    /// Makes set `set` the one in force: a new symlink renamed over `set`
+    /// (rename replaces atomically: the old set or the new one, never none).
+    pub fn publish_set(&self, set: u32) -> Result<(), LoadError> {
+        let next = self.state().join("set.next");
+        let _ = fs::remove_file(&next);
+        let err = |op, path: PathBuf| move |source| LoadError::Pin { op, path, source };
+        std::os::unix::fs::symlink(format!("set-{set}"), &next).map_err(err("symlink", next.clone()))?;
+        fs::rename(&next, self.set_link()).map_err(err("rename", next.clone()))
+    }
+
+    /// Removes set directories the symlink does not name (but `keep`): a
+    /// set left by a resize cut short, or the one a resize replaced. Their
+    /// pins go; the kernel frees the maps once no program holds them.
+    pub fn remove_other_sets(&self, keep: Option<u32>) {
+        let current = self.current_set();
+        let _ = fs::remove_file(self.state().join("set.next"));
+        for k in self
+            .sets()
+            .into_iter()
+            .filter(|&k| Some(k) != current && Some(k) != keep)
+        {
+            if let Err(e) = remove_set_dir(&self.set_dir(k)) {
+                tracing::warn!(path = %self.set_dir(k).display(), error = %e, "could not remove a set of maps no longer in force");
+            }
+        }
     }
 
     pub fn links_dir(&self) -> PathBuf {
@@ -64,7 +165,7 @@ impl Pins {
 
     /// Whether pinned maps of this layout exist (state to adopt).
     pub fn has_state_maps(&self) -> bool {
-        relay_guard_common::maps::ALL.iter().all(|n| self.map(n).exists())
+        maps::ALL.iter().all(|n| self.map(n).exists())
     }
 
     /// Entries under `pin_dir` that belong to another layout: only
@@ -125,8 +226,9 @@ fn fs_type(path: &Path) -> Option<i64> {
 }
 
 /// Whether `path` is a directory of the shape relay-guard creates:
-/// named `layout-<digits>`, holding at most `prog`, `maps/` and `links/`,
-/// with only pinned objects (no directories) inside `maps/` and `links/`.
+/// named `layout-<digits>`, holding at most `prog`, `maps/`, `links/`,
+/// `set-<K>/` directories and the `set` (or a leftover `set.next`) symlink,
+/// with only pinned objects (no directories) inside the directories.
 pub fn is_layout_dir(path: &Path) -> bool {
     let named = path
         .file_name()
@@ -134,27 +236,51 @@ pub fn is_layout_dir(path: &Path) -> bool {
         .and_then(|n| n.strip_prefix("layout-"))
         .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()));
     let is_dir = |p: &Path| fs::symlink_metadata(p).is_ok_and(|m| m.is_dir());
+    let is_link = |p: &Path| fs::symlink_metadata(p).is_ok_and(|m| m.file_type().is_symlink());
     if !named || !is_dir(path) {
         return false;
     }
+    let flat = |p: &Path| {
+        is_dir(p)
+            && fs::read_dir(p).is_ok_and(|rd| {
+                rd.filter_map(Result::ok)
+                    .all(|e| e.file_type().is_ok_and(|t| !t.is_dir()))
+            })
+    };
     let Ok(rd) = fs::read_dir(path) else { return false };
     rd.filter_map(Result::ok).all(|e| {
         let p = e.path();
         match e.file_name().to_str() {
             Some("prog") => !is_dir(&p),
-            Some("maps" | "links") => fs::read_dir(&p).is_ok_and(|rd| {
-                rd.filter_map(Result::ok)
-                    .all(|e| e.file_type().is_ok_and(|t| !t.is_dir()))
-            }),
+            Some("maps" | "links") => flat(&p),
+            Some("set" | "set.next") => is_link(&p),
+            Some(n) if is_set_name(n) => flat(&p),
             _ => false,
         }
     })
 }
 
+/// `set-<digits>`.
+fn is_set_name(name: &str) -> bool {
+    name.strip_prefix("set-")
+        .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+}
+
+/// Removes a set directory: its pins, then the directory (`rmdir`).
+fn remove_set_dir(dir: &Path) -> std::io::Result<()> {
+    for e in fs::read_dir(dir)?.filter_map(Result::ok) {
+        if e.file_type()?.is_dir() {
+            return Err(std::io::Error::other(format!("{} holds a directory", dir.display())));
+        }
+        fs::remove_file(e.path())?;
+    }
+    fs::remove_dir(dir)
+}
+
 /// Removes one layout directory (see [`is_layout_dir`]): its link pins
-/// first (each unpin detaches a link), then the program and maps, then the
-/// directories with `rmdir`, so nothing of another shape is ever deleted.
-/// Returns the names of the links it removed.
+/// first (each unpin detaches a link), then the program, maps and sets,
+/// then the directories with `rmdir`, so nothing of another shape is ever
+/// deleted. Returns the names of the links it removed.
 pub fn remove_layout(dir: &Path) -> std::io::Result<Vec<String>> {
     if !is_layout_dir(dir) {
         return Err(std::io::Error::other(format!(
@@ -175,9 +301,16 @@ pub fn remove_layout(dir: &Path) -> std::io::Result<Vec<String>> {
             fs::remove_dir(&d)?;
         }
     }
-    match fs::remove_file(dir.join("prog")) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
-        _ => {}
+    for name in ["prog", "set", "set.next"] {
+        match fs::remove_file(dir.join(name)) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
+    }
+    for e in fs::read_dir(dir)?.filter_map(Result::ok) {
+        if e.file_name().to_str().is_some_and(is_set_name) {
+            remove_set_dir(&e.path())?;
+        }
     }
     fs::remove_dir(dir)?;
     Ok(links)
