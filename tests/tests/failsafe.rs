@@ -413,20 +413,23 @@ fn wide_list() -> String {
     s
 }
 
-/// The set directories under the layout, and the one the `set` symlink names.
+/// The set directories under the layout (published `set-<K>` and
+/// unpublished `next-<K>`), and the one in force (the highest `set-<K>`).
 fn sets(pins: &Path) -> (Vec<String>, String) {
     let layout = pins.join(format!("layout-{}", relay_guard_common::LAYOUT_VERSION));
     let mut dirs: Vec<String> = std::fs::read_dir(&layout)
         .expect("layout directory")
         .filter_map(Result::ok)
         .map(|e| e.file_name().to_string_lossy().into_owned())
-        .filter(|n| n.starts_with("set-"))
+        .filter(|n| n.starts_with("set-") || n.starts_with("next-"))
         .collect();
     dirs.sort();
-    let current = std::fs::read_link(layout.join("set"))
-        .expect("the set symlink")
-        .to_string_lossy()
-        .into_owned();
+    let current = dirs
+        .iter()
+        .filter_map(|n| n.strip_prefix("set-")?.parse::<u32>().ok())
+        .max()
+        .map(|k| format!("set-{k}"))
+        .expect("a published set");
     (dirs, current)
 }
 
@@ -503,8 +506,9 @@ fn maps_resized_by_reloads_keep_one_policy_through_floods_and_kills() {
 
     // SIGKILL at points of a resizing reload (grow, then shrink).
     let mut results = Vec::new();
+    let wide = wide_list();
     for (round, frac) in [0.1f64, 0.4, 0.7, 0.9].into_iter().enumerate() {
-        replace(&list, if round % 2 == 0 { &wide_list() } else { &small });
+        replace(&list, if round % 2 == 0 { &wide } else { &small });
         std::thread::sleep(took.mul_f64(frac));
         agent.signal(Signal::SIGKILL);
         let _ = agent.wait(Duration::from_secs(5));

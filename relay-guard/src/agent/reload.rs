@@ -31,6 +31,14 @@ pub(super) fn delta_reload(
     let state = live.as_mut()?;
     match state.reload(&mut loaded.maps, path) {
         Ok(None) => None,
+        Ok(Some(_))
+            if shrank(&state.policy, state.sized_for) && Sizes::resize_for(&loaded.maps, &state.policy).is_some() =>
+        {
+            // Applied; a full reload now moves to smaller maps.
+            info!("the lists shrank to under a quarter: reloading in full to give the maps' memory back");
+            *live = None;
+            None
+        }
         Ok(Some(applied)) => {
             info!(
                 written = applied.stats.written,
@@ -63,6 +71,12 @@ pub(super) fn delta_reload(
             None
         }
     }
+}
+
+/// Whether `policy` holds under a quarter of the prefixes the maps were
+/// sized for (cheap: the sizes are only computed then).
+fn shrank(policy: &Policy, sized_for: usize) -> bool {
+    (policy.v4.len() + policy.v6.len()).saturating_mul(4) < sized_for
 }
 
 /// Validates the config at `path` and, only if it is valid, syncs the maps.

@@ -200,17 +200,29 @@ impl Loaded {
         }
         let adopted = pins.is_some_and(|(_, _, fresh)| !fresh);
         let mut loader = EbpfLoader::new();
-        if let Some((pins, k, true)) = pins {
-            let dir = pins.set_dir(k);
-            std::fs::create_dir_all(&dir).map_err(|source| LoadError::Pin {
+        // A new set is pinned in its `next-` directory until published.
+        let set_dir = pins.map(|(p, k, fresh)| if fresh { p.next_dir(k) } else { p.set_dir(k) });
+        if let (Some((_, _, true)), Some(dir)) = (pins, &set_dir) {
+            std::fs::create_dir_all(dir).map_err(|source| LoadError::Pin {
                 op: "create",
                 path: dir.clone(),
                 source,
             })?;
         }
-        let map_paths: Vec<(&'static str, PathBuf)> = pins
-            .map(|(p, k, _)| maps::ALL.iter().map(|&n| (n, p.map_in(k, n))).collect())
-            .unwrap_or_default();
+        let map_paths: Vec<(&'static str, PathBuf)> = match (pins, &set_dir) {
+            (Some((p, _, _)), Some(dir)) => maps::ALL
+                .iter()
+                .map(|&n| {
+                    let path = if crate::kernel::pins::SET_MAPS.contains(&n) {
+                        dir.join(n)
+                    } else {
+                        p.maps_dir().join(n)
+                    };
+                    (n, path)
+                })
+                .collect(),
+            _ => Vec::new(),
+        };
         for (name, path) in &map_paths {
             loader.map_pin_path(name, path.as_path());
         }
@@ -234,8 +246,8 @@ impl Loaded {
             name: PROGRAM_NAME,
             source,
         })?;
-        if let Some((pins, k, _)) = pins {
-            let path = pins.set_dir(k).join("prog");
+        if let Some(dir) = &set_dir {
+            let path = dir.join("prog");
             let _ = std::fs::remove_file(&path);
             prog.pin(&path).map_err(|source| LoadError::PinObject {
                 what: "program".into(),

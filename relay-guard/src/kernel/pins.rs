@@ -6,17 +6,18 @@
 //! <pin_dir>/layout-<N>/maps/<NAME>     the maps every set shares (counters, bans, …)
 //! <pin_dir>/layout-<N>/set-<K>/prog    the XDP program of set K
 //! <pin_dir>/layout-<N>/set-<K>/<NAME>  set K's maps ([`SET_MAPS`]: the policy's tables)
-//! <pin_dir>/layout-<N>/set -> set-<K>  the set in force (a symlink)
+//! <pin_dir>/layout-<N>/next-<K>/…      set K while it is filled (not in force)
 //! ```
 //!
 //! The layout version is part of the path, so state written by an agent with
 //! another map layout is never opened as ours: it is replaced, with a log line.
 //!
-//! A *set* is the program with the maps sized to a policy. A resize fills a
-//! new set beside the one in force, then renames a new `set` symlink over
-//! the old one (one atomic step), so the pins name one complete set at every
-//! instant; a set directory the symlink does not name is a leftover of a
-//! resize cut short, removed by the next agent.
+//! A *set* is the program with the maps sized to a policy. The set in force
+//! is the `set-<K>` of the highest K. A resize fills a new set in
+//! `next-<K+1>` beside it, then renames that to `set-<K+1>` (one atomic
+//! step), so the pins name one complete set at every instant; a `next-`
+//! directory, or a `set-` below the highest, is a leftover of a resize cut
+//! short, removed by the next agent.
 use std::{
     fs,
     os::fd::AsRawFd as _,
@@ -65,26 +66,22 @@ impl Pins {
         self.root.join(format!("layout-{LAYOUT_VERSION}"))
     }
 
-    /// The program of the set in force (through the `set` symlink).
+    /// The program of the set in force.
     pub fn prog(&self) -> PathBuf {
-        self.set_link().join("prog")
+        self.set_dir(self.current_set().unwrap_or(0)).join("prog")
     }
 
     pub fn maps_dir(&self) -> PathBuf {
         self.state().join("maps")
     }
 
-    /// Map `name` of the state in force: a set map through the `set`
-    /// symlink, any other in `maps/`.
+    /// Map `name` of the state in force: a set map in the set in force,
+    /// any other in `maps/`.
     pub fn map(&self, name: &str) -> PathBuf {
-        if SET_MAPS.contains(&name) {
-            self.set_link().join(name)
-        } else {
-            self.maps_dir().join(name)
-        }
+        self.map_in(self.current_set().unwrap_or(0), name)
     }
 
-    /// Map `name` as set `set` pins it (a shared map: in `maps/`).
+    /// Map `name` as set `set` pins it once published (a shared map: in `maps/`).
     pub fn map_in(&self, set: u32, name: &str) -> PathBuf {
         if SET_MAPS.contains(&name) {
             self.set_dir(set).join(name)
@@ -93,64 +90,73 @@ impl Pins {
         }
     }
 
-    /// The symlink naming the set in force.
-    pub fn set_link(&self) -> PathBuf {
-        self.state().join("set")
-    }
-
+    /// Set `set`'s pins once published.
     pub fn set_dir(&self, set: u32) -> PathBuf {
         self.state().join(format!("set-{set}"))
     }
 
-    /// The set in force, if the symlink names one.
-    pub fn current_set(&self) -> Option<u32> {
-        let target = fs::read_link(self.set_link()).ok()?;
-        target.to_str()?.strip_prefix("set-")?.parse().ok()
+    /// Set `set`'s pins while it is being filled.
+    pub fn next_dir(&self, set: u32) -> PathBuf {
+        self.state().join(format!("next-{set}"))
     }
 
-    /// Set directories present (in force or not).
-    pub fn sets(&self) -> Vec<u32> {
+    /// The set in force: the published set of the highest number.
+    pub fn current_set(&self) -> Option<u32> {
+        self.numbered("set-").into_iter().max()
+    }
+
+    /// The numbers of the directories named `<prefix><number>`.
+    fn numbered(&self, prefix: &str) -> Vec<u32> {
         fs::read_dir(self.state())
             .map(|rd| {
                 rd.filter_map(Result::ok)
-                    .filter_map(|e| e.file_name().to_str()?.strip_prefix("set-")?.parse().ok())
+                    .filter_map(|e| e.file_name().to_str()?.strip_prefix(prefix)?.parse().ok())
                     .collect()
             })
             .unwrap_or_default()
     }
 
-    /// A set number no directory uses.
+    /// A set number no directory uses, above every published one.
     pub fn next_set(&self) -> u32 {
-        self.sets()
+        self.numbered("set-")
             .into_iter()
-            .chain(self.current_set())
+            .chain(self.numbered("next-"))
             .max()
             .map_or(1, |k| k + 1)
     }
 
-    /// Makes set `set` the one in force: a new symlink renamed over `set`
-    /// (rename replaces atomically: the old set or the new one, never none).
+    /// Publishes set `set` (filled in [`Pins::next_dir`]): one rename
+    /// makes it `set-<set>`, the highest number, so the set in force is the
+    /// old one or the new one at every instant, never a partial one.
     pub fn publish_set(&self, set: u32) -> Result<(), LoadError> {
-        let next = self.state().join("set.next");
-        let _ = fs::remove_file(&next);
-        let err = |op, path: PathBuf| move |source| LoadError::Pin { op, path, source };
-        std::os::unix::fs::symlink(format!("set-{set}"), &next).map_err(err("symlink", next.clone()))?;
-        fs::rename(&next, self.set_link()).map_err(err("rename", next.clone()))
+        let from = self.next_dir(set);
+        fs::rename(&from, self.set_dir(set)).map_err(|source| LoadError::Pin {
+            op: "rename",
+            path: from,
+            source,
+        })
     }
 
-    /// Removes set directories the symlink does not name (but `keep`): a
-    /// set left by a resize cut short, or the one a resize replaced. Their
-    /// pins go; the kernel frees the maps once no program holds them.
+    /// Removes every set directory but the one in force and `keep`: sets
+    /// left unpublished by a resize cut short, and published ones a later
+    /// set replaced. Their pins go; the kernel frees the maps once no
+    /// program holds them.
     pub fn remove_other_sets(&self, keep: Option<u32>) {
         let current = self.current_set();
-        let _ = fs::remove_file(self.state().join("set.next"));
-        for k in self
-            .sets()
+        let dirs = self
+            .numbered("next-")
             .into_iter()
-            .filter(|&k| Some(k) != current && Some(k) != keep)
-        {
-            if let Err(e) = remove_set_dir(&self.set_dir(k)) {
-                tracing::warn!(path = %self.set_dir(k).display(), error = %e, "could not remove a set of maps no longer in force");
+            .filter(|&k| Some(k) != keep)
+            .map(|k| self.next_dir(k))
+            .chain(
+                self.numbered("set-")
+                    .into_iter()
+                    .filter(|&k| Some(k) != current && Some(k) != keep)
+                    .map(|k| self.set_dir(k)),
+            );
+        for dir in dirs {
+            if let Err(e) = remove_set_dir(&dir) {
+                tracing::warn!(path = %dir.display(), error = %e, "could not remove a set of maps no longer in force");
             }
         }
     }
@@ -226,9 +232,9 @@ fn fs_type(path: &Path) -> Option<i64> {
 }
 
 /// Whether `path` is a directory of the shape relay-guard creates:
-/// named `layout-<digits>`, holding at most `prog`, `maps/`, `links/`,
-/// `set-<K>/` directories and the `set` (or a leftover `set.next`) symlink,
-/// with only pinned objects (no directories) inside the directories.
+/// named `layout-<digits>`, holding at most `prog`, `maps/`, `links/` and
+/// `set-<K>/` and `next-<K>/` directories, with only pinned objects (no
+/// directories) inside the directories.
 pub fn is_layout_dir(path: &Path) -> bool {
     let named = path
         .file_name()
@@ -236,7 +242,6 @@ pub fn is_layout_dir(path: &Path) -> bool {
         .and_then(|n| n.strip_prefix("layout-"))
         .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()));
     let is_dir = |p: &Path| fs::symlink_metadata(p).is_ok_and(|m| m.is_dir());
-    let is_link = |p: &Path| fs::symlink_metadata(p).is_ok_and(|m| m.file_type().is_symlink());
     if !named || !is_dir(path) {
         return false;
     }
@@ -253,16 +258,16 @@ pub fn is_layout_dir(path: &Path) -> bool {
         match e.file_name().to_str() {
             Some("prog") => !is_dir(&p),
             Some("maps" | "links") => flat(&p),
-            Some("set" | "set.next") => is_link(&p),
             Some(n) if is_set_name(n) => flat(&p),
             _ => false,
         }
     })
 }
 
-/// `set-<digits>`.
+/// `set-<digits>` or `next-<digits>`.
 fn is_set_name(name: &str) -> bool {
     name.strip_prefix("set-")
+        .or_else(|| name.strip_prefix("next-"))
         .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
 }
 
@@ -301,11 +306,9 @@ pub fn remove_layout(dir: &Path) -> std::io::Result<Vec<String>> {
             fs::remove_dir(&d)?;
         }
     }
-    for name in ["prog", "set", "set.next"] {
-        match fs::remove_file(dir.join(name)) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
-            _ => {}
-        }
+    match fs::remove_file(dir.join("prog")) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+        _ => {}
     }
     for e in fs::read_dir(dir)?.filter_map(Result::ok) {
         if e.file_name().to_str().is_some_and(is_set_name) {
