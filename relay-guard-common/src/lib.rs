@@ -20,9 +20,17 @@ pub mod maps {
     /// `Array<PortEntry>` indexed by TCP destination port (host order): the
     /// port's owner in each generation (see [`super::Settings::generation`]).
     pub const PORTS: &str = "RG_PORTS";
-    /// `Array<[u16; 4]>`, mmapable: the IPv4 first level, one `u16` per /24
-    /// (block `b` is lane `b & 3` of entry `b >> 2`). A value is a mask index
-    /// into [`MASKS`], or [`super::LONG_BLOCK`] when the /24 holds longer prefixes.
+    /// `Array<[u32; 2]>`, mmapable: the IPv4 first level, one `u32` per /16
+    /// (slot `s` is lane `s & 1` of entry `s >> 1`). A value with
+    /// [`super::TBL16_BLOCK`] set is the index of the /16's block of 256 /24
+    /// entries in [`TBL24`]; any other value is the mask index every /24 of
+    /// the /16 shares (0: deny).
+    pub const TBL16: &str = "RG_TBL16";
+    /// `Array<[u16; 4]>`, mmapable: blocks of 256 /24 entries, one block per
+    /// /16 that is not uniform (/24 `c` of block `k` is lane `c & 3` of entry
+    /// `k * 64 + c / 4`). A value is a mask index into [`MASKS`], or
+    /// [`super::LONG_BLOCK`] when the /24 holds longer prefixes. Sized by the
+    /// agent to the config's need (at most [`super::TBL24_ENTRIES`]).
     pub const TBL24: &str = "RG_TBL24";
     /// `HashMap<u32, LongBlock>`: for a /24 (`addr >> 8`) holding prefixes
     /// longer than /24, one mask index per host.
@@ -66,6 +74,7 @@ pub mod maps {
     /// Every map the program must define (and the agent pins).
     pub const ALL: &[&str] = &[
         PORTS,
+        TBL16,
         TBL24,
         LONG24,
         MASKS,
@@ -88,14 +97,23 @@ pub mod maps {
 /// Version of the map layout. Pinned state lives under `layout-<N>/`, so an
 /// agent never opens maps whose layout it does not know. Bump it whenever a
 /// map's name, type, key, value or capacity changes.
-pub const LAYOUT_VERSION: u32 = 7;
+pub const LAYOUT_VERSION: u32 = 8;
 
 /// Number of entries in [`maps::PORTS`]: one per TCP port.
 pub const PORT_SLOTS: u32 = 65_536;
 /// Guards are bits of [`AllowMask::allow`].
 pub const MAX_GUARDS: usize = 64;
-/// Entries of [`maps::TBL24`]: four /24 blocks per entry.
-pub const TBL24_ENTRIES: u32 = 1 << 22;
+/// Entries of [`maps::TBL16`]: two /16 slots per entry.
+pub const TBL16_ENTRIES: u32 = 1 << 15;
+/// [`maps::TBL16`] value: the low bits are a block index into [`maps::TBL24`].
+pub const TBL16_BLOCK: u32 = 0x8000_0000;
+/// [`maps::TBL24`] entries per block (256 /24 entries, four per entry).
+pub const TBL24_BLOCK_ENTRIES: u32 = 64;
+/// Most blocks of [`maps::TBL24`]: one per /16.
+pub const MAX_TBL24_BLOCKS: u32 = 1 << 16;
+/// Most entries of [`maps::TBL24`] (the object's size; the agent loads it
+/// smaller, see `kernel::sizes`).
+pub const TBL24_ENTRIES: u32 = MAX_TBL24_BLOCKS * TBL24_BLOCK_ENTRIES;
 /// [`maps::TBL24`] value: look the host up in [`maps::LONG24`].
 pub const LONG_BLOCK: u16 = 0x8000;
 /// Entries of [`maps::MASKS`]; mask indexes are below [`LONG_BLOCK`].
@@ -134,9 +152,11 @@ pub mod v6 {
     /// Most nodes on one path (depths 20, 24, …, 124), and the most steps
     /// (nodes and leaves) of a walk: a skip stands for at least two nodes.
     pub const NODE_LEVELS: u32 = (128 - TOP_BITS) / STRIDE;
-    /// Capacity of [`super::maps::V6_NODES`] (64 B each: 32 MiB).
+    /// Most entries of [`super::maps::V6_NODES`] (64 B each: 32 MiB), the
+    /// object's size; the agent loads it sized to the config.
     pub const NODE_CAPACITY: u32 = 1 << 19;
-    /// Capacity of [`super::maps::V6_LEAVES`] (24 B each: 36 MiB).
+    /// Most entries of [`super::maps::V6_LEAVES`] (24 B each: 36 MiB), the
+    /// object's size; the agent loads it sized to the config.
     pub const LEAF_CAPACITY: u32 = 3 << 19;
 }
 

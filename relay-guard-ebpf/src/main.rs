@@ -32,8 +32,8 @@ use aya_ebpf::{
 };
 use relay_guard_common::{
     COUNTER_ENTRIES, EventBudget, IFACE_TABLE, IfaceSlot, LongBlock, MAX_LONG_BLOCKS, MAX_MASKS, PORT_SLOTS, PortEntry,
-    SOURCE_SLOTS, Settings, SourceStats, TBL24_ENTRIES, V6Leaf, V6Node, counter_index, family, mode, v6 as trie,
-    verdict as v,
+    SOURCE_SLOTS, Settings, SourceStats, TBL16_ENTRIES, TBL24_ENTRIES, V6Leaf, V6Node, counter_index, family, mode,
+    v6 as trie, verdict as v,
 };
 
 use crate::cursor::{Cursor, Stop};
@@ -43,7 +43,12 @@ use crate::cursor::{Cursor, Stop};
 #[map(name = "RG_PORTS")]
 static PORTS: Array<PortEntry> = Array::with_max_entries(PORT_SLOTS, 0);
 
-/// mmapable, so the agent writes the 16M-block table directly, not by syscall.
+/// The IPv4 first level (see `relay_guard_common::maps::TBL16`); mmapable,
+/// so the agent writes it directly, not by syscall.
+#[map(name = "RG_TBL16")]
+static TBL16: Array<[u32; 2]> = Array::with_max_entries(TBL16_ENTRIES, BPF_F_MMAPABLE);
+
+/// Blocks of /24 entries for the /16s that are not uniform; sized by the agent.
 #[map(name = "RG_TBL24")]
 static TBL24: Array<[u16; 4]> = Array::with_max_entries(TBL24_ENTRIES, BPF_F_MMAPABLE);
 

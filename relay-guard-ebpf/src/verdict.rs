@@ -3,16 +3,18 @@
 //! Given map contents this is pure: the agent's policy model computes the
 //! same answer from the config, and the differential tests compare the two.
 //!
-//! IPv4 uses a DIR-24-8 style table, so a lookup costs the same at 10 and at
-//! 1,000,000 prefixes: one array read for the /24 block, one hash read only
-//! for the few blocks that hold longer prefixes, one array read for the mask.
+//! IPv4 uses a DIR-16-8-8 style table, so a lookup costs the same at 10 and
+//! at 1,000,000 prefixes: one array read for the /16, one more for the /24
+//! entry only when the /16 is not uniform (so the table is sized to the
+//! config, not to the address space), one hash read only for the few blocks
+//! that hold longer prefixes, one array read for the mask.
 //! IPv6 uses a multibit trie with the same property: one top-level read for
 //! the first 20 bits, at most 27 steps (node reads of 4 bits each, or leaf
 //! reads: path compression ends lone prefixes in a leaf and skips chains of
 //! single-child nodes, so a handful in practice), one mask read.
-use relay_guard_common::{GuardedPort, LONG_BLOCK, MAX_GUARDS, v6};
+use relay_guard_common::{GuardedPort, LONG_BLOCK, MAX_GUARDS, TBL16_BLOCK, TBL24_BLOCK_ENTRIES, v6};
 
-use crate::{LONG24, MASKS, PORTS, TBL24, V6_LEAVES, V6_NODES, V6_TOP};
+use crate::{LONG24, MASKS, PORTS, TBL16, TBL24, V6_LEAVES, V6_NODES, V6_TOP};
 
 /// The owner of `port` in generation `generation` (0 or 1), if the port is
 /// guarded there.
@@ -35,13 +37,26 @@ fn bit(allow: u64, guard: u8) -> bool {
 
 #[inline(always)]
 pub fn allowed_v4(src: [u8; 4], guard: u8) -> bool {
-    let block = (u32::from(src[0]) << 16) | (u32::from(src[1]) << 8) | u32::from(src[2]);
-    // Four /24 blocks per entry; `& 3` keeps the lane index provably in bounds.
-    let Some(lanes) = TBL24.get(block >> 2) else {
+    let slot = (u32::from(src[0]) << 8) | u32::from(src[1]);
+    // Two /16 slots per entry; `& 1` keeps the lane index provably in bounds.
+    let Some(top) = TBL16.get(slot >> 1) else {
         return false;
     };
-    let mut idx = lanes[(block & 3) as usize];
+    let top = top[(slot & 1) as usize];
+    let mut idx = if top & TBL16_BLOCK == 0 {
+        // The whole /16 shares one mask index.
+        top as u16
+    } else {
+        // Four /24 entries per entry; `& 3` keeps the lane index provably in bounds.
+        let entry = (top & !TBL16_BLOCK).wrapping_mul(TBL24_BLOCK_ENTRIES) + u32::from(src[2] >> 2);
+        match TBL24.get(entry) {
+            Some(lanes) => lanes[usize::from(src[2] & 3)],
+            // A block index past the table: fail closed.
+            None => return false,
+        }
+    };
     if idx & LONG_BLOCK != 0 {
+        let block = (u32::from(src[0]) << 16) | (u32::from(src[1]) << 8) | u32::from(src[2]);
         // SAFETY: a value of LONG24 is read while the map is alive.
         match unsafe { LONG24.get(&block) } {
             Some(hosts) => idx = hosts[usize::from(src[3])],

@@ -401,3 +401,153 @@ fn ports_moved_between_guards_across_a_restart_never_cross_wire() {
     assert_eq!(denied_in, 0, "denied SYNs reached the server's stack");
     assert_eq!(allowed_in, allowed_sent, "allowed SYNs were dropped");
 }
+
+/// 20,000 /24s, each in a /16 of its own (11.0.7.0 up to 110.199.7.0),
+/// plus the allowed source: far more IPv4 blocks than a small config's set
+/// holds, so the reload to it resizes the maps.
+fn wide_list() -> String {
+    let mut s: String = (0..20_000u32)
+        .map(|i| format!("{}.{}.7.0/24\n", 11 + i / 200, i % 200))
+        .collect();
+    s.push_str(&format!("{ALLOWED_V4}\n"));
+    s
+}
+
+/// The set directories under the layout (published `set-<K>` and
+/// unpublished `next-<K>`), and the one in force (the highest `set-<K>`).
+fn sets(pins: &Path) -> (Vec<String>, String) {
+    let layout = pins.join(format!("layout-{}", relay_guard_common::LAYOUT_VERSION));
+    let mut dirs: Vec<String> = std::fs::read_dir(&layout)
+        .expect("layout directory")
+        .filter_map(Result::ok)
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("set-") || n.starts_with("next-"))
+        .collect();
+    dirs.sort();
+    let current = dirs
+        .iter()
+        .filter_map(|n| n.strip_prefix("set-")?.parse::<u32>().ok())
+        .max()
+        .map(|k| format!("set-{k}"))
+        .expect("a published set");
+    (dirs, current)
+}
+
+/// A reload that needs more IPv4 blocks than the set in force holds moves
+/// to a new, larger set of maps, and one back to a small list to a small
+/// set again, under a SYN flood: nothing denied reaches the server, nothing
+/// allowed is dropped, and the pins name one complete set throughout. Then
+/// the agent is killed at points of such a resize: the pinned program
+/// still judges by one complete policy, and a new agent comes up on it.
+#[test]
+fn maps_resized_by_reloads_keep_one_policy_through_floods_and_kills() {
+    if !require::privileged("maps_resized_by_reloads_keep_one_policy_through_floods_and_kills") {
+        return;
+    }
+    let lab = Lab::new();
+    let dir = TempDir::new();
+    let _server = BannerServer::start(&lab.server, &[25]);
+    let pins = pin_dir("rg-test-");
+    let small = format!("{ALLOWED_V4}\n");
+    let list = dir.write("relay-allow.txt", &small);
+    let config = dir.write("relay-guard.toml", &config_text(&lab, &pins, &[RELAY]));
+    let _detach = DetachOnDrop::new(config.clone(), pins.clone());
+    let mut agent = Agent::start(&lab.server, config.clone(), &dir);
+    let (first_sets, first) = sets(&pins);
+    assert_eq!(first_sets, [first.clone()], "one set after the start");
+
+    let sent = SentCounters::install_syns(&lab.client, &[ALLOWED_V4, DENIED_V4], &[25]);
+    let arrived = Arrived::install(&lab.server, &[ALLOWED_V4, DENIED_V4]);
+    let stop = Arc::new(AtomicBool::new(false));
+    let floods = [
+        syn_flood(&lab.client, ip(ALLOWED_V4), ip(SERVER_V4), Arc::clone(&stop)),
+        syn_flood(&lab.client, ip(DENIED_V4), ip(SERVER_V4), Arc::clone(&stop)),
+    ];
+    std::thread::sleep(Duration::from_millis(300));
+    let mut took = Duration::ZERO;
+    for (round, text) in [wide_list(), small.clone()].iter().enumerate() {
+        let before = metric(&scrape(&lab), "relay_guard_config_reloads_total", &[]);
+        let t = Instant::now();
+        replace(&list, text);
+        let m = wait_metric(&lab, "relay_guard_config_reloads_total", before + 1.0, &agent);
+        took = took.max(t.elapsed());
+        assert_eq!(
+            metric(&m, "relay_guard_config_reload_failures_total", &[]),
+            0.0,
+            "{}",
+            agent.log_text()
+        );
+        let log = agent.log_text();
+        assert_eq!(
+            log.matches("maps resized").count(),
+            round + 1,
+            "round {round}: no resize logged:\n{log}"
+        );
+        let (dirs, current) = sets(&pins);
+        assert_eq!(dirs, [current.clone()], "round {round}: the old set's pins were left");
+        assert_ne!(current, first, "round {round}: the set in force did not change");
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    stop.store(true, Ordering::Relaxed);
+    for f in floods {
+        f.join().expect("flood thread");
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    let (allowed_sent, denied_sent) = (sent.packets(ALLOWED_V4, 25), sent.packets(DENIED_V4, 25));
+    let (allowed_in, denied_in) = (arrived.packets(ALLOWED_V4), arrived.packets(DENIED_V4));
+    eprintln!(
+        "resizes under a flood: allowed SYNs sent {allowed_sent}, reached the server {allowed_in}; denied SYNs sent {denied_sent}, reached the server {denied_in}; a resizing reload took up to {took:?}"
+    );
+    let (_, out) = cli(&config, &["status"]);
+    assert!(out.contains("kernel maps match"), "{out}");
+    assert!(denied_sent > 500 && allowed_sent > 500, "the flood did not run");
+    assert_eq!(denied_in, 0, "denied SYNs reached the server's stack");
+    assert_eq!(allowed_in, allowed_sent, "allowed SYNs were dropped");
+
+    // SIGKILL at points of a resizing reload (grow, then shrink).
+    let mut results = Vec::new();
+    let wide = wide_list();
+    for (round, frac) in [0.1f64, 0.4, 0.7, 0.9].into_iter().enumerate() {
+        replace(&list, if round % 2 == 0 { &wide } else { &small });
+        std::thread::sleep(took.mul_f64(frac));
+        agent.signal(Signal::SIGKILL);
+        let _ = agent.wait(Duration::from_secs(5));
+        let (dirs, current) = sets(&pins);
+        assert!(
+            dirs.contains(&current),
+            "after a kill at {frac}: the symlink names {current}, sets {dirs:?}"
+        );
+        let (mut admitted, mut refused) = (0, 0);
+        for _ in 0..3 {
+            if connect_banner(
+                &lab.client,
+                ip(DENIED_V4),
+                ip(SERVER_V4),
+                25,
+                Duration::from_millis(300),
+            )
+            .is_ok()
+            {
+                admitted += 1;
+            }
+            if connect_banner(&lab.client, ip(ALLOWED_V4), ip(SERVER_V4), 25, ALLOWED_TIMEOUT).is_err() {
+                refused += 1;
+            }
+        }
+        results.push((frac, admitted, refused, dirs.len()));
+        agent = Agent::start(&lab.server, config.clone(), &dir);
+        let (_, out) = cli(&config, &["status"]);
+        assert!(out.contains("kernel maps match"), "after a restart: {out}");
+        let (dirs, current) = sets(&pins);
+        assert_eq!(dirs, [current], "after the restart: sets left behind");
+    }
+    drop(agent);
+    eprintln!("killed at (fraction, denied admitted of 3, allowed refused of 3, set dirs): {results:?}");
+    for (frac, admitted, refused, _) in results {
+        assert_eq!(
+            (admitted, refused),
+            (0, 0),
+            "after a kill at {frac} of a resizing reload"
+        );
+    }
+}

@@ -1,7 +1,7 @@
 //! `cargo xtask bench`: relay-guard against xdp-filter, nftables and
 //! iptables+ipset, written up in docs/benchmarks.md and docs/benchmarks.png.
 //!
-//! Three parts, each built only on the agent's stable entry points
+//! Four parts, each built only on the agent's stable entry points
 //! (`Config::parse`, `Policy::compile`, `Loaded::load`, `loaded.maps` passed
 //! to `sync::apply`, `loaded.program()`, and the `relay-guard` binary), so it
 //! measures whatever the data path is when it runs:
@@ -20,6 +20,12 @@
 //!    addresses across a veth pair between two namespaces the bench makes,
 //!    with receiver CPU (softirq time) per dropped SYN for relay-guard (native
 //!    XDP), an nftables set rule, iptables+ipset and xdp-filter.
+//!
+//! 4. **Memory**: the agent in a memory cgroup of its own (the BPF maps are
+//!    charged to it) on the example config, through a reload to 1,000,000
+//!    prefixes and back; nftables and ipset holding the same lists
+//!    (`bench/memory.rs`). `cargo xtask bench --only memory` runs just this
+//!    part (report in target/bench/).
 //!
 //! With part 1: the libxdp dispatcher's cost (a denied SYN on relay-guard
 //! directly and through the dispatcher, `bench/dispatch.rs`), in the notes.
@@ -52,6 +58,8 @@ mod frames;
 mod inner;
 #[cfg(feature = "bench")]
 mod load;
+#[cfg(feature = "bench")]
+mod memory;
 #[cfg(feature = "bench")]
 mod peers;
 #[cfg(feature = "bench")]
@@ -97,6 +105,10 @@ pub struct Options {
     /// Parts to leave out.
     #[arg(long, value_delimiter = ',', num_args = 1..)]
     pub skip: Vec<Part>,
+    /// Only these parts (e.g. `--only memory`); the report goes to
+    /// target/bench/ unless --out is given, so docs/ keeps the full run's.
+    #[arg(long, value_delimiter = ',', num_args = 1..)]
+    pub only: Vec<Part>,
     /// Directory for benchmarks.md and benchmarks.png [default: docs/, or
     /// target/bench/ with --quick].
     #[arg(long)]
@@ -116,6 +128,9 @@ pub enum Part {
     E2e,
     /// Bans: SYN cost with 0 and 100,000 bans, bans/s from a burst, restore.
     Bans,
+    /// Memory in the agent's own cgroup: example config, a reload to 1M
+    /// prefixes and back; nftables and ipset beside it.
+    Memory,
 }
 
 impl Options {
@@ -140,15 +155,16 @@ impl Options {
                 a.push(v.to_string());
             }
         }
-        if !self.skip.is_empty() {
-            use clap::ValueEnum as _;
-            a.push("--skip".into());
-            let names: Vec<String> = self
-                .skip
-                .iter()
-                .filter_map(|p| p.to_possible_value().map(|v| v.get_name().to_string()))
-                .collect();
-            a.push(names.join(","));
+        for (flag, parts) in [("--skip", &self.skip), ("--only", &self.only)] {
+            if !parts.is_empty() {
+                use clap::ValueEnum as _;
+                a.push(flag.into());
+                let names: Vec<String> = parts
+                    .iter()
+                    .filter_map(|p| p.to_possible_value().map(|v| v.get_name().to_string()))
+                    .collect();
+                a.push(names.join(","));
+            }
         }
         if let Some(o) = &self.out {
             a.push("--out".into());

@@ -37,6 +37,8 @@ pub struct Live {
     pub guard_names: Vec<String>,
     /// Per guard: allow entries (IPv4, IPv6), kept up to date by deltas.
     counts: Vec<(usize, usize)>,
+    /// Compiled prefixes at the last full sync (when the maps were sized).
+    pub sized_for: usize,
 }
 
 /// A delta reload that was applied.
@@ -92,6 +94,7 @@ impl Live {
     pub fn new(cfg: &Config, index: ListIndex, policy: Policy, shadow: Shadow) -> Live {
         Live {
             counts: allow_counts(&index),
+            sized_for: policy.v4.len() + policy.v6.len(),
             index,
             policy,
             shadow,

@@ -45,6 +45,7 @@ use crate::{
         loader::{self, Loaded},
         netdev,
         pins::{self, AgentLock, Pins},
+        sizes::Sizes,
         sync,
     },
     policy::Policy,
@@ -178,7 +179,11 @@ impl Agent {
         let lock = AgentLock::acquire(&cfg.pin_dir)?;
         // The resolved path: every spelling of pin_dir names the same state.
         let pins = Pins::new(&lock.path);
-        let mut loaded = Loaded::load_pinned(&pins).map_err(|e| with_hint(e, "failed to load the XDP program"))?;
+        // Compiled first: a new set of maps is sized for it.
+        let mut cfg = cfg;
+        let policy = Policy::compile(&cfg);
+        let mut loaded = Loaded::load_pinned_sized(&pins, Sizes::for_policy(&policy))
+            .map_err(|e| with_hint(e, "failed to load the XDP program"))?;
         loaded.xdp_priority = cfg.xdp_priority;
         loaded.xdp_dispatcher = cfg.xdp_dispatcher;
         if loaded.adopted {
@@ -187,13 +192,15 @@ impl Agent {
 
         // Fill the maps before attaching: the program never runs on empty maps.
         // Adopted maps are synced as a diff, so nothing allowed before and after
-        // sees a gap.
-        let mut cfg = cfg;
-        let policy = Policy::compile(&cfg);
+        // sees a gap; adopted maps that do not fit the config (or far
+        // exceed it) are replaced by a new set, filled, and the links move
+        // to it when they are attached below.
         let mut base_labels = LabelState::new(&cfg, HashMap::new(), counters::Slots::default());
         reload::strip_entries(&mut cfg);
-        let (stats, shadow, policy) =
-            sync::apply_full(&mut loaded.maps, &policy, None, &[]).context("failed to fill the maps")?;
+        let (stats, shadow, policy) = reload::sync_sized(&mut loaded, &policy, None, &[], &[], cfg.xdp_mode)
+            .context("failed to fill the maps")?;
+        // The pins name the set only now that it is filled.
+        loaded.publish().map_err(|e| with_hint(e, "failed to pin the maps"))?;
         base_labels.guards = policy.names_by_bit(&base_labels.guards);
         let live = Some(Live::new(&cfg, index, policy, shadow));
         info!(
@@ -526,6 +533,9 @@ impl Agent {
                 }
             }
         };
+        // A full reload of a large list leaves its parse and compile freed
+        // but held by the allocator: give it back to the system.
+        give_back_heap();
         // Counted when the attempt is over, so a scrape that sees the count
         // move also sees its outcome (the kernel maps are already synced).
         match outcome {
@@ -534,6 +544,14 @@ impl Agent {
                 // it also finds this set in state_dir.
                 if let Some(live) = &self.live {
                     save_state(&new, &self.config_path, &live.index);
+                }
+                // A resize loaded a new program, which logs blocked
+                // sources to a ring buffer of its own: read that one now.
+                if let Some(log) = self.loaded.logger.take() {
+                    if let Some(t) = self.logger_task.take() {
+                        t.abort();
+                    }
+                    self.logger_task = Some(tokio::spawn(log.run()));
                 }
                 if refresh_slots {
                     match counters::slots(&self.loaded.maps) {
@@ -686,6 +704,17 @@ fn serve_metrics(
 
 /// Adds `what` and, when the kernel said EPERM somewhere down the chain,
 /// which privileges the agent needs.
+/// Returns the allocator's free memory to the system (glibc keeps freed
+/// heap for reuse; after a reload of a 1M-entry list that is hundreds of
+/// MiB). musl's allocator gives memory back by itself.
+fn give_back_heap() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: malloc_trim only walks the allocator's own free lists.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
 fn with_hint(e: crate::error::LoadError, what: &str) -> anyhow::Error {
     let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&e);
     let mut denied = false;

@@ -13,7 +13,8 @@ use crate::{
         metrics::LabelState,
     },
     config::{Config, LoadOptions},
-    kernel::{counters, loader::Loaded, netdev, sync},
+    error::SyncError,
+    kernel::{counters, loader::Loaded, netdev, sizes::Sizes, sync},
     policy::Policy,
 };
 
@@ -30,6 +31,14 @@ pub(super) fn delta_reload(
     let state = live.as_mut()?;
     match state.reload(&mut loaded.maps, path) {
         Ok(None) => None,
+        Ok(Some(_))
+            if shrank(&state.policy, state.sized_for) && Sizes::resize_for(&loaded.maps, &state.policy).is_some() =>
+        {
+            // Applied; a full reload now moves to smaller maps.
+            info!("the lists shrank to under a quarter: reloading in full to give the maps' memory back");
+            *live = None;
+            None
+        }
         Ok(Some(applied)) => {
             info!(
                 written = applied.stats.written,
@@ -62,6 +71,12 @@ pub(super) fn delta_reload(
             None
         }
     }
+}
+
+/// Whether `policy` holds under a quarter of the prefixes the maps were
+/// sized for (cheap: the sizes are only computed then).
+fn shrank(policy: &Policy, sized_for: usize) -> bool {
+    (policy.v4.len() + policy.v6.len()).saturating_mul(4) < sized_for
 }
 
 /// Validates the config at `path` and, only if it is valid, syncs the maps.
@@ -98,7 +113,12 @@ pub(super) fn full_reload(
     let policy = Policy::compile(&new);
     let mut labels = LabelState::new(&new, interfaces.clone(), counters::Slots::default());
     strip_entries(&mut new);
-    let (stats, shadow, policy) = sync::apply_full(&mut loaded.maps, &policy, old, stale)?;
+    let attached: Vec<String> = interfaces
+        .values()
+        .filter(|name| current.interfaces.contains(name) && new.interfaces.contains(name))
+        .cloned()
+        .collect();
+    let (stats, shadow, policy) = sync_sized(loaded, &policy, old, stale, &attached, current.xdp_mode)?;
     labels.guards = policy.names_by_bit(&labels.guards);
     let live = Live::new(&new, index, policy, shadow);
     info!(
@@ -117,6 +137,51 @@ pub(super) fn full_reload(
         ..labels
     };
     Ok((new, labels, Some(live)))
+}
+
+/// Makes the kernel hold `policy`: in place when the maps of the set in
+/// force fit it, else in a new set sized for it, filled while the old one
+/// guards, then handed the `attached` interfaces (see
+/// `Loaded::take_over`). A set far larger than the policy needs is
+/// replaced the same way, so a config that shrank gives the memory back.
+/// Either way all or nothing: a failure before the hand-over leaves the
+/// set in force as it was.
+pub(super) fn sync_sized(
+    loaded: &mut Loaded,
+    policy: &Policy,
+    old: Option<&Policy>,
+    stale: &[u16],
+    attached: &[String],
+    mode: crate::config::XdpMode,
+) -> anyhow::Result<(sync::SyncStats, sync::Shadow, Policy)> {
+    let have = Sizes::of(&loaded.maps);
+    let sizes = match Sizes::resize_for(&loaded.maps, policy) {
+        Some(s) => s,
+        None => match sync::apply_full(&mut loaded.maps, policy, old, stale) {
+            // The old and the new policy do not fit side by side: a new set
+            // twice as large, where only the new one is written.
+            Err(SyncError::Capacity { what }) if have != Sizes::MAX => {
+                info!(reason = %what, "the maps are too small for an update in place");
+                have.doubled().max(Sizes::for_policy(policy))
+            }
+            r => return Ok(r?),
+        },
+    };
+    info!(from = %have, to = %sizes, "resizing the maps: filling a new set beside the one in force");
+    let mut new = loaded.new_set(sizes).context("failed to load a new set of maps")?;
+    let filled = match sync::apply_full(&mut new.maps, policy, None, &[]) {
+        Ok(r) => r,
+        Err(e) => {
+            drop(new);
+            loaded.discard_unpublished();
+            return Err(e.into());
+        }
+    };
+    for (iface, e) in loaded.take_over(new, attached, mode) {
+        error!(interface = %iface, error = %e, "could not move the interface to the resized maps: it keeps the previous policy until the next reload or restart");
+    }
+    info!(sizes = %sizes, "maps resized: the new set is in force");
+    Ok(filled)
 }
 
 /// Drops the per-entry data of a config once it is compiled: the run loop

@@ -17,7 +17,7 @@
 //!
 //! relay-guard's component is its XDP program loaded as an extension; it is
 //! recognised by its program name and by the map it shares with the pinned
-//! state (`RG_SETTINGS`), so `detach` takes out only the slot of its own
+//! state (`RG_COUNTERS`), so `detach` takes out only the slot of its own
 //! `pin_dir`.
 use std::{
     fs,
@@ -660,7 +660,7 @@ pub fn remove_dir(dir: &Path) {
 
 /// The dispatchers (ifindex, dispatcher program id) pinned under
 /// `<bpffs>/xdp` that hold a component using map `map_id` (relay-guard's
-/// pinned `RG_SETTINGS`). The ifindex is that of the namespace the
+/// pinned `RG_COUNTERS`). The ifindex is that of the namespace the
 /// dispatcher was attached in.
 pub fn slots_of(map_id: u32) -> Vec<(u32, u32)> {
     let Ok(entries) = fs::read_dir(xdp_dir()) else {

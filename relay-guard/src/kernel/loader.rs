@@ -18,7 +18,7 @@ use crate::{
     EBPF_OBJECT, PROGRAM_NAME,
     config::XdpMode,
     error::LoadError,
-    kernel::{maps::Maps, pins::Pins},
+    kernel::{maps::Maps, pins::Pins, sizes::Sizes},
 };
 
 /// One interface the program is attached to. With pins, the link is pinned
@@ -44,6 +44,9 @@ pub struct Loaded {
     pub(crate) pins: Option<Pins>,
     /// True when the maps were adopted from pinned state (counters kept).
     pub adopted: bool,
+    /// The set (see `kernel::pins`) these maps are pinned as, and whether
+    /// the pins name it yet ([`Loaded::publish`]).
+    set: Option<(u32, bool)>,
     /// Reader of the program's aya-log ring buffer (bounded blocked-source
     /// events); `run` drains it.
     pub logger: Option<crate::kernel::events::BlockedLog>,
@@ -74,28 +77,158 @@ impl Loaded {
     /// Loads the object and the program into the kernel (the verifier runs
     /// here). Nothing is attached yet.
     pub fn load() -> Result<Loaded, LoadError> {
-        Self::load_with(None)
+        Self::load_with(None, None)
+    }
+
+    /// [`Loaded::load`] with the sized maps at `sizes`.
+    pub fn load_sized(sizes: Sizes) -> Result<Loaded, LoadError> {
+        Self::load_with(None, Some(sizes))
     }
 
     /// Loads with every map pinned under `pins` (adopting maps that are
     /// already pinned there: contents and counters are kept) and pins the
-    /// program. Links are pinned by [`Loaded::attach`].
+    /// program. Links are pinned by [`Loaded::attach`]. With no set in
+    /// force, a new one is made at the largest sizes.
     pub fn load_pinned(pins: &Pins) -> Result<Loaded, LoadError> {
-        pins.prepare()?;
-        Self::load_with(Some(pins))
+        Self::load_pinned_sized(pins, Sizes::MAX)
     }
 
-    fn load_with(pins: Option<&Pins>) -> Result<Loaded, LoadError> {
+    /// [`Loaded::load_pinned`], a new set (when none is in force) sized
+    /// `sizes`. A new set is named by the pins only once
+    /// [`Loaded::publish`] says it is filled.
+    pub fn load_pinned_sized(pins: &Pins, sizes: Sizes) -> Result<Loaded, LoadError> {
+        pins.prepare()?;
+        pins.remove_other_sets(None);
+        match pins.current_set() {
+            Some(k) if pins.has_state_maps() => Self::load_with(Some((pins, k, false)), None),
+            _ => Self::load_with(Some((pins, pins.next_set(), true)), Some(sizes)),
+        }
+    }
+
+    /// A new set of the policy's maps ([`crate::kernel::pins::SET_MAPS`])
+    /// sized `sizes`, loaded beside this one with the shared maps (counters,
+    /// interface slots, bans) of this one and a copy of its ports and
+    /// settings (counter slots stay with their port). Fill it with
+    /// `sync::apply_full`, then hand over with [`Loaded::take_over`]; this
+    /// one keeps guarding until then.
+    pub fn new_set(&self, sizes: Sizes) -> Result<Loaded, LoadError> {
+        let Some(pins) = &self.pins else {
+            return Err(LoadError::MapLayout {
+                name: maps::TBL24,
+                what: "maps without pins cannot be resized".into(),
+            });
+        };
+        let k = pins.next_set();
+        let mut new = Self::load_with(Some((pins, k, true)), Some(sizes))?;
+        let err = |name| move |source| LoadError::MapType { name, source };
+        for port in 0..relay_guard_common::PORT_SLOTS {
+            let e = self.maps.ports.get(&port, 0).map_err(err(maps::PORTS))?;
+            if e != relay_guard_common::PortEntry::default() {
+                new.maps.ports.set(port, e, 0).map_err(err(maps::PORTS))?;
+            }
+        }
+        let settings = self.maps.settings.get(&0, 0).map_err(err(maps::SETTINGS))?;
+        new.maps.settings.set(0, settings, 0).map_err(err(maps::SETTINGS))?;
+        new.maps.counters = std::sync::Arc::clone(&self.maps.counters);
+        new.adopted = true;
+        new.xdp_priority = self.xdp_priority;
+        new.xdp_dispatcher = self.xdp_dispatcher;
+        Ok(new)
+    }
+
+    /// Makes the pins name this set (once it is filled), and removes the
+    /// other sets' pins. Idempotent.
+    pub fn publish(&mut self) -> Result<(), LoadError> {
+        let (Some(pins), Some((k, published))) = (&self.pins, &mut self.set) else {
+            return Ok(());
+        };
+        if !*published {
+            pins.publish_set(*k)?;
+            *published = true;
+        }
+        pins.remove_other_sets(None);
+        Ok(())
+    }
+
+    /// Removes the pins of sets the pins do not name (a new set that failed
+    /// to fill, once dropped).
+    pub fn discard_unpublished(&self) {
+        if let Some(pins) = &self.pins {
+            pins.remove_other_sets(self.set.map(|(k, _)| k));
+        }
+    }
+
+    /// Hands the interfaces over to `new` (a filled set from
+    /// [`Loaded::new_set`]): publishes it, then replaces the program on
+    /// each of `interfaces` (its pinned link updated in place, or its slot
+    /// in a dispatcher swapped: no gap). `self` becomes `new`; the old
+    /// set's maps are freed with its program. Returns the interfaces that
+    /// could not be moved (they keep the old program and its policy).
+    pub fn take_over(&mut self, mut new: Loaded, interfaces: &[String], mode: XdpMode) -> Vec<(String, LoadError)> {
+        if let Err(e) = new.publish() {
+            // Nothing moved: the old set stays in force everywhere.
+            let why = e.to_string();
+            return interfaces
+                .iter()
+                .map(|i| {
+                    (
+                        i.clone(),
+                        LoadError::MapLayout {
+                            name: maps::SETTINGS,
+                            what: format!("publishing the new set failed: {why}"),
+                        },
+                    )
+                })
+                .collect();
+        }
+        let mut failed = Vec::new();
+        for iface in interfaces {
+            if let Err(e) = new.attach(iface, mode) {
+                failed.push((iface.clone(), e));
+            }
+        }
+        for (i, owner) in self.ext_owners.drain() {
+            new.ext_owners.entry(i).or_insert(owner);
+        }
+        *self = new;
+        failed
+    }
+
+    fn load_with(pins: Option<(&Pins, u32, bool)>, sizes: Option<Sizes>) -> Result<Loaded, LoadError> {
         if EBPF_OBJECT.is_empty() {
             return Err(LoadError::NoObject);
         }
-        let adopted = pins.is_some_and(Pins::has_state_maps);
+        let adopted = pins.is_some_and(|(_, _, fresh)| !fresh);
         let mut loader = EbpfLoader::new();
-        let map_paths: Vec<(&'static str, PathBuf)> = pins
-            .map(|p| maps::ALL.iter().map(|&n| (n, p.map(n))).collect())
-            .unwrap_or_default();
+        // A new set is pinned in its `next-` directory until published.
+        let set_dir = pins.map(|(p, k, fresh)| if fresh { p.next_dir(k) } else { p.set_dir(k) });
+        if let (Some((_, _, true)), Some(dir)) = (pins, &set_dir) {
+            std::fs::create_dir_all(dir).map_err(|source| LoadError::Pin {
+                op: "create",
+                path: dir.clone(),
+                source,
+            })?;
+        }
+        let map_paths: Vec<(&'static str, PathBuf)> = match (pins, &set_dir) {
+            (Some((p, _, _)), Some(dir)) => maps::ALL
+                .iter()
+                .map(|&n| {
+                    let path = if crate::kernel::pins::SET_MAPS.contains(&n) {
+                        dir.join(n)
+                    } else {
+                        p.maps_dir().join(n)
+                    };
+                    (n, path)
+                })
+                .collect(),
+            _ => Vec::new(),
+        };
         for (name, path) in &map_paths {
             loader.map_pin_path(name, path.as_path());
+        }
+        let entries = sizes.map(|s| s.max_entries());
+        for &(name, n) in entries.iter().flatten() {
+            loader.map_max_entries(name, n);
         }
         let mut ebpf = loader.load(EBPF_OBJECT).map_err(LoadError::Object)?;
         let maps = Maps::from_source(|name| ebpf.take_map(name).ok_or(LoadError::NoMap { name }))?;
@@ -113,8 +246,8 @@ impl Loaded {
             name: PROGRAM_NAME,
             source,
         })?;
-        if let Some(pins) = pins {
-            let path = pins.prog();
+        if let Some(dir) = &set_dir {
+            let path = dir.join("prog");
             let _ = std::fs::remove_file(&path);
             prog.pin(&path).map_err(|source| LoadError::PinObject {
                 what: "program".into(),
@@ -133,8 +266,9 @@ impl Loaded {
             ebpf,
             maps,
             bans,
-            pins: pins.cloned(),
+            pins: pins.map(|(p, _, _)| p.clone()),
             adopted,
+            set: pins.map(|(_, k, fresh)| (k, !fresh)),
             logger,
             xdp_priority: crate::config::DEFAULT_XDP_PRIORITY,
             xdp_dispatcher: false,

@@ -12,8 +12,9 @@ use std::{
 
 use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray, PerCpuValues};
 use relay_guard_common::{
-    COUNTER_PORT_SLOTS, IFACE_SLOTS, IFACE_TABLE, IfaceSlot, LongBlock, PortEntry, Settings, SourceStats,
-    TBL24_ENTRIES, V6Leaf, V6Node, VERDICT_SLOTS, counter_index, maps, v6,
+    COUNTER_PORT_SLOTS, IFACE_SLOTS, IFACE_TABLE, IfaceSlot, LONG_BLOCK, LongBlock, PortEntry, Settings, SourceStats,
+    TBL16_BLOCK, TBL16_ENTRIES, TBL24_BLOCK_ENTRIES, TBL24_ENTRIES, V6Leaf, V6Node, VERDICT_SLOTS, counter_index, maps,
+    v6,
 };
 use tracing::warn;
 
@@ -171,44 +172,227 @@ impl Drop for Region {
     }
 }
 
-/// `RG_TBL24`, mapped into the agent's memory (`BPF_F_MMAPABLE`): 16M /24
-/// entries are compared and written as memory, not one syscall each. Mapped
-/// a chunk at a time (see [`Region`]); a full scan calls
-/// [`Tbl24::release`] as it goes, so the table never costs its whole size
-/// in RSS.
+/// The IPv4 table, two levels (`RG_TBL16` over `RG_TBL24`'s blocks),
+/// mapped into the agent's memory (`BPF_F_MMAPABLE`): read and written as
+/// one /24 entry per block of the address space, as if it were flat. A /16
+/// whose 256 entries are equal is one `RG_TBL16` value; setting one of its
+/// entries to another value first gives it a block (filled with the shared
+/// value, then linked by one store), and [`Tbl24::compact`] folds blocks
+/// that became uniform back. A block unlinked by this process is reused
+/// only after an RCU grace period (a lookup may still be reading it).
 pub struct Tbl24 {
-    region: Region,
+    top: Region,
+    blocks: Region,
+    /// Blocks in `RG_TBL24`.
+    capacity: u32,
+    /// Blocks no `RG_TBL16` slot links (lowest last).
+    free: Vec<u32>,
+    /// Blocks this process unlinked, free after a grace period.
+    pending: Vec<u32>,
 }
 
-const TBL24_BYTES: usize = TBL24_ENTRIES as usize * 8;
+/// Out of blocks in `RG_TBL24` (a sync checks before writing, so only a
+/// bug gets this).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BlocksFull;
+
+const BLOCK_BYTES: usize = TBL24_BLOCK_ENTRIES as usize * 8;
 
 impl Tbl24 {
-    fn new(map: MapData) -> Result<Tbl24, std::io::Error> {
-        Ok(Tbl24 {
-            region: Region::new(map, TBL24_BYTES)?,
-        })
+    fn new(top: MapData, blocks: MapData) -> Result<Tbl24, LoadError> {
+        const BPF_F_MMAPABLE: u32 = 1 << 10;
+        let check = |name: &'static str, map: &MapData, value: u32| -> Result<u32, LoadError> {
+            let info = map.info().map_err(|source| LoadError::MapType { name, source })?;
+            if info.value_size() != value || info.map_flags() & BPF_F_MMAPABLE == 0 {
+                return Err(LoadError::MapLayout {
+                    name,
+                    what: format!(
+                        "value size {}, flags {:#x}; expected {value}, mmapable",
+                        info.value_size(),
+                        info.map_flags()
+                    ),
+                });
+            }
+            Ok(info.max_entries())
+        };
+        if check(maps::TBL16, &top, 8)? != TBL16_ENTRIES {
+            return Err(LoadError::MapLayout {
+                name: maps::TBL16,
+                what: format!("expected {TBL16_ENTRIES} entries"),
+            });
+        }
+        let entries = check(maps::TBL24, &blocks, 8)?;
+        if entries % TBL24_BLOCK_ENTRIES != 0 || entries > TBL24_ENTRIES || entries == 0 {
+            return Err(LoadError::MapLayout {
+                name: maps::TBL24,
+                what: format!(
+                    "{entries} entries: not a whole number of blocks of {TBL24_BLOCK_ENTRIES}, at most {TBL24_ENTRIES}"
+                ),
+            });
+        }
+        let capacity = entries / TBL24_BLOCK_ENTRIES;
+        let mmap = |name: &'static str, map, bytes| {
+            Region::new(map, bytes).map_err(|source| LoadError::Pin {
+                op: "mmap",
+                path: name.into(),
+                source,
+            })
+        };
+        let mut t = Tbl24 {
+            top: mmap(maps::TBL16, top, TBL16_ENTRIES as usize * 8)?,
+            blocks: mmap(maps::TBL24, blocks, capacity as usize * BLOCK_BYTES)?,
+            capacity,
+            free: Vec::new(),
+            pending: Vec::new(),
+        };
+        let mut linked = vec![false; capacity as usize];
+        for slot in 0..SLOTS {
+            if let Some(k) = t.block_of(slot) {
+                linked[k as usize] = true;
+            }
+        }
+        t.free = (0..capacity).rev().filter(|&k| !linked[k as usize]).collect();
+        t.top.release();
+        Ok(t)
+    }
+
+    fn top_word(&self, slot: usize) -> &std::sync::atomic::AtomicU32 {
+        assert!(slot < SLOTS);
+        // SAFETY: in bounds (checked), 4-byte aligned, inside the live
+        // mapping; shared with the kernel, so only atomic access is used.
+        unsafe { std::sync::atomic::AtomicU32::from_ptr(self.top.at(slot * 4, 4).cast()) }
+    }
+
+    /// The `RG_TBL16` value of /16 `slot`.
+    fn top(&self, slot: usize) -> u32 {
+        self.top_word(slot).load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// The block /16 `slot` links, if it links one (in range).
+    fn block_of(&self, slot: usize) -> Option<u32> {
+        let t = self.top(slot);
+        (t & TBL16_BLOCK != 0 && t & !TBL16_BLOCK < self.capacity).then_some(t & !TBL16_BLOCK)
+    }
+
+    fn lane(&self, block: u32, c: usize) -> *mut u16 {
+        // SAFETY: `at` checks the bounds; lanes are 2-byte aligned.
+        self.blocks.at(block as usize * BLOCK_BYTES + c * 2, 2).cast()
     }
 
     /// Entry of /24 block `block` (0..2^24).
     pub fn get(&self, block: usize) -> u16 {
         assert!(block < crate::policy::tables::BLOCKS);
-        // SAFETY: mapped, in bounds and aligned (`at` checks and maps).
-        unsafe { self.region.at(block * 2, 2).cast::<u16>().read_volatile() }
+        let t = self.top(block >> 8);
+        if t & TBL16_BLOCK == 0 {
+            return t as u16;
+        }
+        match self.block_of(block >> 8) {
+            // SAFETY: mapped, in bounds and aligned (`lane` checks and maps).
+            Some(k) => unsafe { self.lane(k, block & 255).read_volatile() },
+            // Past the table: the program fails closed.
+            None => 0,
+        }
     }
 
-    /// Sets the entry of /24 block `block`; one aligned store, so the XDP
-    /// program sees the old or the new value, never a mix.
-    pub fn set(&self, block: usize, v: u16) {
+    /// Sets the entry of /24 block `block`; one aligned store (or, for a
+    /// uniform /16, a new block linked by one store), so the XDP program
+    /// sees the old or the new value, never a mix.
+    pub fn set(&mut self, block: usize, v: u16) -> Result<(), BlocksFull> {
         assert!(block < crate::policy::tables::BLOCKS);
-        // SAFETY: mapped, in bounds and aligned (`at` checks and maps).
-        unsafe { self.region.at(block * 2, 2).cast::<u16>().write_volatile(v) }
+        let slot = block >> 8;
+        let k = match self.block_of(slot) {
+            Some(k) => k,
+            None => {
+                let t = self.top(slot);
+                let shared = if t & TBL16_BLOCK == 0 { t as u16 } else { 0 };
+                if shared == v {
+                    return Ok(());
+                }
+                let k = self.take()?;
+                for c in 0..256 {
+                    // SAFETY: an unlinked block of the mapping.
+                    unsafe { self.lane(k, c).write_volatile(shared) };
+                }
+                // SAFETY: as above.
+                unsafe { self.lane(k, block & 255).write_volatile(v) };
+                self.top_word(slot)
+                    .store(TBL16_BLOCK | k, std::sync::atomic::Ordering::Release);
+                return Ok(());
+            }
+        };
+        // SAFETY: mapped, in bounds and aligned.
+        unsafe { self.lane(k, block & 255).write_volatile(v) };
+        Ok(())
+    }
+
+    /// Sets all 256 entries of /16 `slot` to `v` with one store (a mask
+    /// index, not [`LONG_BLOCK`]); a block it linked waits for a grace period.
+    pub fn set16(&mut self, slot: usize, v: u16) {
+        assert!(v & LONG_BLOCK == 0);
+        if self.top(slot) == u32::from(v) {
+            return;
+        }
+        let old = self.block_of(slot);
+        self.top_word(slot)
+            .store(u32::from(v), std::sync::atomic::Ordering::Release);
+        if let Some(k) = old {
+            self.pending.push(k);
+        }
+    }
+
+    /// Whether /16 `slot` is one value (no block).
+    pub fn is_uniform(&self, slot: usize) -> bool {
+        self.block_of(slot).is_none()
+    }
+
+    /// Folds every block whose 256 entries are one mask index back into its
+    /// /16 slot. Returns how many it folded.
+    pub fn compact(&mut self) -> usize {
+        let mut n = 0;
+        for slot in 0..SLOTS {
+            let Some(k) = self.block_of(slot) else { continue };
+            // SAFETY: mapped, in bounds and aligned.
+            let first = unsafe { self.lane(k, 0).read_volatile() };
+            // SAFETY: as above.
+            if first & LONG_BLOCK == 0 && (1..256).all(|c| unsafe { self.lane(k, c).read_volatile() } == first) {
+                self.set16(slot, first);
+                n += 1;
+            }
+        }
+        self.release();
+        n
+    }
+
+    /// A free block: from the free list, else (after a grace period) one
+    /// this process unlinked.
+    fn take(&mut self) -> Result<u32, BlocksFull> {
+        if self.free.is_empty() && !self.pending.is_empty() {
+            crate::kernel::sync::grace_period();
+            self.free.append(&mut self.pending);
+            self.free.sort_unstable_by(|a, b| b.cmp(a));
+        }
+        self.free.pop().ok_or(BlocksFull)
+    }
+
+    /// Blocks in `RG_TBL24`.
+    pub fn capacity(&self) -> u32 {
+        self.capacity
+    }
+
+    /// Blocks free now or after a grace period.
+    pub fn available(&self) -> u32 {
+        u32::try_from(self.free.len() + self.pending.len()).expect("<= capacity")
     }
 
     /// Gives back the memory of the chunks mapped so far.
     pub fn release(&mut self) {
-        self.region.release();
+        self.top.release();
+        self.blocks.release();
     }
 }
+
+/// /16 slots of the IPv4 table.
+pub const SLOTS: usize = 1 << 16;
 
 /// A `BPF_F_MMAPABLE` array mapped into the agent's memory. Pages count
 /// toward the agent's RSS only once touched, so readers follow links rather
@@ -223,26 +407,37 @@ pub struct MmapArray {
 
 impl MmapArray {
     /// Maps `map`, after checking it is a mmapable array of `entries`
-    /// values of `value_size` bytes (a multiple of 8, as the kernel lays
+    /// values (any number from 2 up to `entries` when `sized`: the agent
+    /// sizes it) of `value_size` bytes (a multiple of 8, as the kernel lays
     /// mmapable arrays out).
-    fn new(name: &'static str, map: MapData, value_size: usize, entries: u32) -> Result<MmapArray, LoadError> {
+    fn new(
+        name: &'static str,
+        map: MapData,
+        value_size: usize,
+        entries: u32,
+        sized: bool,
+    ) -> Result<MmapArray, LoadError> {
         const BPF_F_MMAPABLE: u32 = 1 << 10;
         assert!(value_size.is_multiple_of(8), "mmapable array values are 8-byte aligned");
         let info = map.info().map_err(|source| LoadError::MapType { name, source })?;
-        if info.value_size() as usize != value_size
-            || info.max_entries() != entries
-            || info.map_flags() & BPF_F_MMAPABLE == 0
-        {
+        let count_ok = if sized {
+            (2..=entries).contains(&info.max_entries())
+        } else {
+            info.max_entries() == entries
+        };
+        if info.value_size() as usize != value_size || !count_ok || info.map_flags() & BPF_F_MMAPABLE == 0 {
             return Err(LoadError::MapLayout {
                 name,
                 what: format!(
-                    "value size {}, {} entries, flags {:#x}; expected {value_size}, {entries}, mmapable",
+                    "value size {}, {} entries, flags {:#x}; expected {value_size}, {}{entries}, mmapable",
                     info.value_size(),
                     info.max_entries(),
-                    info.map_flags()
+                    info.map_flags(),
+                    if sized { "at most " } else { "" }
                 ),
             });
         }
+        let entries = info.max_entries();
         let bytes = value_size * entries as usize;
         let region = Region::new(map, bytes).map_err(|source| LoadError::Pin {
             op: "mmap",
@@ -310,10 +505,15 @@ pub struct V6Arrays {
 impl V6Arrays {
     fn new(top: MapData, nodes: MapData, leaves: MapData) -> Result<V6Arrays, LoadError> {
         Ok(V6Arrays {
-            top: MmapArray::new(maps::V6_TOP, top, 8, v6::TOP_ENTRIES)?,
-            nodes: MmapArray::new(maps::V6_NODES, nodes, size_of::<V6Node>(), v6::NODE_CAPACITY)?,
-            leaves: MmapArray::new(maps::V6_LEAVES, leaves, size_of::<V6Leaf>(), v6::LEAF_CAPACITY)?,
+            top: MmapArray::new(maps::V6_TOP, top, 8, v6::TOP_ENTRIES, false)?,
+            nodes: MmapArray::new(maps::V6_NODES, nodes, size_of::<V6Node>(), v6::NODE_CAPACITY, true)?,
+            leaves: MmapArray::new(maps::V6_LEAVES, leaves, size_of::<V6Leaf>(), v6::LEAF_CAPACITY, true)?,
         })
+    }
+
+    /// (nodes, leaves) the maps hold (index 0 of each is never used).
+    pub fn capacity(&self) -> (u32, u32) {
+        (self.nodes.entries, self.leaves.entries)
     }
 
     /// Top-level entry `slot` (0..65536).
@@ -345,8 +545,8 @@ impl V6Arrays {
     /// The tables the kernel holds (following links only).
     pub fn read_tables(&self) -> V6Tables {
         V6Tables::from_kernel(
-            v6::NODE_CAPACITY,
-            v6::LEAF_CAPACITY,
+            self.nodes.entries,
+            self.leaves.entries,
             |s| self.top(s),
             |i| self.node(i).unwrap_or([u32::MAX; 16]),
             |i| self.leaf(i).unwrap_or_default(),
@@ -392,18 +592,11 @@ impl Maps {
         fn typed<T: TryFrom<Map, Error = aya::maps::MapError>>(name: &'static str, m: Map) -> Result<T, LoadError> {
             T::try_from(m).map_err(|source| LoadError::MapType { name, source })
         }
-        let tbl24 = match get(maps::TBL24)? {
-            Map::Array(data) => Tbl24::new(data).map_err(|source| LoadError::Pin {
-                op: "mmap",
-                path: maps::TBL24.into(),
-                source,
-            })?,
-            _ => return Err(LoadError::NoMap { name: maps::TBL24 }),
-        };
         let mut array = |name| match get(name)? {
             Map::Array(data) => Ok(data),
             _ => Err(LoadError::NoMap { name }),
         };
+        let tbl24 = Tbl24::new(array(maps::TBL16)?, array(maps::TBL24)?)?;
         let v6 = V6Arrays::new(array(maps::V6_TOP)?, array(maps::V6_NODES)?, array(maps::V6_LEAVES)?)?;
         // A second handle on RG_LONG24 (a dup of its fd), so a sync can
         // insert long blocks from two threads.

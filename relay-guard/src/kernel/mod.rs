@@ -3,7 +3,7 @@
 //! its maps (`maps`), the pinned state under `pin_dir` and the agent lock
 //! (`pins`), what a device and a pinned link are (`netdev`: Ethernet
 //! framing, the device a link guards), writing a compiled policy into the
-//! maps (`sync`), reading counters (`counters`) and pinned maps
+//! maps (`sync`), how big the sized maps are (`sizes`), reading counters (`counters`) and pinned maps
 //! (`inspect`), and the program's blocked-source log records (`events`: created with the program's log
 //! ring buffer by `loader`, so it lives here; the agent drains it).
 //!
@@ -20,4 +20,5 @@ pub mod maps;
 pub mod netdev;
 pub mod pins;
 pub mod shared;
+pub mod sizes;
 pub mod sync;

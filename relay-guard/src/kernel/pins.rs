@@ -2,22 +2,46 @@
 //! lock that keeps two agents off one `pin_dir`.
 //!
 //! ```text
-//! <pin_dir>/layout-<N>/prog            the XDP program
 //! <pin_dir>/layout-<N>/links/<ifname>  one bpf_link per interface
-//! <pin_dir>/layout-<N>/maps/<NAME>     every map (relay_guard_common::maps::ALL)
+//! <pin_dir>/layout-<N>/maps/<NAME>     the maps every set shares (counters, bans, …)
+//! <pin_dir>/layout-<N>/set-<K>/prog    the XDP program of set K
+//! <pin_dir>/layout-<N>/set-<K>/<NAME>  set K's maps ([`SET_MAPS`]: the policy's tables)
+//! <pin_dir>/layout-<N>/next-<K>/…      set K while it is filled (not in force)
 //! ```
 //!
 //! The layout version is part of the path, so state written by an agent with
 //! another map layout is never opened as ours: it is replaced, with a log line.
+//!
+//! A *set* is the program with the maps sized to a policy. The set in force
+//! is the `set-<K>` of the highest K. A resize fills a new set in
+//! `next-<K+1>` beside it, then renames that to `set-<K+1>` (one atomic
+//! step), so the pins name one complete set at every instant; a `next-`
+//! directory, or a `set-` below the highest, is a leftover of a resize cut
+//! short, removed by the next agent.
 use std::{
     fs,
     os::fd::AsRawFd as _,
     path::{Path, PathBuf},
 };
 
-use relay_guard_common::LAYOUT_VERSION;
+use relay_guard_common::{LAYOUT_VERSION, maps};
 
 use crate::error::LoadError;
+
+/// The maps of one set (see the module doc): the policy's tables, with
+/// the ports and settings that select them. Every other map is shared by
+/// all sets, so counters, interface slots and bans carry over a resize.
+pub const SET_MAPS: &[&str] = &[
+    maps::PORTS,
+    maps::TBL16,
+    maps::TBL24,
+    maps::LONG24,
+    maps::MASKS,
+    maps::V6_TOP,
+    maps::V6_NODES,
+    maps::V6_LEAVES,
+    maps::SETTINGS,
+];
 
 /// bpffs's `f_type` (include/uapi/linux/magic.h).
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
@@ -42,16 +66,99 @@ impl Pins {
         self.root.join(format!("layout-{LAYOUT_VERSION}"))
     }
 
+    /// The program of the set in force.
     pub fn prog(&self) -> PathBuf {
-        self.state().join("prog")
+        self.set_dir(self.current_set().unwrap_or(0)).join("prog")
     }
 
     pub fn maps_dir(&self) -> PathBuf {
         self.state().join("maps")
     }
 
+    /// Map `name` of the state in force: a set map in the set in force,
+    /// any other in `maps/`.
     pub fn map(&self, name: &str) -> PathBuf {
-        self.maps_dir().join(name)
+        self.map_in(self.current_set().unwrap_or(0), name)
+    }
+
+    /// Map `name` as set `set` pins it once published (a shared map: in `maps/`).
+    pub fn map_in(&self, set: u32, name: &str) -> PathBuf {
+        if SET_MAPS.contains(&name) {
+            self.set_dir(set).join(name)
+        } else {
+            self.maps_dir().join(name)
+        }
+    }
+
+    /// Set `set`'s pins once published.
+    pub fn set_dir(&self, set: u32) -> PathBuf {
+        self.state().join(format!("set-{set}"))
+    }
+
+    /// Set `set`'s pins while it is being filled.
+    pub fn next_dir(&self, set: u32) -> PathBuf {
+        self.state().join(format!("next-{set}"))
+    }
+
+    /// The set in force: the published set of the highest number.
+    pub fn current_set(&self) -> Option<u32> {
+        self.numbered("set-").into_iter().max()
+    }
+
+    /// The numbers of the directories named `<prefix><number>`.
+    fn numbered(&self, prefix: &str) -> Vec<u32> {
+        fs::read_dir(self.state())
+            .map(|rd| {
+                rd.filter_map(Result::ok)
+                    .filter_map(|e| e.file_name().to_str()?.strip_prefix(prefix)?.parse().ok())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// A set number no directory uses, above every published one.
+    pub fn next_set(&self) -> u32 {
+        self.numbered("set-")
+            .into_iter()
+            .chain(self.numbered("next-"))
+            .max()
+            .map_or(1, |k| k + 1)
+    }
+
+    /// Publishes set `set` (filled in [`Pins::next_dir`]): one rename
+    /// makes it `set-<set>`, the highest number, so the set in force is the
+    /// old one or the new one at every instant, never a partial one.
+    pub fn publish_set(&self, set: u32) -> Result<(), LoadError> {
+        let from = self.next_dir(set);
+        fs::rename(&from, self.set_dir(set)).map_err(|source| LoadError::Pin {
+            op: "rename",
+            path: from,
+            source,
+        })
+    }
+
+    /// Removes every set directory but the one in force and `keep`: sets
+    /// left unpublished by a resize cut short, and published ones a later
+    /// set replaced. Their pins go; the kernel frees the maps once no
+    /// program holds them.
+    pub fn remove_other_sets(&self, keep: Option<u32>) {
+        let current = self.current_set();
+        let dirs = self
+            .numbered("next-")
+            .into_iter()
+            .filter(|&k| Some(k) != keep)
+            .map(|k| self.next_dir(k))
+            .chain(
+                self.numbered("set-")
+                    .into_iter()
+                    .filter(|&k| Some(k) != current && Some(k) != keep)
+                    .map(|k| self.set_dir(k)),
+            );
+        for dir in dirs {
+            if let Err(e) = remove_set_dir(&dir) {
+                tracing::warn!(path = %dir.display(), error = %e, "could not remove a set of maps no longer in force");
+            }
+        }
     }
 
     pub fn links_dir(&self) -> PathBuf {
@@ -64,7 +171,7 @@ impl Pins {
 
     /// Whether pinned maps of this layout exist (state to adopt).
     pub fn has_state_maps(&self) -> bool {
-        relay_guard_common::maps::ALL.iter().all(|n| self.map(n).exists())
+        maps::ALL.iter().all(|n| self.map(n).exists())
     }
 
     /// Entries under `pin_dir` that belong to another layout: only
@@ -125,8 +232,9 @@ fn fs_type(path: &Path) -> Option<i64> {
 }
 
 /// Whether `path` is a directory of the shape relay-guard creates:
-/// named `layout-<digits>`, holding at most `prog`, `maps/` and `links/`,
-/// with only pinned objects (no directories) inside `maps/` and `links/`.
+/// named `layout-<digits>`, holding at most `prog`, `maps/`, `links/` and
+/// `set-<K>/` and `next-<K>/` directories, with only pinned objects (no
+/// directories) inside the directories.
 pub fn is_layout_dir(path: &Path) -> bool {
     let named = path
         .file_name()
@@ -137,24 +245,47 @@ pub fn is_layout_dir(path: &Path) -> bool {
     if !named || !is_dir(path) {
         return false;
     }
+    let flat = |p: &Path| {
+        is_dir(p)
+            && fs::read_dir(p).is_ok_and(|rd| {
+                rd.filter_map(Result::ok)
+                    .all(|e| e.file_type().is_ok_and(|t| !t.is_dir()))
+            })
+    };
     let Ok(rd) = fs::read_dir(path) else { return false };
     rd.filter_map(Result::ok).all(|e| {
         let p = e.path();
         match e.file_name().to_str() {
             Some("prog") => !is_dir(&p),
-            Some("maps" | "links") => fs::read_dir(&p).is_ok_and(|rd| {
-                rd.filter_map(Result::ok)
-                    .all(|e| e.file_type().is_ok_and(|t| !t.is_dir()))
-            }),
+            Some("maps" | "links") => flat(&p),
+            Some(n) if is_set_name(n) => flat(&p),
             _ => false,
         }
     })
 }
 
+/// `set-<digits>` or `next-<digits>`.
+fn is_set_name(name: &str) -> bool {
+    name.strip_prefix("set-")
+        .or_else(|| name.strip_prefix("next-"))
+        .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+}
+
+/// Removes a set directory: its pins, then the directory (`rmdir`).
+fn remove_set_dir(dir: &Path) -> std::io::Result<()> {
+    for e in fs::read_dir(dir)?.filter_map(Result::ok) {
+        if e.file_type()?.is_dir() {
+            return Err(std::io::Error::other(format!("{} holds a directory", dir.display())));
+        }
+        fs::remove_file(e.path())?;
+    }
+    fs::remove_dir(dir)
+}
+
 /// Removes one layout directory (see [`is_layout_dir`]): its link pins
-/// first (each unpin detaches a link), then the program and maps, then the
-/// directories with `rmdir`, so nothing of another shape is ever deleted.
-/// Returns the names of the links it removed.
+/// first (each unpin detaches a link), then the program, maps and sets,
+/// then the directories with `rmdir`, so nothing of another shape is ever
+/// deleted. Returns the names of the links it removed.
 pub fn remove_layout(dir: &Path) -> std::io::Result<Vec<String>> {
     if !is_layout_dir(dir) {
         return Err(std::io::Error::other(format!(
@@ -178,6 +309,11 @@ pub fn remove_layout(dir: &Path) -> std::io::Result<Vec<String>> {
     match fs::remove_file(dir.join("prog")) {
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
         _ => {}
+    }
+    for e in fs::read_dir(dir)?.filter_map(Result::ok) {
+        if e.file_name().to_str().is_some_and(is_set_name) {
+            remove_set_dir(&e.path())?;
+        }
     }
     fs::remove_dir(dir)?;
     Ok(links)

@@ -2,8 +2,9 @@
 //! `kernel::dispatcher`): joining the dispatcher on an interface, telling
 //! whether relay-guard's own slot is in it, and leaving it.
 //!
-//! relay-guard's slot is the component program that uses the `RG_SETTINGS`
-//! map pinned under its `pin_dir` (this layout or another one): the pins
+//! relay-guard's slot is the component program that uses the `RG_COUNTERS`
+//! map pinned under its `pin_dir` (this layout or another one; every set of
+//! a layout shares it, see `kernel::pins`): the pins
 //! stay the source of truth, and a second relay-guard with another
 //! `pin_dir`, or any other program, is never touched.
 use aya::{EbpfLoader, programs::Extension};
@@ -69,14 +70,14 @@ pub fn load_extension(
     Ok((ebpf, PROGRAM_NAME))
 }
 
-/// The IDs of relay-guard's `RG_SETTINGS` maps pinned under `pins` (this
+/// The IDs of relay-guard's `RG_COUNTERS` maps pinned under `pins` (this
 /// layout and any other one still pinned).
 pub fn own_map_ids(pins: &Pins) -> Vec<u32> {
-    std::iter::once(pins.map("RG_SETTINGS"))
+    std::iter::once(pins.map(maps::COUNTERS))
         .chain(
             pins.other_layouts()
                 .into_iter()
-                .map(|d| d.join("maps").join("RG_SETTINGS")),
+                .map(|d| d.join("maps").join(maps::COUNTERS)),
         )
         .filter_map(|p| dispatcher::pinned_map_id(&p))
         .collect()

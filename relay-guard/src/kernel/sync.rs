@@ -437,7 +437,7 @@ fn plan_switch(maps: &mut Maps, gens: &Gens, target: &Policy, write: bool) -> Re
 /// XDP runs under RCU, and `membarrier(MEMBARRIER_CMD_GLOBAL)` returns after
 /// an RCU grace period (`synchronize_rcu`). Where that command is refused
 /// (nohz_full), a sleep far longer than any packet's run stands in.
-fn grace_period() {
+pub(crate) fn grace_period() {
     const MEMBARRIER_CMD_GLOBAL: libc::c_long = 1;
     // SAFETY: membarrier takes no pointers.
     let r = unsafe { libc::syscall(libc::SYS_membarrier, MEMBARRIER_CMD_GLOBAL, 0, 0) };
@@ -478,6 +478,7 @@ fn run(
     // Phase 1 for IPv4, one /8 at a time (the whole table is never built in
     // memory): masks first taken, then long blocks, then /24 entries.
     let mut refs = vec![0u32; MAX_MASKS as usize];
+    let mut new_blocks = 0usize;
     let mut long_all: BTreeMap<u32, LongSpec> = BTreeMap::new();
     const SPAN_LEN: u8 = 8;
     let span = 1u32 << (24 - u32::from(SPAN_LEN));
@@ -501,15 +502,40 @@ fn run(
             st.written += written;
             st.unchanged += unchanged;
         }
-        for (i, &new) in paint.tbl.iter().enumerate() {
-            let block = start as usize + i;
-            if new & LONG_BLOCK == 0 {
-                refs[usize::from(new)] += 1;
+        // The /24 entries, a /16 at a time: one the new policy makes
+        // uniform is switched by one store; any other is written entry by
+        // entry (a uniform one gets a block first, see `Tbl24`).
+        for (j, chunk) in paint.tbl.chunks(256).enumerate() {
+            let slot = (start as usize >> 8) + j;
+            for &new in chunk {
+                if new & LONG_BLOCK == 0 {
+                    refs[usize::from(new)] += 1;
+                }
             }
-            if maps.tbl24.get(block) != new {
-                st.written += 1;
+            let changed = chunk
+                .iter()
+                .enumerate()
+                .filter(|&(c, &new)| maps.tbl24.get((slot << 8) + c) != new)
+                .count();
+            st.written += changed;
+            if changed == 0 {
+                continue;
+            }
+            let uniform = chunk[0] & LONG_BLOCK == 0 && chunk.iter().all(|&v| v == chunk[0]);
+            if uniform {
                 if write {
-                    maps.tbl24.set(block, new);
+                    maps.tbl24.set16(slot, chunk[0]);
+                }
+                continue;
+            }
+            if maps.tbl24.is_uniform(slot) {
+                new_blocks += 1;
+            }
+            if write {
+                for (c, &new) in chunk.iter().enumerate() {
+                    maps.tbl24.set((slot << 8) + c, new).map_err(|_| SyncError::Capacity {
+                        what: blocks_full(maps),
+                    })?;
                 }
             }
         }
@@ -519,7 +545,19 @@ fn run(
         }
         long_all.extend(paint.long);
     }
+    if write {
+        maps.tbl24.compact();
+    }
     maps.tbl24.release();
+    if !write && new_blocks > maps.tbl24.available() as usize {
+        return Err(SyncError::Capacity {
+            what: format!(
+                "IPv4 /16s holding more than one verdict (map RG_TBL24): {new_blocks} more need a block, {} are free of {}",
+                maps.tbl24.available(),
+                maps.tbl24.capacity()
+            ),
+        });
+    }
     // New long blocks are inserted before stale ones go: the map holds both.
     let peak = have_long.len() + long_all.keys().filter(|b| !have_long.contains(b)).count();
     if !write && peak > MAX_LONG_BLOCKS as usize {
@@ -740,6 +778,19 @@ pub fn apply_delta(
         }
     }
 
+    // Blocks: each uniform /16 written may need one; checked before any write.
+    let mut promote: Vec<usize> = tbl_writes
+        .iter()
+        .map(|&(b, _)| b >> 8)
+        .filter(|&slot| maps.tbl24.is_uniform(slot))
+        .collect();
+    promote.dedup();
+    if promote.len() > maps.tbl24.available() as usize {
+        return Err(SyncError::Capacity {
+            what: blocks_full(maps),
+        });
+    }
+
     // Phase 1a: masks first taken by this sync.
     for i in shadow.palette.take_allocated() {
         st.written += 1;
@@ -759,7 +810,9 @@ pub fn apply_delta(
     // Phase 1c: the /24 table.
     for &(b, v) in &tbl_writes {
         st.written += 1;
-        maps.tbl24.set(b, v);
+        maps.tbl24.set(b, v).map_err(|_| SyncError::Capacity {
+            what: blocks_full(maps),
+        })?;
     }
     maps.tbl24.release();
     // Phase 1d: the IPv6 trie (see `tables6`): children before links.
@@ -808,6 +861,15 @@ pub fn apply_delta(
             .collect();
     }
     Ok(st)
+}
+
+/// The error of a write that found no free block (checked before writing
+/// in a full sync; a delta that meets it falls back to one).
+fn blocks_full(maps: &Maps) -> String {
+    format!(
+        "IPv4 /16s holding more than one verdict (map RG_TBL24): all {} blocks in use",
+        maps.tbl24.capacity()
+    )
 }
 
 fn block_name(block: u32) -> String {

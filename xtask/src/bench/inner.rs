@@ -5,7 +5,7 @@ use std::{path::PathBuf, time::Duration};
 use anyhow::{Context as _, bail};
 
 use super::{
-    AGENT_ENV, COMMAND_ENV, Options, Part, dispatch, e2e, load, prefixes, report,
+    AGENT_ENV, COMMAND_ENV, Options, Part, dispatch, e2e, load, memory, prefixes, report,
     sys::{self, NetNs, TempDir},
     testrun,
 };
@@ -60,14 +60,15 @@ impl Plan {
             );
         }
         let flood = o.flood.unwrap_or(if q { 300_000 } else { 3_000_000 });
-        let parts = [Part::TestRun, Part::Load, Part::E2e, Part::Bans]
+        let parts = [Part::TestRun, Part::Load, Part::E2e, Part::Bans, Part::Memory]
             .into_iter()
-            .filter(|p| !o.skip.contains(p))
+            .filter(|p| !o.skip.contains(p) && (o.only.is_empty() || o.only.contains(p)))
             .collect();
+        let partial = q || !o.only.is_empty();
         let out = o
             .out
             .clone()
-            .unwrap_or_else(|| workspace_root().join(if q { "target/bench" } else { "docs" }));
+            .unwrap_or_else(|| workspace_root().join(if partial { "target/bench" } else { "docs" }));
         let agent = std::env::var_os(AGENT_ENV)
             .map(PathBuf::from)
             .context("RG_BENCH_AGENT is not set (run `cargo xtask bench`)")?;
@@ -166,8 +167,13 @@ pub fn run(o: &Options) -> anyhow::Result<()> {
         agent.display()
     ));
     plan.agent = agent;
-    println!("bench: generating {max} prefixes (seed {})", plan.seed);
-    let list = prefixes::generate(max, plan.seed);
+    let needs_list = [Part::TestRun, Part::Load, Part::E2e].iter().any(|&p| plan.has(p));
+    let list = if needs_list {
+        println!("bench: generating {max} prefixes (seed {})", plan.seed);
+        prefixes::generate(max, plan.seed)
+    } else {
+        Vec::new()
+    };
     let lab = Lab::new().context("creating the bench namespaces")?;
     let mut results = report::Results::new();
 
@@ -238,6 +244,16 @@ pub fn run(o: &Options) -> anyhow::Result<()> {
                 sys::check_stop()?;
                 println!("bench: bans part failed: {e:#}");
                 results.notes.push(format!("bans part failed: {e:#}"));
+            }
+        }
+    }
+    if plan.has(Part::Memory) {
+        match memory::run(&plan, &lab, &dir.0) {
+            Ok(r) => results.memory = Some(r),
+            Err(e) => {
+                sys::check_stop()?;
+                println!("bench: memory part failed: {e:#}");
+                results.notes.push(format!("memory part failed: {e:#}"));
             }
         }
     }

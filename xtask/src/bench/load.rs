@@ -71,7 +71,7 @@ pub fn median_d(v: &[Duration]) -> Option<Duration> {
 
 /// The release agent, as a child in a namespace, with its log lines
 /// timestamped as they arrive. Killed, detached and unpinned on drop.
-struct Agent {
+pub(super) struct Agent {
     child: Option<Child>,
     bin: PathBuf,
     config: PathBuf,
@@ -81,9 +81,33 @@ struct Agent {
 }
 
 impl Agent {
-    fn spawn(bin: &Path, ns: &NetNs, config: &Path, pin_dir: &Path) -> anyhow::Result<Agent> {
+    pub(super) fn spawn(bin: &Path, ns: &NetNs, config: &Path, pin_dir: &Path) -> anyhow::Result<Agent> {
+        Self::spawn_in(bin, ns, config, pin_dir, None)
+    }
+
+    /// [`Agent::spawn`], moved into the cgroup whose `cgroup.procs` is
+    /// `procs` (by a shell that then execs it) before it allocates anything.
+    pub(super) fn spawn_in(
+        bin: &Path,
+        ns: &NetNs,
+        config: &Path,
+        pin_dir: &Path,
+        procs: Option<&Path>,
+    ) -> anyhow::Result<Agent> {
         let _ = std::fs::remove_dir_all(pin_dir);
-        let mut c = ns.cmd(bin);
+        let mut c = match procs {
+            Some(procs) => {
+                let mut c = Command::new("sh");
+                c.arg("-c")
+                    .arg("echo $$ > \"$0\" && exec \"$@\"")
+                    .arg(procs)
+                    .arg("nsenter")
+                    .arg(format!("--net={}", ns.path().display()))
+                    .arg(bin);
+                c
+            }
+            None => ns.cmd(bin),
+        };
         c.arg("--config")
             .arg(config)
             .arg("run")
@@ -114,11 +138,11 @@ impl Agent {
         })
     }
 
-    fn pid(&self) -> u32 {
+    pub(super) fn pid(&self) -> u32 {
         self.child.as_ref().map_or(0, Child::id)
     }
 
-    fn log(&self) -> String {
+    pub(super) fn log(&self) -> String {
         let l = self.lines.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         l.iter()
             .rev()
@@ -129,7 +153,7 @@ impl Agent {
             .join("\n")
     }
 
-    fn line_count(&self) -> usize {
+    pub(super) fn line_count(&self) -> usize {
         self.lines
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -146,7 +170,12 @@ impl Agent {
             .map(|(i, (t, s))| (i, *t, s.clone()))
     }
 
-    fn wait_line(&mut self, from: usize, pat: &str, timeout: Duration) -> anyhow::Result<(usize, Instant, String)> {
+    pub(super) fn wait_line(
+        &mut self,
+        from: usize,
+        pat: &str,
+        timeout: Duration,
+    ) -> anyhow::Result<(usize, Instant, String)> {
         let end = Instant::now() + timeout;
         loop {
             if let Some(hit) = self.find(from, pat) {
@@ -180,7 +209,7 @@ impl Agent {
 
     /// SIGTERM, wait, then `relay-guard detach` (the filter stays attached
     /// after the agent exits, by design) and the pins removed.
-    fn stop(&mut self) {
+    pub(super) fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {
             signal_child(&child, nix::sys::signal::Signal::SIGTERM);
             let end = Instant::now() + Duration::from_secs(10);
@@ -220,7 +249,7 @@ impl Drop for Agent {
 }
 
 /// Polls GET /metrics in the namespace until it answers 200.
-fn wait_metrics(ns: &NetNs, timeout: Duration) -> anyhow::Result<Instant> {
+pub(super) fn wait_metrics(ns: &NetNs, timeout: Duration) -> anyhow::Result<Instant> {
     let addr: SocketAddr = METRICS.parse().expect("constant");
     ns.run(move || -> anyhow::Result<Instant> {
         use std::io::{Read as _, Write as _};

@@ -13,6 +13,7 @@ use super::{
     e2e::{CONTENDERS, E2eResults},
     inner::Plan,
     load::{LoadResults, median_d},
+    memory::{self, MemoryResults},
     sys::{self, Machine},
     testrun::{
         self, BESIDE_SYN_V6, DENIED_SYN_V4, DENIED_SYN_V6, DiffSync, FLOOR, RG, SizeCosts, XF, ms, verdict_name,
@@ -33,6 +34,7 @@ pub struct Results {
     pub diff: Option<DiffSync>,
     pub load: Option<LoadResults>,
     pub e2e: Option<E2eResults>,
+    pub memory: Option<MemoryResults>,
     pub notes: Vec<String>,
     pub program_names: [String; 3],
     /// How long the whole bench took.
@@ -83,6 +85,7 @@ impl Results {
             diff: None,
             load: None,
             e2e: None,
+            memory: None,
             notes: Vec::new(),
             program_names: ["rg_bench_noop".into(), "relay_guard".into(), "-".into()],
             elapsed: Duration::ZERO,
@@ -411,7 +414,57 @@ pub fn targets(plan: &Plan, r: &Results) -> Vec<Target> {
         }
         None => t.push(not_judged(name, "-", "end-to-end part not measured")),
     }
+
+    // 4. Memory, in the agent's own cgroup.
+    memory_targets(r, &mut t);
     t
+}
+
+/// The memory targets (cgroup of the agent, kernel memory included).
+fn memory_targets(r: &Results, t: &mut Vec<Target>) {
+    const SMALL_MIB: f64 = 48.0;
+    const PEAK_MIB: f64 = 400.0;
+    let names = [
+        format!("memory on the example config <= {SMALL_MIB:.0} MiB"),
+        format!(
+            "memory peak during a reload to {} prefixes <= {PEAK_MIB:.0} MiB",
+            memory::BIG
+        ),
+        "memory back on the example config <= 2x the first figure".to_string(),
+    ];
+    let Some(m) = &r.memory else {
+        for n in &names {
+            t.push(not_judged(n, "-", "memory part not measured"));
+        }
+        return;
+    };
+    let mib = |b: f64| b / f64::from(1 << 20);
+    let (small, back, peak) = (mib(m.small_median()), mib(m.back_median()), mib(m.peak as f64));
+    let spread = |v: &[u64]| {
+        let lo = v.iter().min().copied().unwrap_or(0) as f64;
+        let hi = v.iter().max().copied().unwrap_or(0) as f64;
+        format!("{:.1}–{:.1}", mib(lo), mib(hi))
+    };
+    t.push(Target {
+        name: names[0].clone(),
+        measured: format!(
+            "{small:.1} MiB ({} over {} samples) = {:.2}x",
+            spread(&m.small),
+            m.small.len(),
+            small / SMALL_MIB
+        ),
+        verdict: Verdict::from(small <= SMALL_MIB),
+    });
+    t.push(Target {
+        name: names[1].clone(),
+        measured: format!("{peak:.1} MiB = {:.2}x", peak / PEAK_MIB),
+        verdict: Verdict::from(peak <= PEAK_MIB),
+    });
+    t.push(Target {
+        name: names[2].clone(),
+        measured: format!("{back:.1} MiB ({}) = {:.2}x the first", spread(&m.back), back / small),
+        verdict: Verdict::from(back <= 2.0 * small),
+    });
 }
 
 /// Rounds in which relay-guard's receiver CPU per dropped SYN was below
@@ -823,8 +876,72 @@ fn markdown(plan: &Plan, r: &Results, targets: &[Target], chart_ok: bool) -> Str
         }
     }
 
+    let _ = writeln!(s, "## 4. Memory\n");
+    match &r.memory {
+        None => {
+            let _ = writeln!(s, "Not measured in this run.\n");
+        }
+        Some(m) => {
+            let mib = |b: f64| b / f64::from(1 << 20);
+            let _ = writeln!(
+                s,
+                "The memory cgroup's usage (`memory.usage_in_bytes` on cgroup v1, `memory.current` on v2), which holds the BPF maps the process creates as well as its own memory. relay-guard: the release agent on `deploy/relay-guard.example.toml` (its office list in `allow_files`), in a cgroup of its own; then the office list replaced by {} prefixes (the bench's generated mix) and reloaded, the peak counter reset first; then the list put back. nftables and ipset: `nft -f` (one interval set per family) and `ipset restore` (one hash:net set per family) in a cgroup each, read after the command exits (the sets stay charged to it). Kernel memory {}.\n",
+                m.big_prefixes,
+                match (m.kmem_small, m.kmem_counted) {
+                    (Some(k), Some(true)) => format!(
+                        "is included: {:.1} MiB of the example-config figure is kernel memory (`memory.kmem.usage_in_bytes`)",
+                        mib(k as f64)
+                    ),
+                    (Some(k), _) => format!(
+                        "is NOT included in the usage on this kernel ({:.1} MiB of kernel memory not counted)",
+                        mib(k as f64)
+                    ),
+                    _ => "was not read separately".into(),
+                }
+            );
+            let _ = writeln!(
+                s,
+                "| | example config | {} prefixes | peak during the reload | back on the example config |\n| --- | ---: | ---: | ---: | ---: |",
+                m.big_prefixes
+            );
+            let _ = writeln!(
+                s,
+                "| relay-guard (agent + maps) | {:.1} MiB | {:.1} MiB | {:.1} MiB | {:.1} MiB |",
+                mib(m.small_median()),
+                mib(m.big as f64),
+                mib(m.peak as f64),
+                mib(m.back_median())
+            );
+            for (name, f) in [("nftables sets", m.nft), ("ipset hash:net", m.ipset)] {
+                match f {
+                    Some((a, b)) => {
+                        let _ = writeln!(
+                            s,
+                            "| {name} | {:.1} MiB | {:.1} MiB | | |",
+                            mib(a as f64),
+                            mib(b as f64)
+                        );
+                    }
+                    None => {
+                        let _ = writeln!(s, "| {name} | not measured | | | |");
+                    }
+                }
+            }
+            let _ = writeln!(
+                s,
+                "\nReloads: to {} prefixes {:.1} s, back {:.1} s (list replaced to `config reloaded`).\n",
+                m.big_prefixes,
+                m.reload_big.as_secs_f64(),
+                m.reload_back.as_secs_f64()
+            );
+        }
+    }
+
     let _ = writeln!(s, "## Notes and what was not measured\n");
     let mut notes = r.notes.clone();
+    if let Some(m) = &r.memory {
+        notes.extend(m.notes.iter().cloned());
+    }
     if let Some(l) = &r.load {
         notes.extend(l.notes.iter().cloned());
     }
