@@ -9,6 +9,7 @@ mod image;
 mod run;
 mod test;
 mod toolchain;
+mod vm;
 
 use clap::{Parser, Subcommand};
 
