@@ -370,7 +370,7 @@ pub struct SourceKey {
 pub struct SourceStats {
     /// Packets from this source judged not allowed (dropped or would_drop).
     pub packets: u64,
-    /// `bpf_ktime_get_coarse_ns` (CLOCK_MONOTONIC, coarse) of the last such packet.
+    /// `bpf_ktime_get_ns` (CLOCK_MONOTONIC) of the last such packet.
     pub last_seen_ns: u64,
     /// Same clock: the last log event for this source from this CPU.
     pub last_event_ns: u64,
@@ -393,7 +393,7 @@ pub struct SourceStats {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct EventBudget {
-    /// `bpf_ktime_get_coarse_ns` time at which the bucket is full again if
+    /// `bpf_ktime_get_ns` time at which the bucket is full again if
     /// nothing more is taken; an event is allowed while this is at most
     /// `(EVENT_BURST - 1) * EVENT_COST_NS` ahead of now, and moves it on by
     /// [`EVENT_COST_NS`].

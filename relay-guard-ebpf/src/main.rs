@@ -88,17 +88,29 @@ static EVENTS: PerCpuArray<EventBudget> = PerCpuArray::with_max_entries(1, 0);
 
 /// `frags`: the program declares multi-buffer support, so it attaches to
 /// jumbo-MTU interfaces; it reads headers in the first buffer only.
-///
-/// Each family runs its own path to the exit, so the IPv4 path never carries
-/// a 16-byte address; both end in the same counting [`exit`].
 #[xdp(frags)]
 pub fn relay_guard(ctx: XdpContext) -> u32 {
-    let mut c = Cursor::new(&ctx);
+    judge(&ctx)
+}
+
+/// The same program without `xdp.frags`, for kernels older than 5.18 (they
+/// refuse the flag): the agent loads this entry point where the kernel has
+/// no multi-buffer XDP (`kernel::features` in the agent).
+#[xdp]
+pub fn relay_guard_sb(ctx: XdpContext) -> u32 {
+    judge(&ctx)
+}
+
+/// Each family runs its own path to the exit, so the IPv4 path never carries
+/// a 16-byte address; both end in the same counting [`exit`].
+#[inline(always)]
+fn judge(ctx: &XdpContext) -> u32 {
+    let mut c = Cursor::new(ctx);
     match eth::parse_eth(&mut c) {
-        Ok(eth::ETH_P_IP) => judge_v4(&ctx, &mut c),
-        Ok(eth::ETH_P_IPV6) => judge_v6(&ctx, &mut c),
+        Ok(eth::ETH_P_IP) => judge_v4(ctx, &mut c),
+        Ok(eth::ETH_P_IPV6) => judge_v6(ctx, &mut c),
         Ok(_) => XDP_PASS,
-        Err(stop) => stopped(&ctx, stop),
+        Err(stop) => stopped(ctx, stop),
     }
 }
 

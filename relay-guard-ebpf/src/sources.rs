@@ -20,11 +20,13 @@
 //! IPv4 source is one 32-bit word and a zero), and the clock is read only
 //! when the tick (`bpf_jiffies64`, which the verifier inlines to one load)
 //! has moved on since the slot last read it; the bucket is read only when a
-//! slot's event is due (at most once a second per slot). The coarse clock
-//! advances only at a tick, so `last_seen_ns` (and the one-second event
-//! limit) stays within a tick of reading the clock on every packet.
+//! slot's event is due (at most once a second per slot), so `last_seen_ns`
+//! (and the one-second event limit) stays within a tick of reading the
+//! clock on every packet. The clock is `bpf_ktime_get_ns` (CLOCK_MONOTONIC,
+//! every kernel), not the coarse one (5.11, which 5.10 lacks); it is read
+//! at most once a tick per slot, as the coarse one was.
 use aya_ebpf::{
-    helpers::{bpf_jiffies64, bpf_ktime_get_coarse_ns},
+    helpers::{bpf_jiffies64, bpf_ktime_get_ns},
     programs::XdpContext,
 };
 use aya_log_ebpf::info;
@@ -99,11 +101,11 @@ fn touch(slot: u32, w0: u64, w1: u64, fam: u8, port: u16, guard: u8, v: u8) -> b
         (*s).last_guard = guard;
         (*s).last_verdict = v;
         if (*s).last_tick == tick {
-            // Same tick: the coarse clock has not moved since the last read.
+            // Same tick: the clock was read in this tick already.
             return false;
         }
         // SAFETY: a helper without arguments.
-        let now = bpf_ktime_get_coarse_ns();
+        let now = bpf_ktime_get_ns();
         (*s).last_tick = tick;
         (*s).last_seen_ns = now;
         if (*s).last_event_ns != 0 && now.wrapping_sub((*s).last_event_ns) < EVENT_INTERVAL_NS {

@@ -21,6 +21,23 @@ pub enum LoadError {
     },
     #[error("map `{name}` has an unexpected layout: {what}")]
     MapLayout { name: &'static str, what: String },
+    #[error(
+        "kernel {release} lacks {feature}, which relay-guard needs: the first kernel with it is Linux {since} (relay-guard supports Linux 5.10 and newer)"
+    )]
+    Kernel {
+        release: String,
+        feature: &'static str,
+        since: &'static str,
+    },
+    #[error(
+        "kernel {release} refused program `{name}` before verifying it (no verifier log): it lacks a BPF feature relay-guard does not probe for; relay-guard supports Linux 5.10 and newer - report this with `uname -r` and the error below"
+    )]
+    Refused {
+        name: &'static str,
+        release: String,
+        #[source]
+        source: aya::programs::ProgramError,
+    },
     #[error("the kernel rejected program `{name}` (verifier log follows)")]
     Verifier {
         name: &'static str,
@@ -41,7 +58,7 @@ pub enum LoadError {
     Attach {
         interface: String,
         mode: &'static str,
-        hint: &'static str,
+        hint: String,
         #[source]
         source: aya::programs::ProgramError,
     },

@@ -34,8 +34,12 @@ pub static DISPATCHER_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("
 pub static DISPATCHER_FRAGS_OBJECT: &[u8] =
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/xdp-dispatcher-frags"));
 
-/// Name of the XDP program in [`EBPF_OBJECT`].
+/// Name of the XDP program in [`EBPF_OBJECT`] (multi-buffer: `xdp.frags`).
 pub const PROGRAM_NAME: &str = "relay_guard";
+
+/// The same program without `xdp.frags`, loaded on kernels older than 5.18
+/// (`kernel::features`).
+pub const PROGRAM_NAME_SINGLE_BUFFER: &str = "relay_guard_sb";
 
 /// Version reported by `relay_guard_build_info` and `--version`.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

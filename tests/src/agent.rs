@@ -157,6 +157,7 @@ impl Agent {
     }
 
     fn wait_ready(&mut self, ns: &NetNs, within: Duration) {
+        let within = within * crate::slowdown();
         let deadline = Instant::now() + within;
         let addr: SocketAddr = METRICS.parse().expect("constant");
         loop {
@@ -190,9 +191,11 @@ impl Agent {
         self.wait(Duration::from_secs(10))
     }
 
-    /// Waits for the agent to exit on its own (for one-shot commands).
+    /// Waits for the agent to exit on its own (for one-shot commands);
+    /// `timeout` is scaled by [`crate::slowdown`].
     pub fn wait(&mut self, timeout: Duration) -> ExitStatus {
         let mut child = self.child.take().expect("running");
+        let timeout = timeout * crate::slowdown();
         let deadline = Instant::now() + timeout;
         loop {
             if let Some(s) = child.try_wait().expect("try_wait") {

@@ -108,6 +108,40 @@ fn jumbo_mtu_interface_is_guarded_in_native_mode() {
     let config = config(&dir, &lab.server_if, "native", &pins);
     let _detach = DetachOnDrop::new(config.clone(), pins);
     let _server = BannerServer::start(&lab.server, &[25]);
+    let kernel = relay_guard::kernel::features::get();
+    if !kernel.frags {
+        // Before 5.18 there is no multi-buffer XDP: the kernel refuses the
+        // native attach, and the agent must say why and what to do (never a
+        // bare "Numerical result out of range"); `auto` then guards in
+        // generic mode, saying so.
+        println!("branch: kernel {} has no xdp.frags", kernel.release);
+        let mut run = Agent::spawn(&lab.server, config, &dir, &["run"]);
+        let exit = run.wait(Duration::from_secs(60));
+        let log = run.log_text();
+        assert!(
+            !exit.success(),
+            "native attach at MTU 9000 without frags succeeded?\n{log}"
+        );
+        for want in ["MTU 9000", "xdp.frags", "5.18", "xdp_mode = \"skb\""] {
+            assert!(log.contains(want), "the error must name {want:?}:\n{log}");
+        }
+        let auto = dir.write(
+            "auto.toml",
+            &std::fs::read_to_string(dir.0.join("relay-guard.toml"))
+                .expect("config")
+                .replace("xdp_mode = \"native\"", "xdp_mode = \"auto\""),
+        );
+        let agent = Agent::start(&lab.server, auto, &dir);
+        let log = agent.log_text();
+        assert!(
+            log.contains("falling back to generic (skb) mode") && log.contains("MTU 9000"),
+            "the fallback must say why:\n{log}"
+        );
+        let link = link_details(&lab.server, &lab.server_if);
+        assert!(link.contains("xdpgeneric"), "not attached in generic mode:\n{link}");
+        assert_gate(&lab, "jumbo MTU, generic mode");
+        return;
+    }
     let _agent = Agent::start(&lab.server, config, &dir);
     let link = link_details(&lab.server, &lab.server_if);
     assert!(link.contains("mtu 9000"), "{link}");

@@ -10,6 +10,7 @@ mod run;
 mod test;
 mod toolchain;
 mod utils;
+mod vm;
 
 use clap::{Parser, Subcommand};
 

@@ -19,7 +19,7 @@ use std::{
 
 use anyhow::{Context as _, bail};
 
-use crate::{build_ebpf, toolchain, utils::is_root};
+use crate::{build_ebpf, toolchain, utils::is_root, vm};
 
 #[derive(clap::Args, Debug)]
 pub struct Options {
@@ -28,6 +28,18 @@ pub struct Options {
     /// Skip the unit tests.
     #[arg(long)]
     pub privileged_only: bool,
+    /// Skip the kernel matrix (the privileged tests in VMs booting the
+    /// kernels of tests/kernels.txt).
+    #[arg(long, conflicts_with = "vm_only")]
+    pub no_vm: bool,
+    /// Run only the kernel matrix (no unit tests, no privileged tests on
+    /// this host's kernel).
+    #[arg(long)]
+    pub vm_only: bool,
+    /// Only these kernel lines of tests/kernels.txt (repeatable), e.g.
+    /// `--kernel 5.10`.
+    #[arg(long = "kernel", value_name = "NAME")]
+    pub kernels: Vec<String>,
 }
 
 /// `tests/tools.txt`: every program a test runs and how to install it
@@ -100,6 +112,47 @@ struct Tally {
     skipped: u64,
     /// `test: reason` of each test counted as skipped at run time.
     skip_reasons: Vec<String>,
+    /// `(binary@kernel, passed, failed, skipped)` of each guest run.
+    by_kernel: Vec<(String, u64, u64, u64)>,
+}
+
+/// What libtest printed in one run: its `test result:` counts and the
+/// tests it reported `ok`.
+#[derive(Default)]
+struct RunCount {
+    passed: u64,
+    failed: u64,
+    ignored: u64,
+    ok_tests: Vec<String>,
+}
+
+impl RunCount {
+    fn line(&mut self, line: &str) {
+        if let Some(name) = line.strip_prefix("test ").and_then(|r| r.strip_suffix(" ... ok")) {
+            self.ok_tests.push(name.to_string());
+        }
+        if let Some(counts) = parse_result_line(line) {
+            self.passed += counts.0;
+            self.failed += counts.1;
+            self.ignored += counts.2;
+        }
+    }
+
+    /// Adds this run to `tally`, moving the tests that wrote to the skip
+    /// log (`skips`) from passed to skipped; `label` names the tests of a
+    /// guest run (`@5.10`). Returns (passed, failed, skipped).
+    fn settle(self, tally: &mut Tally, skips: &str, label: &str) -> (u64, u64, u64) {
+        let (moved, reasons) = skipped_of(&self.ok_tests, skips);
+        let moved = moved.min(self.passed);
+        let counts = (self.passed - moved, self.failed, self.ignored + moved);
+        tally.passed += counts.0;
+        tally.failed += counts.1;
+        tally.skipped += counts.2;
+        tally
+            .skip_reasons
+            .extend(reasons.into_iter().map(|r| r.replacen(':', &format!("{label}:"), 1)));
+        counts
+    }
 }
 
 pub fn test(opts: &Options) -> anyhow::Result<()> {
@@ -109,7 +162,7 @@ pub fn test(opts: &Options) -> anyhow::Result<()> {
     let mut failures = Vec::new();
     let skip_log = std::env::temp_dir().join(format!("relay-guard-skips-{}.log", std::process::id()));
 
-    if !opts.privileged_only {
+    if !opts.privileged_only && !opts.vm_only {
         let mut c = toolchain::cmd("cargo");
         c.args([
             "test",
@@ -132,25 +185,37 @@ pub fn test(opts: &Options) -> anyhow::Result<()> {
     if !is_root() && !sudo {
         println!("xtask: not root and no sudo: the privileged tests will skip themselves, and are counted as skipped");
     }
-    for exe in test_executables()? {
+    let executables = test_executables()?;
+    for exe in executables.iter().filter(|_| !opts.vm_only) {
         let mut c = if sudo {
             let mut c = Command::new("sudo");
-            c.arg("-E").arg(&exe);
+            c.arg("-E").arg(exe);
             c
         } else {
-            Command::new(&exe)
+            Command::new(exe)
         };
         c.env("PATH", toolchain::path_env()).env("RELAY_GUARD_BIN", &agent);
         if let Some(f) = &opts.filter {
             c.arg(f);
         }
-        println!("xtask: running {}", exe.rsplit('/').next().unwrap_or(&exe));
+        println!("xtask: running {}", exe.rsplit('/').next().unwrap_or(exe));
         if !run_counting(&mut c, &skip_log, &mut tally)? {
-            failures.push(exe);
+            failures.push(exe.clone());
         }
+    }
+    if !opts.no_vm {
+        let started = std::time::Instant::now();
+        kernel_matrix(opts, &executables, &agent, &mut tally, &mut failures)?;
+        println!("xtask: the kernel matrix took {:.0} s", started.elapsed().as_secs_f64());
     }
 
     println!();
+    if !tally.by_kernel.is_empty() {
+        println!("kernel matrix (each test binary in a VM booting that kernel):");
+        for (label, p, f, s) in &tally.by_kernel {
+            println!("  {label}: {p} passed, {f} failed, {s} skipped");
+        }
+    }
     if !tally.skip_reasons.is_empty() {
         println!("skipped at run time (counted as skipped, not passed):");
         for r in &tally.skip_reasons {
@@ -249,8 +314,148 @@ fn pip_install(tool: &str, pkg: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The short name of a test executable (`e2e` of `target/debug/deps/e2e-0123abcd`).
+fn binary_name(exe: &str) -> &str {
+    let file = exe.rsplit('/').next().unwrap_or(exe);
+    file.rsplit_once('-').map_or(file, |(name, _)| name)
+}
+
+/// The tests of `exe` whose names contain one of `filters` (every test when
+/// there are none) and `user` (the command line's filter), as `--exact`
+/// names: the executable lists them here, on the host.
+fn selected_tests(exe: &str, filters: &[String], user: Option<&str>) -> anyhow::Result<Vec<String>> {
+    let out = Command::new(exe)
+        .args(["--list", "--format", "terse"])
+        .output()
+        .with_context(|| format!("failed to list the tests of {exe}"))?;
+    if !out.status.success() {
+        bail!("{exe} --list failed");
+    }
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.strip_suffix(": test"))
+        .filter(|n| filters.is_empty() || filters.iter().any(|f| n.contains(f.as_str())))
+        .filter(|n| user.is_none_or(|u| n.contains(u)))
+        .map(str::to_string)
+        .collect())
+}
+
+/// The kernel matrix: each line of tests/kernels.txt (or those `--kernel`
+/// names) boots its kernel in a VM per test binary, and the binary's
+/// selected tests run there as root. A kernel that cannot be fetched or a
+/// guest that does not boot is a failure.
+fn kernel_matrix(
+    opts: &Options,
+    executables: &[String],
+    agent: &std::path::Path,
+    tally: &mut Tally,
+    failures: &mut Vec<String>,
+) -> anyhow::Result<()> {
+    let mut lines = vm::kernel_lines()?;
+    for k in &opts.kernels {
+        if !lines.iter().any(|l| &l.name == k) {
+            bail!("--kernel {k}: tests/kernels.txt has no such line");
+        }
+    }
+    if !opts.kernels.is_empty() {
+        lines.retain(|l| opts.kernels.contains(&l.name));
+    }
+    // What each line runs; lines with nothing selected need no kernel.
+    let mut plan = Vec::new();
+    for line in &lines {
+        let mut runs = Vec::new();
+        for (bin, filters) in &line.tests {
+            let Some(exe) = executables.iter().find(|e| binary_name(e) == bin) else {
+                bail!(
+                    "tests/kernels.txt: kernel {} lists test binary `{bin}`, which tests/tests does not build",
+                    line.name
+                );
+            };
+            let tests = selected_tests(exe, filters, opts.filter.as_deref())?;
+            if tests.is_empty() && opts.filter.is_none() {
+                bail!(
+                    "tests/kernels.txt: `{bin}/{}` selects no test of {bin}",
+                    filters.join("|")
+                );
+            }
+            if !tests.is_empty() {
+                runs.push((bin.clone(), exe.clone(), tests));
+            }
+        }
+        if !runs.is_empty() {
+            plan.push((line.clone(), runs));
+        }
+    }
+    if plan.is_empty() {
+        return Ok(());
+    }
+    if !is_root() {
+        for (line, runs) in &plan {
+            for (bin, _, tests) in runs {
+                let n = u64::try_from(tests.len()).unwrap_or(0);
+                tally.skipped += n;
+                tally.skip_reasons.push(format!(
+                    "{bin}@{}: not root (the kernel matrix boots VMs as root)",
+                    line.name
+                ));
+            }
+        }
+        return Ok(());
+    }
+    let mut env: Vec<(&str, String)> = vec![
+        ("PATH", toolchain::path_env().to_string_lossy().into_owned()),
+        ("RELAY_GUARD_BIN", agent.to_string_lossy().into_owned()),
+        ("RUST_BACKTRACE", "1".into()),
+    ];
+    if let Ok(ci) = std::env::var("CI") {
+        env.push(("CI", ci));
+    }
+    for (line, runs) in plan {
+        let kernel = match vm::prepare(std::slice::from_ref(&line)) {
+            Ok(mut k) => k.remove(0),
+            Err(e) => {
+                println!("xtask: kernel {}: {e:#}", line.name);
+                tally.failed += 1;
+                failures.push(format!("kernel {} (could not be prepared: {e:#})", line.name));
+                continue;
+            }
+        };
+        for (bin, exe, tests) in runs {
+            let label = format!("{bin}@{}", line.name);
+            println!(
+                "xtask: running {bin} in a VM booting {} ({}), {} test(s)",
+                kernel.release,
+                line.name,
+                tests.len()
+            );
+            let mut argv = vec![exe.clone(), "--exact".to_string()];
+            argv.extend(tests.iter().cloned());
+            let mut count = RunCount::default();
+            let started = std::time::Instant::now();
+            let outcome = vm::run(&kernel, &argv, &env, std::time::Duration::from_secs(1800), &mut |l| {
+                println!("[{}] {l}", line.name);
+                count.line(l);
+            })?;
+            let (p, mut f, s) = count.settle(tally, &outcome.skips, &format!("@{}", line.name));
+            println!("xtask: {label} took {:.0} s", started.elapsed().as_secs_f64());
+            if let Some(why) = &outcome.failure {
+                println!("xtask: {label}: {why}");
+                if f == 0 {
+                    tally.failed += 1;
+                    f = 1;
+                }
+            }
+            if outcome.rc != Some(0) || f > 0 {
+                failures.push(label.clone());
+            }
+            tally.by_kernel.push((label, p, f, s));
+        }
+    }
+    Ok(())
+}
+
 /// Whether this is a CI run (as tests/src/require.rs decides it).
-fn in_ci() -> bool {
+pub fn in_ci() -> bool {
     std::env::var("CI").is_ok_and(|v| matches!(v.to_ascii_lowercase().as_str(), "true" | "1" | "yes"))
 }
 
@@ -297,26 +502,16 @@ fn run_counting(c: &mut Command, skip_log: &std::path::Path, tally: &mut Tally) 
         .spawn()
         .with_context(|| format!("failed to start {c:?}"))?;
     let stdout = child.stdout.take().expect("piped");
-    let mut ok_tests = Vec::new();
+    let mut count = RunCount::default();
     for line in BufReader::new(stdout).lines() {
         let line = line?;
         println!("{line}");
-        if let Some(name) = line.strip_prefix("test ").and_then(|r| r.strip_suffix(" ... ok")) {
-            ok_tests.push(name.to_string());
-        }
-        if let Some(counts) = parse_result_line(&line) {
-            tally.passed += counts.0;
-            tally.failed += counts.1;
-            tally.skipped += counts.2;
-        }
+        count.line(&line);
     }
     let success = child.wait()?.success();
     let skips = std::fs::read_to_string(skip_log).unwrap_or_default();
     let _ = std::fs::remove_file(skip_log);
-    let (moved, reasons) = skipped_of(&ok_tests, &skips);
-    tally.passed -= moved.min(tally.passed);
-    tally.skipped += moved;
-    tally.skip_reasons.extend(reasons);
+    count.settle(tally, &skips, "");
     Ok(success)
 }
 

@@ -184,8 +184,36 @@ pub fn ensure_debian_tools(tools: &[(&str, &str)]) -> anyhow::Result<()> {
     }
     println!("xtask: installing Debian packages {}", missing.join(" "));
     run(Command::new("apt-get").args(["update", "-qq"]))?;
-    run(Command::new("apt-get")
-        .args(["install", "-y", "-qq", "--no-install-recommends"])
-        .args(&missing)
-        .env("DEBIAN_FRONTEND", "noninteractive"))
+    let install = |target: Option<&str>| {
+        let mut c = Command::new("apt-get");
+        c.args(["install", "-y", "-qq", "--no-install-recommends"]);
+        if let Some(t) = target {
+            c.args(["-t", t]);
+        }
+        run(c.args(&missing).env("DEBIAN_FRONTEND", "noninteractive"))
+    };
+    match install(None) {
+        Ok(()) => Ok(()),
+        // A host that took some packages from backports (qemu-utils, say)
+        // can have the stable release of their siblings refused.
+        Err(e) => match backports_suite() {
+            Some(bpo) => {
+                println!("xtask: that failed ({e:#}); trying again from {bpo}");
+                install(Some(&bpo))
+            }
+            None => Err(e),
+        },
+    }
+}
+
+/// `CODENAME-backports`, when apt knows it.
+fn backports_suite() -> Option<String> {
+    let release = std::fs::read_to_string("/etc/os-release").ok()?;
+    let codename = release
+        .lines()
+        .find_map(|l| l.strip_prefix("VERSION_CODENAME="))?
+        .trim_matches('"');
+    let bpo = format!("{codename}-backports");
+    let policy = output(Command::new("apt-cache").arg("policy")).ok()?;
+    policy.contains(&format!(" {bpo}/")).then_some(bpo)
 }

@@ -580,6 +580,7 @@ pub fn load_dispatcher(config: &Config, frags: bool) -> Result<(Ebpf, ProgramFd)
     if object.is_empty() {
         return Err(err("this binary was built without the dispatcher (AYA_BUILD_SKIP)"));
     }
+    crate::kernel::loader::bump_memlock_rlimit();
     let mut ebpf = EbpfLoader::new()
         .override_global("conf", config, true)
         .load(object)
@@ -616,12 +617,13 @@ pub struct Standalone {
 
 /// Builds a [`Standalone`] dispatcher around the extension `load` returns.
 pub fn standalone(load: &mut LoadExtension<'_>) -> Result<Standalone, Error> {
+    let frags = crate::kernel::features::get().frags;
     let (config, _) = config_for(&[Entry {
         priority: DEFAULT_PRIORITY,
         chain: 1 << XDP_PASS,
-        frags: true,
+        frags,
     }]);
-    let (disp, fd) = load_dispatcher(&config, true)?;
+    let (disp, fd) = load_dispatcher(&config, frags)?;
     let (mut owner, name) = load(fd.try_clone().map_err(err)?, "prog0")?;
     let ext: &mut Extension = owner
         .program_mut(name)

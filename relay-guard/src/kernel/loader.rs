@@ -15,10 +15,10 @@ use relay_guard_common::maps;
 use tracing::{info, warn};
 
 use crate::{
-    EBPF_OBJECT, PROGRAM_NAME,
+    EBPF_OBJECT, PROGRAM_NAME, PROGRAM_NAME_SINGLE_BUFFER,
     config::XdpMode,
     error::LoadError,
-    kernel::{maps::Maps, pins::Pins, sizes::Sizes},
+    kernel::{features, maps::Maps, pins::Pins, sizes::Sizes},
 };
 
 /// One interface the program is attached to. With pins, the link is pinned
@@ -57,6 +57,9 @@ pub struct Loaded {
     /// relay-guard's program loaded as a dispatcher component, per
     /// ifindex, kept for its log ring buffer (the latest one only).
     pub(crate) ext_owners: std::collections::HashMap<u32, Ebpf>,
+    /// The entry point loaded: [`PROGRAM_NAME`] (`xdp.frags`) where the
+    /// kernel has multi-buffer XDP, else [`PROGRAM_NAME_SINGLE_BUFFER`].
+    prog_name: &'static str,
 }
 
 /// Raises RLIMIT_MEMLOCK for kernels that still charge BPF memory to it
@@ -198,6 +201,18 @@ impl Loaded {
         if EBPF_OBJECT.is_empty() {
             return Err(LoadError::NoObject);
         }
+        // Before 5.11 the maps are charged to RLIMIT_MEMLOCK.
+        bump_memlock_rlimit();
+        let kernel = features::require()?;
+        let prog_name = if kernel.frags {
+            PROGRAM_NAME
+        } else {
+            info!(
+                kernel = kernel.release,
+                "the kernel has no multi-buffer XDP (xdp.frags, Linux 5.18): loading the single-buffer program (a jumbo-MTU interface is guarded in skb mode only)"
+            );
+            PROGRAM_NAME_SINGLE_BUFFER
+        };
         let adopted = pins.is_some_and(|(_, _, fresh)| !fresh);
         let mut loader = EbpfLoader::new();
         // A new set is pinned in its `next-` directory until published.
@@ -235,17 +250,15 @@ impl Loaded {
         let bans =
             crate::kernel::bans::BanMaps::from_source(|name| ebpf.take_map(name).ok_or(LoadError::NoMap { name }))?;
         let prog: &mut Xdp = ebpf
-            .program_mut(PROGRAM_NAME)
-            .ok_or(LoadError::NoProgram { name: PROGRAM_NAME })?
+            .program_mut(prog_name)
+            .ok_or(LoadError::NoProgram { name: prog_name })?
             .try_into()
             .map_err(|source| LoadError::Verifier {
-                name: PROGRAM_NAME,
+                name: prog_name,
                 source,
             })?;
-        prog.load().map_err(|source| LoadError::Verifier {
-            name: PROGRAM_NAME,
-            source,
-        })?;
+        prog.load()
+            .map_err(|source| refused(prog_name, &kernel.release, source))?;
         if let Some(dir) = &set_dir {
             let path = dir.join("prog");
             let _ = std::fs::remove_file(&path);
@@ -273,13 +286,24 @@ impl Loaded {
             xdp_priority: crate::config::DEFAULT_XDP_PRIORITY,
             xdp_dispatcher: false,
             ext_owners: std::collections::HashMap::new(),
+            prog_name,
         })
+    }
+
+    /// Whether the loaded program takes multi-buffer (`xdp.frags`) packets.
+    pub fn frags(&self) -> bool {
+        self.prog_name == PROGRAM_NAME
+    }
+
+    /// The kernel name of the loaded program.
+    pub fn program_name(&self) -> &'static str {
+        self.prog_name
     }
 
     /// The loaded program, for `BPF_PROG_TEST_RUN` and attaching.
     pub fn program(&mut self) -> &mut Xdp {
         self.ebpf
-            .program_mut(PROGRAM_NAME)
+            .program_mut(self.prog_name)
             .expect("checked in load")
             .try_into()
             .expect("checked in load")
@@ -360,17 +384,18 @@ impl Loaded {
                 }
                 Err(source) => {
                     if mode == XdpMode::Auto && name == "native" {
-                        warn!(interface, error = %source, "native XDP not available, falling back to generic (skb) mode");
+                        let why = features::jumbo_hint(interface).unwrap_or_default();
+                        warn!(interface, error = %source, "native XDP not available, falling back to generic (skb) mode{why}");
                     }
                     last = Some((name, source));
                 }
             }
         }
         let (mode, source) = last.expect("at least one attempt");
-        let hint = if mode == "native" {
-            " - the driver may not support native XDP; try xdp_mode = \"skb\""
-        } else {
-            ""
+        let hint = match (mode, features::jumbo_hint(interface)) {
+            ("native", Some(jumbo)) => jumbo,
+            ("native", None) => " - the driver may not support native XDP; try xdp_mode = \"skb\"".to_string(),
+            _ => String::new(),
         };
         Err(LoadError::Attach {
             interface: interface.to_string(),
@@ -408,10 +433,11 @@ impl Loaded {
 
     /// Pins a newly made link so it outlives the agent.
     fn pin_link(&mut self, id: XdpLinkId, path: &Path) -> Result<(), LoadError> {
-        let link = self.program().take_link(id).map_err(|source| LoadError::Verifier {
-            name: PROGRAM_NAME,
-            source,
-        })?;
+        let name = self.prog_name;
+        let link = self
+            .program()
+            .take_link(id)
+            .map_err(|source| LoadError::Verifier { name, source })?;
         match FdLink::try_from(link) {
             Ok(fd) => {
                 let _ = std::fs::remove_file(path);
@@ -455,6 +481,23 @@ impl Loaded {
         for foreign in pins.foreign_entries() {
             warn!(path = %foreign.display(), "pin_dir holds something relay-guard did not create; left alone");
         }
+    }
+}
+
+/// A failed program load as [`LoadError::Verifier`], or, when the kernel
+/// refused the program before its verifier ran (an error and an empty log:
+/// a flag, map or helper it does not know), as [`LoadError::Refused`],
+/// which says so and names the kernel: never a bare "Invalid argument".
+fn refused(name: &'static str, release: &str, source: aya::programs::ProgramError) -> LoadError {
+    match &source {
+        aya::programs::ProgramError::LoadError { verifier_log, .. } if verifier_log.to_string().trim().is_empty() => {
+            LoadError::Refused {
+                name,
+                release: release.to_string(),
+                source,
+            }
+        }
+        _ => LoadError::Verifier { name, source },
     }
 }
 

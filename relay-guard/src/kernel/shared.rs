@@ -148,7 +148,7 @@ impl Loaded {
                 load: &mut load,
                 owner: &mut owner,
                 priority: self.xdp_priority,
-                frags: true,
+                frags: crate::kernel::features::get().frags,
             }),
             mode_flags,
         ) {
