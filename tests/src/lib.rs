@@ -1,14 +1,20 @@
 //! Support for relay-guard's privileged tests: network-namespace labs joined
 //! by veth, the real agent as a child process, TCP peers, and a privilege
-//! gate; and the reference model of the XDP verdict (`model`), which the
-//! differential and bypass tests compare the kernel with. Everything that is
-//! created is removed in `Drop`, also on failure.
+//! gate; the reference model of the XDP verdict (`model`), which the
+//! differential and bypass tests compare the kernel with; and, for the tests
+//! of the deployment artefacts, readers of what they ship (`systemd_unit`,
+//! `promql`, `yaml`), of what the agent does and exports (`strace`,
+//! `exported`), and dpkg (`dpkg`), with their shared helpers (`deploy`).
+//! Everything that is created is removed in `Drop`, also on failure.
 //!
 //! Tests panic, never return `Result`, so failures keep their messages and
 //! backtraces (aya's test/README.md).
 pub mod agent;
 pub mod container;
 pub mod daemon;
+pub mod deploy;
+pub mod dpkg;
+pub mod exported;
 pub mod journal;
 pub mod lab;
 pub mod mail;
@@ -18,9 +24,13 @@ pub mod netns;
 pub mod packet;
 pub mod prober;
 pub mod prometheus;
+pub mod promql;
 pub mod raw;
 pub mod require;
 pub mod smtp;
+pub mod strace;
+pub mod systemd_unit;
+pub mod yaml;
 
 /// How many times longer than on the host the tests wait for a process to
 /// start or end: 1 on the host; 8 in a guest of the kernel matrix (qemu
