@@ -1336,7 +1336,10 @@ fn rule_exprs(yaml: &str) -> Vec<(String, String)> {
     out
 }
 
-const ALERTS: [&str; 8] = [
+const ALERTS: [&str; 11] = [
+    "RelayGuardBansRefused",
+    "RelayGuardBanStateRejected",
+    "RelayGuardBanTrackersFull",
     "RelayGuardOpenRelay",
     "RelayGuardRelayTestFailing",
     "RelayGuardDropsSpiking",

@@ -428,6 +428,10 @@ fn open_commands(state_dir: &Path, create: bool) -> std::io::Result<Option<fs::F
     if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) } != 0 {
         return Err(std::io::Error::last_os_error());
     }
+    // A file an older CLI created with the umask (0644): 0600 now.
+    if f.metadata()?.permissions().mode() & 0o077 != 0 {
+        f.set_permissions(fs::Permissions::from_mode(0o600))?;
+    }
     Ok(Some(f))
 }
 
@@ -549,6 +553,20 @@ impl BanMetrics {
         self.events
             .get_or_create(&vec![("ban", ban.to_string()), ("action", action.to_string())])
             .inc_by(n);
+    }
+
+    /// The series alerts watch, at 0 before anything happens (an alert on
+    /// `increase()` needs the series to exist first).
+    fn preset(&self, sections: &[Ban]) {
+        for source in ["bans.json", "bans.cmd", "pins", "state_dir"] {
+            self.rejected.get_or_create(&vec![("source", source.to_string())]);
+        }
+        for b in sections {
+            for reason in ["full", "error"] {
+                self.refused
+                    .get_or_create(&vec![("ban", b.name.clone()), ("reason", reason.to_string())]);
+            }
+        }
     }
 
     fn reject(&self, source: &'static str, n: u64) {
@@ -776,6 +794,7 @@ impl BanRunner {
             ports,
             ports_known,
         };
+        r.metrics.preset(&cfg.bans);
         if !state_ok {
             r.metrics.reject("state_dir", 1);
         } else if let Err(e) = maps.set_lock(&cfg.state_dir) {
@@ -838,7 +857,7 @@ impl BanRunner {
             }
         }
         if r.state_ok {
-            r.take_commands(maps, true);
+            r.take_commands(maps);
         }
         // Bans only the maps hold (a CLI ban whose line was lost): kept
         // when they pass the CLI's checks; the others are deleted.
@@ -1010,7 +1029,7 @@ impl BanRunner {
     /// Takes in the CLI's pending commands (already in the maps), each
     /// checked like the CLI's input; a refused ban line is lifted from the
     /// kernel again (it did not come from a CLI that checked it).
-    fn take_commands(&mut self, maps: &mut BanMaps, at_start: bool) {
+    fn take_commands(&mut self, maps: &mut BanMaps) {
         let wall = wall_now();
         let (cmds, bad) = take_commands(&self.state_dir);
         let mut rejected = bad.len() as u64;
@@ -1084,7 +1103,6 @@ impl BanRunner {
         if rejected > 0 {
             self.metrics.reject("bans.cmd", rejected);
         }
-        let _ = at_start;
     }
 
     /// The periodic work: the CLI's commands, expiry accounting (and the
@@ -1092,26 +1110,25 @@ impl BanRunner {
     /// deleting any other expired entries from the maps.
     pub fn tick(&mut self, maps: &mut BanMaps) {
         if self.state_ok {
-            self.take_commands(maps, false);
+            self.take_commands(maps);
         }
         let now = wall_now();
         let expired = self.engine.expire(now);
         if !expired.is_empty() {
             let mut by: BTreeMap<String, u64> = BTreeMap::new();
             let boot = boot_ns();
-            let mut deleted = 0usize;
             for r in &expired {
                 *by.entry(self.engine.sections()[r.section].name.clone()).or_default() += 1;
-                match maps.expire_slot(r.net, r.section, boot) {
-                    Ok(true) => deleted += 1,
-                    Ok(false) => {}
-                    Err(e) => warn!(prefix = %r.net, error = %e, "failed to delete an expired ban"),
+                // Out of the trie now (its filter bits go at the next GC),
+                // not at the next GC: expired entries do not stack up in
+                // front of a ban in the program's walk (MAX_NESTED).
+                if let Err(e) = maps.expire_slot(r.net, r.section, boot) {
+                    warn!(prefix = %r.net, error = %e, "failed to delete an expired ban");
                 }
             }
             for (name, n) in by {
                 self.metrics.event(&name, "expired", n);
             }
-            let _ = deleted;
             self.dirty = true;
             self.gauges_dirty = true;
         }
@@ -1248,6 +1265,7 @@ impl BanRunner {
         }
         self.dirty = true;
         self.metrics.bans.clear();
+        self.metrics.preset(&cfg.bans);
         self.refresh_gauges();
     }
 

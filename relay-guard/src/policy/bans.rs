@@ -236,10 +236,7 @@ impl BanEngine {
     /// or /ipv6_prefix, or the address alone when that prefix would cover a
     /// `never` entry. `None`: the source is in `never`.
     pub fn prefix_of(&self, section: usize, source: IpAddr) -> Option<IpNet> {
-        match self.prefix_checked(section, source, &NoAllowlist) {
-            Ok(net) => Some(net),
-            Err(_) => None,
-        }
+        self.prefix_checked(section, source, &NoAllowlist).ok()
     }
 
     /// [`Self::prefix_of`], and for a section without `ban_allowed`: the
