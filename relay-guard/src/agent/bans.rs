@@ -55,7 +55,7 @@ use crate::{
         lists::ListIndex,
     },
     kernel::bans::{BanMaps, boot_expiry, boot_ns, is_full, wall_expiry, wall_now},
-    policy::bans::{Allowed, BanEngine, BanRecord, FailureOrigin, NoAllowlist, Outcome},
+    policy::bans::{Allowed, BanEngine, BanRecord, BanRefused, FailureOrigin, NoAllowlist, Outcome},
 };
 
 /// The ban list in `state_dir`.
@@ -876,9 +876,16 @@ impl BanRunner {
                     failures: 0,
                     length: left.min(MAX_DURATION),
                 };
-                if let Err(why) = r.engine.restore(rec, wall) {
-                    warn!(prefix = %kb.net, section = s, "pinned ban refused and deleted: {why}");
-                    refused_pins += 1;
+                match r.engine.restore(rec, wall) {
+                    Ok(_) => {}
+                    // A section the config no longer has: its bans go.
+                    Err(BanRefused::NoSection(_)) => {
+                        info!(prefix = %kb.net, section = s, "pinned ban of a removed [[ban]] section deleted");
+                    }
+                    Err(why) => {
+                        warn!(prefix = %kb.net, section = s, "pinned ban refused and deleted: {why}");
+                        refused_pins += 1;
+                    }
                 }
             }
         }
