@@ -1336,22 +1336,14 @@ impl BanRunner {
 
     fn refresh_gauges(&mut self) {
         self.gauges_dirty = false;
-        let mut counts: BTreeMap<(String, &'static str), i64> = BTreeMap::new();
-        for b in self.engine.sections() {
-            counts.insert((b.name.clone(), "ipv4"), 0);
-            counts.insert((b.name.clone(), "ipv6"), 0);
-        }
-        for r in self.engine.active() {
-            let fam = if r.net.addr().is_ipv4() { "ipv4" } else { "ipv6" };
-            *counts
-                .entry((self.engine.sections()[r.section].name.clone(), fam))
-                .or_default() += 1;
-        }
-        for ((ban, fam), n) in counts {
-            self.metrics
-                .bans
-                .get_or_create(&vec![("ban", ban), ("family", fam.to_string())])
-                .set(n);
+        // The engine keeps the counts as bans change: no walk over them.
+        for (i, b) in self.engine.sections().iter().enumerate() {
+            for (v6, fam) in [(false, "ipv4"), (true, "ipv6")] {
+                self.metrics
+                    .bans
+                    .get_or_create(&vec![("ban", b.name.clone()), ("family", fam.to_string())])
+                    .set(self.engine.count(i, v6));
+            }
         }
     }
 }
