@@ -559,11 +559,12 @@ impl BanMetrics {
     /// `increase()` needs the series to exist first).
     fn preset(&self, sections: &[Ban]) {
         for source in ["bans.json", "bans.cmd", "pins", "state_dir"] {
-            self.rejected.get_or_create(&vec![("source", source.to_string())]);
+            let _ = self.rejected.get_or_create(&vec![("source", source.to_string())]);
         }
         for b in sections {
             for reason in ["full", "error"] {
-                self.refused
+                let _ = self
+                    .refused
                     .get_or_create(&vec![("ban", b.name.clone()), ("reason", reason.to_string())]);
             }
         }
