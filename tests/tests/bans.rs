@@ -78,6 +78,7 @@ struct Setup {
     _server: BannerServer,
     config: PathBuf,
     state: PathBuf,
+    pins: PathBuf,
 }
 
 fn setup(lab: &Lab, dir: &TempDir, mode: &str, ban_extra: &str) -> Setup {
@@ -102,9 +103,10 @@ fn setup(lab: &Lab, dir: &TempDir, mode: &str, ban_extra: &str) -> Setup {
     }
     Setup {
         _server: BannerServer::start(&lab.server, &[NOT_BANNED, BANNED_GUARDED, BANNED_FREE]),
-        _detach: DetachOnDrop::new(config.clone(), pins),
+        _detach: DetachOnDrop::new(config.clone(), pins.clone()),
         config,
         state,
+        pins,
     }
 }
 
@@ -668,10 +670,14 @@ fn an_unban_is_final_across_restart_reboot_and_a_clock_behind() {
 /// CLI's input": a start from a hostile `bans.json` (after a reboot: no
 /// pins) and a hostile `bans.cmd` line starts, guards, keeps the good
 /// bans, bans nothing the CLI would refuse (`::/0`, `0.0.0.0/0`, `never`),
-/// and counts what it dropped.
+/// and counts what it dropped; so does a restart that finds a hostile
+/// pinned trie entry (planted with bpftool).
 #[test]
 fn a_hostile_ban_state_starts_guards_and_keeps_the_good_bans() {
-    if !require::privileged("a_hostile_ban_state_starts_guards_and_keeps_the_good_bans") {
+    if !require::privileged_with(
+        "a_hostile_ban_state_starts_guards_and_keeps_the_good_bans",
+        &["bpftool"],
+    ) {
         return;
     }
     let lab = Lab::new();
@@ -751,6 +757,55 @@ fn a_hostile_ban_state_starts_guards_and_keeps_the_good_bans() {
         "{out}"
     );
     assert!(reaches(&lab, OTHER_V4, BANNED_FREE), "the refused ban was not written");
+
+    // A pinned trie entry the CLI would refuse (0.0.0.0/0, section 0, far
+    // future), planted while the agent is down: the next start deletes it.
+    let mut agent = agent;
+    let st = agent.stop();
+    assert!(st.success(), "SIGTERM: {st}");
+    let trie = std::fs::read_dir(&s.pins)
+        .expect("pin_dir")
+        .filter_map(Result::ok)
+        .map(|e| e.path().join("maps").join("RG_BAN_V4"))
+        .find(|p| p.exists())
+        .expect("pinned RG_BAN_V4");
+    let mut value = vec!["00"; 72];
+    for b in value.iter_mut().take(8).skip(1) {
+        *b = "7f";
+    }
+    let mut args = vec!["map", "update", "pinned", trie.to_str().expect("utf-8"), "key", "hex"];
+    args.extend(["00"; 8]);
+    args.extend(["value", "hex"]);
+    args.extend(value.iter().copied());
+    let out = std::process::Command::new("bpftool")
+        .args(&args)
+        .output()
+        .expect("bpftool");
+    assert!(
+        out.status.success(),
+        "bpftool: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let list = bans_json(&s.config);
+    assert!(ban_of(&list, "0.0.0.0/0").is_some(), "planted: {list:?}");
+    let agent = Agent::start(&lab.server, s.config.clone(), &dir);
+    let list = bans_json(&s.config);
+    assert!(
+        ban_of(&list, "0.0.0.0/0").is_none(),
+        "the hostile pinned entry stays: {list:?}"
+    );
+    assert!(
+        ban_of(&list, "2001:db8:a::/64").is_some(),
+        "the good ban went: {list:?}"
+    );
+    let text = scrape(&lab);
+    assert_eq!(
+        metric(&text, "relay_guard_ban_state_rejected_total", &[("source", "pins")]),
+        1.0,
+        "{text}\n{}",
+        agent.log_text()
+    );
+    assert!(reaches(&lab, OTHER_V4, BANNED_FREE), "0.0.0.0/0 banned OTHER_V4");
 }
 
 /// SPEC.md "an address that a guard allows explicitly is never banned by a

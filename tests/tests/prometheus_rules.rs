@@ -47,7 +47,11 @@ fn rule_exprs(yaml: &str) -> Vec<(String, String)> {
     out
 }
 
-const ALERTS: [&str; 8] = [
+const ALERTS: [&str; 12] = [
+    "RelayGuardBansRefused",
+    "RelayGuardBanStateRejected",
+    "RelayGuardBanTrackersFull",
+    "RelayGuardLogSourceDown",
     "RelayGuardOpenRelay",
     "RelayGuardRelayTestFailing",
     "RelayGuardDropsSpiking",

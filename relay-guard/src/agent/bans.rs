@@ -55,7 +55,7 @@ use crate::{
         lists::ListIndex,
     },
     kernel::bans::{BanMaps, boot_expiry, boot_ns, is_full, wall_expiry, wall_now},
-    policy::bans::{Allowed, BanEngine, BanRecord, FailureOrigin, NoAllowlist, Outcome},
+    policy::bans::{Allowed, BanEngine, BanRecord, BanRefused, FailureOrigin, NoAllowlist, Outcome},
 };
 
 /// The ban list in `state_dir`.
@@ -428,6 +428,10 @@ fn open_commands(state_dir: &Path, create: bool) -> std::io::Result<Option<fs::F
     if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) } != 0 {
         return Err(std::io::Error::last_os_error());
     }
+    // A file an older CLI created with the umask (0644): 0600 now.
+    if f.metadata()?.permissions().mode() & 0o077 != 0 {
+        f.set_permissions(fs::Permissions::from_mode(0o600))?;
+    }
     Ok(Some(f))
 }
 
@@ -561,6 +565,21 @@ impl BanMetrics {
         self.events
             .get_or_create(&vec![("ban", ban.to_string()), ("action", action.to_string())])
             .inc_by(n);
+    }
+
+    /// The series alerts watch, at 0 before anything happens (an alert on
+    /// `increase()` needs the series to exist first).
+    fn preset(&self, sections: &[Ban]) {
+        for source in ["bans.json", "bans.cmd", "pins", "state_dir"] {
+            let _ = self.rejected.get_or_create(&vec![("source", source.to_string())]);
+        }
+        for b in sections {
+            for reason in ["full", "error"] {
+                let _ = self
+                    .refused
+                    .get_or_create(&vec![("ban", b.name.clone()), ("reason", reason.to_string())]);
+            }
+        }
     }
 
     fn reject(&self, source: &'static str, n: u64) {
@@ -788,6 +807,7 @@ impl BanRunner {
             ports,
             ports_known,
         };
+        r.metrics.preset(&cfg.bans);
         if !state_ok {
             r.metrics.reject("state_dir", 1);
         } else if let Err(e) = maps.set_lock(&cfg.state_dir) {
@@ -850,7 +870,7 @@ impl BanRunner {
             }
         }
         if r.state_ok {
-            r.take_commands(maps, true);
+            r.take_commands(maps);
         }
         // Bans only the maps hold (a CLI ban whose line was lost): kept
         // when they pass the CLI's checks; the others are deleted.
@@ -869,9 +889,16 @@ impl BanRunner {
                     failures: 0,
                     length: left.min(MAX_DURATION),
                 };
-                if let Err(why) = r.engine.restore(rec, wall) {
-                    warn!(prefix = %kb.net, section = s, "pinned ban refused and deleted: {why}");
-                    refused_pins += 1;
+                match r.engine.restore(rec, wall) {
+                    Ok(_) => {}
+                    // A section the config no longer has: its bans go.
+                    Err(BanRefused::NoSection(_)) => {
+                        info!(prefix = %kb.net, section = s, "pinned ban of a removed [[ban]] section deleted");
+                    }
+                    Err(why) => {
+                        warn!(prefix = %kb.net, section = s, "pinned ban refused and deleted: {why}");
+                        refused_pins += 1;
+                    }
                 }
             }
         }
@@ -1043,7 +1070,7 @@ impl BanRunner {
     /// Takes in the CLI's pending commands (already in the maps), each
     /// checked like the CLI's input; a refused ban line is lifted from the
     /// kernel again (it did not come from a CLI that checked it).
-    fn take_commands(&mut self, maps: &mut BanMaps, at_start: bool) {
+    fn take_commands(&mut self, maps: &mut BanMaps) {
         let wall = wall_now();
         let (cmds, bad) = take_commands(&self.state_dir);
         let mut rejected = bad.len() as u64;
@@ -1117,7 +1144,6 @@ impl BanRunner {
         if rejected > 0 {
             self.metrics.reject("bans.cmd", rejected);
         }
-        let _ = at_start;
     }
 
     /// The periodic work: the CLI's commands, expiry accounting (and the
@@ -1125,26 +1151,25 @@ impl BanRunner {
     /// deleting any other expired entries from the maps.
     pub fn tick(&mut self, maps: &mut BanMaps) {
         if self.state_ok {
-            self.take_commands(maps, false);
+            self.take_commands(maps);
         }
         let now = wall_now();
         let expired = self.engine.expire(now);
         if !expired.is_empty() {
             let mut by: BTreeMap<String, u64> = BTreeMap::new();
             let boot = boot_ns();
-            let mut deleted = 0usize;
             for r in &expired {
                 *by.entry(self.engine.sections()[r.section].name.clone()).or_default() += 1;
-                match maps.expire_slot(r.net, r.section, boot) {
-                    Ok(true) => deleted += 1,
-                    Ok(false) => {}
-                    Err(e) => warn!(prefix = %r.net, error = %e, "failed to delete an expired ban"),
+                // Out of the trie now (its filter bits go at the next GC),
+                // not at the next GC: expired entries do not stack up in
+                // front of a ban in the program's walk (MAX_NESTED).
+                if let Err(e) = maps.expire_slot(r.net, r.section, boot) {
+                    warn!(prefix = %r.net, error = %e, "failed to delete an expired ban");
                 }
             }
             for (name, n) in by {
                 self.metrics.event(&name, "expired", n);
             }
-            let _ = deleted;
             self.dirty = true;
             self.gauges_dirty = true;
         }
@@ -1281,6 +1306,7 @@ impl BanRunner {
         }
         self.dirty = true;
         self.metrics.bans.clear();
+        self.metrics.preset(&cfg.bans);
         self.refresh_gauges();
     }
 
@@ -1344,22 +1370,14 @@ impl BanRunner {
 
     fn refresh_gauges(&mut self) {
         self.gauges_dirty = false;
-        let mut counts: BTreeMap<(String, &'static str), i64> = BTreeMap::new();
-        for b in self.engine.sections() {
-            counts.insert((b.name.clone(), "ipv4"), 0);
-            counts.insert((b.name.clone(), "ipv6"), 0);
-        }
-        for r in self.engine.active() {
-            let fam = if r.net.addr().is_ipv4() { "ipv4" } else { "ipv6" };
-            *counts
-                .entry((self.engine.sections()[r.section].name.clone(), fam))
-                .or_default() += 1;
-        }
-        for ((ban, fam), n) in counts {
-            self.metrics
-                .bans
-                .get_or_create(&vec![("ban", ban), ("family", fam.to_string())])
-                .set(n);
+        // The engine keeps the counts as bans change: no walk over them.
+        for (i, b) in self.engine.sections().iter().enumerate() {
+            for (v6, fam) in [(false, "ipv4"), (true, "ipv6")] {
+                self.metrics
+                    .bans
+                    .get_or_create(&vec![("ban", b.name.clone()), ("family", fam.to_string())])
+                    .set(self.engine.count(i, v6));
+            }
         }
     }
 }

@@ -133,6 +133,9 @@ pub struct BanEngine {
     /// No ban in force ends before this: [`Self::expire`] scans nothing
     /// until then (a second's tick with a million bans costs nothing).
     next_expiry: Duration,
+    /// Bans in force per (section, IPv6), kept as they change (the gauges
+    /// read it without a count over every ban).
+    counts: HashMap<(usize, bool), i64>,
 }
 
 impl std::fmt::Debug for BanEngine {
@@ -167,7 +170,25 @@ impl BanEngine {
             evicted: 0,
             max_trackers: cap.max(1),
             next_expiry: Duration::MAX,
+            counts: HashMap::new(),
         }
+    }
+
+    fn insert_active(&mut self, key: (usize, IpNet), r: BanRecord) {
+        if self.active.insert(key, r).is_none() {
+            *self.counts.entry((key.0, key.1.addr().is_ipv6())).or_default() += 1;
+        }
+    }
+
+    fn remove_active(&mut self, key: &(usize, IpNet)) -> Option<BanRecord> {
+        let r = self.active.remove(key)?;
+        *self.counts.entry((key.0, key.1.addr().is_ipv6())).or_default() -= 1;
+        Some(r)
+    }
+
+    /// Bans in force of `section` in one family.
+    pub fn count(&self, section: usize, v6: bool) -> i64 {
+        self.counts.get(&(section, v6)).copied().unwrap_or(0)
     }
 
     /// Trackers evicted so far to make room for new sources.
@@ -207,11 +228,12 @@ impl BanEngine {
         self.sections = sections;
         let mut kept = Vec::new();
         let mut gone = Vec::new();
+        self.counts.clear();
         for ((s, net), mut r) in std::mem::take(&mut self.active) {
             match map.get(s).copied().flatten() {
                 Some(n) => {
                     r.section = n;
-                    self.active.insert((n, net), r.clone());
+                    self.insert_active((n, net), r.clone());
                     kept.push(r);
                 }
                 None => gone.push(r),
@@ -236,10 +258,7 @@ impl BanEngine {
     /// or /ipv6_prefix, or the address alone when that prefix would cover a
     /// `never` entry. `None`: the source is in `never`.
     pub fn prefix_of(&self, section: usize, source: IpAddr) -> Option<IpNet> {
-        match self.prefix_checked(section, source, &NoAllowlist) {
-            Ok(net) => Some(net),
-            Err(_) => None,
-        }
+        self.prefix_checked(section, source, &NoAllowlist).ok()
     }
 
     /// [`Self::prefix_of`], and for a section without `ban_allowed`: the
@@ -383,7 +402,7 @@ impl BanEngine {
             },
         );
         self.next_expiry = self.next_expiry.min(record.expires);
-        self.active.insert(key, record.clone());
+        self.insert_active(key, record.clone());
         record
     }
 
@@ -400,7 +419,7 @@ impl BanEngine {
             .collect();
         let mut out = Vec::new();
         for k in keys {
-            if let Some(r) = self.active.remove(&k) {
+            if let Some(r) = self.remove_active(&k) {
                 if let Some(h) = self.history.get_mut(&k) {
                     h.until = h.until.min(now);
                 }
@@ -422,7 +441,7 @@ impl BanEngine {
             .filter(|(_, r)| r.expires <= now)
             .map(|(k, _)| *k)
             .collect();
-        let out: Vec<BanRecord> = done.into_iter().filter_map(|k| self.active.remove(&k)).collect();
+        let out: Vec<BanRecord> = done.into_iter().filter_map(|k| self.remove_active(&k)).collect();
         self.next_expiry = self.active.values().map(|r| r.expires).min().unwrap_or(Duration::MAX);
         out
     }
@@ -474,7 +493,7 @@ impl BanEngine {
         h.times = h.times.max(record.times);
         h.until = record.expires;
         self.next_expiry = self.next_expiry.min(record.expires);
-        self.active.insert(key, record);
+        self.insert_active(key, record);
         Ok(true)
     }
 

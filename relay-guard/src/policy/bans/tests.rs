@@ -112,8 +112,10 @@ fn manual_ban_escalates_too_and_lift_keeps_history() {
     let mut e = BanEngine::new(vec![section()]);
     let a = e.manual(0, net("203.0.113.0/24"), None, secs(0)).expect("ban");
     assert_eq!(a.expires, secs(100));
+    assert_eq!(e.count(0, false), 1);
     assert_eq!(e.lift(net("203.0.113.0/24"), None, secs(5)).len(), 1);
     assert_eq!(e.active_count(), 0);
+    assert_eq!(e.count(0, false), 0);
     let b = e.manual(0, net("203.0.113.0/24"), None, secs(10)).expect("ban");
     assert_eq!(b.expires, secs(210));
     let c = e
@@ -343,6 +345,9 @@ proptest! {
             let src = ip(sources[usize::from(s)]);
             let got = e.failure(0, src, secs(now));
             e.expire(secs(now));
+            // The gauges' counts follow the bans in force.
+            let v4 = e.active().filter(|r| r.net.addr().is_ipv4()).count() as i64;
+            prop_assert_eq!((e.count(0, false), e.count(0, true)), (v4, e.active_count() as i64 - v4));
             if b.never.iter().any(|n| n.contains(&src)) {
                 prop_assert!(got.is_none());
                 continue;
