@@ -22,11 +22,15 @@
 //! - Postfix: the `NAME[ADDR]` that opens the message. NAME is Postfix's
 //!   validated client name (`unknown` or a host name of letters, digits, `-`,
 //!   `_`, `.`), so the first `]` ends the address. Client text (HELO, MAIL
-//!   FROM, the SASL method, `sasl_username=`) only ever comes after it. The
-//!   disconnect line's counters must all be `word=N` or `word=N/M`. A session
-//!   whose disconnect line shows a successful XCLIENT (`xclient=1`) carries an
-//!   address a local client chose, and is not counted (docs/operations.md
-//!   "Testing for open relay").
+//!   FROM, the SASL method, `sasl_username=`) only ever comes after it.
+//! - XCLIENT (Postfix): after a granted `XCLIENT ADDR=X`, smtpd logs the
+//!   session's warnings and disconnect line as X's, a local client's choice.
+//!   smtpd's `connect from NAME[ADDR]` line names the real peer; a warning or
+//!   disconnect line of the same smtpd process (pid) with another address
+//!   comes from a session that used XCLIENT, and charges nobody. A disconnect
+//!   line with an `xclient=` counter whose connect line was not seen charges
+//!   nobody either (Postfix 3.7 logs `xclient=0/1` for a granted XCLIENT as
+//!   for a refused one). docs/operations.md "Testing for open relay".
 //! - Dovecot: the message is `TEXT: ELEMENTS`, TEXT Dovecot's own and
 //!   ELEMENTS its `login_log_format_elements` (default `user=<%u>
 //!   method=%m rip=%r lip=%l mpid=%e %c session=<%{session}>`) joined by
@@ -130,13 +134,29 @@ pub const MAX_PENDING: usize = 65_536;
 
 /// Reads the lines of one source, in order. Keeps, per smtpd process and
 /// client, the failures its warnings counted, so the disconnect line adds only
-/// the rest.
+/// the rest; and per smtpd process, the peer its `connect from` line named.
 #[derive(Debug, Default)]
 pub struct Parser {
     /// (identifier, pid, client) → (failures warned and not yet settled by a
     /// disconnect line, sequence number for eviction).
     warned: HashMap<(String, u32, IpAddr), (u32, u64)>,
+    /// pid → (identifier, the peer of its open session, sequence number):
+    /// the peer from `connect from` until `disconnect from` (then `None`,
+    /// kept for the process's next session). A pid is one process at a time
+    /// and keeps its identifier. At most [`MAX_PENDING`].
+    connected: HashMap<u32, (String, Option<IpAddr>, u64), foldhash::fast::RandomState>,
     seq: u64,
+}
+
+/// Forgets the older half of `map` (by sequence number) when it holds
+/// [`MAX_PENDING`] entries.
+fn bound<K: Eq + std::hash::Hash, V, S: std::hash::BuildHasher>(map: &mut HashMap<K, V, S>, seq: impl Fn(&V) -> u64) {
+    if map.len() >= MAX_PENDING {
+        let mut seqs: Vec<u64> = map.values().map(&seq).collect();
+        seqs.sort_unstable();
+        let cut = seqs[seqs.len() / 2];
+        map.retain(|_, v| seq(v) >= cut);
+    }
 }
 
 impl Parser {
@@ -180,6 +200,24 @@ impl Parser {
     }
 
     fn postfix(&mut self, ident: &str, pid: u32, message: &str) -> Outcome {
+        if let Some(rest) = message.strip_prefix("connect from ") {
+            if let Some((addr, _)) = client(rest) {
+                bound(&mut self.connected, |&(_, _, s)| s);
+                self.seq += 1;
+                let seq = self.seq;
+                match self.connected.entry(pid) {
+                    // The same process's next session: no new allocation.
+                    std::collections::hash_map::Entry::Occupied(mut e) if e.get().0 == ident => {
+                        let v = e.get_mut();
+                        (v.1, v.2) = (Some(addr), seq);
+                    }
+                    e => {
+                        let _ = e.insert_entry((ident.to_owned(), Some(addr), seq));
+                    }
+                }
+            }
+            return Outcome::Ignored;
+        }
         if let Some(rest) = message.strip_prefix("warning: ") {
             let Some((addr, after)) = client(rest) else {
                 // Not a client's warning, or one whose client element does
@@ -209,6 +247,11 @@ impl Parser {
             let suspicious = method.is_empty() || !method.bytes().all(is_mech_char) || user.is_some_and(field_like);
             if method.is_empty() {
                 return Outcome::Unparsed { suspicious };
+            }
+            if self.xclient(ident, pid, addr) == Some(true) {
+                // A session that used XCLIENT: the address is a local
+                // client's choice.
+                return Outcome::Ignored;
             }
             // The AUTH command failed, so the disconnect line counts it: note
             // it either way. A failure of Postfix's own SASL back end is no
@@ -245,17 +288,23 @@ impl Parser {
                         self.settle(ident, pid, addr);
                         return Outcome::UNPARSED;
                     }
-                } else if let Some(v) = token.strip_prefix("xclient=") {
-                    xclient |= counts(v).is_none_or(|(ok, _)| ok > 0);
+                } else if token.starts_with("xclient=") {
+                    // Granted or refused: Postfix 3.7 logs both as 0/1.
+                    xclient = true;
                 }
             }
             let warned = self.settle(ident, pid, addr);
+            let spoofed = self.xclient(ident, pid, addr);
+            if let Some(v) = self.connected.get_mut(&pid) {
+                v.1 = None;
+            }
             let Some((ok, total)) = auth else {
                 return Outcome::Ignored;
             };
-            if xclient {
+            if spoofed.unwrap_or(xclient) {
                 // The address is what a local client told smtpd through
-                // XCLIENT: nobody is charged.
+                // XCLIENT (or, with no connect line seen, may be): nobody is
+                // charged.
                 return Outcome::Ignored;
             }
             let failed = total.saturating_sub(ok);
@@ -274,13 +323,21 @@ impl Parser {
         Outcome::Ignored
     }
 
-    fn note_warning(&mut self, ident: &str, pid: u32, addr: IpAddr) {
-        if self.warned.len() >= MAX_PENDING {
-            let mut seqs: Vec<u64> = self.warned.values().map(|&(_, s)| s).collect();
-            seqs.sort_unstable();
-            let cut = seqs[seqs.len() / 2];
-            self.warned.retain(|_, &mut (_, s)| s >= cut);
+    /// Whether the session of this smtpd process logs another address than
+    /// its connect line named (`None`: no connect line seen).
+    fn xclient(&self, ident: &str, pid: u32, addr: IpAddr) -> Option<bool> {
+        if self.connected.is_empty() {
+            return None;
         }
+        self.connected
+            .get(&pid)
+            .filter(|(id, _, _)| id == ident)
+            .and_then(|&(_, peer, _)| peer)
+            .map(|peer| peer != addr)
+    }
+
+    fn note_warning(&mut self, ident: &str, pid: u32, addr: IpAddr) {
+        bound(&mut self.warned, |&(_, s)| s);
         self.seq += 1;
         let seq = self.seq;
         let entry = self.warned.entry((ident.to_owned(), pid, addr)).or_insert((0, seq));
@@ -299,6 +356,12 @@ impl Parser {
     /// (identifier, pid, client) pairs waiting for their disconnect line.
     pub fn pending(&self) -> usize {
         self.warned.len()
+    }
+
+    /// smtpd processes whose session is open (a connect line, no disconnect
+    /// line yet).
+    pub fn sessions(&self) -> usize {
+        self.connected.values().filter(|v| v.1.is_some()).count()
     }
 }
 
