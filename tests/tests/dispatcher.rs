@@ -22,7 +22,7 @@ use relay_guard_tests::{
     lab::{ALLOWED_V4, DENIED_V4, Lab, SERVER_V4, ip, pin_dir},
     net::connect_banner,
     netns::NetNs,
-    prober::ALLOWED_TIMEOUT,
+    prober::{ALLOWED_TIMEOUT, Prober},
     require,
 };
 
@@ -404,4 +404,286 @@ fn libxdp_recognises_the_rust_dispatcher() {
         None,
         "still attached after xdp-loader unload"
     );
+}
+
+/// A second client address that relay-guard allows and xdp-filter does not
+/// drop (the lab's ALLOWED_V4 is xdp-filter's target in these tests).
+const OTHER_ALLOWED_V4: &str = "192.0.2.11";
+
+/// Gives the client [`OTHER_ALLOWED_V4`] too.
+fn add_other_allowed(lab: &Lab) {
+    lab.client
+        .ip(&["addr", "add", &format!("{OTHER_ALLOWED_V4}/32"), "dev", &lab.client_if]);
+    lab.server.ip(&[
+        "neigh",
+        "replace",
+        OTHER_ALLOWED_V4,
+        "lladdr",
+        relay_guard_tests::lab::CLIENT_MAC,
+        "dev",
+        &lab.server_if,
+        "nud",
+        "permanent",
+    ]);
+}
+
+/// The prober's figures, asserted gap-free: every allowed probe answered,
+/// no denied one admitted, and enough of both to mean something.
+fn assert_no_gap(what: &str, prober: Prober, log: &str) {
+    use std::sync::atomic::Ordering::Relaxed;
+    let (tally, errors) = prober.finish();
+    let (ok, failed) = (tally.allowed_ok.load(Relaxed), tally.allowed_failed.load(Relaxed));
+    let (blocked, admitted) = (tally.denied_blocked.load(Relaxed), tally.denied_admitted.load(Relaxed));
+    println!("{what}: allowed {ok} ok / {failed} failed; denied {blocked} blocked / {admitted} admitted");
+    assert!(ok > 0 && blocked > 0, "{what}: the prober ran too little");
+    assert_eq!((failed, admitted), (0, 0), "{what}: a gap: {errors:?}\n{log}");
+}
+
+/// relay-guard inside a libxdp dispatcher beside xdp-filter, through every
+/// change of its own: restarted by SIGTERM and by SIGKILL, upgraded across
+/// layouts, detached, started again, and then xdp-filter unloaded. Two
+/// continuous probers run throughout: one for relay-guard's verdicts (an
+/// allowed and a denied source), one for xdp-filter's (the source it
+/// drops). Neither verdict has a gap while its program is meant to be
+/// there; `detach` takes out only relay-guard's slot and `xdp-filter
+/// unload` only xdp-filter's.
+///
+/// Where the kernel refuses extension programs (no dispatcher), what it
+/// allows: each start of relay-guard is refused by name while xdp-filter
+/// keeps filtering under the prober, and after `xdp-filter unload`
+/// relay-guard attaches directly and guards.
+#[test]
+fn restarts_upgrade_detach_and_unload_inside_the_dispatcher() {
+    use nix::sys::signal::Signal;
+    const TEST: &str = "restarts_upgrade_detach_and_unload_inside_the_dispatcher";
+    if !require(TEST) {
+        return;
+    }
+    let _one = XDP_FILTER.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let lab = Lab::new();
+    add_other_allowed(&lab);
+    let _server = relay_guard_tests::net::BannerServer::start(&lab.server, &[25]);
+    let dir = TempDir::new();
+    let (config, detach) = setup(&dir, &lab, "");
+    let pins = detach.pin_dir.clone();
+    let (filter, ok, text) = XdpFilter::load(&lab.server, &lab.server_if);
+    assert!(ok, "xdp-filter load: {text}");
+    let shared = loader_status(&lab.server, &lab.server_if).contains("xdp_dispatcher");
+    let rg_prober = || Prober::start(&lab.client, ip(OTHER_ALLOWED_V4), ip(DENIED_V4), ip(SERVER_V4), 25);
+    let xf_prober = || Prober::start(&lab.client, ip(OTHER_ALLOWED_V4), ip(FILTERED_V4), ip(SERVER_V4), 25);
+
+    if !shared {
+        println!("branch: no dispatcher (the kernel refuses extension programs)");
+        let xf = xf_prober();
+        for attempt in 0..2 {
+            let mut run = Agent::spawn(&lab.server, config.clone(), &dir, &["run"]);
+            let exit = run.wait(Duration::from_secs(15));
+            let log = run.log_text();
+            assert!(
+                !exit.success(),
+                "start {attempt}: the agent started beside a single program:\n{log}"
+            );
+            assert!(log.contains("already runs XDP program `xdpfilt_"), "{log}");
+        }
+        assert_no_gap("xdp-filter while relay-guard was refused", xf, "");
+        drop(filter);
+        let agent = Agent::start(&lab.server, config, &dir);
+        assert!(connects(&lab, OTHER_ALLOWED_V4), "{}", agent.log_text());
+        assert!(
+            !connects(&lab, DENIED_V4),
+            "relay-guard does not guard after xdp-filter unload"
+        );
+        return;
+    }
+
+    println!("branch: libxdp dispatcher (the kernel runs extension programs)");
+    let xf = xf_prober();
+    let mut agent = Agent::start(&lab.server, config.clone(), &dir);
+    assert!(
+        agent.log_text().contains("joined the XDP dispatcher"),
+        "{}",
+        agent.log_text()
+    );
+    let rg = rg_prober();
+    std::thread::sleep(Duration::from_millis(500));
+
+    // Restart by SIGTERM, then by SIGKILL: the slot stays in the
+    // dispatcher while no agent runs, and the new agent replaces it.
+    assert!(agent.stop().success(), "{}", agent.log_text());
+    std::thread::sleep(Duration::from_millis(500));
+    agent = Agent::start(&lab.server, config.clone(), &dir);
+    agent.signal(Signal::SIGKILL);
+    let _ = agent.wait(Duration::from_secs(10));
+    std::thread::sleep(Duration::from_millis(500));
+    agent = Agent::start(&lab.server, config.clone(), &dir);
+
+    // Upgrade across layouts: the previous version's state (renamed as
+    // claims.rs does) holds the slot; the new agent takes it over.
+    assert!(agent.stop().success(), "{}", agent.log_text());
+    let ours = format!("layout-{}", relay_guard_common::LAYOUT_VERSION);
+    let old = format!("layout-{}", relay_guard_common::LAYOUT_VERSION - 1);
+    std::fs::rename(pins.join(&ours), pins.join(&old)).expect("rename the layout directory on bpffs");
+    agent = Agent::start(&lab.server, config.clone(), &dir);
+    let log = agent.log_text();
+    assert!(!pins.join(&old).exists(), "the old layout was left in place:\n{log}");
+    std::thread::sleep(Duration::from_millis(500));
+    let status = loader_status(&lab.server, &lab.server_if);
+    assert_eq!(
+        status.matches("relay_guard").count(),
+        1,
+        "one slot of relay-guard:\n{status}"
+    );
+    assert_no_gap("relay-guard through restarts and an upgrade", rg, &log);
+
+    // `detach` while xdp-filter stays: its prober keeps running.
+    assert!(agent.stop().success(), "{}", agent.log_text());
+    let (ok, t) = in_ns(
+        &lab.server,
+        &[
+            relay_guard_tests::agent::agent_bin().to_str().expect("utf-8"),
+            "--config",
+            config.to_str().expect("utf-8"),
+            "detach",
+        ],
+    );
+    assert!(ok, "detach: {t}");
+    let status = loader_status(&lab.server, &lab.server_if);
+    assert!(
+        !status.contains("relay_guard") && status.contains("xdpfilt_"),
+        "{status}"
+    );
+    assert!(connects(&lab, DENIED_V4), "relay-guard still filters after detach");
+    assert_no_gap("xdp-filter through relay-guard's restarts, upgrade and detach", xf, "");
+
+    // Back in, then `xdp-filter unload`: relay-guard keeps guarding.
+    let agent = Agent::start(&lab.server, config, &dir);
+    let rg = rg_prober();
+    std::thread::sleep(Duration::from_millis(500));
+    let (ok, t) = in_ns(&lab.server, &["xdp-filter", "unload", &lab.server_if]);
+    assert!(ok, "xdp-filter unload: {t}");
+    std::thread::sleep(Duration::from_millis(500));
+    let status = loader_status(&lab.server, &lab.server_if);
+    assert!(
+        status.contains("relay_guard") && !status.contains("xdpfilt_"),
+        "{status}"
+    );
+    assert!(connects(&lab, FILTERED_V4), "xdp-filter's drop outlived its unload");
+    assert_no_gap("relay-guard through xdp-filter unload", rg, &agent.log_text());
+    drop(agent);
+    drop(detach);
+}
+
+/// SPEC.md's promise holds only if relay-guard sees the packets: a program
+/// that runs ahead of it in the dispatcher (lower priority) and does not
+/// chain on XDP_PASS hands what it passes to the stack, past relay-guard.
+/// The agent must say so (an error line naming the program, `status`,
+/// `relay_guard_interface_bypassed` 1), and take it back when the program
+/// goes. Real packets show the bypass. Without extension programs no
+/// dispatcher can hold two programs: the metric is there and 0.
+#[test]
+fn a_program_ahead_that_does_not_chain_on_pass_is_reported_as_a_bypass() {
+    const TEST: &str = "a_program_ahead_that_does_not_chain_on_pass_is_reported_as_a_bypass";
+    if !require(TEST) {
+        return;
+    }
+    let obj = "/usr/lib/x86_64-linux-gnu/bpf/xdpfilt_alw_all.o";
+    let _one = XDP_FILTER.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let lab = Lab::new();
+    let _server = relay_guard_tests::net::BannerServer::start(&lab.server, &[25]);
+    let dir = TempDir::new();
+    let (config, detach) = setup(&dir, &lab, "xdp_dispatcher = true\nxdp_priority = 10");
+    let agent = Agent::start(&lab.server, config.clone(), &dir);
+    let bypassed = |lab: &Lab| {
+        relay_guard_tests::net::metric(
+            &relay_guard_tests::lab::scrape(lab),
+            "relay_guard_interface_bypassed",
+            &[("interface", &lab.server_if)],
+        )
+    };
+    let text = relay_guard_tests::lab::scrape(&lab);
+    assert!(
+        text.contains("relay_guard_interface_bypassed{"),
+        "no bypass metric:\n{text}"
+    );
+    assert_eq!(bypassed(&lab), 0.0, "{}", agent.log_text());
+    if !agent.log_text().contains("XDP dispatcher in place") {
+        println!("branch: the kernel refuses extension programs; nothing can run ahead of relay-guard");
+        assert!(!connects(&lab, DENIED_V4), "relay-guard does not guard");
+        return;
+    }
+    println!("branch: relay-guard installed a dispatcher");
+    assert!(!connects(&lab, DENIED_V4), "relay-guard does not guard");
+    // xdp-filter's allow-all program at priority 5 (ahead of relay-guard's
+    // 10), chaining only on XDP_DROP: it passes everything, and ends the
+    // chain there.
+    let (ok, t) = in_ns(
+        &lab.server,
+        &[
+            "xdp-loader",
+            "load",
+            "-m",
+            "skb",
+            "-P",
+            "5",
+            "-A",
+            "XDP_DROP",
+            &lab.server_if,
+            obj,
+        ],
+    );
+    assert!(ok, "xdp-loader load: {t}");
+    let status = loader_status(&lab.server, &lab.server_if);
+    let id: u32 = status
+        .lines()
+        .find(|l| l.contains("xdpfilt_alw_all"))
+        .and_then(|l| {
+            let w: Vec<&str> = l.split_whitespace().collect();
+            let at = w.iter().position(|x| *x == "xdpfilt_alw_all")?;
+            w[at + 1..].iter().find_map(|x| x.parse().ok())
+        })
+        .unwrap_or_else(|| panic!("no id for xdpfilt_alw_all:\n{status}"));
+    let deadline = std::time::Instant::now() + Duration::from_secs(20 * u64::from(relay_guard_tests::slowdown()));
+    while bypassed(&lab) != 1.0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no bypass reported:\n{status}\n{}",
+            agent.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(
+        connects(&lab, DENIED_V4),
+        "the denied source is not passed by the program ahead?\n{status}"
+    );
+    let log = agent.log_text();
+    assert!(
+        log.contains("is NOT guarded") && log.contains("`xdpfilt_alw_all` (id") && log.contains("priority 5"),
+        "the log must name the program that bypasses relay-guard:\n{log}"
+    );
+    let (ok, text) = relay_guard_tests::agent::cli(&config, &["status"]);
+    assert!(
+        ok.success() && text.contains("BYPASSED") && text.contains("xdpfilt_alw_all"),
+        "{text}"
+    );
+
+    let (ok, t) = in_ns(
+        &lab.server,
+        &["xdp-loader", "unload", &lab.server_if, "-i", &id.to_string()],
+    );
+    assert!(ok, "xdp-loader unload: {t}\n{status}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(20 * u64::from(relay_guard_tests::slowdown()));
+    while bypassed(&lab) != 0.0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the bypass stays reported:\n{}",
+            agent.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(
+        !connects(&lab, DENIED_V4),
+        "relay-guard does not guard after the program went"
+    );
+    drop(agent);
+    drop(detach);
 }

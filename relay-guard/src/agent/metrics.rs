@@ -103,6 +103,10 @@ pub struct AgentMetrics {
     pub interface_attached: Family<[(&'static str, String); 1], Gauge>,
     /// The interfaces `interface_attached` has a series for.
     pub interface_names: Arc<Mutex<Vec<String>>>,
+    /// `relay_guard_interface_bypassed{interface}`: 1 while a program that
+    /// runs ahead of relay-guard in the interface's XDP dispatcher ends the
+    /// chain on XDP_PASS (what it passes is not filtered), else 0.
+    pub interface_bypassed: Family<[(&'static str, String); 1], Gauge>,
     /// Blocked-source log events held back by the bound (kernel and agent).
     pub blocked_events_suppressed: Counter,
 }
@@ -132,7 +136,17 @@ impl AgentMetrics {
         for gone in names.iter().filter(|n| !status.iter().any(|(s, _)| s == *n)) {
             self.interface_attached.remove(&[("interface", gone.clone())]);
         }
+        for gone in names.iter().filter(|n| !status.iter().any(|(s, _)| s == *n)) {
+            self.interface_bypassed.remove(&[("interface", gone.clone())]);
+        }
         *names = status.iter().map(|(n, _)| n.clone()).collect();
+    }
+
+    /// Sets `relay_guard_interface_bypassed` of `interface`.
+    pub fn interface_bypassed(&self, interface: &str, bypassed: bool) {
+        self.interface_bypassed
+            .get_or_create(&[("interface", interface.to_string())])
+            .set(i64::from(bypassed));
     }
 
     pub fn reload_failed(&self) {
@@ -323,6 +337,11 @@ pub fn registry(counters: Counters, labels: Arc<RwLock<LabelState>>, agent: &Age
         "interface_attached",
         "Whether the configured interface of that name carries the filter (1) or not (0: missing, refused or failed to attach)",
         agent.interface_attached.clone(),
+    );
+    sub.register(
+        "interface_bypassed",
+        "Whether a program that runs ahead of relay-guard in the interface's XDP dispatcher ends the chain on XDP_PASS, so what it passes is not filtered (1) or not (0)",
+        agent.interface_bypassed.clone(),
     );
     sub.register(
         "blocked_events_suppressed",

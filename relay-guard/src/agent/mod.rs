@@ -140,6 +140,9 @@ pub struct Agent {
     /// guarded (so a problem is logged when it starts or changes, not at
     /// every check).
     link_problems: HashMap<String, String>,
+    /// What was last reported for each interface where a program ahead of
+    /// relay-guard in the XDP dispatcher bypasses it (`check_bypass`).
+    bypassed: HashMap<String, String>,
     labels: Arc<RwLock<LabelState>>,
     metrics: AgentMetrics,
     watch: FileWatch,
@@ -309,7 +312,7 @@ impl Agent {
         };
         let watch = FileWatch::new(&watched_files(config_path, &cfg));
         let relaytest = relaytest::Scheduler::start(&cfg.relaytest, relaytest_metrics);
-        Ok(Agent {
+        let mut agent = Agent {
             relaytest,
             config_path: config_path.to_path_buf(),
             options,
@@ -322,6 +325,7 @@ impl Agent {
             pins,
             links: link_watch,
             link_problems,
+            bypassed: HashMap::new(),
             labels,
             metrics: agent_metrics,
             watch,
@@ -334,7 +338,9 @@ impl Agent {
             ban_inputs,
             ban_tick: tokio::time::interval(bans::TICK),
             _lock: lock,
-        })
+        };
+        agent.check_bypass();
+        Ok(agent)
     }
 
     /// The loop: one event at a time, each to its handler, until a stop.
@@ -406,6 +412,31 @@ impl Agent {
         }
     }
 
+    /// Reports each configured interface where relay-guard's slot in a
+    /// shared XDP dispatcher is bypassed: a program ahead of it that does
+    /// not chain on XDP_PASS (SPEC.md, "Sharing the interface"): an error
+    /// line when it starts or changes, `relay_guard_interface_bypassed`.
+    fn check_bypass(&mut self) {
+        for iface in &self.current.interfaces {
+            let bypass = crate::kernel::loader::ifindex(iface)
+                .map(|i| crate::kernel::shared::bypasses(&self.pins, i))
+                .unwrap_or_default();
+            self.metrics.interface_bypassed(iface, !bypass.is_empty());
+            if bypass.is_empty() {
+                if self.bypassed.remove(iface).is_some() {
+                    info!(interface = %iface, "no program ahead of relay-guard in the XDP dispatcher bypasses it any more");
+                }
+                continue;
+            }
+            let text = crate::kernel::shared::bypass_text(iface, &bypass);
+            if self.bypassed.get(iface) != Some(&text) {
+                error!(interface = %iface, "{text}");
+                self.bypassed.insert(iface.clone(), text);
+            }
+        }
+        self.bypassed.retain(|name, _| self.current.interfaces.contains(name));
+    }
+
     /// A device came, went or changed: makes every configured interface's
     /// device carry the filter (see `links`), reports those that cannot, and
     /// updates `relay_guard_interface_attached` and the counters' labels.
@@ -462,6 +493,7 @@ impl Agent {
             }
         }
         self.metrics.interfaces_attached(&attached);
+        self.check_bypass();
     }
 
     /// Reloads the config (as a delta when only list files changed), and on

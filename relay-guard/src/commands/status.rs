@@ -30,9 +30,15 @@ pub fn execute(config_path: &Path, as_json: bool) -> anyhow::Result<()> {
         inspect::summary(&km).context("failed to read the pinned maps")?;
     let agent = AgentLock::holder(&pin_dir);
     let mut links = pins.pinned_links();
-    // Interfaces where relay-guard runs in a shared (libxdp) dispatcher.
+    // Interfaces where relay-guard runs in a shared (libxdp) dispatcher,
+    // and what bypasses it there.
+    let mut bypassed = Vec::new();
     for (i, _) in crate::kernel::shared::own_slots(&pins) {
         let name = ifname(i).unwrap_or_else(|| format!("ifindex {i}"));
+        let bypass = crate::kernel::shared::bypasses(&pins, i);
+        if !bypass.is_empty() {
+            bypassed.push((name.clone(), bypass));
+        }
         if !links.contains(&name) {
             links.push(name);
         }
@@ -81,6 +87,7 @@ pub fn execute(config_path: &Path, as_json: bool) -> anyhow::Result<()> {
             "guarded_ports": ports, "ipv4_blocks": blocks, "ipv4_long_blocks": long_blocks, "ipv6_nodes": v6_nodes, "ipv6_leaves": v6_leaves,
             "config_matches_kernel": drift.map(|d| !d),
             "config_error": cfg.as_ref().err().map(ToString::to_string),
+            "bypassed": bypassed.iter().map(|(i, b)| json!({"interface": i, "by": b.iter().map(|b| json!({"name": b.name, "id": b.id, "priority": b.priority})).collect::<Vec<_>>()})).collect::<Vec<_>>(),
             "counters": counters, "malformed": snap.malformed,
         });
         println!("{}", serde_json::to_string_pretty(&out)?);
@@ -101,6 +108,9 @@ pub fn execute(config_path: &Path, as_json: bool) -> anyhow::Result<()> {
             links.join(", ")
         }
     );
+    for (i, b) in &bypassed {
+        println!("BYPASSED:    {}", crate::kernel::shared::bypass_text(i, b));
+    }
     println!("mode:        {mode_name}");
     println!(
         "ports:       {}",

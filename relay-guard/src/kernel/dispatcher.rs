@@ -48,7 +48,7 @@ pub const NAME: &str = "xdp_dispatcher";
 /// libxdp's default run priority.
 pub const DEFAULT_PRIORITY: u32 = 50;
 /// `XDP_PASS`.
-const XDP_PASS: u32 = 2;
+pub const XDP_PASS: u32 = 2;
 
 /// `struct xdp_dispatcher_config` (version 2).
 #[repr(C)]

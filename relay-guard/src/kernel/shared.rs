@@ -216,6 +216,75 @@ pub fn in_dispatcher(pins: &Pins, ifindex: u32) -> bool {
         if d.components.iter().any(|c| c.map_ids.iter().any(|id| ours.contains(id))))
 }
 
+/// A dispatcher component that runs ahead of relay-guard's slot and ends
+/// the chain when it returns `XDP_PASS` (its chain-call actions lack it):
+/// whatever it passes goes up the stack without relay-guard seeing it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Bypass {
+    pub name: String,
+    pub id: u32,
+    pub priority: u32,
+}
+
+impl std::fmt::Display for Bypass {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "`{}` (id {}, priority {})", self.name, self.id, self.priority)
+    }
+}
+
+/// The components of `d` that run ahead of relay-guard's slot (the one
+/// using a map of `ours`) and do not chain on `XDP_PASS`; none when
+/// relay-guard's slot is not in `d`. Slots run in order (libxdp's run
+/// order: priority, then name).
+pub fn ahead_without_pass(d: &dispatcher::Existing, ours: &[u32]) -> Vec<Bypass> {
+    let Some(at) = d
+        .components
+        .iter()
+        .position(|c| c.map_ids.iter().any(|id| ours.contains(id)))
+    else {
+        return Vec::new();
+    };
+    d.components[..at]
+        .iter()
+        .filter(|c| c.chain & (1 << dispatcher::XDP_PASS) == 0)
+        .map(|c| Bypass {
+            name: c.name.clone(),
+            id: c.id,
+            priority: c.priority,
+        })
+        .collect()
+}
+
+/// The components that bypass relay-guard's slot (of `pins`) in the
+/// dispatcher on `ifindex` (see [`ahead_without_pass`]); none when
+/// relay-guard is not in a dispatcher there.
+pub fn bypasses(pins: &Pins, ifindex: u32) -> Vec<Bypass> {
+    if !matches!(dispatcher::attached(ifindex), Ok(Some(_))) {
+        return Vec::new();
+    }
+    let ours = own_map_ids(pins);
+    if ours.is_empty() {
+        return Vec::new();
+    }
+    let Ok(_lock) = Lock::acquire() else {
+        return Vec::new();
+    };
+    match dispatcher::inspect(ifindex) {
+        Ok(OnInterface::Dispatcher(d)) => ahead_without_pass(&d, &ours),
+        _ => Vec::new(),
+    }
+}
+
+/// What an operator reads about `bypass` on `interface`.
+pub fn bypass_text(interface: &str, bypass: &[Bypass]) -> String {
+    let names: Vec<String> = bypass.iter().map(ToString::to_string).collect();
+    let lowest = bypass.iter().map(|b| b.priority).min().unwrap_or(0);
+    format!(
+        "interface {interface} is NOT guarded for what {} passes: in the XDP dispatcher it runs ahead of relay-guard and does not chain on XDP_PASS, so the packets it passes reach the stack without relay-guard seeing them; give relay-guard an xdp_priority below {lowest}, or load that program with chain-call on XDP_PASS",
+        names.join(", ")
+    )
+}
+
 /// The dispatchers (ifindex, dispatcher id) that hold relay-guard's slot
 /// (of `pins`), from the pins under `<bpffs>/xdp`.
 pub fn own_slots(pins: &Pins) -> Vec<(u32, u32)> {
