@@ -144,6 +144,7 @@ pub struct MailServerBuilder {
     tls: bool,
     syslog: bool,
     imap: bool,
+    pop3: bool,
 }
 
 impl MailServerBuilder {
@@ -163,6 +164,7 @@ impl MailServerBuilder {
             tls: false,
             syslog: false,
             imap: false,
+            pop3: false,
         }
     }
 
@@ -209,6 +211,14 @@ impl MailServerBuilder {
     /// list ([`Self::dovecot`] sets it).
     pub fn imap(mut self) -> Self {
         self.imap = true;
+        self
+    }
+
+    /// Dovecot also serves POP3 on 110 (plaintext USER/PASS allowed, no
+    /// TLS), so its `pop3-login` process logs failed logins. Needs
+    /// [`Self::dovecot`].
+    pub fn pop3(mut self) -> Self {
+        self.pop3 = true;
         self
     }
 
@@ -293,12 +303,15 @@ impl MailServerBuilder {
         );
         server.postfix.started = true;
         if let Some(users) = &self.users {
-            server.dovecot = Some(Dovecot::start(&self.ns, &dir, users, self.syslog, self.imap));
+            server.dovecot = Some(Dovecot::start(&self.ns, &dir, users, self.syslog, self.imap, self.pop3));
         }
         let deadline = Instant::now() + Duration::from_secs(20);
         let mut ports = ports;
         if self.imap && self.users.is_some() {
             ports.push(143);
+        }
+        if self.pop3 && self.users.is_some() {
+            ports.push(110);
         }
         for port in ports {
             loop {
@@ -439,7 +452,7 @@ pub struct Dovecot {
 }
 
 impl Dovecot {
-    fn start(ns: &str, dir: &Path, users: &[(String, String)], syslog: bool, imap: bool) -> Dovecot {
+    fn start(ns: &str, dir: &Path, users: &[(String, String)], syslog: bool, imap: bool, pop3: bool) -> Dovecot {
         let conf_dir = dir.join("dovecot-conf");
         let base_dir = dir.join("dovecot-run");
         std::fs::create_dir_all(&conf_dir).expect("create dovecot conf dir");
@@ -455,16 +468,21 @@ impl Dovecot {
         };
         let socket = dir.join("queue/private/auth");
         let config = conf_dir.join("dovecot.conf");
-        let protocols = if imap {
+        let served: Vec<&str> = [(imap, "imap"), (pop3, "pop3")]
+            .into_iter()
+            .filter_map(|(on, p)| on.then_some(p))
+            .collect();
+        let protocols = if served.is_empty() {
+            "protocols =\n".to_owned()
+        } else {
             format!(
-                "protocols = imap\nlisten = *, ::\nmail_location = maildir:{}/mail/%u\n",
+                "protocols = {}\nlisten = *, ::\nmail_location = maildir:{}/mail/%u\n",
+                served.join(" "),
                 dir.display()
             )
-        } else {
-            "protocols =\n".to_owned()
         };
         let text = format!(
-            r#"# relay-guard test Dovecot: SASL for Postfix (and IMAP on 143).
+            r#"# relay-guard test Dovecot: SASL for Postfix (and IMAP on 143, POP3 on 110).
 {protocols}base_dir = {base}
 state_dir = {base}/state
 log_path = {log_path}

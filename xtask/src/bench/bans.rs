@@ -21,6 +21,9 @@
 //!    the whole agent on real packets).
 //! 5. The engine's cost per failure with its 2^20 trackers full, new
 //!    sources only (each evicts the least recently failed tracker).
+//! 6. The log parser's throughput: `logwatch::Parser::line` over a mix of
+//!    real Postfix and Dovecot lines (failures, disconnects, lines of other
+//!    kinds), best of 5 rounds of [`PARSE_LINES`] lines.
 use std::{
     io::Write as _,
     net::{IpAddr, Ipv4Addr},
@@ -49,6 +52,20 @@ use super::{
 pub const BANS: usize = 100_000;
 /// Rounds of the line-to-drop latency.
 pub const LATENCY_ROUNDS: usize = 50;
+/// Lines per round of the parser's throughput.
+pub const PARSE_LINES: usize = 1_000_000;
+
+/// What part 6 parses, in turn: the lines a busy mail server's log holds.
+const PARSE_MIX: &[&str] = &[
+    "Dec  2 01:02:03 mx postfix/submission/smtpd[4242]: warning: unknown[192.0.2.7]: SASL PLAIN authentication failed: (reason unavailable), sasl_username=alice@example.com",
+    "Dec  2 01:02:04 mx postfix/submission/smtpd[4242]: disconnect from unknown[192.0.2.7] ehlo=2 starttls=1 auth=0/1 quit=1 commands=4/5",
+    "Dec  2 01:02:03 mx postfix/smtpd[5]: connect from unknown[192.0.2.7]",
+    "Dec  2 01:02:03 mx postfix/qmgr[6]: 4F1A2B3C: removed",
+    "Dec  2 01:02:03 mx dovecot: imap-login: Disconnected (auth failed, 3 attempts in 14 secs): user=<bob>, method=PLAIN, rip=192.0.2.7, lip=192.0.2.1, TLS, session=<mD2nLxPyXsDAAAIB>",
+    "2026-12-02T01:02:03.123456+00:00 mx postfix/smtpd[900]: warning: unknown[2001:db8::5]: SASL LOGIN authentication failed: ",
+    "Dec 02 01:02:03 auth: Info: passwd-file(bob,192.0.2.7): Password mismatch",
+    "Dec  2 01:02:03 mx postfix/smtpd[5]: 4F1A2B3C: client=unknown[192.0.2.7], sasl_method=PLAIN, sasl_username=a",
+];
 
 /// The figures of this part.
 #[derive(Debug, Clone, Default)]
@@ -62,6 +79,8 @@ pub struct Output {
     pub latency: Vec<Duration>,
     /// The engine's cost per failure with 2^20 trackers (new sources).
     pub tracker_failure: Duration,
+    /// Part 6: lines per second through `Parser::line`.
+    pub parse_lines_per_s: f64,
 }
 
 fn config(dir: &Path, pin_dir: &Path, state: &Path) -> anyhow::Result<Config> {
@@ -177,6 +196,8 @@ pub fn run(plan: &Plan, dir: &Path) -> anyhow::Result<Output> {
     println!("bench: bans: failure line to drop, {LATENCY_ROUNDS} rounds");
     out.latency = latency(&mut runner, &mut fresh, dir)?;
     drop(runner);
+    println!("bench: bans: log parser, {PARSE_LINES} lines x 5 rounds");
+    out.parse_lines_per_s = parse_rate()?;
     let _ = std::fs::remove_dir_all(&state);
     println!(
         "bench: bans: failures at {} trackers",
@@ -268,6 +289,25 @@ fn latency(runner: &mut BanRunner, loaded: &mut Loaded, dir: &Path) -> anyhow::R
     Ok(samples)
 }
 
+/// Part 6: see the module comment.
+pub fn parse_rate() -> anyhow::Result<f64> {
+    let mut best = f64::INFINITY;
+    for _ in 0..5 {
+        check_stop()?;
+        let mut p = logwatch::Parser::new();
+        let mut failures = 0u64;
+        let t = Instant::now();
+        for i in 0..PARSE_LINES {
+            if let logwatch::Outcome::Failures(f) = p.line(std::hint::black_box(PARSE_MIX[i % PARSE_MIX.len()])) {
+                failures += u64::from(f.count);
+            }
+        }
+        best = best.min(t.elapsed().as_secs_f64());
+        anyhow::ensure!(failures > 0, "the parser counted no failure");
+    }
+    Ok(PARSE_LINES as f64 / best)
+}
+
 pub fn print(o: &Output) {
     println!("\nbans: per-packet cost (median ns per BPF_PROG_TEST_RUN run)");
     for (name, n, ns) in &o.costs {
@@ -295,5 +335,10 @@ pub fn print(o: &Output) {
         "bans: {:.2} us per failure at {} trackers (the table full: each new source evicts the oldest)",
         o.tracker_failure.as_secs_f64() * 1e6,
         relay_guard::policy::bans::MAX_TRACKERS
+    );
+    println!(
+        "bans: log parser: {:.0} lines/s over a mix of {} real Postfix and Dovecot lines",
+        o.parse_lines_per_s,
+        PARSE_MIX.len()
     );
 }

@@ -231,14 +231,15 @@ pub fn run(o: &Options) -> anyhow::Result<()> {
     if plan.has(Part::Bans) {
         match super::bans::run(&plan, &dir.0) {
             Ok(r) => results.notes.push(format!(
-                "bans: SYN :25 denied {:.1}/{:.1} ns, allowed {:.1}/{:.1} ns at 0/{} bans; {:.0} bans/s from a burst; restore of {} saved bans {:.0} ms; failure line to drop median {:.2} ms, max {:.2} ms over {} rounds (target < 50 ms); {:.2} us per failure at {} trackers",
+                "bans: SYN :25 denied {:.1}/{:.1} ns, allowed {:.1}/{:.1} ns at 0/{} bans; {:.0} bans/s from a burst; restore of {} saved bans {:.0} ms; failure line to drop median {:.2} ms, max {:.2} ms over {} rounds (target < 50 ms); {:.2} us per failure at {} trackers; log parser {:.0} lines/s",
                 r.costs[0].2, r.costs[2].2, r.costs[1].2, r.costs[3].2, super::bans::BANS,
                 r.burst_bans_per_s, super::bans::BANS, r.restore.as_secs_f64() * 1e3,
                 r.latency.get(r.latency.len() / 2).map_or(f64::NAN, |d| d.as_secs_f64() * 1e3),
                 r.latency.last().map_or(f64::NAN, |d| d.as_secs_f64() * 1e3),
                 r.latency.len(),
                 r.tracker_failure.as_secs_f64() * 1e6,
-                relay_guard::policy::bans::MAX_TRACKERS
+                relay_guard::policy::bans::MAX_TRACKERS,
+                r.parse_lines_per_s
             )),
             Err(e) => {
                 sys::check_stop()?;

@@ -36,7 +36,7 @@ use super::{
     prefixes,
     sys::{check_stop, median, output, record, show, sleep},
 };
-use crate::build_ebpf::workspace_root;
+use crate::utils::workspace_root;
 
 /// The big list's size.
 pub const BIG: usize = 1_000_000;
