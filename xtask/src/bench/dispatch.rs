@@ -42,6 +42,8 @@ pub fn run(plan: &Plan) -> anyhow::Result<Costs> {
     let pins = Pins::new(&root);
     let mut loaded = Loaded::load_pinned(&pins)?;
     sync::apply(&mut loaded.maps, &Policy::compile(&cfg))?;
+    // The pins name the set once it is filled; the extension loads from them.
+    loaded.publish()?;
     let standalone = dispatcher::standalone(&mut |target, func| shared::load_extension(&pins, target, func))
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     let frame = frames::syn_v4(DENIED_V4, SERVER_V4, 25);
