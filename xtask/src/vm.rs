@@ -713,7 +713,12 @@ mod tests {
         assert_eq!(names, ["5.10", "6.1", "6.12"]);
         for l in &lines {
             assert_eq!(l.package, "linux-image-amd64");
-            assert!(l.tests.iter().any(|(b, _)| b == "e2e"), "{l:?}");
+            // Every line runs the parser through BPF_PROG_TEST_RUN; the
+            // lines with freplace (6.1 on) run every dispatcher test.
+            assert!(l.tests.iter().any(|(b, _)| b == "parser_test_run"), "{l:?}");
+            if l.name != "5.10" {
+                assert!(l.tests.iter().any(|(b, f)| b == "dispatcher" && f.is_empty()), "{l:?}");
+            }
         }
     }
 
