@@ -673,9 +673,18 @@ fn a_program_ahead_that_does_not_chain_on_pass_is_reported_as_a_bypass() {
         log.contains("is NOT guarded") && log.contains("`xdpfilt_alw_all` (id") && log.contains("priority 5"),
         "the log must name the program that bypasses relay-guard:\n{log}"
     );
-    let (ok, text) = relay_guard_tests::agent::cli(&config, &["status"]);
+    // `status` in the interface's namespace (the dispatcher is found by ifindex).
+    let (ok, text) = in_ns(
+        &lab.server,
+        &[
+            relay_guard_tests::agent::agent_bin().to_str().expect("utf-8"),
+            "--config",
+            config.to_str().expect("utf-8"),
+            "status",
+        ],
+    );
     assert!(
-        ok.success() && text.contains("BYPASSED") && text.contains("xdpfilt_alw_all"),
+        ok && text.contains("BYPASSED") && text.contains("xdpfilt_alw_all"),
         "{text}"
     );
 
