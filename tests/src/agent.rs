@@ -177,6 +177,11 @@ impl Agent {
         }
     }
 
+    /// The exit status if the agent has exited, without waiting.
+    pub fn exited(&mut self) -> Option<ExitStatus> {
+        self.child.as_mut().and_then(|c| c.try_wait().expect("try_wait"))
+    }
+
     pub fn pid(&self) -> i32 {
         i32::try_from(self.child.as_ref().expect("running").id()).expect("pid fits")
     }
