@@ -152,6 +152,34 @@ fn xdp_link_supported() -> bool {
     }
 }
 
+/// The MTU of `interface` in this process's network namespace
+/// (`SIOCGIFMTU`: /sys/class/net may be another namespace's).
+fn mtu(interface: &str) -> Option<u32> {
+    use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
+    let name = interface.as_bytes();
+    if name.len() >= libc::IFNAMSIZ {
+        return None;
+    }
+    // SAFETY: plain socket(2); the fd is owned below.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return None;
+    }
+    // SAFETY: the kernel just returned this fd; nothing else owns it.
+    let sock = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: ifreq is plain data; all-zero is valid.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (d, s) in req.ifr_name.iter_mut().zip(name) {
+        *d = *s as libc::c_char;
+    }
+    // SAFETY: SIOCGIFMTU reads the name and writes ifru_mtu of `req`.
+    if unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFMTU, &raw mut req) } != 0 {
+        return None;
+    }
+    // SAFETY: on success the kernel wrote ifru_mtu.
+    u32::try_from(unsafe { req.ifr_ifru.ifru_mtu }).ok()
+}
+
 /// What to tell the operator when a native attach of the single-buffer
 /// program fails on an interface whose MTU is above what one buffer holds:
 /// the kernel refuses it (veth: "MTU too large"), and multi-buffer XDP
@@ -161,11 +189,7 @@ pub fn jumbo_hint(interface: &str) -> Option<String> {
     if f.frags {
         return None;
     }
-    let mtu: u32 = std::fs::read_to_string(format!("/sys/class/net/{interface}/mtu"))
-        .ok()?
-        .trim()
-        .parse()
-        .ok()?;
+    let mtu = mtu(interface)?;
     // Without frags a driver takes XDP only when a frame fits one page with
     // XDP's headroom and the skb_shared_info (veth: MTU 3504 at most).
     (mtu > 1500).then(|| {
