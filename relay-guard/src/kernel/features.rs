@@ -189,8 +189,11 @@ fn mtu(interface: &str) -> Option<u32> {
     for (d, s) in req.ifr_name.iter_mut().zip(name) {
         *d = *s as libc::c_char;
     }
+    // The request's type is c_ulong on glibc and c_int on musl (the image).
+    #[allow(clippy::unnecessary_cast, reason = "a no-op on glibc, needed on musl")]
+    let request = libc::SIOCGIFMTU as libc::Ioctl;
     // SAFETY: SIOCGIFMTU reads the name and writes ifru_mtu of `req`.
-    if unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFMTU, &raw mut req) } != 0 {
+    if unsafe { libc::ioctl(sock.as_raw_fd(), request, &raw mut req) } != 0 {
         return None;
     }
     // SAFETY: on success the kernel wrote ifru_mtu.
