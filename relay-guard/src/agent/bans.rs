@@ -579,6 +579,11 @@ impl BanMetrics {
                     .refused
                     .get_or_create(&vec![("ban", b.name.clone()), ("reason", reason.to_string())]);
             }
+            let _ = self
+                .not_banned
+                .get_or_create(&vec![("ban", b.name.clone()), ("reason", "allowlisted".to_string())]);
+            let _ = self.suspicious.get_or_create(&vec![("ban", b.name.clone())]);
+            let _ = self.unparsed.get_or_create(&vec![("ban", b.name.clone())]);
         }
     }
 
