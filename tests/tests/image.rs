@@ -32,22 +32,7 @@ use serde_json::{Value, json};
 /// (docs/operations.md, "The kernel tables have fixed limits").
 const MAX_LONG_BLOCKS: usize = 524_288;
 
-fn yaml_documents(path: &Path) -> Vec<Value> {
-    let script =
-        std::fs::canonicalize(require::which("kubernetes-validate").expect("kubernetes-validate")).expect("resolve");
-    let shebang = std::fs::read_to_string(&script).expect("read kubernetes-validate");
-    let python = shebang
-        .lines()
-        .next()
-        .and_then(|l| l.strip_prefix("#!"))
-        .expect("kubernetes-validate is a script")
-        .trim()
-        .to_string();
-    let program =
-        "import json, sys, yaml; json.dump([d for d in yaml.safe_load_all(open(sys.argv[1])) if d], sys.stdout)";
-    let out = run_ok(Command::new(python).args(["-c", program, path.to_str().expect("utf-8")]));
-    serde_json::from_str(&out).expect("JSON from PyYAML")
-}
+use relay_guard_tests::yaml::yaml_documents;
 
 fn read_json(path: &Path) -> Value {
     serde_json::from_slice(&std::fs::read(path).unwrap_or_else(|e| panic!("read {}: {e}", path.display())))
