@@ -60,9 +60,21 @@ fn setup(dir: &TempDir, lab: &Lab, extra: &str) -> (PathBuf, DetachOnDrop) {
     (config.clone(), DetachOnDrop::new(config, pins))
 }
 
+/// xdp-tools' commands take a process lock of their own (a PID file under
+/// /run, one per tool, shared by every namespace): one started while another
+/// creates that file fails with "Unable to read PID from lockfile". The
+/// tests of this binary run in parallel threads, so their xdp-tools commands
+/// go one at a time. (relay-guard takes no such lock; libxdp's own lock on
+/// bpffs waits rather than fails.)
+static XDP_TOOLS: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 /// Runs `args` in `ns`'s network namespace only (nsenter --net: bpffs stays
 /// visible, which `ip netns exec` would hide); (success, stdout+stderr).
 fn in_ns(ns: &NetNs, args: &[&str]) -> (bool, String) {
+    let _one_at_a_time = args
+        .first()
+        .filter(|tool| tool.starts_with("xdp-"))
+        .map(|_| XDP_TOOLS.lock().unwrap_or_else(|poisoned| poisoned.into_inner()));
     let out = Command::new("nsenter")
         .arg(format!("--net={}", ns.path()))
         .args(args)
