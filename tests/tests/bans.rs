@@ -15,8 +15,11 @@ use std::{
 
 use nix::sys::signal::Signal;
 use relay_guard_tests::{
-    agent::{Agent, DetachOnDrop, METRICS, TempDir, cli},
-    lab::{ALLOWED_V4, ALLOWED_V6, CLIENT_MAC, DENIED_V6, Lab, SERVER_V4, SERVER_V6, ip, pin_dir, scrape},
+    agent::{Agent, DetachOnDrop, TempDir, cli},
+    config::{Guard, TestConfig},
+    lab::{
+        ALLOWED_V4, ALLOWED_V6, CLIENT_MAC, DENIED_V6, Lab, SERVER_V4, SERVER_V6, ip, pin_dir, scrape, wait_metrics,
+    },
     net::{BannerServer, connect_banner, metric},
     netns::NetNs,
     require,
@@ -34,41 +37,32 @@ const SAME_64: &str = "2001:db8:a::99";
 const OTHER_V4: &str = "192.0.2.77";
 
 fn config_text(lab: &Lab, pins: &Path, state: &Path, mode: &str, ban_extra: &str) -> String {
-    format!(
-        r#"interfaces = ["{iface}"]
-mode = "{mode}"
-metrics_listen = "{METRICS}"
-pin_dir = "{pins}"
-state_dir = "{state}"
-
-[[guard]]
-name = "relay"
-ports = [25]
-allow = ["{ALLOWED_V4}/32", "2001:db8:a::/48", "2001:db8:d::/48"]
-
-[[guard]]
-name = "submission"
-ports = [587]
-allow = ["{ALLOWED_V4}/32", "2001:db8:a::/48", "2001:db8:d::/48"]
-
-[[ban]]
+    let allow = [
+        &format!("{ALLOWED_V4}/32") as &str,
+        "2001:db8:a::/48",
+        "2001:db8:d::/48",
+    ];
+    TestConfig::new(&lab.server_if, pins)
+        .mode(mode)
+        .state_dir(state)
+        .guard(&Guard::new("relay", &[25]).allow(&allow))
+        .guard(&Guard::new("submission", &[587]).allow(&allow))
+        .table(&format!(
+            r#"[[ban]]
 name = "sasl"
 ports = [587, 2525]
 {ban_time}
 max_ban_time = "1h"
 ipv6_prefix = 64
 never = ["198.51.100.0/24"]
-{ban_extra}
-"#,
-        iface = lab.server_if,
-        pins = pins.display(),
-        state = state.display(),
-        ban_time = if ban_extra.contains("ban_time") {
-            ""
-        } else {
-            "ban_time = \"3s\""
-        },
-    )
+{ban_extra}"#,
+            ban_time = if ban_extra.contains("ban_time") {
+                ""
+            } else {
+                "ban_time = \"3s\""
+            },
+        ))
+        .text()
 }
 
 struct Setup {
@@ -494,13 +488,9 @@ fn log_failures_ban_the_source() {
         "only the non-never source is banned: {text}"
     );
     // The gauge is recounted at the agent's next tick.
-    let deadline = Instant::now() + Duration::from_secs(3);
-    let mut text = text;
-    while metric(&text, "relay_guard_bans", &[("ban", "sasl"), ("family", "ipv4")]) != 1.0 {
-        assert!(Instant::now() < deadline, "relay_guard_bans: {text}");
-        std::thread::sleep(Duration::from_millis(200));
-        text = scrape(&lab);
-    }
+    let text = wait_metrics(&lab, &agent, Duration::from_secs(3), "relay_guard_bans", |t| {
+        metric(t, "relay_guard_bans", &[("ban", "sasl"), ("family", "ipv4")]) == 1.0
+    });
     let file = dir.write("metrics.txt", &text);
     let out = std::process::Command::new("sh")
         .arg("-c")

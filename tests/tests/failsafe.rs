@@ -15,8 +15,9 @@ use std::{
 
 use nix::sys::signal::Signal;
 use relay_guard_tests::{
-    agent::{Agent, DetachOnDrop, METRICS, TempDir, cli},
-    lab::{ALLOWED_V4, DENIED_V4, Lab, SERVER_V4, ip, pin_dir, scrape},
+    agent::{Agent, DetachOnDrop, TempDir, cli},
+    config::TestConfig,
+    lab::{ALLOWED_V4, DENIED_V4, Lab, SERVER_V4, ip, pin_dir, scrape, wait_metric},
     net::{BannerServer, SentCounters, connect_banner, metric},
     netns::{NetNs, unique},
     prober::ALLOWED_TIMEOUT,
@@ -40,34 +41,16 @@ const OPEN: &str = "[[guard]]\nname = \"open\"\nports = [587]\nallow = [\"0.0.0.
 const OTHER: &str = "[[guard]]\nname = \"other\"\nports = [2525]\nallow = [\"198.18.0.0/15\"]\n";
 
 fn config_text(lab: &Lab, pin_dir: &Path, guards: &[&str]) -> String {
-    format!(
-        "interfaces = [\"{iface}\"]\nmode = \"enforce\"\nmetrics_listen = \"{METRICS}\"\npin_dir = \"{pins}\"\n\n{}",
-        guards.join("\n"),
-        iface = lab.server_if,
-        pins = pin_dir.display(),
-    )
+    guards
+        .iter()
+        .fold(TestConfig::new(&lab.server_if, pin_dir), |c, g| c.table(g))
+        .text()
 }
 
 fn replace(path: &Path, text: &str) {
     let tmp = path.with_extension("tmp");
     std::fs::write(&tmp, text).expect("write");
     std::fs::rename(&tmp, path).expect("rename");
-}
-
-fn wait_metric(lab: &Lab, name: &str, want: f64, agent: &Agent) -> String {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let text = scrape(lab);
-        if metric(&text, name, &[]) >= want {
-            return text;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{name} never reached {want}:\n{text}\n{}",
-            agent.log_text()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 /// nftables counters in the server namespace at prerouting (after XDP):
@@ -169,7 +152,7 @@ fn guards_inserted_removed_and_reordered_never_cross_wire_ports() {
     for (i, guards) in steps.iter().enumerate() {
         let before = metric(&scrape(&lab), "relay_guard_config_reloads_total", &[]);
         replace(&config, &config_text(&lab, &pins, guards));
-        let m = wait_metric(&lab, "relay_guard_config_reloads_total", before + 1.0, &agent);
+        let m = wait_metric(&lab, &agent, "relay_guard_config_reloads_total", before + 1.0);
         assert_eq!(
             metric(&m, "relay_guard_config_reload_failures_total", &[]),
             0.0,
@@ -236,7 +219,7 @@ fn reload_over_capacity_is_refused_before_any_write() {
 
     let before = metric(&scrape(&lab), "relay_guard_config_reload_failures_total", &[]);
     replace(&config, &bad);
-    let m = wait_metric(&lab, "relay_guard_config_reload_failures_total", before + 1.0, &agent);
+    let m = wait_metric(&lab, &agent, "relay_guard_config_reload_failures_total", before + 1.0);
     assert_eq!(metric(&m, "relay_guard_config_last_reload_successful", &[]), 0.0);
     let log = agent.log_text();
     assert!(
@@ -304,7 +287,7 @@ fn agent_killed_mid_sync_leaves_one_policy() {
         std::fs::write(&config, text(round)).expect("write");
         let t = Instant::now();
         agent.signal(Signal::SIGHUP);
-        wait_metric(&lab, "relay_guard_config_reloads_total", (round + 1) as f64, &agent);
+        wait_metric(&lab, &agent, "relay_guard_config_reloads_total", (round + 1) as f64);
         took = took.max(t.elapsed());
     }
     let mut results = Vec::new();
@@ -382,7 +365,7 @@ fn ports_moved_between_guards_across_a_restart_never_cross_wire() {
     // And back by a reload.
     let before = metric(&scrape(&lab), "relay_guard_config_reloads_total", &[]);
     replace(&config, &a);
-    let m = wait_metric(&lab, "relay_guard_config_reloads_total", before + 1.0, &agent);
+    let m = wait_metric(&lab, &agent, "relay_guard_config_reloads_total", before + 1.0);
     assert_eq!(metric(&m, "relay_guard_config_reload_failures_total", &[]), 0.0);
     std::thread::sleep(Duration::from_millis(300));
     stop.store(true, Ordering::Relaxed);
@@ -469,7 +452,7 @@ fn maps_resized_by_reloads_keep_one_policy_through_floods_and_kills() {
         let before = metric(&scrape(&lab), "relay_guard_config_reloads_total", &[]);
         let t = Instant::now();
         replace(&list, text);
-        let m = wait_metric(&lab, "relay_guard_config_reloads_total", before + 1.0, &agent);
+        let m = wait_metric(&lab, &agent, "relay_guard_config_reloads_total", before + 1.0);
         took = took.max(t.elapsed());
         assert_eq!(
             metric(&m, "relay_guard_config_reload_failures_total", &[]),

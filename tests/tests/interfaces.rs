@@ -9,7 +9,8 @@ use std::{
 };
 
 use relay_guard_tests::{
-    agent::{Agent, DetachOnDrop, METRICS, TempDir},
+    agent::{Agent, DetachOnDrop, TempDir},
+    config::{Guard, TestConfig},
     lab::{ALLOWED_V4, ALLOWED_V6, DENIED_V4, DENIED_V6, Lab, SERVER_V4, ip, pin_dir, scrape},
     net::{BannerServer, connect_banner, metric},
     netns::{NetNs, unique},
@@ -20,31 +21,16 @@ use relay_guard_tests::{
 /// Re-attaching must take at most this long (SPEC: "within a second").
 const WITHIN: Duration = Duration::from_secs(1);
 
-fn config_text(interfaces: &[&str], pin_dir: &Path) -> String {
-    let list = interfaces
-        .iter()
-        .map(|i| format!("\"{i}\""))
-        .collect::<Vec<_>>()
-        .join(", ");
-    format!(
-        r#"interfaces = [{list}]
-mode = "enforce"
-metrics_listen = "{METRICS}"
-pin_dir = "{pins}"
+fn config(interfaces: &[&str], pin_dir: &Path) -> TestConfig {
+    TestConfig::on(interfaces, pin_dir).guard(&Guard::new("relay", &[25]).allow(&["192.0.2.0/25", "2001:db8:a::/48"]))
+}
 
-[[guard]]
-name = "relay"
-ports = [25]
-allow = ["192.0.2.0/25", "2001:db8:a::/48"]
-"#,
-        pins = pin_dir.display(),
-    )
+fn config_text(interfaces: &[&str], pin_dir: &Path) -> String {
+    config(interfaces, pin_dir).text()
 }
 
 fn setup(dir: &TempDir, interfaces: &[&str]) -> (PathBuf, DetachOnDrop) {
-    let pins = pin_dir("rg-if-");
-    let config = dir.write("relay-guard.toml", &config_text(interfaces, &pins));
-    (config.clone(), DetachOnDrop::new(config, pins))
+    config(interfaces, &pin_dir("rg-if-")).write(dir)
 }
 
 fn attached(lab: &Lab, iface: &str) -> f64 {

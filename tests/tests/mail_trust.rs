@@ -29,7 +29,8 @@ use std::{
 
 use relay_guard::logwatch::{self, LogEvent, Source};
 use relay_guard_tests::{
-    agent::{Agent, DetachOnDrop, METRICS, TempDir, cli},
+    agent::{Agent, DetachOnDrop, TempDir, cli},
+    config::{Guard, TestConfig, list},
     lab::{self, ALLOWED_V4, ALLOWED_V6, DENIED_V4, DENIED_V6, Lab, pin_dir, scrape},
     mail::{MailServer, MailServerBuilder, PASSWORD, SUBMISSION_TOOLS, USER},
     net::{connect_banner, metric},
@@ -56,42 +57,26 @@ fn tools() -> Vec<&'static str> {
 }
 
 fn config(lab: &Lab, dir: &TempDir, logs: &[&Path]) -> (PathBuf, DetachOnDrop) {
-    let pins = pin_dir("trust-");
-    let files: Vec<String> = logs.iter().map(|p| format!("\"{}\"", p.display())).collect();
+    let files: Vec<String> = logs.iter().map(|p| p.display().to_string()).collect();
     let ports: Vec<String> = BAN_PORTS.iter().map(u16::to_string).collect();
-    let text = format!(
-        r#"interfaces = ["{iface}"]
-mode = "enforce"
-metrics_listen = "{METRICS}"
-pin_dir = "{pins}"
-state_dir = "{state}"
-
-[[guard]]
-name = "mail"
-ports = [25, 465, 587]
-allow = ["0.0.0.0/0", "::/0"]
-
-[[ban]]
+    // Not beside the logs: the agent watches its config's directory.
+    TestConfig::new(&lab.server_if, &pin_dir("trust-"))
+        .state_dir(&dir.0.join("state"))
+        .guard(&Guard::new("mail", &[25, 465, 587]).allow(&["0.0.0.0/0", "::/0"]))
+        .table(&format!(
+            r#"[[ban]]
 name = "sasl"
 ports = [{ports}]
-log_files = [{files}]
+log_files = {files}
 failures = {FAILURES}
 window = "10m"
 ban_time = "1h"
 ipv6_prefix = 64
 "#,
-        iface = lab.server_if,
-        pins = pins.display(),
-        state = dir.0.join("state").display(),
-        ports = ports.join(", "),
-        files = files.join(", "),
-    );
-    let conf_dir = dir.0.join("relay-guard");
-    std::fs::create_dir_all(&conf_dir).expect("create config dir");
-    let path = conf_dir.join("relay-guard.toml");
-    std::fs::write(&path, text).expect("write config");
-    let detach = DetachOnDrop::new(path.clone(), pins);
-    (path, detach)
+            ports = ports.join(", "),
+            files = list(&files),
+        ))
+        .write_in(&dir.0.join("relay-guard"))
 }
 
 /// nft counters of SYNs that got past XDP into the server's stack, per
