@@ -185,6 +185,15 @@ pub fn pin_dir(prefix: &str) -> std::path::PathBuf {
     std::path::PathBuf::from(format!("/sys/fs/bpf/{}", unique(prefix)))
 }
 
+/// Where the agent pins the XDP link of `iface` under `pin_dir`
+/// (`layout-<LAYOUT_VERSION>/links/<iface>`).
+pub fn link_pin(pin_dir: &std::path::Path, iface: &str) -> std::path::PathBuf {
+    pin_dir
+        .join(format!("layout-{}", relay_guard_common::LAYOUT_VERSION))
+        .join("links")
+        .join(iface)
+}
+
 /// The gate on port 25 of a lab whose config allows [`ALLOWED_V4`] and
 /// denies [`DENIED_V4`]: the allowed source gets the banner, the denied one
 /// does not (within 400 ms).

@@ -6,7 +6,6 @@
 //! Real agent binary, real XDP in network namespaces, real TCP.
 use std::{
     path::{Path, PathBuf},
-    sync::atomic::Ordering,
     time::{Duration, Instant},
 };
 
@@ -219,14 +218,7 @@ fn an_old_layouts_pinned_link_is_swapped_without_a_gap() {
     );
     let link = link_details(&lab.server, &lab.server_if);
     assert_eq!(link.matches("prog/xdp id").count(), 1, "one program attached:\n{link}");
-    let (ok, failed) = (
-        tally.allowed_ok.load(Ordering::Relaxed),
-        tally.allowed_failed.load(Ordering::Relaxed),
-    );
-    let (blocked, admitted) = (
-        tally.denied_blocked.load(Ordering::Relaxed),
-        tally.denied_admitted.load(Ordering::Relaxed),
-    );
+    let (ok, failed, blocked, admitted) = tally.counts();
     println!("layout swap: allowed {ok} ok / {failed} failed; denied {blocked} blocked / {admitted} admitted");
     assert!(ok > 0 && blocked > 0, "the prober ran too little");
     assert_eq!(

@@ -57,6 +57,34 @@ fn in_ns(ns: &NetNs, args: &[&str]) -> (bool, String) {
     (out.status.success(), text)
 }
 
+/// `relay-guard --config CONFIG COMMAND` in `ns`'s network namespace only
+/// (where the interface's dispatcher is found); (success, stdout+stderr).
+fn cli_in_ns(ns: &NetNs, config: &Path, command: &str) -> (bool, String) {
+    let agent = relay_guard_tests::agent::agent_bin();
+    in_ns(
+        ns,
+        &[
+            agent.to_str().expect("utf-8"),
+            "--config",
+            config.to_str().expect("utf-8"),
+            command,
+        ],
+    )
+}
+
+/// `detach` takes relay-guard out of the dispatcher and leaves xdp-filter:
+/// the denied source connects again.
+fn detach_leaves_xdp_filter(lab: &Lab, config: &Path) {
+    let (ok, t) = cli_in_ns(&lab.server, config, "detach");
+    assert!(ok, "detach: {t}");
+    let status = loader_status(&lab.server, &lab.server_if);
+    assert!(
+        !status.contains("relay_guard") && status.contains("xdpfilt_"),
+        "{status}"
+    );
+    assert!(connects(lab, DENIED_V4), "relay-guard still filters after detach");
+}
+
 /// Unloads xdp-filter from the interface when dropped.
 struct XdpFilter<'a> {
     ns: &'a NetNs,
@@ -204,22 +232,7 @@ fn relay_guard_first_then_xdp_filter() {
         assert!(!connects(&lab, FILTERED_V4), "xdp-filter's verdict missing");
         assert!(!connects(&lab, DENIED_V4), "relay-guard's verdict lost");
         drop(agent);
-        let (ok, t) = in_ns(
-            &lab.server,
-            &[
-                relay_guard_tests::agent::agent_bin().to_str().expect("utf-8"),
-                "--config",
-                config.to_str().expect("utf-8"),
-                "detach",
-            ],
-        );
-        assert!(ok, "detach: {t}");
-        let status = loader_status(&lab.server, &lab.server_if);
-        assert!(
-            !status.contains("relay_guard") && status.contains("xdpfilt_"),
-            "{status}"
-        );
-        assert!(connects(&lab, DENIED_V4), "relay-guard still filters after detach");
+        detach_leaves_xdp_filter(&lab, &config);
         assert!(!connects(&lab, FILTERED_V4), "detach took xdp-filter out");
     } else {
         println!("branch: the kernel refuses extension programs; relay-guard attached directly");
@@ -427,10 +440,8 @@ fn add_other_allowed(lab: &Lab) {
 /// The prober's figures, asserted gap-free: every allowed probe answered,
 /// no denied one admitted, and enough of both to mean something.
 fn assert_no_gap(what: &str, prober: Prober, log: &str) {
-    use std::sync::atomic::Ordering::Relaxed;
     let (tally, errors) = prober.finish();
-    let (ok, failed) = (tally.allowed_ok.load(Relaxed), tally.allowed_failed.load(Relaxed));
-    let (blocked, admitted) = (tally.denied_blocked.load(Relaxed), tally.denied_admitted.load(Relaxed));
+    let (ok, failed, blocked, admitted) = tally.counts();
     println!("{what}: allowed {ok} ok / {failed} failed; denied {blocked} blocked / {admitted} admitted");
     assert!(ok > 0 && blocked > 0, "{what}: the prober ran too little");
     assert_eq!((failed, admitted), (0, 0), "{what}: a gap: {errors:?}\n{log}");
@@ -534,22 +545,7 @@ fn restarts_upgrade_detach_and_unload_inside_the_dispatcher() {
 
     // `detach` while xdp-filter stays: its prober keeps running.
     assert!(agent.stop().success(), "{}", agent.log_text());
-    let (ok, t) = in_ns(
-        &lab.server,
-        &[
-            relay_guard_tests::agent::agent_bin().to_str().expect("utf-8"),
-            "--config",
-            config.to_str().expect("utf-8"),
-            "detach",
-        ],
-    );
-    assert!(ok, "detach: {t}");
-    let status = loader_status(&lab.server, &lab.server_if);
-    assert!(
-        !status.contains("relay_guard") && status.contains("xdpfilt_"),
-        "{status}"
-    );
-    assert!(connects(&lab, DENIED_V4), "relay-guard still filters after detach");
+    detach_leaves_xdp_filter(&lab, &config);
     assert_no_gap("xdp-filter through relay-guard's restarts, upgrade and detach", xf, "");
 
     // Back in, then `xdp-filter unload`: relay-guard keeps guarding.
@@ -658,15 +654,7 @@ fn a_program_ahead_that_does_not_chain_on_pass_is_reported_as_a_bypass() {
         "the log must name the program that bypasses relay-guard:\n{log}"
     );
     // `status` in the interface's namespace (the dispatcher is found by ifindex).
-    let (ok, text) = in_ns(
-        &lab.server,
-        &[
-            relay_guard_tests::agent::agent_bin().to_str().expect("utf-8"),
-            "--config",
-            config.to_str().expect("utf-8"),
-            "status",
-        ],
-    );
+    let (ok, text) = cli_in_ns(&lab.server, &config, "status");
     assert!(
         ok && text.contains("BYPASSED") && text.contains("xdpfilt_alw_all"),
         "{text}"

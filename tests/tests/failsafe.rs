@@ -18,8 +18,8 @@ use relay_guard_tests::{
     agent::{Agent, DetachOnDrop, TempDir, cli},
     config::TestConfig,
     lab::{ALLOWED_V4, DENIED_V4, Lab, SERVER_V4, ip, pin_dir, scrape, wait_metric},
-    net::{BannerServer, SentCounters, connect_banner, metric},
-    netns::{NetNs, unique},
+    net::{BannerServer, NftCounters, PURE_SYNS, SentCounters, connect_banner, metric},
+    netns::NetNs,
     prober::ALLOWED_TIMEOUT,
     require,
 };
@@ -55,43 +55,15 @@ fn replace(path: &Path, text: &str) {
 
 /// nftables counters in the server namespace at prerouting (after XDP):
 /// pure SYNs from each source to port 25 that reached the stack.
-struct Arrived<'a> {
-    ns: &'a NetNs,
-    table: String,
-}
+struct Arrived<'a>(NftCounters<'a>);
 
 impl<'a> Arrived<'a> {
     fn install(ns: &'a NetNs, sources: &[&str]) -> Arrived<'a> {
-        let table = unique("rgin").replace('-', "_");
-        let mut rules = format!(
-            "table inet {table} {{\n chain pre {{\n  type filter hook prerouting priority -400; policy accept;\n"
-        );
-        for src in sources {
-            rules +=
-                &format!("  ip saddr {src} tcp dport 25 tcp flags & (syn | ack) == syn counter comment \"{src}\"\n");
-        }
-        rules += " }\n}\n";
-        let file = std::env::temp_dir().join(format!("{}.nft", unique("rg-nft")));
-        std::fs::write(&file, rules).expect("write nft rules");
-        ns.exec(&["nft", "-f", file.to_str().expect("utf-8")]);
-        let _ = std::fs::remove_file(&file);
-        Arrived { ns, table }
+        Arrived(NftCounters::new(ns, "prerouting", -400, sources, &[25], PURE_SYNS))
     }
 
     fn packets(&self, src: &str) -> u64 {
-        let json = self.ns.exec(&["nft", "-j", "list", "table", "inet", &self.table]);
-        let v: serde_json::Value = serde_json::from_str(&json).expect("nft -j output is JSON");
-        for item in v["nftables"].as_array().expect("nftables array") {
-            let rule = &item["rule"];
-            if rule["comment"].as_str() == Some(src) {
-                for e in rule["expr"].as_array().expect("expr array") {
-                    if let Some(p) = e["counter"]["packets"].as_u64() {
-                        return p;
-                    }
-                }
-            }
-        }
-        panic!("no nft counter for {src}")
+        self.0.packets(src, 25)
     }
 }
 

@@ -11,7 +11,7 @@ use std::{
 use relay_guard_tests::{
     agent::{Agent, DetachOnDrop, TempDir},
     config::{Guard, TestConfig},
-    lab::{ALLOWED_V4, ALLOWED_V6, DENIED_V4, DENIED_V6, Lab, SERVER_V4, ip, pin_dir, scrape},
+    lab::{ALLOWED_V4, ALLOWED_V6, DENIED_V4, DENIED_V6, Lab, SERVER_V4, ip, link_pin, pin_dir, scrape},
     net::{BannerServer, connect_banner, metric},
     netns::{NetNs, unique},
     prober::ALLOWED_TIMEOUT,
@@ -199,11 +199,7 @@ fn a_recreated_interface_is_guarded_again_within_a_second() {
     let (config, detach) = setup(&dir, &[&lab.server_if]);
     let agent = Agent::start(&lab.server, config, &dir);
     assert_gate(&lab.client, ALLOWED_V4, DENIED_V4, SERVER_V4, "at start");
-    let link_pin = detach
-        .pin_dir
-        .join(format!("layout-{}", relay_guard_common::LAYOUT_VERSION))
-        .join("links")
-        .join(&lab.server_if);
+    let link_pin = link_pin(&detach.pin_dir, &lab.server_if);
 
     for round in 0..3 {
         lab.server.ip(&["link", "del", &lab.server_if]);
@@ -419,11 +415,7 @@ fn a_renamed_interface_is_followed_by_name() {
     let (config, detach) = setup(&dir, &[&lab.server_if]);
     let agent = Agent::start(&lab.server, config, &dir);
     assert_gate(&lab.client, ALLOWED_V4, DENIED_V4, SERVER_V4, "at start");
-    let link_pin = detach
-        .pin_dir
-        .join(format!("layout-{}", relay_guard_common::LAYOUT_VERSION))
-        .join("links")
-        .join(&lab.server_if);
+    let link_pin = link_pin(&detach.pin_dir, &lab.server_if);
     let other = unique("rn");
 
     rename(&lab.server, &lab.server_if, &other);

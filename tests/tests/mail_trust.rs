@@ -33,7 +33,7 @@ use relay_guard_tests::{
     config::{Guard, TestConfig, list},
     lab::{self, ALLOWED_V4, ALLOWED_V6, DENIED_V4, DENIED_V6, Lab, pin_dir, scrape},
     mail::{MailServer, MailServerBuilder, PASSWORD, SUBMISSION_TOOLS, USER},
-    net::{connect_banner, metric},
+    net::{NftCounters, connect_banner, metric},
     netns::NetNs,
     require,
     smtp::{self, Run},
@@ -77,48 +77,6 @@ ipv6_prefix = 64
             files = list(&files),
         ))
         .write_in(&dir.0.join("relay-guard"))
-}
-
-/// nft counters of SYNs that got past XDP into the server's stack, per
-/// (source, port).
-struct Behind<'a> {
-    ns: &'a NetNs,
-}
-
-impl<'a> Behind<'a> {
-    fn install(ns: &'a NetNs, sources: &[&str], port: u16) -> Behind<'a> {
-        let mut rules = String::from(
-            "table inet rgtrust {\n chain inp {\n  type filter hook input priority -500; policy accept;\n",
-        );
-        for src in sources {
-            let fam = if src.contains(':') { "ip6" } else { "ip" };
-            rules += &format!(
-                "  {fam} saddr {src} tcp dport {port} tcp flags & (syn | ack) == syn counter comment \"{src}\"\n"
-            );
-        }
-        rules += " }\n}\n";
-        let file = std::env::temp_dir().join(format!("{}.nft", relay_guard_tests::netns::unique("trust-nft")));
-        std::fs::write(&file, rules).expect("write nft rules");
-        ns.exec(&["nft", "-f", file.to_str().expect("utf-8")]);
-        let _ = std::fs::remove_file(&file);
-        Behind { ns }
-    }
-
-    fn syns(&self, src: &str) -> u64 {
-        let json = self.ns.exec(&["nft", "-j", "list", "table", "inet", "rgtrust"]);
-        let v: serde_json::Value = serde_json::from_str(&json).expect("nft -j output is JSON");
-        for item in v["nftables"].as_array().expect("nftables array") {
-            let rule = &item["rule"];
-            if rule["comment"].as_str() == Some(src) {
-                for e in rule["expr"].as_array().expect("expr array") {
-                    if let Some(p) = e["counter"]["packets"].as_u64() {
-                        return p;
-                    }
-                }
-            }
-        }
-        panic!("no nft counter for {src}")
-    }
 }
 
 /// Whether `src` gets a greeting on `port` (within 600 ms when it does not).
@@ -342,7 +300,11 @@ fn injected_addresses_ban_nobody_but_the_injector() {
     let maillog = server.postfix.maillog.clone();
     let dovecot_log = server.dovecot.as_ref().expect("dovecot").log.clone();
     let (config, _detach) = config(&lab, &dir, &[&maillog, &dovecot_log]);
-    let behind = Behind::install(&lab.server, &[DENIED_V4, DENIED_V6, ALLOWED_V4, ALLOWED_V6], PROBE_PORT);
+    let behind = NftCounters::behind_xdp(
+        &lab.server,
+        &[DENIED_V4, DENIED_V6, ALLOWED_V4, ALLOWED_V6],
+        &[PROBE_PORT],
+    );
     let agent = Agent::start(&lab.server, config.clone(), &dir);
     // The followers start at the files' ends: let them open them.
     std::thread::sleep(Duration::from_secs(1));
@@ -408,7 +370,7 @@ fn injected_addresses_ban_nobody_but_the_injector() {
     // Behind XDP: the injectors' SYNs no longer arrive, the victims' do.
     let before: HashMap<&str, u64> = [DENIED_V4, DENIED_V6, ALLOWED_V4, ALLOWED_V6]
         .iter()
-        .map(|s| (*s, behind.syns(s)))
+        .map(|s| (*s, behind.packets(s, PROBE_PORT)))
         .collect();
     for src in [ALLOWED_V4, ALLOWED_V6] {
         assert!(
@@ -426,10 +388,17 @@ fn injected_addresses_ban_nobody_but_the_injector() {
         );
     }
     for src in [ALLOWED_V4, ALLOWED_V6] {
-        assert!(behind.syns(src) > before[src], "{src}'s SYNs must arrive behind XDP");
+        assert!(
+            behind.packets(src, PROBE_PORT) > before[src],
+            "{src}'s SYNs must arrive behind XDP"
+        );
     }
     for src in [DENIED_V4, DENIED_V6] {
-        assert_eq!(behind.syns(src), before[src], "{src}'s SYNs must be dropped at XDP");
+        assert_eq!(
+            behind.packets(src, PROBE_PORT),
+            before[src],
+            "{src}'s SYNs must be dropped at XDP"
+        );
     }
     // The victims still log in.
     let good = swaks(

@@ -3,7 +3,6 @@
 //! binary, real XDP on veth between namespaces, real TCP.
 use std::{
     path::{Path, PathBuf},
-    sync::atomic::Ordering,
     time::{Duration, Instant},
 };
 
@@ -12,7 +11,8 @@ use relay_guard_tests::{
     agent::{Agent, DetachOnDrop, TempDir, cli},
     config::{Guard, TestConfig},
     lab::{
-        ALLOWED_V4, ALLOWED_V6, DENIED_V4, DENIED_V6, Lab, SERVER_V4, assert_gate, ip, pin_dir, scrape, wait_metric,
+        ALLOWED_V4, ALLOWED_V6, DENIED_V4, DENIED_V6, Lab, SERVER_V4, assert_gate, ip, link_pin, pin_dir, scrape,
+        wait_metric,
     },
     net::{BannerServer, connect_banner, metric},
     netns::sh,
@@ -93,14 +93,7 @@ fn restarts_without_a_gap_and_with_counters_kept() {
     }
     std::thread::sleep(Duration::from_millis(300));
     let (tally, errors) = prober.finish();
-    let (ok, failed) = (
-        tally.allowed_ok.load(Ordering::Relaxed),
-        tally.allowed_failed.load(Ordering::Relaxed),
-    );
-    let (blocked, admitted) = (
-        tally.denied_blocked.load(Ordering::Relaxed),
-        tally.denied_admitted.load(Ordering::Relaxed),
-    );
+    let (ok, failed, blocked, admitted) = tally.counts();
     println!(
         "20 restarts (10 SIGKILL): allowed {ok} ok / {failed} failed; denied {blocked} blocked / {admitted} admitted"
     );
@@ -185,14 +178,7 @@ fn reload_under_traffic_has_no_gap_and_touches_only_changed_entries() {
         v6_probe(&format!("after reload {i}"), i % 2 == 1);
     }
     let (tally, errors) = prober.finish();
-    let (ok, failed) = (
-        tally.allowed_ok.load(Ordering::Relaxed),
-        tally.allowed_failed.load(Ordering::Relaxed),
-    );
-    let (blocked, admitted) = (
-        tally.denied_blocked.load(Ordering::Relaxed),
-        tally.denied_admitted.load(Ordering::Relaxed),
-    );
+    let (ok, failed, blocked, admitted) = tally.counts();
     println!(
         "6 reloads of a 10,001-entry list: allowed {ok} ok / {failed} failed; denied {blocked} blocked / {admitted} admitted"
     );
@@ -595,11 +581,7 @@ fn reload_attaches_new_interfaces_and_detaches_removed_ones() {
         "lo not attached after a reload that added it:\n{}",
         agent.log_text()
     );
-    let lo_link = detach
-        .pin_dir
-        .join(format!("layout-{}", relay_guard_common::LAYOUT_VERSION))
-        .join("links")
-        .join("lo");
+    let lo_link = link_pin(&detach.pin_dir, "lo");
     assert!(
         lo_link.exists(),
         "no pinned link {} after lo was added",

@@ -293,12 +293,7 @@ fn deb_under_systemd_orders_postfix_survives_restarts_and_purges() {
         );
         assert_eq!(c.prop(POSTFIX, "NRestarts"), "0");
         let (tally, errors) = prober.finish();
-        let (ok, failed, blocked, admitted) = (
-            tally.allowed_ok.load(Ordering::Relaxed),
-            tally.allowed_failed.load(Ordering::Relaxed),
-            tally.denied_blocked.load(Ordering::Relaxed),
-            tally.denied_admitted.load(Ordering::Relaxed),
-        );
+        let (ok, failed, blocked, admitted) = tally.counts();
         eprintln!(
             "prober, boot through restart and SIGKILL: allowed {ok} ok / {failed} failed ({failed_at_boot} before \
              Postfix was up), denied {blocked} blocked / {admitted} admitted"

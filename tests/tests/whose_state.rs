@@ -13,7 +13,7 @@ use relay_guard_common::LAYOUT_VERSION;
 use relay_guard_tests::{
     agent::{Agent, DetachOnDrop, METRICS, TempDir, cli},
     config::{Guard, TestConfig},
-    lab::{ALLOWED_V4, DENIED_V4, Lab, assert_gate, pin_dir},
+    lab::{ALLOWED_V4, DENIED_V4, Lab, assert_gate, link_pin, pin_dir},
     net::BannerServer,
     netns::{sh, unique},
     require,
@@ -272,10 +272,7 @@ fn one_agent_per_pin_dir_whatever_the_spelling() {
     let _detach = DetachOnDrop::new(config.clone(), pins.clone());
     let agent = Agent::start(&lab.server, config.clone(), &dir);
     assert_gate(&lab, "first agent");
-    let link = pins
-        .join(format!("layout-{LAYOUT_VERSION}"))
-        .join("links")
-        .join(&lab.server_if);
+    let link = link_pin(&pins, &lab.server_if);
     assert!(link.exists());
 
     let symlink = dir.0.join("pins-link");
