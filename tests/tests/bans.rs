@@ -221,11 +221,9 @@ fn cli_ban_drops_the_ban_ports_only() {
     assert!(explain.contains("banned from port 587 by ban `sasl`"), "{explain}");
 
     // The agent takes the CLI's ban in (bans.json) and does not undo it.
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while !std::fs::read_to_string(s.state.join("bans.json")).is_ok_and(|t| t.contains("192.0.2.10/32")) {
-        assert!(Instant::now() < deadline, "the agent did not save the CLI's ban");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_saved(&s.state, "the CLI's ban (192.0.2.10/32)", |t| {
+        t.contains("192.0.2.10/32")
+    });
     assert!(
         !reaches(&lab, ALLOWED_V4, BANNED_GUARDED),
         "still banned after the agent's tick"
@@ -289,11 +287,9 @@ fn bans_survive_sigkill_and_reboot_and_expire_in_the_kernel() {
     let banned_at = Instant::now();
     assert!(out.contains("for 3s"), "{out}");
     // Let the agent take both in and save them.
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while !std::fs::read_to_string(s.state.join("bans.json")).is_ok_and(|t| t.contains("2001:db8:a::/64")) {
-        assert!(Instant::now() < deadline, "the agent did not save the bans");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_saved(&s.state, "the bans (2001:db8:a::/64)", |t| {
+        t.contains("2001:db8:a::/64")
+    });
     agent.signal(Signal::SIGKILL);
     agent.wait(Duration::from_secs(5));
     assert!(
@@ -451,25 +447,10 @@ fn log_failures_ban_the_source() {
     let text = wait_metrics(&lab, &agent, Duration::from_secs(3), "relay_guard_bans", |t| {
         metric(t, "relay_guard_bans", &[("ban", "sasl"), ("family", "ipv4")]) == 1.0
     });
-    let file = dir.write("metrics.txt", &text);
-    let out = std::process::Command::new("sh")
-        .arg("-c")
-        .arg(format!("promtool check metrics < {}", file.display()))
-        .output()
-        .expect("promtool");
-    assert!(
-        out.status.success(),
-        "promtool check metrics failed:\n{}{}\n{text}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    relay_guard_tests::prometheus::assert_promtool_accepts(&dir, &text);
     // `bans --json` takes failures from the agent's saved list (written
     // within a second of the ban).
-    let deadline = Instant::now() + Duration::from_secs(3);
-    while !std::fs::read_to_string(s.state.join("bans.json")).is_ok_and(|t| t.contains("192.0.2.10/32")) {
-        assert!(Instant::now() < deadline, "the agent did not save the ban");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_saved(&s.state, "the ban (192.0.2.10/32)", |t| t.contains("192.0.2.10/32"));
     let list = bans_json(&s.config);
     assert!(
         ban_of(&list, "198.51.100.20/32").is_none(),

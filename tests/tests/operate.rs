@@ -335,18 +335,7 @@ fn operator_cli_reads_the_pinned_maps() {
 
     // Metrics pass promtool.
     let text = scrape(&lab);
-    let file = dir.write("metrics.txt", &text);
-    let out = std::process::Command::new("sh")
-        .arg("-c")
-        .arg(format!("promtool check metrics < {}", file.display()))
-        .output()
-        .expect("promtool");
-    assert!(
-        out.status.success(),
-        "promtool check metrics failed:\n{}{}\n{text}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    relay_guard_tests::prometheus::assert_promtool_accepts(&dir, &text);
 
     // Rate-limited blocked-source events reach the log.
     let log = wait_log(&agent, "198.51.100.20 -> port 25");

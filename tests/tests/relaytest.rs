@@ -211,18 +211,7 @@ fn open_relay_is_reported_and_exported() {
     }
     assert!(agent.log_text().contains("OPEN RELAY"), "{}", agent.log_text());
     // The relaytest series pass promtool's lint.
-    let file = dir.write("metrics.txt", &text);
-    let out = Command::new("sh")
-        .arg("-c")
-        .arg(format!("promtool check metrics < {}", file.display()))
-        .output()
-        .expect("promtool");
-    assert!(
-        out.status.success(),
-        "promtool check metrics failed:\n{}{}\n{text}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    relay_guard_tests::prometheus::assert_promtool_accepts(&dir, &text);
 }
 
 #[test]
