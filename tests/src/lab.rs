@@ -185,6 +185,19 @@ pub fn pin_dir(prefix: &str) -> std::path::PathBuf {
     std::path::PathBuf::from(format!("/sys/fs/bpf/{}", unique(prefix)))
 }
 
+/// Whether `src` gets a greeting on `port` of the server address of its
+/// family (given up after 600 ms when it does not).
+pub fn reaches(lab: &Lab, src: &str, port: u16) -> bool {
+    crate::net::connect_banner(
+        &lab.client,
+        ip(src),
+        Lab::server_addr_for(src),
+        port,
+        std::time::Duration::from_millis(600),
+    )
+    .is_ok()
+}
+
 /// Where the agent pins the XDP link of `iface` under `pin_dir`
 /// (`layout-<LAYOUT_VERSION>/links/<iface>`).
 pub fn link_pin(pin_dir: &std::path::Path, iface: &str) -> std::path::PathBuf {

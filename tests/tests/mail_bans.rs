@@ -16,9 +16,9 @@ use std::{
 use relay_guard_tests::{
     agent::{Agent, DetachOnDrop, TempDir, cli},
     config::{Guard, TestConfig},
-    lab::{self, ALLOWED_V4, ALLOWED_V6, DENIED_V4, DENIED_V6, Lab, pin_dir, scrape},
+    lab::{self, ALLOWED_V4, ALLOWED_V6, DENIED_V4, DENIED_V6, Lab, pin_dir, reaches, scrape},
     mail::{MailServer, MailServerBuilder, Tls, swaks_auth},
-    net::{BannerServer, connect_banner, metric},
+    net::{BannerServer, metric},
     require,
 };
 use socket2::{Domain, Protocol, Socket, Type};
@@ -61,18 +61,6 @@ fn mail_server(lab: &Lab, dir: &TempDir) -> MailServer {
         .dovecot(&[(USER, PASSWORD)])
         .submission()
         .start()
-}
-
-/// Whether `src` gets a greeting on `port` (within 600 ms when it does not).
-fn reaches(lab: &Lab, src: &str, port: u16) -> bool {
-    connect_banner(
-        &lab.client,
-        lab::ip(src),
-        Lab::server_addr_for(src),
-        port,
-        Duration::from_millis(600),
-    )
-    .is_ok()
 }
 
 fn fail(lab: &Lab, src: &str, port: u16) {

@@ -31,9 +31,9 @@ use relay_guard::logwatch::{self, LogEvent, Source};
 use relay_guard_tests::{
     agent::{Agent, DetachOnDrop, TempDir, cli},
     config::{Guard, TestConfig, list},
-    lab::{self, ALLOWED_V4, ALLOWED_V6, DENIED_V4, DENIED_V6, Lab, pin_dir, scrape},
+    lab::{self, ALLOWED_V4, ALLOWED_V6, DENIED_V4, DENIED_V6, Lab, pin_dir, reaches, scrape},
     mail::{MailServer, MailServerBuilder, PASSWORD, SUBMISSION_TOOLS, USER},
-    net::{NftCounters, connect_banner, metric},
+    net::{NftCounters, metric},
     netns::NetNs,
     require,
     smtp::{self, Run},
@@ -77,18 +77,6 @@ ipv6_prefix = 64
             files = list(&files),
         ))
         .write_in(&dir.0.join("relay-guard"))
-}
-
-/// Whether `src` gets a greeting on `port` (within 600 ms when it does not).
-fn reaches(lab: &Lab, src: &str, port: u16) -> bool {
-    connect_banner(
-        &lab.client,
-        lab::ip(src),
-        Lab::server_addr_for(src),
-        port,
-        Duration::from_millis(600),
-    )
-    .is_ok()
 }
 
 /// The line protocols spoken here.
