@@ -32,8 +32,11 @@ pub mod maps {
     /// [`super::LONG_BLOCK`] when the /24 holds longer prefixes. Sized by the
     /// agent to the config's need (at most [`super::TBL24_ENTRIES`]).
     pub const TBL24: &str = "RG_TBL24";
-    /// `HashMap<u32, LongBlock>`: for a /24 (`addr >> 8`) holding prefixes
-    /// longer than /24, one mask index per host.
+    /// `HashMap<u32, LongBlock>`, sized by the agent: the hosts of the /24s
+    /// marked [`super::LONG_BLOCK`] in [`TBL24`], 16 at a time. Key: the
+    /// /28 (`addr >> 4`); value: one mask index per host. Only the /28s
+    /// whose hosts are not all the /24's own mask (the low bits of its
+    /// [`TBL24`] entry) are stored: a /24 holding one /32 costs one entry.
     pub const LONG24: &str = "RG_LONG24";
     /// `Array<u64>`: mask index → allow bits (bit g: guard g allows). Index 0
     /// is all zeros: no match, deny.
@@ -97,7 +100,7 @@ pub mod maps {
 /// Version of the map layout. Pinned state lives under `layout-<N>/`, so an
 /// agent never opens maps whose layout it does not know. Bump it whenever a
 /// map's name, type, key, value or capacity changes.
-pub const LAYOUT_VERSION: u32 = 8;
+pub const LAYOUT_VERSION: u32 = 9;
 
 /// Number of entries in [`maps::PORTS`]: one per TCP port.
 pub const PORT_SLOTS: u32 = 65_536;
@@ -114,14 +117,26 @@ pub const MAX_TBL24_BLOCKS: u32 = 1 << 16;
 /// Most entries of [`maps::TBL24`] (the object's size; the agent loads it
 /// smaller, see `kernel::sizes`).
 pub const TBL24_ENTRIES: u32 = MAX_TBL24_BLOCKS * TBL24_BLOCK_ENTRIES;
-/// [`maps::TBL24`] value: look the host up in [`maps::LONG24`].
+/// [`maps::TBL24`] flag: the /24 holds longer prefixes; look its /28 up in
+/// [`maps::LONG24`], and with no entry there every host of that /28 has
+/// the mask index in the low bits (the /24's own mask).
 pub const LONG_BLOCK: u16 = 0x8000;
 /// Entries of [`maps::MASKS`]; mask indexes are below [`LONG_BLOCK`].
 pub const MAX_MASKS: u32 = 0x8000;
-/// Capacity of [`maps::LONG24`] (allocated on demand: no preallocation).
+/// Most /24s marked [`LONG_BLOCK`] (a policy limit).
 pub const MAX_LONG_BLOCKS: u32 = 1 << 19;
-/// Value of [`maps::LONG24`]: mask index per host of the /24.
-pub type LongBlock = [u16; 256];
+/// Most entries of [`maps::LONG24`] (the agent loads it smaller, see
+/// `kernel::sizes`; entries are allocated on demand, the hash buckets
+/// are not).
+pub const MAX_LONG_SUBBLOCKS: u32 = 1 << 21;
+/// [`maps::LONG24`]'s capacity in the object, for a load the agent does
+/// not size.
+pub const LONG24_OBJECT_ENTRIES: u32 = 1 << 19;
+/// Hosts per [`maps::LONG24`] entry (a /28).
+pub const LONG_HOSTS: usize = 16;
+/// Value of [`maps::LONG24`]: mask index per host of the /28. 32 bytes, so
+/// a kernel hash element takes 96 bytes (a 512-byte value took 1 KiB).
+pub type LongBlock = [u16; LONG_HOSTS];
 
 /// The IPv6 multibit trie: its entry encoding and sizes.
 ///
@@ -436,7 +451,7 @@ const _: () = assert!(size_of::<GuardedPort>() == 4);
 const _: () = assert!(size_of::<AllowMask>() == 8);
 const _: () = assert!(size_of::<CounterKey>() == 12);
 const _: () = assert!(size_of::<IfaceSlot>() == 8);
-const _: () = assert!(size_of::<LongBlock>() == 512);
+const _: () = assert!(size_of::<LongBlock>() == 32);
 const _: () =
     assert!(counter_index(IFACE_SLOTS - 1, COUNTER_PORT_SLOTS - 1, family::UNKNOWN, 4) == COUNTER_ENTRIES - 1);
 const _: () = assert!(size_of::<Settings>() == 16);

@@ -31,9 +31,9 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use relay_guard_common::{
-    COUNTER_ENTRIES, EventBudget, IFACE_TABLE, IfaceSlot, LongBlock, MAX_LONG_BLOCKS, MAX_MASKS, PORT_SLOTS, PortEntry,
-    SOURCE_SLOTS, Settings, SourceStats, TBL16_ENTRIES, TBL24_ENTRIES, V6Leaf, V6Node, counter_index, family, mode,
-    v6 as trie, verdict as v,
+    COUNTER_ENTRIES, EventBudget, IFACE_TABLE, IfaceSlot, LONG24_OBJECT_ENTRIES, LongBlock, MAX_MASKS, PORT_SLOTS,
+    PortEntry, SOURCE_SLOTS, Settings, SourceStats, TBL16_ENTRIES, TBL24_ENTRIES, V6Leaf, V6Node, counter_index,
+    family, mode, v6 as trie, verdict as v,
 };
 
 use crate::cursor::{Cursor, Stop};
@@ -52,8 +52,9 @@ static TBL16: Array<[u32; 2]> = Array::with_max_entries(TBL16_ENTRIES, BPF_F_MMA
 #[map(name = "RG_TBL24")]
 static TBL24: Array<[u16; 4]> = Array::with_max_entries(TBL24_ENTRIES, BPF_F_MMAPABLE);
 
+/// The hosts of long /24s, a /28 at a time; sized by the agent.
 #[map(name = "RG_LONG24")]
-static LONG24: HashMap<u32, LongBlock> = HashMap::with_max_entries(MAX_LONG_BLOCKS, BPF_F_NO_PREALLOC);
+static LONG24: HashMap<u32, LongBlock> = HashMap::with_max_entries(LONG24_OBJECT_ENTRIES, BPF_F_NO_PREALLOC);
 
 #[map(name = "RG_MASKS")]
 static MASKS: Array<u64> = Array::with_max_entries(MAX_MASKS, 0);

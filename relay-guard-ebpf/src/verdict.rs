@@ -6,8 +6,8 @@
 //! IPv4 uses a DIR-16-8-8 style table, so a lookup costs the same at 10 and
 //! at 1,000,000 prefixes: one array read for the /16, one more for the /24
 //! entry only when the /16 is not uniform (so the table is sized to the
-//! config, not to the address space), one hash read only for the few blocks
-//! that hold longer prefixes, one array read for the mask.
+//! config, not to the address space), one hash read (of the /28) only for the
+//! few blocks that hold longer prefixes, one array read for the mask.
 //! IPv6 uses a multibit trie with the same property: one top-level read for
 //! the first 20 bits, at most 27 steps (node reads of 4 bits each, or leaf
 //! reads: path compression ends lone prefixes in a leaf and skips chains of
@@ -56,13 +56,15 @@ pub fn allowed_v4(src: [u8; 4], guard: u8) -> bool {
         }
     };
     if idx & LONG_BLOCK != 0 {
-        let block = (u32::from(src[0]) << 16) | (u32::from(src[1]) << 8) | u32::from(src[2]);
+        let sub =
+            (u32::from(src[0]) << 20) | (u32::from(src[1]) << 12) | (u32::from(src[2]) << 4) | u32::from(src[3] >> 4);
         // SAFETY: a value of LONG24 is read while the map is alive.
-        match unsafe { LONG24.get(&block) } {
-            Some(hosts) => idx = hosts[usize::from(src[3])],
-            // A block marked long without its table: fail closed.
-            None => return false,
-        }
+        idx = match unsafe { LONG24.get(&sub) } {
+            // `& 15` keeps the host index provably in bounds.
+            Some(hosts) => hosts[usize::from(src[3] & 15)],
+            // A /28 with no entry: every host has the /24's own mask.
+            None => idx & !LONG_BLOCK,
+        };
     }
     if idx == 0 {
         return false;

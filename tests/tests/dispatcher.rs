@@ -687,3 +687,124 @@ fn a_program_ahead_that_does_not_chain_on_pass_is_reported_as_a_bypass() {
     drop(agent);
     drop(detach);
 }
+
+/// The office-style list of the resize test: 20,000 /24s in as many /16s
+/// (far more than a small set's 256 IPv4 blocks) and 4,000 /32s in as many
+/// /24s (long blocks), beside relay-guard's allowed source. List contents
+/// only: nothing is sent from them.
+fn wide_list() -> String {
+    let mut s: String = (0..20_000u32)
+        .map(|i| format!("{}.{}.7.0/24\n", 11 + i / 200, i % 200))
+        .collect();
+    s.extend((0..4_000u32).map(|i| format!("{}.{}.9.1\n", 11 + i / 200, i % 200)));
+    s.push_str(&format!("{OTHER_ALLOWED_V4}\n"));
+    s
+}
+
+/// Resizes inside the dispatcher: relay-guard shares the interface with
+/// xdp-filter through libxdp's dispatcher, and a reload grows its lists past
+/// what its maps hold, then another shrinks them back (each fills a new set
+/// of maps and replaces relay-guard's program in its dispatcher slot
+/// through the pinned link). Two continuous probers run throughout: one for
+/// relay-guard's verdicts (an allowed and a denied source), one for
+/// xdp-filter's (the source it drops). Neither has a gap, the dispatcher
+/// keeps one slot of each, and one set of maps is left.
+///
+/// Where the kernel refuses extension programs (no dispatcher can hold two
+/// programs; the VM guests run the first branch), what it allows:
+/// xdp-filter unloaded, relay-guard with `xdp_dispatcher = true` attaches
+/// directly, and the same grow and shrink keep its verdicts without a gap.
+#[test]
+fn maps_resized_inside_the_dispatcher_keep_both_verdicts() {
+    const TEST: &str = "maps_resized_inside_the_dispatcher_keep_both_verdicts";
+    if !require(TEST) {
+        return;
+    }
+    let _one = XDP_FILTER.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let lab = Lab::new();
+    add_other_allowed(&lab);
+    let _server = relay_guard_tests::net::BannerServer::start(&lab.server, &[25]);
+    let dir = TempDir::new();
+    let small = "198.51.100.1\n".to_string();
+    let list = dir.write("office.txt", &small);
+    let (filter, ok, text) = XdpFilter::load(&lab.server, &lab.server_if);
+    assert!(ok, "xdp-filter load: {text}");
+    let shared = loader_status(&lab.server, &lab.server_if).contains("xdp_dispatcher");
+    let extra = if shared {
+        println!("branch: libxdp dispatcher (the kernel runs extension programs)");
+        ""
+    } else {
+        println!("branch: no dispatcher (the kernel refuses extension programs): relay-guard alone");
+        drop(filter);
+        "xdp_dispatcher = true"
+    };
+    let list_path = list.display().to_string();
+    let pins = pin_dir("dispatcher-");
+    let (config, _detach) = TestConfig::new(&lab.server_if, &pins)
+        .xdp_mode("skb")
+        .keys(extra)
+        .state_dir(&dir.0.join("state"))
+        .guard(
+            &Guard::new("relay", &[25])
+                .allow(&["192.0.2.0/25", "2001:db8:a::/48"])
+                .allow_files(&[&list_path]),
+        )
+        .write(&dir);
+    let mut agent = Agent::start(&lab.server, config, &dir);
+    if shared {
+        assert!(
+            agent.log_text().contains("joined the XDP dispatcher"),
+            "{}",
+            agent.log_text()
+        );
+    }
+    let rg = Prober::start(&lab.client, ip(OTHER_ALLOWED_V4), ip(DENIED_V4), ip(SERVER_V4), 25);
+    let xf = shared.then(|| Prober::start(&lab.client, ip(OTHER_ALLOWED_V4), ip(FILTERED_V4), ip(SERVER_V4), 25));
+    std::thread::sleep(Duration::from_millis(500));
+
+    for (round, body) in [wide_list(), small].iter().enumerate() {
+        let tmp = dir.0.join("office.txt.tmp");
+        std::fs::write(&tmp, body).expect("write the list");
+        std::fs::rename(&tmp, &list).expect("replace the list");
+        let deadline = std::time::Instant::now() + Duration::from_secs(120);
+        loop {
+            let log = agent.log_text();
+            if log.matches("maps resized").count() > round {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline && agent.exited().is_none(),
+                "round {round}: no resize:\n{log}"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        let log = agent.log_text();
+        assert!(!log.contains("could not move the interface"), "round {round}:\n{log}");
+        std::thread::sleep(Duration::from_millis(500));
+        if shared {
+            let status = loader_status(&lab.server, &lab.server_if);
+            assert_eq!(
+                (
+                    status.matches("relay_guard").count(),
+                    status.matches("xdpfilt_").count()
+                ),
+                (1, 1),
+                "round {round}: one slot each in the dispatcher:\n{status}"
+            );
+        }
+    }
+    let layout = pins.join(format!("layout-{}", relay_guard_common::LAYOUT_VERSION));
+    let sets: Vec<String> = std::fs::read_dir(&layout)
+        .expect("layout directory")
+        .filter_map(Result::ok)
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("set-") || n.starts_with("next-"))
+        .collect();
+    assert_eq!(sets.len(), 1, "one set of maps left: {sets:?}");
+    let log = agent.log_text();
+    assert_no_gap("relay-guard through a grow and a shrink", rg, &log);
+    if let Some(xf) = xf {
+        assert_no_gap("xdp-filter through relay-guard's resizes", xf, &log);
+    }
+    assert!(agent.stop().success(), "{}", agent.log_text());
+}

@@ -280,7 +280,13 @@ fn write_synced(path: &Path, bytes: &[u8]) -> Result<(), StateError> {
         .open(path)
         .map_err(err)?;
     f.write_all(bytes).map_err(err)?;
-    f.sync_all().map_err(err)
+    f.sync_all().map_err(err)?;
+    // The copy is read only at a restart: its pages, clean once synced, need
+    // not stay in the page cache charged to the agent's memory cgroup (a
+    // 1M-line list is about 17 MiB). Advice: an error changes nothing.
+    // SAFETY: a valid open fd; no pointers.
+    let _ = unsafe { libc::posix_fadvise(std::os::fd::AsRawFd::as_raw_fd(&f), 0, 0, libc::POSIX_FADV_DONTNEED) };
+    Ok(())
 }
 
 /// Flushes a directory's entries (new names, a rename) to disk.

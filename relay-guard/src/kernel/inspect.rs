@@ -47,7 +47,12 @@ pub fn lookup(maps: &Maps, addr: IpAddr, port: u16) -> Result<Lookup, aya::maps:
             let mut idx = maps.tbl24.get(block as usize);
             let mut unit = IpNet::new(IpAddr::from([o[0], o[1], o[2], 0]), 24).expect("valid");
             if idx & LONG_BLOCK != 0 {
-                idx = maps.long24.get(&block, 0).map(|h| h[usize::from(o[3])]).unwrap_or(0);
+                // The /28's entry, else the block's own mask (as the program reads it).
+                let sub = (block << 4) | u32::from(o[3] >> 4);
+                idx = maps
+                    .long24
+                    .get(&sub, 0)
+                    .map_or(idx & !LONG_BLOCK, |h| h[usize::from(o[3] & 15)]);
                 unit = IpNet::new(addr, 32).expect("valid");
             }
             let allow = if idx == 0 {
@@ -91,10 +96,12 @@ pub fn summary(maps: &Maps) -> Result<Summary, aya::maps::MapError> {
             ports.push(u16::try_from(p).expect("< 65536"));
         }
     }
-    let blocks = (0..crate::policy::tables::BLOCKS)
-        .filter(|&b| maps.tbl24.get(b) != 0)
-        .count();
-    let long = maps.long24.keys().count();
+    let (mut blocks, mut long) = (0, 0);
+    for b in 0..crate::policy::tables::BLOCKS {
+        let e = maps.tbl24.get(b);
+        blocks += usize::from(e != 0);
+        long += usize::from(e & LONG_BLOCK != 0);
+    }
     let v6 = maps.v6.read_tables().counts();
     let mode = settings.mode();
     Ok((ports, blocks, long, v6, mode))

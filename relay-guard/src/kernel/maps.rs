@@ -30,6 +30,8 @@ pub struct Maps {
     pub long24: HashMap<MapData, u32, LongBlock>,
     /// The same map through a second fd, for a second writer thread.
     pub long24_aux: HashMap<MapData, u32, LongBlock>,
+    /// `RG_LONG24`'s capacity (max_entries).
+    pub long24_capacity: u32,
     pub masks: Array<MapData, u64>,
     pub v6: V6Arrays,
     pub ifaces: Array<MapData, IfaceSlot>,
@@ -601,8 +603,15 @@ impl Maps {
         // A second handle on RG_LONG24 (a dup of its fd), so a sync can
         // insert long blocks from two threads.
         let long24 = get(maps::LONG24)?;
-        let long24_aux = match &long24 {
+        let (long24_aux, long24_capacity) = match &long24 {
             Map::HashMap(data) => {
+                let capacity = data
+                    .info()
+                    .map_err(|source| LoadError::MapType {
+                        name: maps::LONG24,
+                        source,
+                    })?
+                    .max_entries();
                 use std::os::fd::AsFd as _;
                 let fd = data
                     .fd()
@@ -617,7 +626,7 @@ impl Maps {
                     name: maps::LONG24,
                     source,
                 })?;
-                typed(maps::LONG24, Map::HashMap(dup))?
+                (typed(maps::LONG24, Map::HashMap(dup))?, capacity)
             }
             _ => return Err(LoadError::NoMap { name: maps::LONG24 }),
         };
@@ -626,6 +635,7 @@ impl Maps {
             tbl24,
             long24: typed(maps::LONG24, long24)?,
             long24_aux,
+            long24_capacity,
             masks: typed(maps::MASKS, get(maps::MASKS)?)?,
             v6,
             ifaces: typed(maps::IFACES, get(maps::IFACES)?)?,

@@ -1,16 +1,21 @@
 //! How big the sized maps of a set are ([`Sizes`]): the IPv4 blocks of
-//! `RG_TBL24` and the IPv6 trie's nodes and leaves, chosen for a policy
+//! `RG_TBL24`, the entries of `RG_LONG24` (its hash buckets are allocated
+//! up front) and the IPv6 trie's nodes and leaves, chosen for a policy
 //! with room to grow, so a small config does not pay for the largest one
 //! (the maps' memory is charged to the agent's cgroup). A reload whose
 //! policy needs more, or much less, gets a new set of maps (see
 //! `kernel::loader::Loaded::new_set`).
 use std::collections::BTreeSet;
 
-use relay_guard_common::{MAX_TBL24_BLOCKS, TBL24_BLOCK_ENTRIES, V6Leaf, V6Node, maps, v6};
+use relay_guard_common::{MAX_LONG_SUBBLOCKS, MAX_TBL24_BLOCKS, TBL24_BLOCK_ENTRIES, V6Leaf, V6Node, maps, v6};
 
 use crate::{
     kernel::maps::Maps,
-    policy::{Policy, tables::Palette, tables6::V6Tables},
+    policy::{
+        Policy,
+        tables::{self, Palette},
+        tables6::V6Tables,
+    },
 };
 
 /// Capacities of a set's sized maps.
@@ -18,6 +23,8 @@ use crate::{
 pub struct Sizes {
     /// Blocks of 256 /24 entries in `RG_TBL24`.
     pub tbl24_blocks: u32,
+    /// Entries of `RG_LONG24` (/28s of hosts).
+    pub long_blocks: u32,
     /// Entries of `RG_V6_NODES` (index 0 unused).
     pub v6_nodes: u32,
     /// Entries of `RG_V6_LEAVES` (index 0 unused).
@@ -27,9 +34,14 @@ pub struct Sizes {
 /// The least of each, so a config that grows a little needs no resize.
 const MIN: Sizes = Sizes {
     tbl24_blocks: 256,
+    long_blocks: 1024,
     v6_nodes: 1024,
     v6_leaves: 1024,
 };
+
+/// Bytes of one bucket of a kernel hash map (a list head and a lock),
+/// allocated for each power of two up to its capacity.
+const LONG24_BUCKET_BYTES: u64 = 16;
 
 /// A set this much larger than a policy's sizes is shrunk at a reload…
 const SHRINK_FACTOR: u64 = 4;
@@ -40,13 +52,15 @@ impl Sizes {
     /// The object's sizes: the most any policy can use.
     pub const MAX: Sizes = Sizes {
         tbl24_blocks: MAX_TBL24_BLOCKS,
+        long_blocks: MAX_LONG_SUBBLOCKS,
         v6_nodes: v6::NODE_CAPACITY,
         v6_leaves: v6::LEAF_CAPACITY,
     };
 
     /// What `policy` needs in a fresh set: the /16s holding a prefix longer
-    /// than /16 (an upper bound of those that are not uniform), and the
-    /// trie as a first build lays it out.
+    /// than /16 (an upper bound of those that are not uniform), the /28s
+    /// holding a prefix longer than /24 (an upper bound of the long
+    /// entries), and the trie as a first build lays it out.
     pub fn need(policy: &Policy) -> Sizes {
         let slots: BTreeSet<u16> = policy
             .v4
@@ -62,6 +76,7 @@ impl Sizes {
         };
         Sizes {
             tbl24_blocks: u32::try_from(slots.len()).expect("<= 65536"),
+            long_blocks: u32::try_from(tables::long_keys_bound(policy.v4.keys())).unwrap_or(u32::MAX),
             v6_nodes: nodes.saturating_add(1),
             v6_leaves: leaves.saturating_add(1),
         }
@@ -81,6 +96,7 @@ impl Sizes {
         };
         Sizes {
             tbl24_blocks: room(need.tbl24_blocks, MIN.tbl24_blocks, Self::MAX.tbl24_blocks),
+            long_blocks: room(need.long_blocks, MIN.long_blocks, Self::MAX.long_blocks),
             v6_nodes: room(need.v6_nodes, MIN.v6_nodes, Self::MAX.v6_nodes),
             v6_leaves: room(need.v6_leaves, MIN.v6_leaves, Self::MAX.v6_leaves),
         }
@@ -91,6 +107,7 @@ impl Sizes {
         let d = |n: u32, max: u32| n.saturating_mul(2).min(max);
         Sizes {
             tbl24_blocks: d(self.tbl24_blocks, Self::MAX.tbl24_blocks),
+            long_blocks: d(self.long_blocks, Self::MAX.long_blocks),
             v6_nodes: d(self.v6_nodes, Self::MAX.v6_nodes),
             v6_leaves: d(self.v6_leaves, Self::MAX.v6_leaves),
         }
@@ -100,6 +117,7 @@ impl Sizes {
     pub fn max(self, other: Sizes) -> Sizes {
         Sizes {
             tbl24_blocks: self.tbl24_blocks.max(other.tbl24_blocks),
+            long_blocks: self.long_blocks.max(other.long_blocks),
             v6_nodes: self.v6_nodes.max(other.v6_nodes),
             v6_leaves: self.v6_leaves.max(other.v6_leaves),
         }
@@ -110,21 +128,27 @@ impl Sizes {
         let (v6_nodes, v6_leaves) = maps.v6.capacity();
         Sizes {
             tbl24_blocks: maps.tbl24.capacity(),
+            long_blocks: maps.long24_capacity,
             v6_nodes,
             v6_leaves,
         }
     }
 
-    /// Bytes of kernel memory the sized maps take.
+    /// Bytes of kernel memory the sized maps take before any entry of
+    /// `RG_LONG24` (about 96 bytes each, allocated on insert).
     pub fn bytes(&self) -> u64 {
         u64::from(self.tbl24_blocks) * u64::from(TBL24_BLOCK_ENTRIES) * 8
+            + u64::from(self.long_blocks).next_power_of_two() * LONG24_BUCKET_BYTES
             + u64::from(self.v6_nodes) * size_of::<V6Node>() as u64
             + u64::from(self.v6_leaves) * size_of::<V6Leaf>() as u64
     }
 
     /// Whether each of `need` fits in these.
     pub fn holds(&self, need: &Sizes) -> bool {
-        need.tbl24_blocks <= self.tbl24_blocks && need.v6_nodes <= self.v6_nodes && need.v6_leaves <= self.v6_leaves
+        need.tbl24_blocks <= self.tbl24_blocks
+            && need.long_blocks <= self.long_blocks
+            && need.v6_nodes <= self.v6_nodes
+            && need.v6_leaves <= self.v6_leaves
     }
 
     /// The sizes a new set for `policy` should have when the set of `maps`
@@ -141,9 +165,10 @@ impl Sizes {
     }
 
     /// `(map name, max_entries)` for the loader.
-    pub fn max_entries(&self) -> [(&'static str, u32); 3] {
+    pub fn max_entries(&self) -> [(&'static str, u32); 4] {
         [
             (maps::TBL24, self.tbl24_blocks * TBL24_BLOCK_ENTRIES),
+            (maps::LONG24, self.long_blocks),
             (maps::V6_NODES, self.v6_nodes),
             (maps::V6_LEAVES, self.v6_leaves),
         ]
@@ -154,8 +179,9 @@ impl std::fmt::Display for Sizes {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "{} IPv4 blocks, {} IPv6 nodes, {} IPv6 leaves ({:.1} MiB)",
+            "{} IPv4 blocks, {} long IPv4 /28s, {} IPv6 nodes, {} IPv6 leaves ({:.1} MiB)",
             self.tbl24_blocks,
+            self.long_blocks,
             self.v6_nodes,
             self.v6_leaves,
             self.bytes() as f64 / f64::from(1 << 20)

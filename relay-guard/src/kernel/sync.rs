@@ -9,9 +9,12 @@
 //!
 //! Order within a pass matters for "no gap". Phase 1 writes everything new
 //! or changed: new masks (into indices no table references), then long
-//! blocks, then the /24 table, then the IPv6 trie (new nodes and leaves into
+//! blocks' /28 entries, then the /24 table, then the IPv6 trie (new nodes and leaves into
 //! unlinked indices, then the entries that link them; see `tables6`).
-//! Phase 2 removes stale long blocks. Masks that neither family references
+//! Phase 2 removes stale /28 entries of long blocks. A /28 with no entry
+//! reads as its /24's own mask (the low bits of the /24's entry), so an
+//! entry added before that mask changes, and removed after, keeps each host
+//! at its old or its new value. Masks that neither family references
 //! any more, and IPv6 nodes and leaves that were unlinked, are left as they
 //! are (a lookup may still be about to read them): the next sync clears such
 //! masks if still unreferenced, and reuses such nodes and leaves.
@@ -26,7 +29,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use relay_guard_common::{
-    AllowMask, COUNTER_PORT_SLOTS, GuardedPort, LONG_BLOCK, MAX_GUARDS, MAX_LONG_BLOCKS, MAX_MASKS, PORT_SLOTS,
+    AllowMask, COUNTER_PORT_SLOTS, GuardedPort, LONG_BLOCK, LONG_HOSTS, LongBlock, MAX_GUARDS, MAX_MASKS, PORT_SLOTS,
     PortEntry, Settings, maps,
 };
 
@@ -62,8 +65,11 @@ pub struct Shadow {
     pub palette: Palette,
     /// References to each mask index from `RG_TBL24` and `RG_LONG24`.
     pub refs: Vec<u32>,
-    /// `RG_LONG24` as written.
+    /// The long blocks as written (their /28 entries in `RG_LONG24` are
+    /// [`LongSpec::sub_blocks`]).
     pub long: BTreeMap<u32, LongSpec>,
+    /// Entries of `RG_LONG24`.
+    pub long_entries: usize,
     /// The IPv6 trie as written.
     pub v6: V6Tables,
     /// Mask indices no table referenced after the last sync: the next one
@@ -219,6 +225,12 @@ fn kernel_policy(maps: &mut Maps, keep: u64) -> Result<Policy, SyncError> {
             });
         }
     };
+    // The long blocks' /28 entries, read once.
+    let mut subs: BTreeMap<u32, LongBlock> = BTreeMap::new();
+    for kv in maps.long24.iter() {
+        let (k, v) = kv.map_err(merr("read", maps::LONG24, "entries"))?;
+        subs.insert(k, v);
+    }
     let mut run = (0u32, 0u64);
     for b in 0..tables::BLOCKS as u32 {
         let e = maps.tbl24.get(b as usize);
@@ -232,8 +244,12 @@ fn kernel_policy(maps: &mut Maps, keep: u64) -> Result<Policy, SyncError> {
         }
         v4_run(&mut p, run.0, b, run.1);
         run = (b + 1, 0);
-        // A block marked long without its hosts denies.
-        let Ok(hosts) = maps.long24.get(&b, 0) else { continue };
+        // A /28 with no entry has the block's own mask.
+        let mut hosts = [e & !LONG_BLOCK; 256];
+        for (&k, sub) in subs.range(b << 4..(b + 1) << 4) {
+            let s = (k & 15) as usize * LONG_HOSTS;
+            hosts[s..s + LONG_HOSTS].copy_from_slice(sub);
+        }
         let mut hrun = (0u32, val(u32::from(hosts[0])));
         for h in 1..=256u32 {
             let v = if h < 256 {
@@ -474,6 +490,9 @@ fn run(
     for k in maps.long24.keys() {
         have_long.insert(k.map_err(merr("read", maps::LONG24, "keys"))?);
     }
+    // The /28 keys the policy's long blocks store, ascending (spans and
+    // blocks are visited in order).
+    let mut new_keys: Vec<u32> = Vec::new();
 
     // Phase 1 for IPv4, one /8 at a time (the whole table is never built in
     // memory): masks first taken, then long blocks, then /24 entries.
@@ -485,12 +504,14 @@ fn run(
     for start in (0..1u32 << 24).step_by(span as usize) {
         let paint = tables::paint_range(&policy.v4, &mut palette, start, start + span, SPAN_LEN).map_err(capacity)?;
         write_masks(maps, &mut palette, &mut st, write)?;
-        // Long blocks from two threads (two fds on the map): the kernel's
-        // hash inserts are most of a cold load.
-        let specs: Vec<(u32, &LongSpec)> = paint.long.iter().map(|(&b, sp)| (b, sp)).collect();
-        for (_, spec) in &specs {
+        // Long blocks' /28 entries from two threads (two fds on the map):
+        // the kernel's hash inserts are most of a cold load.
+        let mut specs: Vec<(u32, LongBlock)> = Vec::new();
+        for (&b, spec) in &paint.long {
             spec_refs(&mut refs, spec, 1);
+            specs.extend(spec.sub_blocks(b));
         }
+        new_keys.extend(specs.iter().map(|&(k, _)| k));
         let (first, second) = specs.split_at(specs.len() / 2);
         let (one, two) = (&mut maps.long24, &mut maps.long24_aux);
         let (r1, r2) = std::thread::scope(|sc| {
@@ -558,12 +579,13 @@ fn run(
             ),
         });
     }
-    // New long blocks are inserted before stale ones go: the map holds both.
-    let peak = have_long.len() + long_all.keys().filter(|b| !have_long.contains(b)).count();
-    if !write && peak > MAX_LONG_BLOCKS as usize {
+    // New /28 entries are inserted before stale ones go: the map holds both.
+    let peak = have_long.len() + new_keys.iter().filter(|k| !have_long.contains(k)).count();
+    if !write && peak > maps.long24_capacity as usize {
         return Err(SyncError::Capacity {
             what: format!(
-                "IPv4 /24 blocks holding prefixes longer than /24 (map RG_LONG24): {peak} while the old and the new policy's blocks are both present (the limit is {MAX_LONG_BLOCKS})"
+                "IPv4 /28s holding prefixes longer than /24 (map RG_LONG24): {peak} while the old and the new policy's entries are both present (the map holds {})",
+                maps.long24_capacity
             ),
         });
     }
@@ -596,12 +618,12 @@ fn run(
     }
 
     // ---- Phase 2: removals ----
-    for &block in have_long.iter().filter(|b| !long_all.contains_key(b)) {
+    for &key in have_long.iter().filter(|k| new_keys.binary_search(k).is_err()) {
         st.removed += 1;
         if write {
             maps.long24
-                .remove(&block)
-                .map_err(merr("remove", maps::LONG24, block_name(block)))?;
+                .remove(&key)
+                .map_err(merr("remove", maps::LONG24, sub_name(key)))?;
         }
     }
     // Masks no table references any more are not cleared now: a lookup
@@ -631,31 +653,32 @@ fn run(
             palette,
             refs,
             long: long_all,
+            long_entries: new_keys.len(),
             v6: v6tables,
             stale,
         }),
     ))
 }
 
-/// Writes `specs` into `RG_LONG24` (through `map`, one of its handles),
-/// skipping blocks the kernel already holds as they are: (written, unchanged).
+/// Writes the /28 entries `subs` into `RG_LONG24` (through `map`, one of
+/// its handles), skipping those the kernel already holds as they are:
+/// (written, unchanged).
 fn write_long(
-    map: &mut aya::maps::HashMap<aya::maps::MapData, u32, relay_guard_common::LongBlock>,
-    specs: &[(u32, &LongSpec)],
+    map: &mut aya::maps::HashMap<aya::maps::MapData, u32, LongBlock>,
+    subs: &[(u32, LongBlock)],
     have: &BTreeSet<u32>,
     write: bool,
 ) -> Result<(usize, usize), SyncError> {
     let (mut written, mut unchanged) = (0, 0);
-    for &(block, spec) in specs {
-        let hosts = spec.hosts();
-        if have.contains(&block) && map.get(&block, 0).ok().as_ref() == Some(&*hosts) {
+    for &(key, hosts) in subs {
+        if have.contains(&key) && map.get(&key, 0).ok().as_ref() == Some(&hosts) {
             unchanged += 1;
             continue;
         }
         written += 1;
         if write {
-            map.insert(block, *hosts, 0)
-                .map_err(merr("write", maps::LONG24, block_name(block)))?;
+            map.insert(key, hosts, 0)
+                .map_err(merr("write", maps::LONG24, sub_name(key)))?;
         }
     }
     Ok((written, unchanged))
@@ -734,8 +757,13 @@ pub fn apply_delta(
     };
 
     let mut tbl_writes: Vec<(usize, u16)> = Vec::new();
-    let mut long_writes: Vec<(u32, LongSpec)> = Vec::new();
-    let mut long_gone: Vec<u32> = Vec::new();
+    // Per changed long block: its new spec (None: no longer long), the /28
+    // entries to write and the keys to remove.
+    let mut long_specs: Vec<(u32, Option<LongSpec>)> = Vec::new();
+    let mut sub_writes: Vec<(u32, LongBlock)> = Vec::new();
+    let mut sub_gone: Vec<u32> = Vec::new();
+    // /28 entries new to the map.
+    let mut added = 0usize;
     let mut dropped: Vec<u16> = Vec::new();
     for (start, end, l) in merged {
         let mut paint = tables::paint_range(&policy.v4, &mut shadow.palette, start, end, l).map_err(full)?;
@@ -762,15 +790,25 @@ pub fn apply_delta(
             if new & LONG_BLOCK == 0 {
                 shadow.refs[usize::from(new)] += 1;
             }
-            match new_spec {
-                Some(spec) => {
-                    spec_refs(&mut shadow.refs, &spec, 1);
-                    if old_spec != Some(&spec) {
-                        long_writes.push((block, spec));
-                    }
-                }
-                None if old_spec.is_some() => long_gone.push(block),
-                None => {}
+            if let Some(spec) = &new_spec {
+                spec_refs(&mut shadow.refs, spec, 1);
+            }
+            if old_spec != new_spec.as_ref() {
+                let old_subs: BTreeMap<u32, LongBlock> =
+                    old_spec.map(|sp| sp.sub_blocks(block).collect()).unwrap_or_default();
+                let new_subs: BTreeMap<u32, LongBlock> = new_spec
+                    .as_ref()
+                    .map(|sp| sp.sub_blocks(block).collect())
+                    .unwrap_or_default();
+                added += new_subs.keys().filter(|k| !old_subs.contains_key(k)).count();
+                sub_writes.extend(
+                    new_subs
+                        .iter()
+                        .filter(|&(k, v)| old_subs.get(k) != Some(v))
+                        .map(|(&k, &v)| (k, v)),
+                );
+                sub_gone.extend(old_subs.keys().filter(|k| !new_subs.contains_key(k)));
+                long_specs.push((block, new_spec));
             }
             if old != new {
                 tbl_writes.push((b, new));
@@ -790,6 +828,16 @@ pub fn apply_delta(
             what: blocks_full(maps),
         });
     }
+    // /28 entries: new ones are inserted before stale ones go.
+    if shadow.long_entries + added > maps.long24_capacity as usize {
+        return Err(SyncError::Capacity {
+            what: format!(
+                "IPv4 /28s holding prefixes longer than /24 (map RG_LONG24): {} while the old and the new entries are both present (the map holds {})",
+                shadow.long_entries + added,
+                maps.long24_capacity
+            ),
+        });
+    }
 
     // Phase 1a: masks first taken by this sync.
     for i in shadow.palette.take_allocated() {
@@ -799,13 +847,20 @@ pub fn apply_delta(
             .set(u32::from(i), m, 0)
             .map_err(merr("write", maps::MASKS, format!("index {i}")))?;
     }
-    // Phase 1b: long blocks, before the /24 entries that point at them.
-    for (block, spec) in long_writes {
+    // Phase 1b: long blocks' /28 entries, before the /24 entries that
+    // point at them (and give the /28s left out their mask).
+    for &(key, hosts) in &sub_writes {
         st.written += 1;
         maps.long24
-            .insert(block, *spec.hosts(), 0)
-            .map_err(merr("write", maps::LONG24, block_name(block)))?;
-        shadow.long.insert(block, spec);
+            .insert(key, hosts, 0)
+            .map_err(merr("write", maps::LONG24, sub_name(key)))?;
+    }
+    shadow.long_entries += added;
+    for (block, spec) in long_specs {
+        match spec {
+            Some(spec) => shadow.long.insert(block, spec),
+            None => shadow.long.remove(&block),
+        };
     }
     // Phase 1c: the /24 table.
     for &(b, v) in &tbl_writes {
@@ -825,12 +880,12 @@ pub fn apply_delta(
     }
 
     // Phase 2: removals.
-    for block in long_gone {
+    for key in sub_gone {
         st.removed += 1;
-        shadow.long.remove(&block);
         maps.long24
-            .remove(&block)
-            .map_err(merr("remove", maps::LONG24, block_name(block)))?;
+            .remove(&key)
+            .map_err(merr("remove", maps::LONG24, sub_name(key)))?;
+        shadow.long_entries -= 1;
     }
     // Masks: clear those the previous sync left unreferenced and that still
     // are; those unreferenced since this sync wait for the next one.
@@ -872,9 +927,9 @@ fn blocks_full(maps: &Maps) -> String {
     )
 }
 
-fn block_name(block: u32) -> String {
-    let [_, a, b, c] = block.to_be_bytes();
-    format!("block {a}.{b}.{c}.0/24")
+fn sub_name(key: u32) -> String {
+    let [a, b, c, d] = (key << 4).to_be_bytes();
+    format!("block {a}.{b}.{c}.{d}/28")
 }
 
 #[cfg(test)]

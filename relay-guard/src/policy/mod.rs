@@ -28,12 +28,16 @@ use std::{
 };
 
 use ipnet::IpNet;
-use relay_guard_common::{AllowMask, COUNTER_PORT_SLOTS, GuardedPort, MAX_LONG_BLOCKS, MAX_MASKS, mode, v6 as trie};
+use relay_guard_common::{
+    AllowMask, COUNTER_PORT_SLOTS, GuardedPort, MAX_LONG_BLOCKS, MAX_LONG_SUBBLOCKS, MAX_MASKS, mode, v6 as trie,
+};
 
 use crate::{
     config::{Action, Config, Guard, Mode},
-    policy::tables::Palette,
-    policy::tables6::{V6Full, V6Tables},
+    policy::{
+        tables::Palette,
+        tables6::{V6Full, V6Tables},
+    },
 };
 
 /// Map contents compiled from a config.
@@ -249,6 +253,15 @@ impl Policy {
                 count: long.len(),
                 limit: MAX_LONG_BLOCKS as usize,
             });
+        } else {
+            let subs = tables::long_keys_bound(self.v4.keys());
+            if subs > MAX_LONG_SUBBLOCKS as usize {
+                out.push(Limit {
+                    what: "IPv4 /28s holding prefixes longer than /24 (map RG_LONG24)",
+                    count: subs,
+                    limit: MAX_LONG_SUBBLOCKS as usize,
+                });
+            }
         }
         let mut masks: Vec<u64> = self.v4.values().chain(self.v6.values()).map(|m| m.allow).collect();
         masks.retain(|&m| m != 0);

@@ -2,14 +2,16 @@
 //! aya types, no I/O.
 //!
 //! `tbl24` has one entry per /24 block: a mask index (into a palette of the
-//! distinct allow masks), or [`LONG_BLOCK`] when the block holds prefixes
-//! longer than /24, whose hosts then have their own 256 entries in `long`.
+//! distinct allow masks), or [`LONG_BLOCK`] with the block's own mask index
+//! when the block holds prefixes longer than /24, whose hosts then have their
+//! own entries in `long`: the kernel stores only the /28s whose hosts differ
+//! from the block's own mask ([`LongSpec::sub_blocks`]).
 //! Painting prefixes from short to long makes every entry hold the mask of
 //! the longest stored prefix containing it, which is exactly what
 //! [`Policy::lookup`] computes; a property test checks the two agree.
 use std::collections::{BTreeMap, HashMap};
 
-use relay_guard_common::{AllowMask, LONG_BLOCK, LongBlock, MAX_MASKS};
+use relay_guard_common::{AllowMask, LONG_BLOCK, LONG_HOSTS, LongBlock, MAX_MASKS};
 
 #[cfg(test)]
 use crate::policy::Policy;
@@ -118,14 +120,52 @@ pub struct LongSpec {
 
 impl LongSpec {
     /// The 256 host entries, painted short to long.
-    pub fn hosts(&self) -> Box<LongBlock> {
-        let mut hosts: Box<LongBlock> = Box::new([self.base; 256]);
+    pub fn hosts(&self) -> [u16; 256] {
+        let mut hosts = [self.base; 256];
         for &(len, start, idx) in &self.prefixes {
             let count = 1usize << (32 - u32::from(len));
             hosts[usize::from(start)..usize::from(start) + count].fill(idx);
         }
         hosts
     }
+
+    /// The `RG_TBL24` entry of the block.
+    pub fn entry(&self) -> u16 {
+        LONG_BLOCK | self.base
+    }
+
+    /// The `RG_LONG24` entries of `block`: (key, hosts) for each /28 whose
+    /// hosts are not all [`LongSpec::base`], in key order. A /28 left out
+    /// reads as `base`.
+    pub fn sub_blocks(&self, block: u32) -> impl Iterator<Item = (u32, LongBlock)> + use<> {
+        let hosts = self.hosts();
+        let base = self.base;
+        (0..256 / LONG_HOSTS).filter_map(move |s| {
+            let mut sub = [0u16; LONG_HOSTS];
+            sub.copy_from_slice(&hosts[s * LONG_HOSTS..(s + 1) * LONG_HOSTS]);
+            let key = (block << 4) | u32::try_from(s).expect("< 16");
+            sub.iter().any(|&h| h != base).then_some((key, sub))
+        })
+    }
+}
+
+/// The /28 keys of `RG_LONG24` that prefixes longer than /24 in `v4` can
+/// need: each such prefix's /28s (one for /28 and longer). An upper bound
+/// of the entries a build stores (a /28 whose hosts all equal the block's
+/// own mask is left out), counted without a palette.
+pub fn long_keys_bound<'a>(v4: impl Iterator<Item = &'a (u8, [u8; 4])>) -> usize {
+    let mut keys: Vec<u32> = Vec::new();
+    for &(len, a) in v4 {
+        if len <= 24 {
+            continue;
+        }
+        let first = u32::from_be_bytes(a) >> 4;
+        let n = if len >= 28 { 1 } else { 1u32 << (28 - u32::from(len)) };
+        keys.extend(first..first + n);
+    }
+    keys.sort_unstable();
+    keys.dedup();
+    keys.len()
 }
 
 /// The compiled IPv4 tables, built whole: the reference the unit tests
@@ -176,7 +216,7 @@ impl V4Tables {
                     .map(|(len, a, idx)| (len, (a & 0xff) as u8, idx))
                     .collect(),
             };
-            tbl24[block as usize] = LONG_BLOCK;
+            tbl24[block as usize] = spec.entry();
             long.insert(block, spec);
         }
         let mut used = vec![false; MAX_MASKS as usize];
@@ -199,10 +239,13 @@ impl V4Tables {
         let a = u32::from_be_bytes(addr);
         let mut idx = self.tbl24[(a >> 8) as usize];
         if idx & LONG_BLOCK != 0 {
+            // As the program reads it: the /28's entry, else the block's own.
+            let sub = a >> 4;
             idx = self
                 .long
                 .get(&(a >> 8))
-                .map_or(0, |spec| spec.hosts()[(a & 0xff) as usize]);
+                .and_then(|spec| spec.sub_blocks(a >> 8).find(|&(k, _)| k == sub))
+                .map_or(idx & !LONG_BLOCK, |(_, hosts)| hosts[(a & 15) as usize]);
         }
         palette.masks.get(usize::from(idx)).copied().unwrap_or(0)
     }
@@ -211,7 +254,8 @@ impl V4Tables {
 /// The /24 entries and long blocks of blocks `start..end`, an aligned
 /// range of `2^(24 - l)` blocks (the blocks of one /`l` prefix): what a
 /// whole build of the tables (`V4Tables::build`, in the tests) gives for
-/// them, computed from the prefixes that overlap the range only. Entries of long blocks are [`LONG_BLOCK`].
+/// them, computed from the prefixes that overlap the range only. Entries of
+/// long blocks are [`LongSpec::entry`].
 pub struct RangePaint {
     pub tbl: Vec<u16>,
     pub long: BTreeMap<u32, LongSpec>,
@@ -263,7 +307,7 @@ pub fn paint_range(
                 base: *slot,
                 prefixes: Vec::new(),
             });
-            *slot = LONG_BLOCK;
+            *slot = spec.entry();
             spec.prefixes.push((len, (a & 0xff) as u8, idx));
         }
     }
@@ -314,8 +358,14 @@ mod tests {
         assert_eq!(t.lookup([192, 0, 2, 129], &pal), 1);
         assert_eq!(t.lookup([10, 200, 3, 4], &pal), 3);
         assert_eq!(t.lookup([11, 0, 0, 1], &pal), 0);
-        assert_eq!(t.tbl24[0xc00002], LONG_BLOCK);
+        let idx1 = pal.index(1).expect("in use");
+        assert_eq!(t.tbl24[0xc00002], LONG_BLOCK | idx1);
         assert_eq!(t.long.len(), 1);
+        // The /28s of 192.0.2.128/25 (mask 0, one holding the /32), not the
+        // lower half, which has the block's own mask.
+        let keys: Vec<u32> = t.long[&0xc00002].sub_blocks(0xc00002).map(|(k, _)| k).collect();
+        assert_eq!(keys, (0xc000028..0xc000030).collect::<Vec<_>>());
+        assert_eq!(long_keys_bound(p.v4.keys()), 8);
     }
 
     #[test]

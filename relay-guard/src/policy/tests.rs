@@ -951,7 +951,7 @@ fn limits_report_count_and_limit() {
     assert!(over[0].to_string().contains("guarded ports: 128 (the limit is 127)"));
     let ok = config(Mode::Enforce, vec![guard("few", &ports[..127], &["192.0.2.0/24"], &[])]);
     assert!(Policy::compile(&ok).limits().is_empty());
-    // Long blocks: one over the map's capacity, counted without building tables.
+    // Long blocks: one over the limit, counted without building tables.
     let mut p = Policy::compile(&ok);
     for b in 0..=relay_guard_common::MAX_LONG_BLOCKS {
         let [_, x, y, z] = b.to_be_bytes();
@@ -966,4 +966,18 @@ fn limits_report_count_and_limit() {
             relay_guard_common::MAX_LONG_BLOCKS as usize
         )
     );
+    // Their /28s: within the /24s' limit, /25s give 8 each.
+    let mut p = Policy::compile(&ok);
+    let n = relay_guard_common::MAX_LONG_SUBBLOCKS / 8 + 1;
+    for b in 0..n {
+        let [_, x, y, z] = b.to_be_bytes();
+        p.v4.insert((25, [x, y, z, 0]), AllowMask { allow: 1 });
+    }
+    let over = p.limits();
+    assert_eq!(over.len(), 1, "{over:?}");
+    assert_eq!(
+        (over[0].count, over[0].limit),
+        (n as usize * 8, relay_guard_common::MAX_LONG_SUBBLOCKS as usize)
+    );
+    assert!(over[0].to_string().contains("/28s"), "{}", over[0]);
 }

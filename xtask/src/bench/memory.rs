@@ -20,10 +20,19 @@
 //!
 //! On cgroup v1 kernel memory is charged to `memory.usage_in_bytes` as well
 //! as to `memory.kmem.usage_in_bytes`; the part checks that the first holds
-//! the second and says so.
+//! the second and says so. Where the memory is ([`Split`]: anonymous, page
+//! cache, kernel) is read on the example config, with the big list, and at
+//! the highest of the readings taken every 50 ms during the big reload.
+//!
+//! [`section`] renders the part for benchmarks.md: the figures, and
+//! relay-guard's as ratios of the peers' with the same lists.
 use std::{
     path::{Path, PathBuf},
     process::Command,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
     time::{Duration, Instant},
 };
 
@@ -50,6 +59,12 @@ pub struct MemoryResults {
     /// Usage with the big list applied, and the peak over its reload.
     pub big: u64,
     pub peak: u64,
+    /// Where the memory is: on the example config, with the big list, and
+    /// at the highest reading during the big reload (50 ms apart; the
+    /// peak counter may be higher than any reading).
+    pub split_small: Option<Split>,
+    pub split_big: Option<Split>,
+    pub split_peak: Option<Split>,
     /// Samples on the example config again after the big list.
     pub back: Vec<u64>,
     /// Kernel memory of the cgroup on the example config (cgroup v1), and
@@ -73,6 +88,18 @@ impl MemoryResults {
     pub fn back_median(&self) -> f64 {
         median(&self.back.iter().map(|&b| b as f64).collect::<Vec<_>>())
     }
+}
+
+/// A cgroup's memory by kind, bytes: `usage` (the figure the targets
+/// judge), `anon` (the agent's heap and stacks: v1 `total_rss`, v2
+/// `anon`), `file` (page cache: v1 `total_cache`, v2 `file`), `kernel` (BPF
+/// maps among it: v1 `memory.kmem.usage_in_bytes`, v2 `kernel`).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Split {
+    pub usage: u64,
+    pub anon: u64,
+    pub file: u64,
+    pub kernel: u64,
 }
 
 /// A memory cgroup (v1 or v2) of its own beside the bench's, removed on drop.
@@ -133,6 +160,33 @@ impl MemCgroup {
         } else {
             self.read("", "memory.kmem.usage_in_bytes").ok()
         }
+    }
+
+    /// Where the memory is now.
+    pub fn split(&self) -> anyhow::Result<Split> {
+        let f = self.dir.join("memory.stat");
+        let stat = std::fs::read_to_string(&f).with_context(|| format!("read {}", f.display()))?;
+        let field = |name: &str| -> u64 {
+            stat.lines()
+                .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+                .unwrap_or(0)
+        };
+        let usage = self.current()?;
+        Ok(if self.v2 {
+            Split {
+                usage,
+                anon: field("anon"),
+                file: field("file"),
+                kernel: field("kernel"),
+            }
+        } else {
+            Split {
+                usage,
+                anon: field("total_rss"),
+                file: field("total_cache"),
+                kernel: self.kmem().unwrap_or(0),
+            }
+        })
     }
 
     /// Resets the peak to the usage now.
@@ -238,6 +292,7 @@ pub fn run(plan: &Plan, lab: &Lab, dir: &Path) -> anyhow::Result<MemoryResults> 
         res.small = cg.samples()?;
         res.kmem_small = cg.kmem();
         res.kmem_counted = res.kmem_small.map(|k| res.small.iter().all(|&u| u >= k));
+        res.split_small = cg.split().ok();
         println!(
             "bench:   example config: {:.1} MiB (samples {}), kernel memory {}",
             mib(res.small_median() as u64),
@@ -253,17 +308,53 @@ pub fn run(plan: &Plan, lab: &Lab, dir: &Path) -> anyhow::Result<MemoryResults> 
         let from = agent.line_count();
         let t = Instant::now();
         replace(&office, &big_bytes)?;
-        let (i, _, _) = agent.wait_line(from, "config reloaded", Duration::from_secs(600))?;
+        // Readings during the reload, the highest kept with its split.
+        let stop = Arc::new(AtomicBool::new(false));
+        let highest = std::thread::scope(|sc| {
+            let sampler = sc.spawn(|| {
+                let mut top: Option<Split> = None;
+                while !stop.load(Ordering::Relaxed) {
+                    if let Ok(s) = cg.split()
+                        && top.is_none_or(|t| s.usage > t.usage)
+                    {
+                        top = Some(s);
+                    }
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                top
+            });
+            let r = agent.wait_line(from, "config reloaded", Duration::from_secs(600));
+            stop.store(true, Ordering::Relaxed);
+            (r, sampler.join().ok().flatten())
+        });
+        let (i, _, _) = highest.0?;
+        res.split_peak = highest.1;
         res.reload_big = t.elapsed();
         sleep(Duration::from_secs(2))?;
         res.big = cg.current()?;
         res.peak = cg.peak()?;
+        res.split_big = cg.split().ok();
         println!(
             "bench:   {BIG} prefixes: {:.1} MiB, peak {:.1} MiB over the reload ({:.1} s)",
             mib(res.big),
             mib(res.peak),
             res.reload_big.as_secs_f64()
         );
+        for (what, sp) in [
+            ("example config", res.split_small),
+            ("big list", res.split_big),
+            ("highest reading of the reload", res.split_peak),
+        ] {
+            if let Some(sp) = sp {
+                println!(
+                    "bench:     {what}: {:.1} MiB = anonymous {:.1} + page cache {:.1} + kernel {:.1} MiB",
+                    mib(sp.usage),
+                    mib(sp.anon),
+                    mib(sp.file),
+                    mib(sp.kernel)
+                );
+            }
+        }
 
         let t = Instant::now();
         replace(&office, OFFICE.as_bytes())?;
@@ -358,4 +449,119 @@ pub fn run(plan: &Plan, lab: &Lab, dir: &Path) -> anyhow::Result<MemoryResults> 
         "xdp-filter: not measured (its maps hold exact addresses only, 10,000 per family in the per-packet part; a list of prefixes does not fit them)".into(),
     );
     Ok(res)
+}
+
+/// The memory part of benchmarks.md: the figures (each idle figure with its
+/// samples' spread), relay-guard's as ratios of the peers' with the same
+/// lists, and where the memory is.
+pub fn section(m: &MemoryResults) -> String {
+    use std::fmt::Write as _;
+    let mib = |b: f64| b / f64::from(1 << 20);
+    let spread = |v: &[u64]| {
+        let lo = v.iter().min().copied().unwrap_or(0) as f64;
+        let hi = v.iter().max().copied().unwrap_or(0) as f64;
+        format!("{:.1}–{:.1}", mib(lo), mib(hi))
+    };
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "The memory cgroup's usage (`memory.usage_in_bytes` on cgroup v1, `memory.current` on v2), which holds the BPF maps the process creates as well as its own memory. relay-guard: the release agent on `deploy/relay-guard.example.toml` (its office list in `allow_files`), in a cgroup of its own, sampled {SAMPLES} times 300 ms apart once idle; then the office list replaced by {} prefixes (the bench's generated mix) and reloaded, the peak counter reset first; then the list put back and sampled again. nftables and ipset: `nft -f` (one interval set per family) and `ipset restore` (one hash:net set per family) in a cgroup each, read after the command exits (the sets stay charged to it). Kernel memory {}.\n",
+        m.big_prefixes,
+        match (m.kmem_small, m.kmem_counted) {
+            (Some(k), Some(true)) => format!(
+                "is included: {:.1} MiB of the example-config figure is kernel memory (`memory.kmem.usage_in_bytes`)",
+                mib(k as f64)
+            ),
+            (Some(k), _) => format!(
+                "is NOT included in the usage on this kernel ({:.1} MiB of kernel memory not counted)",
+                mib(k as f64)
+            ),
+            _ => "was not read separately".into(),
+        }
+    );
+    let _ = writeln!(
+        s,
+        "| | example config | {} prefixes | peak during the reload | back on the example config |\n| --- | ---: | ---: | ---: | ---: |",
+        m.big_prefixes
+    );
+    let (small, back) = (m.small_median(), m.back_median());
+    let _ = writeln!(
+        s,
+        "| relay-guard (agent + maps) | {:.1} MiB ({}) | {:.1} MiB | {:.1} MiB | {:.1} MiB ({}) = {:.2}x the first |",
+        mib(small),
+        spread(&m.small),
+        mib(m.big as f64),
+        mib(m.peak as f64),
+        mib(back),
+        spread(&m.back),
+        back / small
+    );
+    let peers = [("nftables sets", m.nft), ("ipset hash:net", m.ipset)];
+    for (name, f) in peers {
+        match f {
+            Some((a, b)) => {
+                let _ = writeln!(
+                    s,
+                    "| {name} | {:.1} MiB | {:.1} MiB | | |",
+                    mib(a as f64),
+                    mib(b as f64)
+                );
+            }
+            None => {
+                let _ = writeln!(s, "| {name} | not measured | | | |");
+            }
+        }
+    }
+    for (name, f) in peers {
+        if let Some((a, b)) = f {
+            let ratio = |x: f64, y: u64| {
+                if y == 0 {
+                    "-".into()
+                } else {
+                    format!("{:.1}x", x / y as f64)
+                }
+            };
+            let _ = writeln!(
+                s,
+                "| relay-guard ÷ {name} | {} | {} | {} (of the peer's steady figure) | |",
+                ratio(small, a),
+                ratio(m.big as f64, b),
+                ratio(m.peak as f64, b)
+            );
+        }
+    }
+    let _ = writeln!(
+        s,
+        "\nWhere relay-guard's memory is (the cgroup's `memory.stat`; kernel memory holds the BPF maps; the reload's column is the highest of the readings taken every 50 ms, the peak counter can be higher):\n"
+    );
+    let _ = writeln!(
+        s,
+        "| | example config | {} prefixes | highest reading during the reload |\n| --- | ---: | ---: | ---: |",
+        m.big_prefixes
+    );
+    let splits = [m.split_small, m.split_big, m.split_peak];
+    let cell =
+        |sp: Option<Split>, f: fn(&Split) -> u64| sp.map_or("-".into(), |x| format!("{:.1} MiB", mib(f(&x) as f64)));
+    for (what, f) in [
+        ("usage", (|x: &Split| x.usage) as fn(&Split) -> u64),
+        ("anonymous (the agent's heap)", |x: &Split| x.anon),
+        ("page cache", |x: &Split| x.file),
+        ("kernel (BPF maps among it)", |x: &Split| x.kernel),
+    ] {
+        let _ = writeln!(
+            s,
+            "| {what} | {} | {} | {} |",
+            cell(splits[0], f),
+            cell(splits[1], f),
+            cell(splits[2], f)
+        );
+    }
+    let _ = writeln!(
+        s,
+        "\nReloads: to {} prefixes {:.1} s, back {:.1} s (list replaced to `config reloaded`).\n",
+        m.big_prefixes,
+        m.reload_big.as_secs_f64(),
+        m.reload_back.as_secs_f64()
+    );
+    s
 }

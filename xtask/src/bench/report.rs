@@ -881,60 +881,7 @@ fn markdown(plan: &Plan, r: &Results, targets: &[Target], chart_ok: bool) -> Str
         None => {
             let _ = writeln!(s, "Not measured in this run.\n");
         }
-        Some(m) => {
-            let mib = |b: f64| b / f64::from(1 << 20);
-            let _ = writeln!(
-                s,
-                "The memory cgroup's usage (`memory.usage_in_bytes` on cgroup v1, `memory.current` on v2), which holds the BPF maps the process creates as well as its own memory. relay-guard: the release agent on `deploy/relay-guard.example.toml` (its office list in `allow_files`), in a cgroup of its own; then the office list replaced by {} prefixes (the bench's generated mix) and reloaded, the peak counter reset first; then the list put back. nftables and ipset: `nft -f` (one interval set per family) and `ipset restore` (one hash:net set per family) in a cgroup each, read after the command exits (the sets stay charged to it). Kernel memory {}.\n",
-                m.big_prefixes,
-                match (m.kmem_small, m.kmem_counted) {
-                    (Some(k), Some(true)) => format!(
-                        "is included: {:.1} MiB of the example-config figure is kernel memory (`memory.kmem.usage_in_bytes`)",
-                        mib(k as f64)
-                    ),
-                    (Some(k), _) => format!(
-                        "is NOT included in the usage on this kernel ({:.1} MiB of kernel memory not counted)",
-                        mib(k as f64)
-                    ),
-                    _ => "was not read separately".into(),
-                }
-            );
-            let _ = writeln!(
-                s,
-                "| | example config | {} prefixes | peak during the reload | back on the example config |\n| --- | ---: | ---: | ---: | ---: |",
-                m.big_prefixes
-            );
-            let _ = writeln!(
-                s,
-                "| relay-guard (agent + maps) | {:.1} MiB | {:.1} MiB | {:.1} MiB | {:.1} MiB |",
-                mib(m.small_median()),
-                mib(m.big as f64),
-                mib(m.peak as f64),
-                mib(m.back_median())
-            );
-            for (name, f) in [("nftables sets", m.nft), ("ipset hash:net", m.ipset)] {
-                match f {
-                    Some((a, b)) => {
-                        let _ = writeln!(
-                            s,
-                            "| {name} | {:.1} MiB | {:.1} MiB | | |",
-                            mib(a as f64),
-                            mib(b as f64)
-                        );
-                    }
-                    None => {
-                        let _ = writeln!(s, "| {name} | not measured | | | |");
-                    }
-                }
-            }
-            let _ = writeln!(
-                s,
-                "\nReloads: to {} prefixes {:.1} s, back {:.1} s (list replaced to `config reloaded`).\n",
-                m.big_prefixes,
-                m.reload_big.as_secs_f64(),
-                m.reload_back.as_secs_f64()
-            );
-        }
+        Some(m) => s.push_str(&memory::section(m)),
     }
 
     let _ = writeln!(s, "## Notes and what was not measured\n");
