@@ -14,6 +14,7 @@ pub mod agent;
 pub mod cli;
 pub mod commands;
 pub mod config;
+pub mod crowdsec;
 pub mod error;
 pub mod kernel;
 pub mod logwatch;

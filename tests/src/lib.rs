@@ -11,6 +11,7 @@
 //! backtraces (aya's test/README.md).
 pub mod agent;
 pub mod container;
+pub mod crowdsec;
 pub mod daemon;
 pub mod deploy;
 pub mod dpkg;

@@ -14,6 +14,7 @@
 //! and never prints (`commands` is the CLI boundary; the agent logs with
 //! `tracing`).
 pub mod bans;
+pub mod crowdsec;
 pub mod incremental;
 pub mod links;
 pub mod metrics;
@@ -108,6 +109,8 @@ pub enum Event {
     LogSourceUp { ban: usize, source: String, up: bool },
     /// The periodic ban work (`bans::BanRunner::tick`) is due.
     BanTick,
+    /// From the CrowdSec tasks (a pull's answer, their tick).
+    Crowdsec(crowdsec::Msg),
 }
 
 /// The signals the agent handles.
@@ -160,6 +163,8 @@ pub struct Agent {
     /// Failures and unparsed lines from the log followers.
     ban_inputs: bans::Inputs,
     ban_tick: tokio::time::Interval,
+    /// CrowdSec's bouncer and watcher (`[crowdsec]`).
+    crowdsec: crowdsec::Runner,
     /// Held until the agent is dropped, after everything above.
     _lock: AgentLock,
 }
@@ -249,7 +254,7 @@ impl Agent {
 
         // Never fails: a bad saved ban is dropped and counted, and the
         // guard is attached already.
-        let ban_runner = match &live {
+        let mut ban_runner = match &live {
             Some(l) => {
                 let allows = bans::GuardAllows {
                     index: &l.index,
@@ -294,6 +299,8 @@ impl Agent {
         let relaytest_metrics = relaytest::Metrics::default();
         relaytest_metrics.register(&mut registry);
         ban_runner.metrics.register(&mut registry);
+        let crowdsec = crowdsec::Runner::start(&cfg, &mut ban_runner);
+        crowdsec.metrics.register(&mut registry);
         let registry = Arc::new(registry);
 
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -337,6 +344,7 @@ impl Agent {
             bans: ban_runner,
             ban_inputs,
             ban_tick: tokio::time::interval(bans::TICK),
+            crowdsec,
             _lock: lock,
         };
         agent.check_bypass();
@@ -372,6 +380,7 @@ impl Agent {
                 Event::LogLineSuspicious(section) => self.bans.suspicious(section),
                 Event::LogSourceUp { ban, source, up } => self.bans.source_up(ban, source, up),
                 Event::BanTick => self.bans.tick(&mut self.loaded.bans),
+                Event::Crowdsec(m) => self.crowdsec(m),
             }
         }
         self.stop().await;
@@ -389,6 +398,7 @@ impl Agent {
             () = shutdown.as_mut() => Event::Stop("shutdown requested"),
             Some(e) = self.ban_inputs.rx.recv() => e,
             _ = self.ban_tick.tick() => Event::BanTick,
+            m = self.crowdsec.recv() => Event::Crowdsec(m),
             ended = async { self.logger_task.as_mut().expect("checked by the branch condition").await }, if self.logger_task.is_some() => {
                 self.logger_task = None;
                 Event::BlockedLogEnded(match ended {
