@@ -188,3 +188,166 @@ impl Drop for Lapi {
         self.daemon = None;
     }
 }
+
+/// What a [`FakeLapi`] serves and has seen.
+#[derive(Default)]
+pub struct FakeState {
+    /// Decisions (JSON objects) a `startup=true` pull returns.
+    pub startup: Vec<serde_json::Value>,
+    /// Has the endpoints of LAPI 1.6.3+ (usage metrics) and 1.6.6+
+    /// (allowlist checks); without them they answer 404, as 1.4.6 does.
+    pub newer: bool,
+    /// Addresses its allowlist check calls allowlisted.
+    pub allowlisted: Vec<String>,
+    /// Bodies of `POST /v1/usage-metrics` taken.
+    pub usage_metrics: Vec<serde_json::Value>,
+    /// Alerts of `POST /v1/alerts` taken.
+    pub alerts: Vec<serde_json::Value>,
+    /// Values asked at the allowlist check.
+    pub checked: Vec<String>,
+    /// Pulls: (startup, when).
+    pub pulls: Vec<(bool, Instant)>,
+}
+
+/// A small LAPI for what Debian's 1.4.6 lacks (usage metrics, allowlist
+/// checks) and for what a test must control exactly (a 100,000-decision
+/// startup stream): the decision stream, the watcher's login and alerts,
+/// `POST /v1/usage-metrics` and `GET /v1/allowlists/check/{ip}`. Served by
+/// axum on a thread of its own, from a socket made inside the namespace.
+pub struct FakeLapi {
+    pub addr: SocketAddr,
+    pub state: std::sync::Arc<std::sync::Mutex<FakeState>>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl FakeLapi {
+    pub fn start(ns: &NetNs, port: u16, state: FakeState) -> FakeLapi {
+        use axum::{
+            Router,
+            extract::{Path as UrlPath, RawQuery, State},
+            http::{StatusCode, header},
+            routing::{get, post},
+        };
+        type Shared = std::sync::Arc<std::sync::Mutex<FakeState>>;
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        let listener = ns.run(move || {
+            let l = std::net::TcpListener::bind(addr).expect("bind fake LAPI");
+            l.set_nonblocking(true).expect("nonblocking");
+            l
+        });
+        let state: Shared = std::sync::Arc::new(std::sync::Mutex::new(state));
+        let json = |v: serde_json::Value| ([(header::CONTENT_TYPE, "application/json")], v.to_string());
+        let app = Router::new()
+            .route(
+                "/v1/decisions/stream",
+                get(move |State(s): State<Shared>, RawQuery(q): RawQuery| async move {
+                    let startup = q.unwrap_or_default().contains("startup=true");
+                    let mut s = s.lock().expect("state");
+                    s.pulls.push((startup, Instant::now()));
+                    let new = if startup {
+                        serde_json::Value::from(s.startup.clone())
+                    } else {
+                        serde_json::Value::Null
+                    };
+                    json(serde_json::json!({"new": new, "deleted": null}))
+                }),
+            )
+            .route(
+                "/v1/watchers/login",
+                post(move || async move {
+                    json(serde_json::json!({"code": 200, "token": "fake-token", "expire": "2099-01-01T00:00:00Z"}))
+                }),
+            )
+            .route(
+                "/v1/alerts",
+                post(move |State(s): State<Shared>, body: axum::body::Bytes| async move {
+                    let v: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+                    let mut s = s.lock().expect("state");
+                    let mut ids = Vec::new();
+                    for a in v.as_array().into_iter().flatten() {
+                        s.alerts.push(a.clone());
+                        ids.push(serde_json::Value::from(s.alerts.len().to_string()));
+                    }
+                    json(serde_json::Value::from(ids))
+                })
+                .get(move || async move { json(serde_json::Value::Null) }),
+            )
+            .route(
+                "/v1/usage-metrics",
+                post(move |State(s): State<Shared>, body: axum::body::Bytes| async move {
+                    let mut s = s.lock().expect("state");
+                    if !s.newer {
+                        return (StatusCode::NOT_FOUND, String::from("404 page not found"));
+                    }
+                    s.usage_metrics.push(serde_json::from_slice(&body).unwrap_or_default());
+                    (StatusCode::CREATED, String::new())
+                }),
+            )
+            .route(
+                "/v1/allowlists/check/{ip}",
+                get(
+                    move |State(s): State<Shared>, UrlPath(ip): UrlPath<String>| async move {
+                        let mut s = s.lock().expect("state");
+                        if !s.newer {
+                            return (StatusCode::NOT_FOUND, String::from("404 page not found"));
+                        }
+                        s.checked.push(ip.clone());
+                        let listed = s.allowlisted.contains(&ip);
+                        (StatusCode::OK, serde_json::json!({"allowlisted": listed}).to_string())
+                    },
+                ),
+            )
+            .with_state(std::sync::Arc::clone(&state));
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let thread = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            rt.block_on(async move {
+                let l = tokio::net::TcpListener::from_std(listener).expect("tokio listener");
+                let _ = axum::serve(l, app)
+                    .with_graceful_shutdown(async move {
+                        let _ = stopped.await;
+                    })
+                    .await;
+            });
+        });
+        FakeLapi {
+            addr,
+            state,
+            stop: Some(stop),
+            thread: Some(thread),
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+}
+
+impl Drop for FakeLapi {
+    fn drop(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// `n` Ip decisions of distinct addresses of 198.18.0.0/15 (the
+/// benchmarking range), one hour each, ids from `first_id`.
+pub fn many_decisions(n: u32, first_id: i64) -> Vec<serde_json::Value> {
+    (0..n)
+        .map(|i| {
+            let a = std::net::Ipv4Addr::from(u32::from(std::net::Ipv4Addr::new(198, 18, 0, 1)) + i);
+            serde_json::json!({
+                "id": first_id + i64::from(i), "origin": "crowdsec", "scenario": "crowdsecurity/ssh-bf",
+                "scope": "Ip", "type": "ban", "value": a.to_string(), "duration": "59m59.5s"
+            })
+        })
+        .collect()
+}

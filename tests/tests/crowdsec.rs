@@ -34,14 +34,14 @@ const IP_V4: &str = "192.0.2.77";
 const RANGE_V4: &str = "192.0.2.128/25";
 const IN_RANGE_V4: [&str; 2] = ["192.0.2.130", "192.0.2.200"];
 /// An Ip decision (IPv6: that address only, not its /64), and a Range /64.
-const IP_V6: &str = "2001:db8:e::5";
-const SAME_64_V6: &str = "2001:db8:e::6";
-const RANGE_V6: &str = "2001:db8:f::/64";
-const IN_RANGE_V6: &str = "2001:db8:f::99";
+const IP_V6: &str = "2001:db8:a:1::5";
+const SAME_64_V6: &str = "2001:db8:a:1::6";
+const RANGE_V6: &str = "2001:db8:d:1::/64";
+const IN_RANGE_V6: &str = "2001:db8:d:1::99";
 /// Extra client addresses.
 const EXTRA: [&str; 6] = [IP_V4, IN_RANGE_V4[0], IN_RANGE_V4[1], IP_V6, SAME_64_V6, IN_RANGE_V6];
 
-const TOOLS: [&str; 3] = ["crowdsec", "cscli", "cp"];
+const TOOLS: [&str; 2] = ["crowdsec", "cscli"];
 
 fn config_text(lab: &Lab, pins: &Path, state: &Path, url: &str, key: &Path) -> String {
     format!(
