@@ -160,9 +160,10 @@ impl Lapi {
         write_secret(file, &password);
     }
 
-    /// `cscli decisions list -o json`: every decision's (scope, value, origin, scenario).
+    /// `cscli decisions list --all -o json` (`--all`: other origins than
+    /// crowdsec and cscli too): every decision's (scope, value, origin, scenario).
     pub fn decisions(&self) -> Vec<(String, String, String, String)> {
-        let out = self.cscli(&["decisions", "list", "-o", "json"]);
+        let out = self.cscli(&["decisions", "list", "--all", "-o", "json"]);
         let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap_or(serde_json::Value::Null);
         let mut all = Vec::new();
         for alert in v.as_array().into_iter().flatten() {
