@@ -711,3 +711,225 @@ fn assert_banned_on(lab: &Lab, behind: &Behind, src: &str, what: &str) {
         "{what}: SYNs got past XDP"
     );
 }
+
+/// A 100,000-decision startup stream (a fake LAPI: 1.4.6 takes minutes to
+/// hold that many) is applied across an agent restart without a gap: a
+/// source banned before stays dropped throughout (no SYN of it gets past
+/// XDP while the agent restarts and applies the stream), and the kernel
+/// holds the new decisions. The time the apply took is printed.
+#[test]
+fn crowdsec_a_100k_decision_startup_stream_leaves_no_gap() {
+    if !require::privileged("crowdsec_a_100k_decision_startup_stream_leaves_no_gap") {
+        return;
+    }
+    use relay_guard_tests::crowdsec::{FakeLapi, FakeState, many_decisions, write_secret};
+    let lab = Lab::new();
+    let dir = TempDir::new();
+    let one = serde_json::json!({"id": 1, "origin": "cscli", "scenario": "manual", "scope": "Ip", "type": "ban", "value": IP_V4, "duration": "1h"});
+    let fake = FakeLapi::start(
+        &lab.server,
+        18084,
+        FakeState {
+            startup: vec![one.clone()],
+            ..FakeState::default()
+        },
+    );
+    let key = dir.0.join("crowdsec.key");
+    write_secret(&key, &relay_guard_tests::crowdsec::key_for("fake"));
+    let pins = pin_dir("cs-100k-");
+    let state = dir.0.join("state");
+    let config = dir.write("relay-guard.toml", &config_text(&lab, &pins, &state, &fake.url(), &key));
+    let _detach = DetachOnDrop::new(config.clone(), pins);
+    lab.client
+        .ip(&["addr", "add", &format!("{IP_V4}/32"), "dev", &lab.client_if]);
+    lab.server.ip(&[
+        "neigh",
+        "replace",
+        IP_V4,
+        "lladdr",
+        CLIENT_MAC,
+        "dev",
+        &lab.server_if,
+        "nud",
+        "permanent",
+    ]);
+    let _server = BannerServer::start(&lab.server, &[FREE_BANNED, OPEN]);
+    let mut agent = Agent::start(&lab.server, config.clone(), &dir);
+    wait_reach(
+        &lab,
+        IP_V4,
+        FREE_BANNED,
+        false,
+        Duration::from_secs(10),
+        "the first decision",
+    );
+    let behind = Behind::install(&lab.server, &[IP_V4], &[FREE_BANNED]);
+    let before = behind.syns(IP_V4, FREE_BANNED);
+
+    let mut all = many_decisions(100_000, 1000);
+    all.push(one);
+    fake.state.lock().expect("state").startup = all;
+    // Probe from the banned source throughout the restart and the apply.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let prober = {
+        let (client, stop) = (NetNs::borrow(&lab.client), std::sync::Arc::clone(&stop));
+        std::thread::spawn(move || {
+            let mut tries = 0u32;
+            let mut through = 0u32;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) && tries < 2000 {
+                tries += 1;
+                if connect_banner(
+                    &client,
+                    ip(IP_V4),
+                    ip(SERVER_V4),
+                    FREE_BANNED,
+                    Duration::from_millis(150),
+                )
+                .is_ok()
+                {
+                    through += 1;
+                }
+            }
+            (tries, through)
+        })
+    };
+    agent.stop();
+    let started = Instant::now();
+    let agent = Agent::start(&lab.server, config.clone(), &dir);
+    wait_metric(
+        &lab,
+        "relay_guard_crowdsec_decisions",
+        &[("scope", "ip"), ("family", "ipv4")],
+        100_001.0,
+        Duration::from_secs(180),
+    );
+    let took = started.elapsed();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (tries, through) = prober.join().expect("prober");
+    assert!(tries >= 5, "the prober ran only {tries} times");
+    assert_eq!(
+        through, 0,
+        "{through} of {tries} connects of the banned source got the banner during the restart"
+    );
+    assert_eq!(
+        behind.syns(IP_V4, FREE_BANNED),
+        before,
+        "SYNs of the banned source got past XDP during the restart"
+    );
+    for a in ["198.18.0.1", "198.18.200.1", "198.19.134.160"] {
+        let (_, out) = cli(&config, &["explain", a, &FREE_BANNED.to_string()]);
+        assert!(out.contains("banned"), "{a} is not banned in the kernel: {out}");
+    }
+    let (_, out) = cli(&config, &["explain", "198.19.134.161", &FREE_BANNED.to_string()]);
+    assert!(
+        !out.contains("banned from"),
+        "198.19.134.161 was not in the stream: {out}"
+    );
+    let applied = agent
+        .log_text()
+        .lines()
+        .find(|l| l.contains("CrowdSec decisions applied") && l.contains("banned=10000"))
+        .map(str::to_string);
+    eprintln!("100,000 decisions in force {took:?} after the restart began; the agent logged: {applied:?}");
+    assert!(
+        applied.is_some(),
+        "no apply of the 100,000 logged:\n{}",
+        agent.log_text()
+    );
+}
+
+/// What LAPI 1.4.6 lacks, used when present (a fake LAPI): usage metrics
+/// are sent, and a ban whose address a CrowdSec allowlist holds is not
+/// pushed (one that none holds is); without them (404) the agent goes on.
+#[test]
+fn crowdsec_newer_lapi_features_are_used_when_present() {
+    if !require::privileged("crowdsec_newer_lapi_features_are_used_when_present") {
+        return;
+    }
+    use relay_guard_tests::crowdsec::{FakeLapi, FakeState, write_secret};
+    let lab = Lab::new();
+    let dir = TempDir::new();
+    let fake = FakeLapi::start(
+        &lab.server,
+        18085,
+        FakeState {
+            newer: true,
+            allowlisted: vec!["192.0.2.99".into()],
+            ..FakeState::default()
+        },
+    );
+    let (key, pass) = (dir.0.join("crowdsec.key"), dir.0.join("machine.pass"));
+    write_secret(&key, &relay_guard_tests::crowdsec::key_for("fake"));
+    write_secret(&pass, "fake-password-0123456789");
+    let pins = pin_dir("cs-new-");
+    let state = dir.0.join("state");
+    let log = dir.0.join("logs").join("mail.log");
+    std::fs::create_dir_all(log.parent().expect("dir")).expect("mkdir logs");
+    std::fs::write(&log, "").expect("log");
+    let mut text = config_text(&lab, &pins, &state, &fake.url(), &key);
+    text.push_str(&format!(
+        "machine_id = \"gw1\"\nmachine_password_file = \"{}\"\npush = [\"sasl\"]\n\n[[ban]]\nname = \"sasl\"\nports = [{FREE_BANNED}]\nlog_files = [\"{}\"]\nfailures = 1\nban_time = \"1h\"\n",
+        pass.display(),
+        log.display()
+    ));
+    let conf = dir.0.join("conf");
+    std::fs::create_dir_all(&conf).expect("mkdir");
+    let config = conf.join("relay-guard.toml");
+    std::fs::write(&config, text).expect("config");
+    let _detach = DetachOnDrop::new(config.clone(), pins);
+    let _agent = Agent::start(&lab.server, config.clone(), &dir);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while fake.state.lock().expect("state").usage_metrics.is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "no usage metrics sent to a LAPI that takes them"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let m = fake.state.lock().expect("state").usage_metrics[0].clone();
+    assert_eq!(m["remediation_components"][0]["type"], "relay-guard", "{m}");
+    let now = std::process::Command::new("date")
+        .args(["-u", "+%Y-%m-%dT%H:%M:%S.000000+00:00"])
+        .output()
+        .expect("date");
+    let now = String::from_utf8_lossy(&now.stdout).trim().to_string();
+    let mut f = std::fs::OpenOptions::new().append(true).open(&log).expect("open log");
+    for src in ["192.0.2.99", "198.51.100.77"] {
+        use std::io::Write as _;
+        writeln!(
+            f,
+            "{now} mx postfix/submission/smtpd[4242]: warning: unknown[{src}]: SASL PLAIN authentication failed: "
+        )
+        .expect("write log");
+    }
+    drop(f);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let s = fake.state.lock().expect("state");
+        if s.checked.len() >= 2 && !s.alerts.is_empty() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "checked {:?}, alerts {:?}",
+            s.checked,
+            s.alerts
+        );
+        drop(s);
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    let s = fake.state.lock().expect("state");
+    let values: Vec<&str> = s
+        .alerts
+        .iter()
+        .filter_map(|a| a["decisions"][0]["value"].as_str())
+        .collect();
+    assert_eq!(values, ["198.51.100.77"], "pushed: {:?}", s.alerts);
+    let a = &s.alerts[0];
+    assert_eq!(
+        (a["scenario"].as_str(), a["decisions"][0]["scope"].as_str()),
+        (Some("relay-guard/sasl"), Some("Ip")),
+        "{a}"
+    );
+}

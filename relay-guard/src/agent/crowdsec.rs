@@ -12,6 +12,10 @@
 //! reload) restarts the tasks at the next tick.
 use std::{
     collections::HashSet,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
     time::{Duration, Instant},
 };
 
@@ -65,6 +69,8 @@ pub struct Runner {
     /// The last pull failed (logged once per outage).
     failing: bool,
     last_gauges: Instant,
+    /// Decisions in force, for the usage metrics the poller sends.
+    active: Arc<AtomicU64>,
 }
 
 impl Drop for Runner {
@@ -90,6 +96,7 @@ impl Runner {
             metrics: Metrics::default(),
             failing: false,
             last_gauges: Instant::now(),
+            active: Arc::new(AtomicU64::new(0)),
         };
         r.restart(cfg, bans);
         r
@@ -142,8 +149,12 @@ impl Runner {
             watcher = cs.watcher.as_ref().map(|w| w.machine_id.as_str()),
             "CrowdSec bouncer started"
         );
-        self.tasks
-            .push(tokio::spawn(poll(lapi.clone(), cs.clone(), self.tx.clone())));
+        self.tasks.push(tokio::spawn(poll(
+            lapi.clone(),
+            cs.clone(),
+            self.tx.clone(),
+            Arc::clone(&self.active),
+        )));
         match &cs.watcher {
             Some(w) if !w.push.is_empty() => {
                 let (ptx, prx) = mpsc::unbounded_channel();
@@ -177,6 +188,7 @@ impl Runner {
             return;
         };
         let now = wall_now();
+        let t0 = Instant::now();
         let reply = match result {
             Ok(r) => r,
             Err(e) => {
@@ -272,6 +284,7 @@ impl Runner {
                 lifted,
                 refused,
                 in_force = self.table.len(),
+                took_ms = t0.elapsed().as_millis() as u64,
                 "CrowdSec decisions applied"
             );
         } else {
@@ -313,12 +326,15 @@ impl Runner {
     fn refresh_gauges(&mut self, bans: &BanRunner) {
         self.last_gauges = Instant::now();
         let mut n = [[0i64; 2]; 2];
+        let mut total = 0u64;
         if let Some(cs) = &self.running {
             for (net, _) in bans.active_in(cs.ban) {
                 let range = net.prefix_len() != net.max_prefix_len();
                 n[usize::from(range)][usize::from(matches!(net, IpNet::V6(_)))] += 1;
+                total += 1;
             }
         }
+        self.active.store(total, Ordering::Relaxed);
         for (i, scope) in ["ip", "range"].into_iter().enumerate() {
             for (j, family) in ["ipv4", "ipv6"].into_iter().enumerate() {
                 self.metrics
@@ -332,7 +348,14 @@ impl Runner {
 
 /// The poller: a full pull first, then deltas every `update_frequency`;
 /// a full one again after a failure and every [`RESYNC`].
-async fn poll(lapi: Lapi, cs: Crowdsec, tx: mpsc::Sender<Msg>) {
+async fn poll(lapi: Lapi, cs: Crowdsec, tx: mpsc::Sender<Msg>, active: Arc<AtomicU64>) {
+    let started = std::time::SystemTime::now()
+        .duration_since(std::time::SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    // `POST /v1/usage-metrics` (LAPI 1.6.3+): after the first good pull,
+    // then every USAGE_WINDOW; a 404 (an older LAPI) ends them.
+    let mut usage: Option<Instant> = None;
+    let mut usage_supported = true;
     let scopes = match (cs.scopes.ip, cs.scopes.range) {
         (true, true) => "ip,range",
         (true, false) => "ip",
@@ -353,8 +376,47 @@ async fn poll(lapi: Lapi, cs: Crowdsec, tx: mpsc::Sender<Msg>) {
         if ok && was_full {
             last_full = Instant::now();
         }
+        if ok && usage_supported && usage.is_none_or(|t| t.elapsed() >= USAGE_WINDOW) {
+            let window = usage.map_or(0, |t| t.elapsed().as_secs());
+            usage = Some(Instant::now());
+            let body = usage_metrics(started, window, active.load(Ordering::Relaxed));
+            match lapi.usage_metrics(cs.api_key.expose(), &body).await {
+                Ok(true) => debug!("usage metrics sent to LAPI"),
+                Ok(false) => {
+                    info!("LAPI takes no usage metrics (before 1.6.3): none sent");
+                    usage_supported = false;
+                }
+                Err(e) => debug!(error = %e, "usage metrics not taken"),
+            }
+        }
         full = !ok || last_full.elapsed() >= RESYNC;
     }
+}
+
+/// How often usage metrics are sent.
+const USAGE_WINDOW: Duration = Duration::from_secs(1800);
+
+/// The usage metrics of a remediation component (LAPI's
+/// `POST /v1/usage-metrics`): what relay-guard is, and the decisions it
+/// enforces.
+fn usage_metrics(started: u64, window: u64, active: u64) -> serde_json::Value {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    serde_json::json!({
+        "remediation_components": [{
+            "name": "relay-guard",
+            "type": "relay-guard",
+            "version": env!("CARGO_PKG_VERSION"),
+            "feature_flags": [],
+            "utc_startup_timestamp": started,
+            "os": {"name": "linux", "version": crate::kernel::features::release()},
+            "metrics": [{
+                "meta": {"window_size_seconds": window, "utc_now_timestamp": now},
+                "items": [{"name": "active_decisions", "value": active, "unit": "ip", "labels": {}}]
+            }]
+        }]
+    })
 }
 
 impl super::Agent {
