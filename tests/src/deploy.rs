@@ -10,10 +10,10 @@ use std::{
 
 use crate::{
     agent::{DetachOnDrop, METRICS, TempDir},
+    config::{Guard, TestConfig},
     container::repo,
     lab::Lab,
     net::http_get,
-    netns::unique,
 };
 
 /// The repository file at `rel`.
@@ -56,26 +56,11 @@ pub fn scrape(lab: &Lab, path: &str) -> Option<String> {
 
 /// A Lab config with one guard on :25 and :587. Returns it with its detach guard.
 pub fn lab_config(lab: &Lab, dir: &TempDir, mode: &str) -> (PathBuf, DetachOnDrop) {
-    let pin_dir = PathBuf::from(format!("/sys/fs/bpf/{}", unique("rg-deploy-")));
-    let config = dir.write(
-        "relay-guard.toml",
-        &format!(
-            r#"interfaces = ["{iface}"]
-mode = "{mode}"
-xdp_mode = "auto"
-metrics_listen = "{METRICS}"
-pin_dir = "{pins}"
-
-[[guard]]
-name = "relay"
-ports = [25, 587]
-allow = ["192.0.2.0/24", "2001:db8:a::/48"]
-"#,
-            iface = lab.server_if,
-            pins = pin_dir.display(),
-        ),
-    );
-    (config.clone(), DetachOnDrop::new(config, pin_dir))
+    TestConfig::new(&lab.server_if, &crate::lab::pin_dir("rg-deploy-"))
+        .mode(mode)
+        .xdp_mode("auto")
+        .guard(&Guard::new("relay", &[25, 587]).allow(&["192.0.2.0/24", "2001:db8:a::/48"]))
+        .write(dir)
 }
 
 /// Whether an XDP program is attached to the lab's server interface.

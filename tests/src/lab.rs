@@ -143,9 +143,68 @@ pub fn scrape(lab: &Lab) -> String {
     crate::net::http_get(&lab.server, addr, "/metrics").expect("metrics endpoint answers")
 }
 
+/// Scrapes the agent's /metrics every 50 ms until `done` holds on the
+/// text, and returns that text. After `within` it panics naming `what`,
+/// with the last scrape and the agent's log.
+pub fn wait_metrics(
+    lab: &Lab,
+    agent: &crate::agent::Agent,
+    within: std::time::Duration,
+    what: &str,
+    done: impl Fn(&str) -> bool,
+) -> String {
+    let deadline = std::time::Instant::now() + within;
+    loop {
+        let text = scrape(lab);
+        if done(&text) {
+            return text;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{what}: not within {within:?}:\n{text}\n--- agent log ---\n{}",
+            agent.log_text()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+/// [`wait_metrics`] until the sum of `name`'s series is at least `want`
+/// (30 s at most).
+pub fn wait_metric(lab: &Lab, agent: &crate::agent::Agent, name: &str, want: f64) -> String {
+    wait_metrics(
+        lab,
+        agent,
+        std::time::Duration::from_secs(30),
+        &format!("{name} >= {want}"),
+        |t| crate::net::metric(t, name, &[]) >= want,
+    )
+}
+
 /// A pin_dir of its own for one test (`/sys/fs/bpf/<prefix><pid>-<n>`).
 pub fn pin_dir(prefix: &str) -> std::path::PathBuf {
     std::path::PathBuf::from(format!("/sys/fs/bpf/{}", unique(prefix)))
+}
+
+/// Whether `src` gets a greeting on `port` of the server address of its
+/// family (given up after 600 ms when it does not).
+pub fn reaches(lab: &Lab, src: &str, port: u16) -> bool {
+    crate::net::connect_banner(
+        &lab.client,
+        ip(src),
+        Lab::server_addr_for(src),
+        port,
+        std::time::Duration::from_millis(600),
+    )
+    .is_ok()
+}
+
+/// Where the agent pins the XDP link of `iface` under `pin_dir`
+/// (`layout-<LAYOUT_VERSION>/links/<iface>`).
+pub fn link_pin(pin_dir: &std::path::Path, iface: &str) -> std::path::PathBuf {
+    pin_dir
+        .join(format!("layout-{}", relay_guard_common::LAYOUT_VERSION))
+        .join("links")
+        .join(iface)
 }
 
 /// The gate on port 25 of a lab whose config allows [`ALLOWED_V4`] and

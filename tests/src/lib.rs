@@ -1,7 +1,7 @@
 //! Support for relay-guard's privileged tests: network-namespace labs joined
-//! by veth, the real agent as a child process, TCP peers, and a privilege
-//! gate; the reference model of the XDP verdict (`model`), which the
-//! differential and bypass tests compare the kernel with; and, for the tests
+//! by veth, the real agent as a child process, its config file (`config`)
+//! and its metrics (`lab::wait_metrics`), TCP peers, and a privilege gate;
+//! the reference model of the XDP verdict (`model`), which the differential and bypass tests compare the kernel with; and, for the tests
 //! of the deployment artefacts, readers of what they ship (`systemd_unit`,
 //! `promql`, `yaml`), of what the agent does and exports (`strace`,
 //! `exported`), and dpkg (`dpkg`), with their shared helpers (`deploy`).
@@ -10,6 +10,7 @@
 //! Tests panic, never return `Result`, so failures keep their messages and
 //! backtraces (aya's test/README.md).
 pub mod agent;
+pub mod config;
 pub mod container;
 pub mod crowdsec;
 pub mod daemon;

@@ -140,33 +140,59 @@ pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
     sum
 }
 
-/// nftables output counters in a client namespace: one rule per (source,
-/// destination port), so a test knows exactly how many TCP segments it sent.
-pub struct SentCounters<'a> {
+/// nftables counters in a namespace, in a table of their own: one rule a
+/// (source, destination port), so a test counts exactly the TCP segments
+/// that passed a hook: those a client sent ([`NftCounters::install`]), or
+/// those that got past XDP into a server's stack
+/// ([`NftCounters::behind_xdp`]).
+pub struct NftCounters<'a> {
     ns: &'a NetNs,
     table: String,
 }
 
-impl<'a> SentCounters<'a> {
-    /// Counts every TCP segment.
-    pub fn install(ns: &'a NetNs, sources: &[&str], ports: &[u16]) -> SentCounters<'a> {
-        SentCounters::with_match(ns, "rgtest", sources, ports, "")
+/// The counters of what a client sent (the name the tests use for them).
+pub type SentCounters<'a> = NftCounters<'a>;
+
+/// Matches pure SYNs only (SYN set, ACK clear).
+pub const PURE_SYNS: &str = "tcp flags & (syn | ack) == syn ";
+
+impl<'a> NftCounters<'a> {
+    /// Counts every TCP segment sent from `ns` (output hook).
+    pub fn install(ns: &'a NetNs, sources: &[&str], ports: &[u16]) -> NftCounters<'a> {
+        NftCounters::new(ns, "output", 0, sources, ports, "")
     }
 
-    /// Counts pure SYNs only (SYN set, ACK clear): when this equals
-    /// [`SentCounters::install`]'s count for a source, it never got past the
+    /// Counts pure SYNs sent from `ns`: when this equals
+    /// [`NftCounters::install`]'s count for a source, it never got past the
     /// first handshake step.
-    pub fn install_syns(ns: &'a NetNs, sources: &[&str], ports: &[u16]) -> SentCounters<'a> {
-        SentCounters::with_match(ns, "rgsyn", sources, ports, "tcp flags & (syn | ack) == syn ")
+    pub fn install_syns(ns: &'a NetNs, sources: &[&str], ports: &[u16]) -> NftCounters<'a> {
+        NftCounters::new(ns, "output", 0, sources, ports, PURE_SYNS)
     }
 
-    fn with_match(ns: &'a NetNs, table: &str, sources: &[&str], ports: &[u16], extra: &str) -> SentCounters<'a> {
-        let mut rules =
-            format!("table inet {table} {{\n chain out {{\n  type filter hook output priority 0; policy accept;\n");
+    /// Pure SYNs that got past XDP into the stack of `ns` (input hook, ahead
+    /// of any other filter).
+    pub fn behind_xdp(ns: &'a NetNs, sources: &[&str], ports: &[u16]) -> NftCounters<'a> {
+        NftCounters::new(ns, "input", -500, sources, ports, PURE_SYNS)
+    }
+
+    /// Counters on `hook` at `priority` of what `matching` (nft match
+    /// expressions, each followed by a space) selects.
+    pub fn new(
+        ns: &'a NetNs,
+        hook: &str,
+        priority: i32,
+        sources: &[&str],
+        ports: &[u16],
+        matching: &str,
+    ) -> NftCounters<'a> {
+        let table = crate::netns::unique("rgnft").replace('-', "_");
+        let mut rules = format!(
+            "table inet {table} {{\n chain c {{\n  type filter hook {hook} priority {priority}; policy accept;\n"
+        );
         for src in sources {
             let fam = if src.contains(':') { "ip6" } else { "ip" };
             for port in ports {
-                rules += &format!("  {fam} saddr {src} tcp dport {port} {extra}counter comment \"{src} {port}\"\n");
+                rules += &format!("  {fam} saddr {src} tcp dport {port} {matching}counter comment \"{src} {port}\"\n");
             }
         }
         rules += " }\n}\n";
@@ -174,13 +200,10 @@ impl<'a> SentCounters<'a> {
         std::fs::write(&file, rules).expect("write nft rules");
         ns.exec(&["nft", "-f", file.to_str().expect("utf-8")]);
         let _ = std::fs::remove_file(&file);
-        SentCounters {
-            ns,
-            table: table.to_string(),
-        }
+        NftCounters { ns, table }
     }
 
-    /// Packets sent from `src` to `port` so far.
+    /// Packets from `src` to `port` counted so far.
     pub fn packets(&self, src: &str, port: u16) -> u64 {
         let json = self.ns.exec(&["nft", "-j", "list", "table", "inet", &self.table]);
         let v: serde_json::Value = serde_json::from_str(&json).expect("nft -j output is JSON");

@@ -27,6 +27,19 @@ pub struct Tally {
     pub denied_admitted: AtomicU64,
 }
 
+impl Tally {
+    /// (allowed ok, allowed failed, denied blocked, denied admitted), as
+    /// counted so far.
+    pub fn counts(&self) -> (u64, u64, u64, u64) {
+        (
+            self.allowed_ok.load(Ordering::Relaxed),
+            self.allowed_failed.load(Ordering::Relaxed),
+            self.denied_blocked.load(Ordering::Relaxed),
+            self.denied_admitted.load(Ordering::Relaxed),
+        )
+    }
+}
+
 pub struct Prober {
     stop: Arc<AtomicBool>,
     threads: Vec<JoinHandle<()>>,

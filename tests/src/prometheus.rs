@@ -131,3 +131,20 @@ pub fn parse_samples(text: &str, name: &str) -> Vec<Sample> {
     }
     out
 }
+
+/// `promtool check metrics` accepts `text` (a scrape of the agent), which is
+/// written to `dir` for it.
+pub fn assert_promtool_accepts(dir: &TempDir, text: &str) {
+    let file = dir.write("metrics.txt", text);
+    let out = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!("promtool check metrics < {}", file.display()))
+        .output()
+        .expect("promtool");
+    assert!(
+        out.status.success(),
+        "promtool check metrics failed:\n{}{}\n{text}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

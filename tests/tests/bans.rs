@@ -15,10 +15,12 @@ use std::{
 
 use nix::sys::signal::Signal;
 use relay_guard_tests::{
-    agent::{Agent, DetachOnDrop, METRICS, TempDir, cli},
-    lab::{ALLOWED_V4, ALLOWED_V6, CLIENT_MAC, DENIED_V6, Lab, SERVER_V4, SERVER_V6, ip, pin_dir, scrape},
-    net::{BannerServer, connect_banner, metric},
-    netns::NetNs,
+    agent::{Agent, DetachOnDrop, TempDir, cli},
+    config::{Guard, TestConfig},
+    lab::{
+        ALLOWED_V4, ALLOWED_V6, CLIENT_MAC, DENIED_V6, Lab, SERVER_V4, SERVER_V6, ip, pin_dir, scrape, wait_metrics,
+    },
+    net::{BannerServer, NftCounters, connect_banner, metric},
     require,
 };
 
@@ -34,41 +36,47 @@ const SAME_64: &str = "2001:db8:a::99";
 const OTHER_V4: &str = "192.0.2.77";
 
 fn config_text(lab: &Lab, pins: &Path, state: &Path, mode: &str, ban_extra: &str) -> String {
-    format!(
-        r#"interfaces = ["{iface}"]
-mode = "{mode}"
-metrics_listen = "{METRICS}"
-pin_dir = "{pins}"
-state_dir = "{state}"
-
-[[guard]]
-name = "relay"
-ports = [25]
-allow = ["{ALLOWED_V4}/32", "2001:db8:a::/48", "2001:db8:d::/48"]
-
-[[guard]]
-name = "submission"
-ports = [587]
-allow = ["{ALLOWED_V4}/32", "2001:db8:a::/48", "2001:db8:d::/48"]
-
-[[ban]]
+    let allow = [
+        &format!("{ALLOWED_V4}/32") as &str,
+        "2001:db8:a::/48",
+        "2001:db8:d::/48",
+    ];
+    TestConfig::new(&lab.server_if, pins)
+        .mode(mode)
+        .state_dir(state)
+        .guard(&Guard::new("relay", &[25]).allow(&allow))
+        .guard(&Guard::new("submission", &[587]).allow(&allow))
+        .table(&format!(
+            r#"[[ban]]
 name = "sasl"
 ports = [587, 2525]
 {ban_time}
 max_ban_time = "1h"
 ipv6_prefix = 64
 never = ["198.51.100.0/24"]
-{ban_extra}
-"#,
-        iface = lab.server_if,
-        pins = pins.display(),
-        state = state.display(),
-        ban_time = if ban_extra.contains("ban_time") {
-            ""
-        } else {
-            "ban_time = \"3s\""
-        },
+{ban_extra}"#,
+            ban_time = if ban_extra.contains("ban_time") {
+                ""
+            } else {
+                "ban_time = \"3s\""
+            },
+        ))
+        .text()
+}
+
+/// Postfix's line for the `n`-th failed SASL login of `src` (n < 60).
+fn failure_line(src: &str, n: u32) -> String {
+    format!(
+        "Dec  2 01:00:{n:02} mx postfix/submission/smtpd[{}]: warning: unknown[{src}]: SASL LOGIN authentication failed: authentication failure\n",
+        100 + n
     )
+}
+
+/// Appends `text` to the log file `log`, as a daemon writes it.
+fn append_to(log: &Path, text: &str) {
+    use std::io::Write as _;
+    let mut f = std::fs::OpenOptions::new().append(true).open(log).expect("open log");
+    f.write_all(text.as_bytes()).expect("append");
 }
 
 struct Setup {
@@ -141,50 +149,6 @@ fn ban_of<'a>(list: &'a [serde_json::Value], prefix: &str) -> Option<&'a serde_j
     list.iter().find(|b| b["prefix"] == prefix)
 }
 
-/// nft counters of SYNs that got past XDP into the server's stack.
-struct Behind<'a> {
-    ns: &'a NetNs,
-}
-
-impl<'a> Behind<'a> {
-    fn install(ns: &'a NetNs, sources: &[&str], ports: &[u16]) -> Behind<'a> {
-        let mut rules = String::from(
-            "table inet rgbanin {\n chain inp {\n  type filter hook input priority -500; policy accept;\n",
-        );
-        for src in sources {
-            let fam = if src.contains(':') { "ip6" } else { "ip" };
-            for port in ports {
-                rules += &format!(
-                    "  {fam} saddr {src} tcp dport {port} tcp flags & (syn | ack) == syn counter comment \"{src} {port}\"\n"
-                );
-            }
-        }
-        rules += " }\n}\n";
-        let file = std::env::temp_dir().join(format!("{}.nft", relay_guard_tests::netns::unique("bans-nft")));
-        std::fs::write(&file, rules).expect("write nft rules");
-        ns.exec(&["nft", "-f", file.to_str().expect("utf-8")]);
-        let _ = std::fs::remove_file(&file);
-        Behind { ns }
-    }
-
-    fn syns(&self, src: &str, port: u16) -> u64 {
-        let json = self.ns.exec(&["nft", "-j", "list", "table", "inet", "rgbanin"]);
-        let v: serde_json::Value = serde_json::from_str(&json).expect("nft -j output is JSON");
-        let want = format!("{src} {port}");
-        for item in v["nftables"].as_array().expect("nftables array") {
-            let rule = &item["rule"];
-            if rule["comment"].as_str() == Some(want.as_str()) {
-                for e in rule["expr"].as_array().expect("expr array") {
-                    if let Some(p) = e["counter"]["packets"].as_u64() {
-                        return p;
-                    }
-                }
-            }
-        }
-        panic!("no nft counter for {want}")
-    }
-}
-
 /// A CLI ban drops the source's SYNs to the ban's ports (a guarded one it
 /// was allowed on, and an unguarded one) and to no other port; nothing
 /// leaks past XDP; the drops are counted as `banned` under the ban's name;
@@ -201,10 +165,10 @@ fn cli_ban_drops_the_ban_ports_only() {
     for port in [NOT_BANNED, BANNED_GUARDED, BANNED_FREE] {
         assert!(reaches(&lab, ALLOWED_V4, port), "before the ban, port {port}");
     }
-    let behind = Behind::install(&lab.server, &[ALLOWED_V4], &[BANNED_GUARDED, BANNED_FREE]);
+    let behind = NftCounters::behind_xdp(&lab.server, &[ALLOWED_V4], &[BANNED_GUARDED, BANNED_FREE]);
     let before = (
-        behind.syns(ALLOWED_V4, BANNED_GUARDED),
-        behind.syns(ALLOWED_V4, BANNED_FREE),
+        behind.packets(ALLOWED_V4, BANNED_GUARDED),
+        behind.packets(ALLOWED_V4, BANNED_FREE),
     );
 
     let out = ban(&s.config, &[ALLOWED_V4, "--for", "1h"]);
@@ -229,8 +193,8 @@ fn cli_ban_drops_the_ban_ports_only() {
     );
     assert_eq!(
         (
-            behind.syns(ALLOWED_V4, BANNED_GUARDED),
-            behind.syns(ALLOWED_V4, BANNED_FREE)
+            behind.packets(ALLOWED_V4, BANNED_GUARDED),
+            behind.packets(ALLOWED_V4, BANNED_FREE)
         ),
         before,
         "SYNs of the banned source got past XDP"
@@ -257,11 +221,9 @@ fn cli_ban_drops_the_ban_ports_only() {
     assert!(explain.contains("banned from port 587 by ban `sasl`"), "{explain}");
 
     // The agent takes the CLI's ban in (bans.json) and does not undo it.
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while !std::fs::read_to_string(s.state.join("bans.json")).is_ok_and(|t| t.contains("192.0.2.10/32")) {
-        assert!(Instant::now() < deadline, "the agent did not save the CLI's ban");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_saved(&s.state, "the CLI's ban (192.0.2.10/32)", |t| {
+        t.contains("192.0.2.10/32")
+    });
     assert!(
         !reaches(&lab, ALLOWED_V4, BANNED_GUARDED),
         "still banned after the agent's tick"
@@ -325,11 +287,9 @@ fn bans_survive_sigkill_and_reboot_and_expire_in_the_kernel() {
     let banned_at = Instant::now();
     assert!(out.contains("for 3s"), "{out}");
     // Let the agent take both in and save them.
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while !std::fs::read_to_string(s.state.join("bans.json")).is_ok_and(|t| t.contains("2001:db8:a::/64")) {
-        assert!(Instant::now() < deadline, "the agent did not save the bans");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_saved(&s.state, "the bans (2001:db8:a::/64)", |t| {
+        t.contains("2001:db8:a::/64")
+    });
     agent.signal(Signal::SIGKILL);
     agent.wait(Duration::from_secs(5));
     assert!(
@@ -446,29 +406,19 @@ fn log_failures_ban_the_source() {
     );
     let s = setup(&lab, &dir, "enforce", &extra);
     let agent = Agent::start(&lab.server, s.config.clone(), &dir);
-    let line = |src: &str, n: u32| {
-        format!(
-            "Dec  2 01:00:{n:02} mx postfix/submission/smtpd[{}]: warning: unknown[{src}]: SASL LOGIN authentication failed: authentication failure\n",
-            100 + n
-        )
-    };
-    let append = |text: &str| {
-        use std::io::Write as _;
-        let mut f = std::fs::OpenOptions::new().append(true).open(&log).expect("open log");
-        f.write_all(text.as_bytes()).expect("append");
-    };
+    let append = |text: &str| append_to(&log, text);
     // The follower reads from the end: give it time to open the file.
     std::thread::sleep(Duration::from_millis(800));
     for n in 0..5 {
-        append(&line("198.51.100.20", n));
+        append(&failure_line("198.51.100.20", n));
     }
     append("this is not a mail log line\n");
     for n in 0..2 {
-        append(&line(ALLOWED_V4, n));
+        append(&failure_line(ALLOWED_V4, n));
     }
     std::thread::sleep(Duration::from_millis(800));
     assert!(reaches(&lab, ALLOWED_V4, BANNED_GUARDED), "two failures do not ban");
-    append(&line(ALLOWED_V4, 3));
+    append(&failure_line(ALLOWED_V4, 3));
     let deadline = Instant::now() + Duration::from_secs(3);
     while reaches(&lab, ALLOWED_V4, BANNED_GUARDED) {
         assert!(Instant::now() < deadline, "the third failure did not ban the source");
@@ -494,32 +444,13 @@ fn log_failures_ban_the_source() {
         "only the non-never source is banned: {text}"
     );
     // The gauge is recounted at the agent's next tick.
-    let deadline = Instant::now() + Duration::from_secs(3);
-    let mut text = text;
-    while metric(&text, "relay_guard_bans", &[("ban", "sasl"), ("family", "ipv4")]) != 1.0 {
-        assert!(Instant::now() < deadline, "relay_guard_bans: {text}");
-        std::thread::sleep(Duration::from_millis(200));
-        text = scrape(&lab);
-    }
-    let file = dir.write("metrics.txt", &text);
-    let out = std::process::Command::new("sh")
-        .arg("-c")
-        .arg(format!("promtool check metrics < {}", file.display()))
-        .output()
-        .expect("promtool");
-    assert!(
-        out.status.success(),
-        "promtool check metrics failed:\n{}{}\n{text}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let text = wait_metrics(&lab, &agent, Duration::from_secs(3), "relay_guard_bans", |t| {
+        metric(t, "relay_guard_bans", &[("ban", "sasl"), ("family", "ipv4")]) == 1.0
+    });
+    relay_guard_tests::prometheus::assert_promtool_accepts(&dir, &text);
     // `bans --json` takes failures from the agent's saved list (written
     // within a second of the ban).
-    let deadline = Instant::now() + Duration::from_secs(3);
-    while !std::fs::read_to_string(s.state.join("bans.json")).is_ok_and(|t| t.contains("192.0.2.10/32")) {
-        assert!(Instant::now() < deadline, "the agent did not save the ban");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_saved(&s.state, "the ban (192.0.2.10/32)", |t| t.contains("192.0.2.10/32"));
     let list = bans_json(&s.config);
     assert!(
         ban_of(&list, "198.51.100.20/32").is_none(),
@@ -568,26 +499,26 @@ fn an_unban_is_final_across_restart_reboot_and_a_clock_behind() {
     let dir = TempDir::new();
     let s = setup(&lab, &dir, "enforce", "");
     let mut agent = Agent::start(&lab.server, s.config.clone(), &dir);
-    let behind = Behind::install(&lab.server, &[OTHER_V4, ALLOWED_V6], &[BANNED_FREE]);
+    let behind = NftCounters::behind_xdp(&lab.server, &[OTHER_V4, ALLOWED_V6], &[BANNED_FREE]);
     let passes = |why: &str| {
-        let before = behind.syns(OTHER_V4, BANNED_FREE);
+        let before = behind.packets(OTHER_V4, BANNED_FREE);
         assert!(
             reaches(&lab, OTHER_V4, BANNED_FREE),
             "{why}: the unbanned source is dropped"
         );
         assert!(
-            behind.syns(OTHER_V4, BANNED_FREE) > before,
+            behind.packets(OTHER_V4, BANNED_FREE) > before,
             "{why}: its SYN did not cross XDP"
         );
     };
     let held = |why: &str| {
-        let before = behind.syns(ALLOWED_V6, BANNED_FREE);
+        let before = behind.packets(ALLOWED_V6, BANNED_FREE);
         assert!(
             !reaches(&lab, ALLOWED_V6, BANNED_FREE),
             "{why}: the ban in force was lost"
         );
         assert_eq!(
-            behind.syns(ALLOWED_V6, BANNED_FREE),
+            behind.packets(ALLOWED_V6, BANNED_FREE),
             before,
             "{why}: a banned SYN crossed XDP"
         );
@@ -713,17 +644,17 @@ fn a_hostile_ban_state_starts_guards_and_keeps_the_good_bans() {
     )
     .expect("write bans.cmd");
     let agent = Agent::start(&lab.server, s.config.clone(), &dir);
-    let behind = Behind::install(&lab.server, &[OTHER_V4, DENIED_V6, ALLOWED_V6], &[BANNED_FREE]);
+    let behind = NftCounters::behind_xdp(&lab.server, &[OTHER_V4, DENIED_V6, ALLOWED_V6], &[BANNED_FREE]);
     // It guards: the allowlist holds on 25.
     assert!(reaches(&lab, ALLOWED_V4, NOT_BANNED), "allowed source on 25");
     assert!(!reaches(&lab, OTHER_V4, NOT_BANNED), "a source no guard allows on 25");
     // The good ban holds.
     assert!(!reaches(&lab, ALLOWED_V6, BANNED_FREE), "the good saved ban");
-    assert_eq!(behind.syns(ALLOWED_V6, BANNED_FREE), 0);
+    assert_eq!(behind.packets(ALLOWED_V6, BANNED_FREE), 0);
     // Nothing else is banned: no ::/0, no 0.0.0.0/0.
     for src in [OTHER_V4, DENIED_V6] {
         assert!(reaches(&lab, src, BANNED_FREE), "{src} was banned by a hostile entry");
-        assert!(behind.syns(src, BANNED_FREE) >= 1, "{src}: SYN did not cross XDP");
+        assert!(behind.packets(src, BANNED_FREE) >= 1, "{src}: SYN did not cross XDP");
     }
     let list = bans_json(&s.config);
     let prefixes: Vec<&str> = list.iter().filter_map(|b| b["prefix"].as_str()).collect();
@@ -831,24 +762,14 @@ fn allowlisted_clients_are_not_banned_from_the_logs() {
     );
     let s = setup(&lab, &dir, "enforce", &extra);
     let agent = Agent::start(&lab.server, s.config.clone(), &dir);
-    let behind = Behind::install(&lab.server, &[ALLOWED_V4], &[BANNED_GUARDED]);
-    let line = |src: &str, n: u32| {
-        format!(
-            "Dec  2 01:00:{n:02} mx postfix/submission/smtpd[{}]: warning: unknown[{src}]: SASL LOGIN authentication failed: authentication failure\n",
-            100 + n
-        )
-    };
-    let append = |text: &str| {
-        use std::io::Write as _;
-        let mut f = std::fs::OpenOptions::new().append(true).open(&log).expect("open log");
-        f.write_all(text.as_bytes()).expect("append");
-    };
+    let behind = NftCounters::behind_xdp(&lab.server, &[ALLOWED_V4], &[BANNED_GUARDED]);
+    let append = |text: &str| append_to(&log, text);
     std::thread::sleep(Duration::from_millis(800));
     for n in 0..6 {
-        append(&line(ALLOWED_V4, n));
+        append(&failure_line(ALLOWED_V4, n));
     }
     for n in 0..3 {
-        append(&line(OTHER_V4, n));
+        append(&failure_line(OTHER_V4, n));
     }
     // OTHER_V4's ban is the sign that every line was read.
     let deadline = Instant::now() + Duration::from_secs(5);
@@ -859,13 +780,13 @@ fn allowlisted_clients_are_not_banned_from_the_logs() {
             agent.log_text()
         );
     }
-    let before = behind.syns(ALLOWED_V4, BANNED_GUARDED);
+    let before = behind.packets(ALLOWED_V4, BANNED_GUARDED);
     assert!(
         reaches(&lab, ALLOWED_V4, BANNED_GUARDED),
         "the allowlisted client was banned"
     );
     assert!(
-        behind.syns(ALLOWED_V4, BANNED_GUARDED) > before,
+        behind.packets(ALLOWED_V4, BANNED_GUARDED) > before,
         "its SYN did not cross XDP"
     );
     let text = scrape(&lab);

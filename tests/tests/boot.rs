@@ -12,8 +12,9 @@ use std::{
 
 use nix::sys::signal::Signal;
 use relay_guard_tests::{
-    agent::{Agent, DetachOnDrop, METRICS, TempDir, cli},
-    lab::{ALLOWED_V4, DENIED_V4, Lab, SERVER_V4, ip, pin_dir, scrape},
+    agent::{Agent, DetachOnDrop, TempDir, cli},
+    config::{Guard, TestConfig},
+    lab::{ALLOWED_V4, DENIED_V4, Lab, SERVER_V4, ip, pin_dir, scrape, wait_metrics},
     net::{BannerServer, connect_banner, metric},
     prober::ALLOWED_TIMEOUT,
     require,
@@ -22,29 +23,13 @@ use relay_guard_tests::{
 /// A config whose relay guard (port 25) reads `relay-allow.txt`, with its
 /// own `pin_dir` and `state_dir`.
 fn setup(lab: &Lab, dir: &TempDir) -> (PathBuf, PathBuf, DetachOnDrop) {
-    let pins = pin_dir("rg-boot-");
     let state_dir = dir.0.join("state");
     dir.write("relay-allow.txt", &format!("{ALLOWED_V4}\n"));
-    let config = dir.write(
-        "relay-guard.toml",
-        &format!(
-            r#"interfaces = ["{iface}"]
-mode = "enforce"
-metrics_listen = "{METRICS}"
-pin_dir = "{pins}"
-state_dir = "{state}"
-
-[[guard]]
-name = "relay"
-ports = [25]
-allow_files = ["relay-allow.txt"]
-"#,
-            iface = lab.server_if,
-            pins = pins.display(),
-            state = state_dir.display(),
-        ),
-    );
-    (config.clone(), state_dir, DetachOnDrop::new(config, pins))
+    let (config, detach) = TestConfig::new(&lab.server_if, &pin_dir("rg-boot-"))
+        .state_dir(&state_dir)
+        .guard(&Guard::new("relay", &[25]).allow_files(&["relay-allow.txt"]))
+        .write(dir);
+    (config, state_dir, detach)
 }
 
 /// Replaces `path` atomically (write + rename), as a list downloader does.
@@ -76,23 +61,6 @@ fn xdp_attached(lab: &Lab) -> bool {
 /// The pinned link of `iface` under `pin_dir` (`layout-<N>/links/<iface>`).
 fn link_pinned(pins: &Path, iface: &str) -> bool {
     std::fs::read_dir(pins).is_ok_and(|entries| entries.flatten().any(|e| e.path().join("links").join(iface).exists()))
-}
-
-/// Polls /metrics until `name` equals `want` (bounded).
-fn wait_metric_eq(lab: &Lab, name: &str, want: f64, agent: &Agent) -> String {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let text = scrape(lab);
-        if metric(&text, name, &[]) == want {
-            return text;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{name} never became {want}:\n{text}\n--- agent log ---\n{}",
-            agent.log_text()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
 }
 
 #[test]
@@ -153,7 +121,13 @@ fn a_broken_list_at_boot_starts_from_the_last_good_copy() {
 
     // The download completes: the real files are applied, the gauge is 1.
     replace(&list, &format!("{ALLOWED_V4}\n{DENIED_V4}\n"));
-    wait_metric_eq(&lab, "relay_guard_config_last_reload_successful", 1.0, &agent);
+    wait_metrics(
+        &lab,
+        &agent,
+        Duration::from_secs(10),
+        "relay_guard_config_last_reload_successful 1",
+        |t| metric(t, "relay_guard_config_last_reload_successful", &[]) == 1.0,
+    );
     assert_eq!(
         gate(&lab),
         (true, true),

@@ -15,18 +15,17 @@ use std::{
     net::{Ipv4Addr, Ipv6Addr},
     os::fd::{AsRawFd, OwnedFd},
     path::PathBuf,
-    process::Command,
     time::{Duration, Instant},
 };
 
 use relay_guard::{config::Config, policy::Policy};
 use relay_guard_common::family;
 use relay_guard_tests::{
-    agent::{Agent, METRICS, TempDir, agent_bin},
-    lab::{ALLOWED_V4, ALLOWED_V6, DENIED_V4, DENIED_V6, Lab, SERVER_V4, SERVER_V6, scrape},
+    agent::{Agent, DetachOnDrop, TempDir},
+    config::{Guard, TestConfig},
+    lab::{ALLOWED_V4, ALLOWED_V6, DENIED_V4, DENIED_V6, Lab, SERVER_V4, SERVER_V6, pin_dir, scrape},
     model,
     net::metric,
-    netns::unique,
     packet::{Ext, Ipv4, Ipv6, Tcp, Vlan, ipv4_options, proto, tcp_flags, tcp_v4, tcp_v6},
     raw::{ETH_P_ALL, packet_socket, send_frame, socklen},
     require,
@@ -38,40 +37,11 @@ const PACKET_OUTGOING: u8 = 4;
 /// Prefix of the per-frame marker in the TCP payload; a u32 id follows.
 const MARKER: &[u8; 12] = b"rg-bypass-id";
 
-fn write_config(lab: &Lab, dir: &TempDir, xdp_mode: &str) -> PathBuf {
-    dir.write(
-        "relay-guard.toml",
-        &format!(
-            r#"interfaces = ["{iface}"]
-mode = "enforce"
-xdp_mode = "{xdp_mode}"
-metrics_listen = "{METRICS}"
-pin_dir = "/sys/fs/bpf/{pins}"
-
-[[guard]]
-name = "relay"
-ports = [{PORT}]
-allow = ["192.0.2.0/24", "2001:db8:a::/48"]
-"#,
-            iface = lab.server_if,
-            pins = unique("rg-test-"),
-        ),
-    )
-}
-
-/// Runs `relay-guard detach` for the config when dropped (after the agent,
-/// which is declared later and so dropped first), so the pins the agent
-/// leaves by design do not outlive the test.
-struct DetachOnDrop(PathBuf);
-
-impl Drop for DetachOnDrop {
-    fn drop(&mut self) {
-        let _ = Command::new(agent_bin())
-            .arg("--config")
-            .arg(&self.0)
-            .arg("detach")
-            .output();
-    }
+fn write_config(lab: &Lab, dir: &TempDir, xdp_mode: &str) -> (PathBuf, DetachOnDrop) {
+    TestConfig::new(&lab.server_if, &pin_dir("rg-test-"))
+        .xdp_mode(xdp_mode)
+        .guard(&Guard::new("relay", &[PORT]).allow(&["192.0.2.0/24", "2001:db8:a::/48"]))
+        .write(dir)
 }
 
 // ---- AF_PACKET capture ----
@@ -304,8 +274,7 @@ fn bypass(xdp_mode: &str, test: &str) {
     }
     let lab = Lab::new();
     let dir = TempDir::new();
-    let config = write_config(&lab, &dir, xdp_mode);
-    let _detach = DetachOnDrop(config.clone());
+    let (config, _detach) = write_config(&lab, &dir, xdp_mode);
     let agent = Agent::start(&lab.server, config.clone(), &dir);
 
     // The model's verdict for every variant, from the same config the agent

@@ -6,12 +6,12 @@
 //! Real agent binary, real XDP in network namespaces, real TCP.
 use std::{
     path::{Path, PathBuf},
-    sync::atomic::Ordering,
     time::{Duration, Instant},
 };
 
 use relay_guard_tests::{
-    agent::{Agent, DetachOnDrop, METRICS, TempDir},
+    agent::{Agent, DetachOnDrop, TempDir},
+    config::{Guard, TestConfig},
     lab::{ALLOWED_V4, DENIED_V4, Lab, SERVER_V4, assert_gate, ip, pin_dir},
     net::{BannerServer, connect_banner},
     netns::{NetNs, unique},
@@ -19,24 +19,11 @@ use relay_guard_tests::{
     require,
 };
 
-fn config(dir: &TempDir, interface: &str, xdp_mode: &str, pin_dir: &Path) -> PathBuf {
-    dir.write(
-        "relay-guard.toml",
-        &format!(
-            r#"interfaces = ["{interface}"]
-mode = "enforce"
-xdp_mode = "{xdp_mode}"
-metrics_listen = "{METRICS}"
-pin_dir = "{pins}"
-
-[[guard]]
-name = "relay"
-ports = [25]
-allow = ["{ALLOWED_V4}"]
-"#,
-            pins = pin_dir.display()
-        ),
-    )
+fn config(dir: &TempDir, interface: &str, xdp_mode: &str, pin_dir: &Path) -> (PathBuf, DetachOnDrop) {
+    TestConfig::new(interface, pin_dir)
+        .xdp_mode(xdp_mode)
+        .guard(&Guard::new("relay", &[25]).allow(&[ALLOWED_V4]))
+        .write(dir)
 }
 
 /// `ip -d link show dev IF` inside `ns`.
@@ -56,8 +43,7 @@ fn auto_mode_falls_back_to_generic_xdp_without_driver_support() {
     ns.ip(&["link", "set", &bridge, "up"]);
     let dir = TempDir::new();
     let pins = pin_dir("rg-auto-");
-    let config = config(&dir, &bridge, "auto", &pins);
-    let _detach = DetachOnDrop::new(config.clone(), pins);
+    let (config, _detach) = config(&dir, &bridge, "auto", &pins);
 
     // Native alone must fail, naming the interface: this is what auto falls back from.
     let mut native = Agent::spawn(
@@ -105,8 +91,7 @@ fn jumbo_mtu_interface_is_guarded_in_native_mode() {
     lab.client.ip(&["link", "set", "dev", &lab.client_if, "mtu", "9000"]);
     let dir = TempDir::new();
     let pins = pin_dir("rg-jumbo-");
-    let config = config(&dir, &lab.server_if, "native", &pins);
-    let _detach = DetachOnDrop::new(config.clone(), pins);
+    let (config, _detach) = config(&dir, &lab.server_if, "native", &pins);
     let _server = BannerServer::start(&lab.server, &[25]);
     let kernel = relay_guard::kernel::features::get();
     if !kernel.frags {
@@ -161,8 +146,7 @@ fn a_blocked_source_is_logged_at_most_once_a_second() {
     let lab = Lab::new();
     let dir = TempDir::new();
     let pins = pin_dir("rg-log-");
-    let config = config(&dir, &lab.server_if, "native", &pins);
-    let _detach = DetachOnDrop::new(config.clone(), pins);
+    let (config, _detach) = config(&dir, &lab.server_if, "native", &pins);
     let _server = BannerServer::start(&lab.server, &[25]);
     let agent = Agent::start(&lab.server, config, &dir);
 
@@ -204,8 +188,7 @@ fn an_old_layouts_pinned_link_is_swapped_without_a_gap() {
     let lab = Lab::new();
     let dir = TempDir::new();
     let pins = pin_dir("rg-layout-");
-    let config = config(&dir, &lab.server_if, "native", &pins);
-    let _detach = DetachOnDrop::new(config.clone(), pins.clone());
+    let (config, _detach) = config(&dir, &lab.server_if, "native", &pins);
     let _server = BannerServer::start(&lab.server, &[25]);
     let ours = format!("layout-{}", relay_guard_common::LAYOUT_VERSION);
     let old = format!("layout-{}", relay_guard_common::LAYOUT_VERSION - 1);
@@ -235,14 +218,7 @@ fn an_old_layouts_pinned_link_is_swapped_without_a_gap() {
     );
     let link = link_details(&lab.server, &lab.server_if);
     assert_eq!(link.matches("prog/xdp id").count(), 1, "one program attached:\n{link}");
-    let (ok, failed) = (
-        tally.allowed_ok.load(Ordering::Relaxed),
-        tally.allowed_failed.load(Ordering::Relaxed),
-    );
-    let (blocked, admitted) = (
-        tally.denied_blocked.load(Ordering::Relaxed),
-        tally.denied_admitted.load(Ordering::Relaxed),
-    );
+    let (ok, failed, blocked, admitted) = tally.counts();
     println!("layout swap: allowed {ok} ok / {failed} failed; denied {blocked} blocked / {admitted} admitted");
     assert!(ok > 0 && blocked > 0, "the prober ran too little");
     assert_eq!(

@@ -18,8 +18,9 @@ use std::{
 };
 
 use relay_guard_tests::{
-    agent::{Agent, DetachOnDrop, METRICS, TempDir},
-    lab::{ALLOWED_V4, DENIED_V4, Lab, SERVER_V4, ip, pin_dir},
+    agent::{Agent, DetachOnDrop, TempDir},
+    config::{Guard, TestConfig},
+    lab::{ALLOWED_V4, DENIED_V4, Lab, SERVER_V4, ip, pin_dir, wait_metrics},
     net::connect_banner,
     netns::NetNs,
     prober::{ALLOWED_TIMEOUT, Prober},
@@ -33,36 +34,31 @@ static XDP_FILTER: Mutex<()> = Mutex::new(());
 /// A source relay-guard allows and xdp-filter is told to drop.
 const FILTERED_V4: &str = ALLOWED_V4;
 
-fn config_text(iface: &str, pins: &Path, state: &Path, extra: &str) -> String {
-    format!(
-        r#"interfaces = ["{iface}"]
-mode = "enforce"
-xdp_mode = "skb"
-{extra}
-metrics_listen = "{METRICS}"
-pin_dir = "{pins}"
-state_dir = "{state}"
-
-[[guard]]
-name = "relay"
-ports = [25]
-allow = ["192.0.2.0/25", "2001:db8:a::/48"]
-"#,
-        pins = pins.display(),
-        state = state.display(),
-    )
-}
-
+/// Generic XDP, the relay guard on port 25, and `extra` top-level keys.
 fn setup(dir: &TempDir, lab: &Lab, extra: &str) -> (PathBuf, DetachOnDrop) {
-    let pins = pin_dir("dispatcher-");
-    let state = dir.0.join("state");
-    let config = dir.write("relay-guard.toml", &config_text(&lab.server_if, &pins, &state, extra));
-    (config.clone(), DetachOnDrop::new(config, pins))
+    TestConfig::new(&lab.server_if, &pin_dir("dispatcher-"))
+        .xdp_mode("skb")
+        .keys(extra)
+        .state_dir(&dir.0.join("state"))
+        .guard(&Guard::new("relay", &[25]).allow(&["192.0.2.0/25", "2001:db8:a::/48"]))
+        .write(dir)
 }
+
+/// xdp-tools' commands take a process lock of their own (a PID file under
+/// /run, one per tool, shared by every namespace): one started while another
+/// creates that file fails with "Unable to read PID from lockfile". The
+/// tests of this binary run in parallel threads, so their xdp-tools commands
+/// go one at a time. (relay-guard takes no such lock; libxdp's own lock on
+/// bpffs waits rather than fails.)
+static XDP_TOOLS: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 /// Runs `args` in `ns`'s network namespace only (nsenter --net: bpffs stays
 /// visible, which `ip netns exec` would hide); (success, stdout+stderr).
 fn in_ns(ns: &NetNs, args: &[&str]) -> (bool, String) {
+    let _one_at_a_time = args
+        .first()
+        .filter(|tool| tool.starts_with("xdp-"))
+        .map(|_| XDP_TOOLS.lock().unwrap_or_else(|poisoned| poisoned.into_inner()));
     let out = Command::new("nsenter")
         .arg(format!("--net={}", ns.path()))
         .args(args)
@@ -71,6 +67,34 @@ fn in_ns(ns: &NetNs, args: &[&str]) -> (bool, String) {
     let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
     text.push_str(&String::from_utf8_lossy(&out.stderr));
     (out.status.success(), text)
+}
+
+/// `relay-guard --config CONFIG COMMAND` in `ns`'s network namespace only
+/// (where the interface's dispatcher is found); (success, stdout+stderr).
+fn cli_in_ns(ns: &NetNs, config: &Path, command: &str) -> (bool, String) {
+    let agent = relay_guard_tests::agent::agent_bin();
+    in_ns(
+        ns,
+        &[
+            agent.to_str().expect("utf-8"),
+            "--config",
+            config.to_str().expect("utf-8"),
+            command,
+        ],
+    )
+}
+
+/// `detach` takes relay-guard out of the dispatcher and leaves xdp-filter:
+/// the denied source connects again.
+fn detach_leaves_xdp_filter(lab: &Lab, config: &Path) {
+    let (ok, t) = cli_in_ns(&lab.server, config, "detach");
+    assert!(ok, "detach: {t}");
+    let status = loader_status(&lab.server, &lab.server_if);
+    assert!(
+        !status.contains("relay_guard") && status.contains("xdpfilt_"),
+        "{status}"
+    );
+    assert!(connects(lab, DENIED_V4), "relay-guard still filters after detach");
 }
 
 /// Unloads xdp-filter from the interface when dropped.
@@ -220,22 +244,7 @@ fn relay_guard_first_then_xdp_filter() {
         assert!(!connects(&lab, FILTERED_V4), "xdp-filter's verdict missing");
         assert!(!connects(&lab, DENIED_V4), "relay-guard's verdict lost");
         drop(agent);
-        let (ok, t) = in_ns(
-            &lab.server,
-            &[
-                relay_guard_tests::agent::agent_bin().to_str().expect("utf-8"),
-                "--config",
-                config.to_str().expect("utf-8"),
-                "detach",
-            ],
-        );
-        assert!(ok, "detach: {t}");
-        let status = loader_status(&lab.server, &lab.server_if);
-        assert!(
-            !status.contains("relay_guard") && status.contains("xdpfilt_"),
-            "{status}"
-        );
-        assert!(connects(&lab, DENIED_V4), "relay-guard still filters after detach");
+        detach_leaves_xdp_filter(&lab, &config);
         assert!(!connects(&lab, FILTERED_V4), "detach took xdp-filter out");
     } else {
         println!("branch: the kernel refuses extension programs; relay-guard attached directly");
@@ -443,10 +452,8 @@ fn add_other_allowed(lab: &Lab) {
 /// The prober's figures, asserted gap-free: every allowed probe answered,
 /// no denied one admitted, and enough of both to mean something.
 fn assert_no_gap(what: &str, prober: Prober, log: &str) {
-    use std::sync::atomic::Ordering::Relaxed;
     let (tally, errors) = prober.finish();
-    let (ok, failed) = (tally.allowed_ok.load(Relaxed), tally.allowed_failed.load(Relaxed));
-    let (blocked, admitted) = (tally.denied_blocked.load(Relaxed), tally.denied_admitted.load(Relaxed));
+    let (ok, failed, blocked, admitted) = tally.counts();
     println!("{what}: allowed {ok} ok / {failed} failed; denied {blocked} blocked / {admitted} admitted");
     assert!(ok > 0 && blocked > 0, "{what}: the prober ran too little");
     assert_eq!((failed, admitted), (0, 0), "{what}: a gap: {errors:?}\n{log}");
@@ -550,22 +557,7 @@ fn restarts_upgrade_detach_and_unload_inside_the_dispatcher() {
 
     // `detach` while xdp-filter stays: its prober keeps running.
     assert!(agent.stop().success(), "{}", agent.log_text());
-    let (ok, t) = in_ns(
-        &lab.server,
-        &[
-            relay_guard_tests::agent::agent_bin().to_str().expect("utf-8"),
-            "--config",
-            config.to_str().expect("utf-8"),
-            "detach",
-        ],
-    );
-    assert!(ok, "detach: {t}");
-    let status = loader_status(&lab.server, &lab.server_if);
-    assert!(
-        !status.contains("relay_guard") && status.contains("xdpfilt_"),
-        "{status}"
-    );
-    assert!(connects(&lab, DENIED_V4), "relay-guard still filters after detach");
+    detach_leaves_xdp_filter(&lab, &config);
     assert_no_gap("xdp-filter through relay-guard's restarts, upgrade and detach", xf, "");
 
     // Back in, then `xdp-filter unload`: relay-guard keeps guarding.
@@ -606,19 +598,21 @@ fn a_program_ahead_that_does_not_chain_on_pass_is_reported_as_a_bypass() {
     let dir = TempDir::new();
     let (config, detach) = setup(&dir, &lab, "xdp_dispatcher = true\nxdp_priority = 10");
     let agent = Agent::start(&lab.server, config.clone(), &dir);
-    let bypassed = |lab: &Lab| {
-        relay_guard_tests::net::metric(
-            &relay_guard_tests::lab::scrape(lab),
-            "relay_guard_interface_bypassed",
-            &[("interface", &lab.server_if)],
-        )
+    let bypassed = |text: &str| {
+        relay_guard_tests::net::metric(text, "relay_guard_interface_bypassed", &[("interface", &lab.server_if)])
     };
+    let bypass_within = Duration::from_secs(20 * u64::from(relay_guard_tests::slowdown()));
     let text = relay_guard_tests::lab::scrape(&lab);
     assert!(
         text.contains("relay_guard_interface_bypassed{"),
         "no bypass metric:\n{text}"
     );
-    assert_eq!(bypassed(&lab), 0.0, "{}", agent.log_text());
+    assert_eq!(
+        bypassed(&relay_guard_tests::lab::scrape(&lab)),
+        0.0,
+        "{}",
+        agent.log_text()
+    );
     if !agent.log_text().contains("XDP dispatcher in place") {
         println!("branch: the kernel refuses extension programs; nothing can run ahead of relay-guard");
         assert!(!connects(&lab, DENIED_V4), "relay-guard does not guard");
@@ -655,15 +649,13 @@ fn a_program_ahead_that_does_not_chain_on_pass_is_reported_as_a_bypass() {
             w[at + 1..].iter().find_map(|x| x.parse().ok())
         })
         .unwrap_or_else(|| panic!("no id for xdpfilt_alw_all:\n{status}"));
-    let deadline = std::time::Instant::now() + Duration::from_secs(20 * u64::from(relay_guard_tests::slowdown()));
-    while bypassed(&lab) != 1.0 {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "no bypass reported:\n{status}\n{}",
-            agent.log_text()
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    wait_metrics(
+        &lab,
+        &agent,
+        bypass_within,
+        &format!("no bypass reported:\n{status}"),
+        |t| bypassed(t) == 1.0,
+    );
     assert!(
         connects(&lab, DENIED_V4),
         "the denied source is not passed by the program ahead?\n{status}"
@@ -674,15 +666,7 @@ fn a_program_ahead_that_does_not_chain_on_pass_is_reported_as_a_bypass() {
         "the log must name the program that bypasses relay-guard:\n{log}"
     );
     // `status` in the interface's namespace (the dispatcher is found by ifindex).
-    let (ok, text) = in_ns(
-        &lab.server,
-        &[
-            relay_guard_tests::agent::agent_bin().to_str().expect("utf-8"),
-            "--config",
-            config.to_str().expect("utf-8"),
-            "status",
-        ],
-    );
+    let (ok, text) = cli_in_ns(&lab.server, &config, "status");
     assert!(
         ok && text.contains("BYPASSED") && text.contains("xdpfilt_alw_all"),
         "{text}"
@@ -693,15 +677,9 @@ fn a_program_ahead_that_does_not_chain_on_pass_is_reported_as_a_bypass() {
         &["xdp-loader", "unload", &lab.server_if, "-i", &id.to_string()],
     );
     assert!(ok, "xdp-loader unload: {t}\n{status}");
-    let deadline = std::time::Instant::now() + Duration::from_secs(20 * u64::from(relay_guard_tests::slowdown()));
-    while bypassed(&lab) != 0.0 {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the bypass stays reported:\n{}",
-            agent.log_text()
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    wait_metrics(&lab, &agent, bypass_within, "the bypass stays reported", |t| {
+        bypassed(t) == 0.0
+    });
     assert!(
         !connects(&lab, DENIED_V4),
         "relay-guard does not guard after the program went"

@@ -12,7 +12,8 @@ use std::{
 };
 
 use relay_guard_tests::{
-    agent::{Agent, DetachOnDrop, METRICS, TempDir, cli},
+    agent::{Agent, DetachOnDrop, TempDir, cli},
+    config::{Guard, TestConfig},
     lab::{ALLOWED_V4, ALLOWED_V6, DENIED_V4, DENIED_V6, Lab, SOURCES, family, ip, pin_dir, scrape},
     net::{BANNER, BannerServer, SentCounters, connect_banner, metric},
     require,
@@ -29,32 +30,16 @@ fn write_config(lab: &Lab, dir: &TempDir, mode: &str, xdp_mode: &str) -> (PathBu
         "relay-allow.txt",
         "# peers\n192.0.2.10 ; office relay\n2001:db8:a::/48\n\n",
     );
-    let pin_dir = pin_dir("rg-test-");
-    let config = dir.write(
-        "relay-guard.toml",
-        &format!(
-            r#"interfaces = ["{iface}"]
-mode = "{mode}"
-xdp_mode = "{xdp_mode}"
-metrics_listen = "{METRICS}"
-pin_dir = "{pins}"
-
-[[guard]]
-name = "submission"
-ports = [587]
-allow = ["192.0.2.0/24", "2001:db8:a::/48"]
-deny = ["198.51.100.0/24"]
-
-[[guard]]
-name = "relay"
-ports = [25]
-allow_files = ["relay-allow.txt"]
-"#,
-            iface = lab.server_if,
-            pins = pin_dir.display(),
-        ),
-    );
-    (config.clone(), DetachOnDrop::new(config, pin_dir))
+    TestConfig::new(&lab.server_if, &pin_dir("rg-test-"))
+        .mode(mode)
+        .xdp_mode(xdp_mode)
+        .guard(
+            &Guard::new("submission", &[587])
+                .allow(&["192.0.2.0/24", "2001:db8:a::/48"])
+                .deny(&["198.51.100.0/24"]),
+        )
+        .guard(&Guard::new("relay", &[25]).allow_files(&["relay-allow.txt"]))
+        .write(dir)
 }
 
 fn guard_of(port: u16) -> &'static str {

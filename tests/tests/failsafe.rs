@@ -15,10 +15,11 @@ use std::{
 
 use nix::sys::signal::Signal;
 use relay_guard_tests::{
-    agent::{Agent, DetachOnDrop, METRICS, TempDir, cli},
-    lab::{ALLOWED_V4, DENIED_V4, Lab, SERVER_V4, ip, pin_dir, scrape},
-    net::{BannerServer, SentCounters, connect_banner, metric},
-    netns::{NetNs, unique},
+    agent::{Agent, DetachOnDrop, TempDir, cli},
+    config::TestConfig,
+    lab::{ALLOWED_V4, DENIED_V4, Lab, SERVER_V4, ip, pin_dir, scrape, wait_metric},
+    net::{BannerServer, NftCounters, PURE_SYNS, SentCounters, connect_banner, metric},
+    netns::NetNs,
     prober::ALLOWED_TIMEOUT,
     require,
 };
@@ -40,12 +41,10 @@ const OPEN: &str = "[[guard]]\nname = \"open\"\nports = [587]\nallow = [\"0.0.0.
 const OTHER: &str = "[[guard]]\nname = \"other\"\nports = [2525]\nallow = [\"198.18.0.0/15\"]\n";
 
 fn config_text(lab: &Lab, pin_dir: &Path, guards: &[&str]) -> String {
-    format!(
-        "interfaces = [\"{iface}\"]\nmode = \"enforce\"\nmetrics_listen = \"{METRICS}\"\npin_dir = \"{pins}\"\n\n{}",
-        guards.join("\n"),
-        iface = lab.server_if,
-        pins = pin_dir.display(),
-    )
+    guards
+        .iter()
+        .fold(TestConfig::new(&lab.server_if, pin_dir), |c, g| c.table(g))
+        .text()
 }
 
 fn replace(path: &Path, text: &str) {
@@ -54,61 +53,17 @@ fn replace(path: &Path, text: &str) {
     std::fs::rename(&tmp, path).expect("rename");
 }
 
-fn wait_metric(lab: &Lab, name: &str, want: f64, agent: &Agent) -> String {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let text = scrape(lab);
-        if metric(&text, name, &[]) >= want {
-            return text;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{name} never reached {want}:\n{text}\n{}",
-            agent.log_text()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 /// nftables counters in the server namespace at prerouting (after XDP):
 /// pure SYNs from each source to port 25 that reached the stack.
-struct Arrived<'a> {
-    ns: &'a NetNs,
-    table: String,
-}
+struct Arrived<'a>(NftCounters<'a>);
 
 impl<'a> Arrived<'a> {
     fn install(ns: &'a NetNs, sources: &[&str]) -> Arrived<'a> {
-        let table = unique("rgin").replace('-', "_");
-        let mut rules = format!(
-            "table inet {table} {{\n chain pre {{\n  type filter hook prerouting priority -400; policy accept;\n"
-        );
-        for src in sources {
-            rules +=
-                &format!("  ip saddr {src} tcp dport 25 tcp flags & (syn | ack) == syn counter comment \"{src}\"\n");
-        }
-        rules += " }\n}\n";
-        let file = std::env::temp_dir().join(format!("{}.nft", unique("rg-nft")));
-        std::fs::write(&file, rules).expect("write nft rules");
-        ns.exec(&["nft", "-f", file.to_str().expect("utf-8")]);
-        let _ = std::fs::remove_file(&file);
-        Arrived { ns, table }
+        Arrived(NftCounters::new(ns, "prerouting", -400, sources, &[25], PURE_SYNS))
     }
 
     fn packets(&self, src: &str) -> u64 {
-        let json = self.ns.exec(&["nft", "-j", "list", "table", "inet", &self.table]);
-        let v: serde_json::Value = serde_json::from_str(&json).expect("nft -j output is JSON");
-        for item in v["nftables"].as_array().expect("nftables array") {
-            let rule = &item["rule"];
-            if rule["comment"].as_str() == Some(src) {
-                for e in rule["expr"].as_array().expect("expr array") {
-                    if let Some(p) = e["counter"]["packets"].as_u64() {
-                        return p;
-                    }
-                }
-            }
-        }
-        panic!("no nft counter for {src}")
+        self.0.packets(src, 25)
     }
 }
 
@@ -169,7 +124,7 @@ fn guards_inserted_removed_and_reordered_never_cross_wire_ports() {
     for (i, guards) in steps.iter().enumerate() {
         let before = metric(&scrape(&lab), "relay_guard_config_reloads_total", &[]);
         replace(&config, &config_text(&lab, &pins, guards));
-        let m = wait_metric(&lab, "relay_guard_config_reloads_total", before + 1.0, &agent);
+        let m = wait_metric(&lab, &agent, "relay_guard_config_reloads_total", before + 1.0);
         assert_eq!(
             metric(&m, "relay_guard_config_reload_failures_total", &[]),
             0.0,
@@ -236,7 +191,7 @@ fn reload_over_capacity_is_refused_before_any_write() {
 
     let before = metric(&scrape(&lab), "relay_guard_config_reload_failures_total", &[]);
     replace(&config, &bad);
-    let m = wait_metric(&lab, "relay_guard_config_reload_failures_total", before + 1.0, &agent);
+    let m = wait_metric(&lab, &agent, "relay_guard_config_reload_failures_total", before + 1.0);
     assert_eq!(metric(&m, "relay_guard_config_last_reload_successful", &[]), 0.0);
     let log = agent.log_text();
     assert!(
@@ -304,7 +259,7 @@ fn agent_killed_mid_sync_leaves_one_policy() {
         std::fs::write(&config, text(round)).expect("write");
         let t = Instant::now();
         agent.signal(Signal::SIGHUP);
-        wait_metric(&lab, "relay_guard_config_reloads_total", (round + 1) as f64, &agent);
+        wait_metric(&lab, &agent, "relay_guard_config_reloads_total", (round + 1) as f64);
         took = took.max(t.elapsed());
     }
     let mut results = Vec::new();
@@ -382,7 +337,7 @@ fn ports_moved_between_guards_across_a_restart_never_cross_wire() {
     // And back by a reload.
     let before = metric(&scrape(&lab), "relay_guard_config_reloads_total", &[]);
     replace(&config, &a);
-    let m = wait_metric(&lab, "relay_guard_config_reloads_total", before + 1.0, &agent);
+    let m = wait_metric(&lab, &agent, "relay_guard_config_reloads_total", before + 1.0);
     assert_eq!(metric(&m, "relay_guard_config_reload_failures_total", &[]), 0.0);
     std::thread::sleep(Duration::from_millis(300));
     stop.store(true, Ordering::Relaxed);
@@ -469,7 +424,7 @@ fn maps_resized_by_reloads_keep_one_policy_through_floods_and_kills() {
         let before = metric(&scrape(&lab), "relay_guard_config_reloads_total", &[]);
         let t = Instant::now();
         replace(&list, text);
-        let m = wait_metric(&lab, "relay_guard_config_reloads_total", before + 1.0, &agent);
+        let m = wait_metric(&lab, &agent, "relay_guard_config_reloads_total", before + 1.0);
         took = took.max(t.elapsed());
         assert_eq!(
             metric(&m, "relay_guard_config_reload_failures_total", &[]),

@@ -20,6 +20,7 @@ use std::{
 
 use relay_guard_tests::{
     agent::{Agent, DetachOnDrop, METRICS, TempDir, agent_bin},
+    config::{Guard, TestConfig},
     lab::{ALLOWED_V4, Lab, SERVER_V4, pin_dir, scrape},
     net::{http_get, metric},
     netns::NetNs,
@@ -36,24 +37,11 @@ const LINES_PER_SECOND: f64 = 10.0;
 /// Growth of the agent's resident memory that still counts as flat.
 const RSS_SLACK_KIB: u64 = 20 * 1024;
 
-fn config(dir: &TempDir, interface: &str, pins: &std::path::Path) -> std::path::PathBuf {
-    dir.write(
-        "relay-guard.toml",
-        &format!(
-            r#"interfaces = ["{interface}"]
-mode = "enforce"
-xdp_mode = "native"
-metrics_listen = "{METRICS}"
-pin_dir = "{pins}"
-
-[[guard]]
-name = "relay"
-ports = [{PORT}]
-allow = ["{ALLOWED_V4}"]
-"#,
-            pins = pins.display()
-        ),
-    )
+fn config(dir: &TempDir, interface: &str) -> (std::path::PathBuf, DetachOnDrop) {
+    TestConfig::new(interface, &pin_dir("rg-flood-"))
+        .xdp_mode("native")
+        .guard(&Guard::new("relay", &[PORT]).allow(&[ALLOWED_V4]))
+        .write(dir)
 }
 
 /// The `i`-th spoofed source: 198.18.0.0/15 holds 131,072 addresses.
@@ -109,9 +97,7 @@ fn a_random_source_flood_keeps_the_log_bounded_memory_flat_and_metrics_answering
     }
     let lab = Lab::new();
     let dir = TempDir::new();
-    let pins = pin_dir("rg-flood-");
-    let config = config(&dir, &lab.server_if, &pins);
-    let _detach = DetachOnDrop::new(config.clone(), pins);
+    let (config, _detach) = config(&dir, &lab.server_if);
     let mut agent = Agent::start(&lab.server, config, &dir);
     let pid = agent.pid();
     let exe = std::fs::read_link(format!("/proc/{pid}/exe")).expect("agent's /proc/PID/exe");

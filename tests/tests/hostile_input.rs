@@ -10,7 +10,8 @@ use std::{
 
 use relay_guard_tests::{
     agent::{Agent, DetachOnDrop, METRICS, TempDir},
-    lab::{ALLOWED_V4, DENIED_V4, Lab, SERVER_V4, ip, pin_dir, scrape},
+    config::{Guard, TestConfig},
+    lab::{ALLOWED_V4, DENIED_V4, Lab, SERVER_V4, ip, pin_dir, scrape, wait_metric},
     net::{BannerServer, connect_banner, http_get, metric},
     prober::ALLOWED_TIMEOUT,
     require,
@@ -18,26 +19,10 @@ use relay_guard_tests::{
 
 /// A config whose relay guard (port 25) reads `relay-allow.txt`.
 fn setup(lab: &Lab, dir: &TempDir, allow_list: &str) -> (std::path::PathBuf, DetachOnDrop) {
-    let pins = pin_dir("rg-test-");
     dir.write("relay-allow.txt", allow_list);
-    let config = dir.write(
-        "relay-guard.toml",
-        &format!(
-            r#"interfaces = ["{iface}"]
-mode = "enforce"
-metrics_listen = "{METRICS}"
-pin_dir = "{pins}"
-
-[[guard]]
-name = "relay"
-ports = [25]
-allow_files = ["relay-allow.txt"]
-"#,
-            iface = lab.server_if,
-            pins = pins.display(),
-        ),
-    );
-    (config.clone(), DetachOnDrop::new(config, pins))
+    TestConfig::new(&lab.server_if, &pin_dir("rg-test-"))
+        .guard(&Guard::new("relay", &[25]).allow_files(&["relay-allow.txt"]))
+        .write(dir)
 }
 
 /// Whether `src` reaches the banner on port 25 (a short timeout for a
@@ -49,19 +34,6 @@ fn passes(lab: &Lab, src: &str, expect: bool) -> bool {
         Duration::from_millis(400)
     };
     connect_banner(&lab.client, ip(src), ip(SERVER_V4), 25, timeout).is_ok()
-}
-
-/// Polls /metrics until `name` reaches `want` (bounded); returns the text.
-fn wait_metric(lab: &Lab, name: &str, want: f64) -> String {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let text = scrape(lab);
-        if metric(&text, name, &[]) >= want {
-            return text;
-        }
-        assert!(Instant::now() < deadline, "{name} never reached {want}:\n{text}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
 }
 
 /// 70 idle connections to /metrics: a scrape still answers at once, and
@@ -125,7 +97,7 @@ fn a_list_is_applied_only_when_fully_written() {
     let dir = TempDir::new();
     let _server = BannerServer::start(&lab.server, &[25]);
     let (config, _detach) = setup(&lab, &dir, &format!("{ALLOWED_V4}\n"));
-    let _agent = Agent::start(&lab.server, config, &dir);
+    let agent = Agent::start(&lab.server, config, &dir);
     assert!(passes(&lab, ALLOWED_V4, true));
     assert!(!passes(&lab, DENIED_V4, false));
     let reloads = metric(&scrape(&lab), "relay_guard_config_reloads_total", &[]);
@@ -146,7 +118,7 @@ fn a_list_is_applied_only_when_fully_written() {
     );
     f.write_all(format!("{ALLOWED_V4}\n").as_bytes()).expect("write");
     drop(f);
-    wait_metric(&lab, "relay_guard_config_reloads_total", reloads + 1.0);
+    wait_metric(&lab, &agent, "relay_guard_config_reloads_total", reloads + 1.0);
     assert!(passes(&lab, DENIED_V4, true), "the whole list was not applied");
     assert!(passes(&lab, ALLOWED_V4, true));
 }
@@ -170,7 +142,7 @@ fn a_fifo_in_place_of_a_list_is_an_error_not_a_hang() {
     let fifo = dir.0.join("fifo.tmp");
     nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).expect("mkfifo");
     std::fs::rename(&fifo, &list).expect("rename the FIFO into place");
-    wait_metric(&lab, "relay_guard_config_reload_failures_total", failures + 1.0);
+    wait_metric(&lab, &agent, "relay_guard_config_reload_failures_total", failures + 1.0);
     assert!(
         agent.log_text().contains("not a regular file (a FIFO)"),
         "{}",
@@ -183,7 +155,7 @@ fn a_fifo_in_place_of_a_list_is_an_error_not_a_hang() {
     std::fs::write(&tmp, format!("{ALLOWED_V4}\n{DENIED_V4}\n")).expect("write");
     let reloads = metric(&scrape(&lab), "relay_guard_config_reloads_total", &[]);
     std::fs::rename(&tmp, &list).expect("rename");
-    let text = wait_metric(&lab, "relay_guard_config_reloads_total", reloads + 1.0);
+    let text = wait_metric(&lab, &agent, "relay_guard_config_reloads_total", reloads + 1.0);
     assert_eq!(
         metric(&text, "relay_guard_config_last_reload_successful", &[]),
         1.0,

@@ -9,8 +9,9 @@ use std::{
 };
 
 use relay_guard_tests::{
-    agent::{Agent, DetachOnDrop, METRICS, TempDir},
-    lab::{ALLOWED_V4, ALLOWED_V6, DENIED_V4, DENIED_V6, Lab, SERVER_V4, ip, pin_dir, scrape},
+    agent::{Agent, DetachOnDrop, TempDir},
+    config::{Guard, TestConfig},
+    lab::{ALLOWED_V4, ALLOWED_V6, DENIED_V4, DENIED_V6, Lab, SERVER_V4, ip, link_pin, pin_dir, scrape},
     net::{BannerServer, connect_banner, metric},
     netns::{NetNs, unique},
     prober::ALLOWED_TIMEOUT,
@@ -20,31 +21,16 @@ use relay_guard_tests::{
 /// Re-attaching must take at most this long (SPEC: "within a second").
 const WITHIN: Duration = Duration::from_secs(1);
 
-fn config_text(interfaces: &[&str], pin_dir: &Path) -> String {
-    let list = interfaces
-        .iter()
-        .map(|i| format!("\"{i}\""))
-        .collect::<Vec<_>>()
-        .join(", ");
-    format!(
-        r#"interfaces = [{list}]
-mode = "enforce"
-metrics_listen = "{METRICS}"
-pin_dir = "{pins}"
+fn config(interfaces: &[&str], pin_dir: &Path) -> TestConfig {
+    TestConfig::on(interfaces, pin_dir).guard(&Guard::new("relay", &[25]).allow(&["192.0.2.0/25", "2001:db8:a::/48"]))
+}
 
-[[guard]]
-name = "relay"
-ports = [25]
-allow = ["192.0.2.0/25", "2001:db8:a::/48"]
-"#,
-        pins = pin_dir.display(),
-    )
+fn config_text(interfaces: &[&str], pin_dir: &Path) -> String {
+    config(interfaces, pin_dir).text()
 }
 
 fn setup(dir: &TempDir, interfaces: &[&str]) -> (PathBuf, DetachOnDrop) {
-    let pins = pin_dir("rg-if-");
-    let config = dir.write("relay-guard.toml", &config_text(interfaces, &pins));
-    (config.clone(), DetachOnDrop::new(config, pins))
+    config(interfaces, &pin_dir("rg-if-")).write(dir)
 }
 
 fn attached(lab: &Lab, iface: &str) -> f64 {
@@ -213,11 +199,7 @@ fn a_recreated_interface_is_guarded_again_within_a_second() {
     let (config, detach) = setup(&dir, &[&lab.server_if]);
     let agent = Agent::start(&lab.server, config, &dir);
     assert_gate(&lab.client, ALLOWED_V4, DENIED_V4, SERVER_V4, "at start");
-    let link_pin = detach
-        .pin_dir
-        .join(format!("layout-{}", relay_guard_common::LAYOUT_VERSION))
-        .join("links")
-        .join(&lab.server_if);
+    let link_pin = link_pin(&detach.pin_dir, &lab.server_if);
 
     for round in 0..3 {
         lab.server.ip(&["link", "del", &lab.server_if]);
@@ -433,11 +415,7 @@ fn a_renamed_interface_is_followed_by_name() {
     let (config, detach) = setup(&dir, &[&lab.server_if]);
     let agent = Agent::start(&lab.server, config, &dir);
     assert_gate(&lab.client, ALLOWED_V4, DENIED_V4, SERVER_V4, "at start");
-    let link_pin = detach
-        .pin_dir
-        .join(format!("layout-{}", relay_guard_common::LAYOUT_VERSION))
-        .join("links")
-        .join(&lab.server_if);
+    let link_pin = link_pin(&detach.pin_dir, &lab.server_if);
     let other = unique("rn");
 
     rename(&lab.server, &lab.server_if, &other);

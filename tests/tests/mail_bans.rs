@@ -14,10 +14,11 @@ use std::{
 };
 
 use relay_guard_tests::{
-    agent::{Agent, DetachOnDrop, METRICS, TempDir, cli},
-    lab::{self, ALLOWED_V4, ALLOWED_V6, DENIED_V4, DENIED_V6, Lab, pin_dir, scrape},
+    agent::{Agent, DetachOnDrop, TempDir, cli},
+    config::{Guard, TestConfig},
+    lab::{self, ALLOWED_V4, ALLOWED_V6, DENIED_V4, DENIED_V6, Lab, pin_dir, reaches, scrape},
     mail::{MailServer, MailServerBuilder, Tls, swaks_auth},
-    net::{BannerServer, connect_banner, metric},
+    net::{BannerServer, metric},
     require,
 };
 use socket2::{Domain, Protocol, Socket, Type};
@@ -35,20 +36,13 @@ fn config(lab: &Lab, dir: &TempDir, maillog: &Path, failures: u32) -> (std::path
 
 /// As [`config`], with `source` (`log_files = [...]` or `journal = true`).
 fn config_with(lab: &Lab, dir: &TempDir, source: &str, failures: u32) -> (std::path::PathBuf, DetachOnDrop) {
-    let pins = pin_dir("bans-logs-");
-    let text = format!(
-        r#"interfaces = ["{iface}"]
-mode = "enforce"
-metrics_listen = "{METRICS}"
-pin_dir = "{pins}"
-state_dir = "{state}"
-
-[[guard]]
-name = "mail"
-ports = [25, 465, 587]
-allow = ["0.0.0.0/0", "::/0"]
-
-[[ban]]
+    // Not beside the logs: the agent watches its config's directory, and
+    // every log write there would make it look for a config change.
+    TestConfig::new(&lab.server_if, &pin_dir("bans-logs-"))
+        .state_dir(&dir.0.join("state"))
+        .guard(&Guard::new("mail", &[25, 465, 587]).allow(&["0.0.0.0/0", "::/0"]))
+        .table(&format!(
+            r#"[[ban]]
 name = "sasl"
 ports = [465, 587, {FREE_PORT}]
 {source}
@@ -57,19 +51,9 @@ window = "10m"
 ban_time = "1h"
 ipv6_prefix = 64
 never = ["{ALLOWED_V6}/128"]
-"#,
-        iface = lab.server_if,
-        pins = pins.display(),
-        state = dir.0.join("state").display(),
-    );
-    // Not beside the logs: the agent watches its config's directory, and
-    // every log write there would make it look for a config change.
-    let conf_dir = dir.0.join("relay-guard");
-    std::fs::create_dir_all(&conf_dir).expect("create config dir");
-    let path = conf_dir.join("relay-guard.toml");
-    std::fs::write(&path, text).expect("write config");
-    let detach = DetachOnDrop::new(path.clone(), pins);
-    (path, detach)
+"#
+        ))
+        .write_in(&dir.0.join("relay-guard"))
 }
 
 fn mail_server(lab: &Lab, dir: &TempDir) -> MailServer {
@@ -77,18 +61,6 @@ fn mail_server(lab: &Lab, dir: &TempDir) -> MailServer {
         .dovecot(&[(USER, PASSWORD)])
         .submission()
         .start()
-}
-
-/// Whether `src` gets a greeting on `port` (within 600 ms when it does not).
-fn reaches(lab: &Lab, src: &str, port: u16) -> bool {
-    connect_banner(
-        &lab.client,
-        lab::ip(src),
-        Lab::server_addr_for(src),
-        port,
-        Duration::from_millis(600),
-    )
-    .is_ok()
 }
 
 fn fail(lab: &Lab, src: &str, port: u16) {

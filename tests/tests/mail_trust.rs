@@ -29,10 +29,11 @@ use std::{
 
 use relay_guard::logwatch::{self, LogEvent, Source};
 use relay_guard_tests::{
-    agent::{Agent, DetachOnDrop, METRICS, TempDir, cli},
-    lab::{self, ALLOWED_V4, ALLOWED_V6, DENIED_V4, DENIED_V6, Lab, pin_dir, scrape},
+    agent::{Agent, DetachOnDrop, TempDir, cli},
+    config::{Guard, TestConfig, list},
+    lab::{self, ALLOWED_V4, ALLOWED_V6, DENIED_V4, DENIED_V6, Lab, pin_dir, reaches, scrape},
     mail::{MailServer, MailServerBuilder, PASSWORD, SUBMISSION_TOOLS, USER},
-    net::{connect_banner, metric},
+    net::{NftCounters, metric},
     netns::NetNs,
     require,
     smtp::{self, Run},
@@ -56,96 +57,26 @@ fn tools() -> Vec<&'static str> {
 }
 
 fn config(lab: &Lab, dir: &TempDir, logs: &[&Path]) -> (PathBuf, DetachOnDrop) {
-    let pins = pin_dir("trust-");
-    let files: Vec<String> = logs.iter().map(|p| format!("\"{}\"", p.display())).collect();
+    let files: Vec<String> = logs.iter().map(|p| p.display().to_string()).collect();
     let ports: Vec<String> = BAN_PORTS.iter().map(u16::to_string).collect();
-    let text = format!(
-        r#"interfaces = ["{iface}"]
-mode = "enforce"
-metrics_listen = "{METRICS}"
-pin_dir = "{pins}"
-state_dir = "{state}"
-
-[[guard]]
-name = "mail"
-ports = [25, 465, 587]
-allow = ["0.0.0.0/0", "::/0"]
-
-[[ban]]
+    // Not beside the logs: the agent watches its config's directory.
+    TestConfig::new(&lab.server_if, &pin_dir("trust-"))
+        .state_dir(&dir.0.join("state"))
+        .guard(&Guard::new("mail", &[25, 465, 587]).allow(&["0.0.0.0/0", "::/0"]))
+        .table(&format!(
+            r#"[[ban]]
 name = "sasl"
 ports = [{ports}]
-log_files = [{files}]
+log_files = {files}
 failures = {FAILURES}
 window = "10m"
 ban_time = "1h"
 ipv6_prefix = 64
 "#,
-        iface = lab.server_if,
-        pins = pins.display(),
-        state = dir.0.join("state").display(),
-        ports = ports.join(", "),
-        files = files.join(", "),
-    );
-    let conf_dir = dir.0.join("relay-guard");
-    std::fs::create_dir_all(&conf_dir).expect("create config dir");
-    let path = conf_dir.join("relay-guard.toml");
-    std::fs::write(&path, text).expect("write config");
-    let detach = DetachOnDrop::new(path.clone(), pins);
-    (path, detach)
-}
-
-/// nft counters of SYNs that got past XDP into the server's stack, per
-/// (source, port).
-struct Behind<'a> {
-    ns: &'a NetNs,
-}
-
-impl<'a> Behind<'a> {
-    fn install(ns: &'a NetNs, sources: &[&str], port: u16) -> Behind<'a> {
-        let mut rules = String::from(
-            "table inet rgtrust {\n chain inp {\n  type filter hook input priority -500; policy accept;\n",
-        );
-        for src in sources {
-            let fam = if src.contains(':') { "ip6" } else { "ip" };
-            rules += &format!(
-                "  {fam} saddr {src} tcp dport {port} tcp flags & (syn | ack) == syn counter comment \"{src}\"\n"
-            );
-        }
-        rules += " }\n}\n";
-        let file = std::env::temp_dir().join(format!("{}.nft", relay_guard_tests::netns::unique("trust-nft")));
-        std::fs::write(&file, rules).expect("write nft rules");
-        ns.exec(&["nft", "-f", file.to_str().expect("utf-8")]);
-        let _ = std::fs::remove_file(&file);
-        Behind { ns }
-    }
-
-    fn syns(&self, src: &str) -> u64 {
-        let json = self.ns.exec(&["nft", "-j", "list", "table", "inet", "rgtrust"]);
-        let v: serde_json::Value = serde_json::from_str(&json).expect("nft -j output is JSON");
-        for item in v["nftables"].as_array().expect("nftables array") {
-            let rule = &item["rule"];
-            if rule["comment"].as_str() == Some(src) {
-                for e in rule["expr"].as_array().expect("expr array") {
-                    if let Some(p) = e["counter"]["packets"].as_u64() {
-                        return p;
-                    }
-                }
-            }
-        }
-        panic!("no nft counter for {src}")
-    }
-}
-
-/// Whether `src` gets a greeting on `port` (within 600 ms when it does not).
-fn reaches(lab: &Lab, src: &str, port: u16) -> bool {
-    connect_banner(
-        &lab.client,
-        lab::ip(src),
-        Lab::server_addr_for(src),
-        port,
-        Duration::from_millis(600),
-    )
-    .is_ok()
+            ports = ports.join(", "),
+            files = list(&files),
+        ))
+        .write_in(&dir.0.join("relay-guard"))
 }
 
 /// The line protocols spoken here.
@@ -357,7 +288,11 @@ fn injected_addresses_ban_nobody_but_the_injector() {
     let maillog = server.postfix.maillog.clone();
     let dovecot_log = server.dovecot.as_ref().expect("dovecot").log.clone();
     let (config, _detach) = config(&lab, &dir, &[&maillog, &dovecot_log]);
-    let behind = Behind::install(&lab.server, &[DENIED_V4, DENIED_V6, ALLOWED_V4, ALLOWED_V6], PROBE_PORT);
+    let behind = NftCounters::behind_xdp(
+        &lab.server,
+        &[DENIED_V4, DENIED_V6, ALLOWED_V4, ALLOWED_V6],
+        &[PROBE_PORT],
+    );
     let agent = Agent::start(&lab.server, config.clone(), &dir);
     // The followers start at the files' ends: let them open them.
     std::thread::sleep(Duration::from_secs(1));
@@ -423,7 +358,7 @@ fn injected_addresses_ban_nobody_but_the_injector() {
     // Behind XDP: the injectors' SYNs no longer arrive, the victims' do.
     let before: HashMap<&str, u64> = [DENIED_V4, DENIED_V6, ALLOWED_V4, ALLOWED_V6]
         .iter()
-        .map(|s| (*s, behind.syns(s)))
+        .map(|s| (*s, behind.packets(s, PROBE_PORT)))
         .collect();
     for src in [ALLOWED_V4, ALLOWED_V6] {
         assert!(
@@ -441,10 +376,17 @@ fn injected_addresses_ban_nobody_but_the_injector() {
         );
     }
     for src in [ALLOWED_V4, ALLOWED_V6] {
-        assert!(behind.syns(src) > before[src], "{src}'s SYNs must arrive behind XDP");
+        assert!(
+            behind.packets(src, PROBE_PORT) > before[src],
+            "{src}'s SYNs must arrive behind XDP"
+        );
     }
     for src in [DENIED_V4, DENIED_V6] {
-        assert_eq!(behind.syns(src), before[src], "{src}'s SYNs must be dropped at XDP");
+        assert_eq!(
+            behind.packets(src, PROBE_PORT),
+            before[src],
+            "{src}'s SYNs must be dropped at XDP"
+        );
     }
     // The victims still log in.
     let good = swaks(

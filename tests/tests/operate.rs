@@ -3,14 +3,17 @@
 //! binary, real XDP on veth between namespaces, real TCP.
 use std::{
     path::{Path, PathBuf},
-    sync::atomic::Ordering,
     time::{Duration, Instant},
 };
 
 use nix::sys::signal::Signal;
 use relay_guard_tests::{
-    agent::{Agent, DetachOnDrop, METRICS, TempDir, cli},
-    lab::{ALLOWED_V4, ALLOWED_V6, DENIED_V4, DENIED_V6, Lab, SERVER_V4, assert_gate, ip, pin_dir, scrape},
+    agent::{Agent, DetachOnDrop, TempDir, cli},
+    config::{Guard, TestConfig},
+    lab::{
+        ALLOWED_V4, ALLOWED_V6, DENIED_V4, DENIED_V6, Lab, SERVER_V4, assert_gate, ip, link_pin, pin_dir, scrape,
+        wait_metric,
+    },
     net::{BannerServer, connect_banner, metric},
     netns::sh,
     prober::{ALLOWED_TIMEOUT, Prober},
@@ -19,27 +22,16 @@ use relay_guard_tests::{
 
 /// A config whose relay guard (port 25) reads `relay-allow.txt`.
 fn setup(lab: &Lab, dir: &TempDir, allow_list: &str) -> (PathBuf, DetachOnDrop) {
-    let pin_dir = pin_dir("rg-test-");
     dir.write("relay-allow.txt", allow_list);
-    let config = dir.write("relay-guard.toml", &config_text(lab, &pin_dir, ""));
-    (config.clone(), DetachOnDrop::new(config, pin_dir))
+    relay_config(lab, &pin_dir("rg-test-")).write(dir)
 }
 
-fn config_text(lab: &Lab, pin_dir: &Path, extra: &str) -> String {
-    format!(
-        r#"interfaces = ["{iface}"]
-mode = "enforce"
-metrics_listen = "{METRICS}"
-pin_dir = "{pins}"
-{extra}
-[[guard]]
-name = "relay"
-ports = [25]
-allow_files = ["relay-allow.txt"]
-deny = ["192.0.2.128/25"]
-"#,
-        iface = lab.server_if,
-        pins = pin_dir.display(),
+/// The relay guard on port 25: `relay-allow.txt`, less 192.0.2.128/25.
+fn relay_config(lab: &Lab, pin_dir: &Path) -> TestConfig {
+    TestConfig::new(&lab.server_if, pin_dir).guard(
+        &Guard::new("relay", &[25])
+            .allow_files(&["relay-allow.txt"])
+            .deny(&["192.0.2.128/25"]),
     )
 }
 
@@ -49,19 +41,6 @@ fn replace(path: &Path, text: &str) {
     let tmp = path.with_extension("tmp");
     std::fs::write(&tmp, text).expect("write");
     std::fs::rename(&tmp, path).expect("rename");
-}
-
-/// Polls /metrics until `metric(name) >= want` (bounded), returning the text.
-fn wait_metric(lab: &Lab, name: &str, want: f64) -> String {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let text = scrape(lab);
-        if metric(&text, name, &[]) >= want {
-            return text;
-        }
-        assert!(Instant::now() < deadline, "{name} never reached {want}:\n{text}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
 }
 
 #[test]
@@ -114,14 +93,7 @@ fn restarts_without_a_gap_and_with_counters_kept() {
     }
     std::thread::sleep(Duration::from_millis(300));
     let (tally, errors) = prober.finish();
-    let (ok, failed) = (
-        tally.allowed_ok.load(Ordering::Relaxed),
-        tally.allowed_failed.load(Ordering::Relaxed),
-    );
-    let (blocked, admitted) = (
-        tally.denied_blocked.load(Ordering::Relaxed),
-        tally.denied_admitted.load(Ordering::Relaxed),
-    );
+    let (ok, failed, blocked, admitted) = tally.counts();
     println!(
         "20 restarts (10 SIGKILL): allowed {ok} ok / {failed} failed; denied {blocked} blocked / {admitted} admitted"
     );
@@ -193,7 +165,7 @@ fn reload_under_traffic_has_no_gap_and_touches_only_changed_entries() {
         } else {
             replace(&list, &text);
         }
-        let m = wait_metric(&lab, "relay_guard_config_reloads_total", before + 1.0);
+        let m = wait_metric(&lab, &agent, "relay_guard_config_reloads_total", before + 1.0);
         // A write may fire the watcher as well as SIGHUP: let a second reload of the same content settle.
         std::thread::sleep(Duration::from_millis(400));
         assert_eq!(
@@ -206,14 +178,7 @@ fn reload_under_traffic_has_no_gap_and_touches_only_changed_entries() {
         v6_probe(&format!("after reload {i}"), i % 2 == 1);
     }
     let (tally, errors) = prober.finish();
-    let (ok, failed) = (
-        tally.allowed_ok.load(Ordering::Relaxed),
-        tally.allowed_failed.load(Ordering::Relaxed),
-    );
-    let (blocked, admitted) = (
-        tally.denied_blocked.load(Ordering::Relaxed),
-        tally.denied_admitted.load(Ordering::Relaxed),
-    );
+    let (ok, failed, blocked, admitted) = tally.counts();
     println!(
         "6 reloads of a 10,001-entry list: allowed {ok} ok / {failed} failed; denied {blocked} blocked / {admitted} admitted"
     );
@@ -225,7 +190,7 @@ fn reload_under_traffic_has_no_gap_and_touches_only_changed_entries() {
     one.push_str("198.51.100.99\n");
     let before = metric(&scrape(&lab), "relay_guard_config_reloads_total", &[]);
     replace(&list, &one);
-    wait_metric(&lab, "relay_guard_config_reloads_total", before + 1.0);
+    wait_metric(&lab, &agent, "relay_guard_config_reloads_total", before + 1.0);
     // Kernel entries touched by the last reload: the new host's long block
     // and its /24 entry (plus a mask, at most) — not the 10,000 others.
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -293,7 +258,7 @@ fn invalid_reloads_change_nothing_and_are_reported() {
 
     // (variant, via SIGHUP?, text that must appear in the log)
     let bad_cidr = good.replace(r#"deny = ["192.0.2.128/25"]"#, r#"deny = ["192.0.2.300/25"]"#);
-    let unknown_key = config_text(&lab, &pin_dir, "colour = \"blue\"");
+    let unknown_key = relay_config(&lab, &pin_dir).keys("colour = \"blue\"").text();
     let dup_port = format!("{good}\n[[guard]]\nname = \"again\"\nports = [25]\nallow = [\"203.0.113.0/24\"]\n");
     let missing = good.replace("relay-allow.txt", "gone.txt");
     let cases = [
@@ -324,7 +289,7 @@ fn invalid_reloads_change_nothing_and_are_reported() {
             agent.signal(Signal::SIGHUP);
         }
         // Every attempt counts: the file change and the SIGHUP may both be one.
-        let m = wait_metric(&lab, "relay_guard_config_reload_failures_total", before + 1.0);
+        let m = wait_metric(&lab, &agent, "relay_guard_config_reload_failures_total", before + 1.0);
         assert_eq!(
             metric(&m, "relay_guard_config_last_reload_successful", &[]),
             0.0,
@@ -344,7 +309,7 @@ fn invalid_reloads_change_nothing_and_are_reported() {
         );
     }
     replace(&config, &good);
-    let m = wait_metric(&lab, "relay_guard_config_last_reload_successful", 1.0);
+    let m = wait_metric(&lab, &agent, "relay_guard_config_last_reload_successful", 1.0);
     assert!(metric(&m, "relay_guard_config_reload_failures_total", &[]) >= 4.0);
     assert_gate(&lab, "after the good config is back");
 }
@@ -370,18 +335,7 @@ fn operator_cli_reads_the_pinned_maps() {
 
     // Metrics pass promtool.
     let text = scrape(&lab);
-    let file = dir.write("metrics.txt", &text);
-    let out = std::process::Command::new("sh")
-        .arg("-c")
-        .arg(format!("promtool check metrics < {}", file.display()))
-        .output()
-        .expect("promtool");
-    assert!(
-        out.status.success(),
-        "promtool check metrics failed:\n{}{}\n{text}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    relay_guard_tests::prometheus::assert_promtool_accepts(&dir, &text);
 
     // Rate-limited blocked-source events reach the log.
     let log = wait_log(&agent, "198.51.100.20 -> port 25");
@@ -520,7 +474,7 @@ fn kubernetes_configmap_symlink_swap_reloads() {
     let write_version = |name: &str, allow: &str| {
         let v = mount.join(name);
         std::fs::create_dir_all(&v).expect("mkdir");
-        std::fs::write(v.join("relay-guard.toml"), config_text(&lab, &pin_dir, "")).expect("write");
+        std::fs::write(v.join("relay-guard.toml"), relay_config(&lab, &pin_dir).text()).expect("write");
         std::fs::write(v.join("relay-allow.txt"), allow).expect("write");
     };
     write_version("..2026_11_27_v1", "192.0.2.10\n");
@@ -530,7 +484,7 @@ fn kubernetes_configmap_symlink_swap_reloads() {
     }
     let config = mount.join("relay-guard.toml");
     let _detach = DetachOnDrop::new(config.clone(), pin_dir.clone());
-    let _agent = Agent::start(&lab.server, config, &dir);
+    let agent = Agent::start(&lab.server, config, &dir);
     let v6 = |want_ok: bool, what: &str| {
         let r = connect_banner(
             &lab.client,
@@ -547,7 +501,7 @@ fn kubernetes_configmap_symlink_swap_reloads() {
     let tmp = mount.join("..data_tmp");
     std::os::unix::fs::symlink("..2026_11_27_v2", &tmp).expect("symlink");
     std::fs::rename(&tmp, mount.join("..data")).expect("swap ..data");
-    let m = wait_metric(&lab, "relay_guard_config_reloads_total", 1.0);
+    let m = wait_metric(&lab, &agent, "relay_guard_config_reloads_total", 1.0);
     assert_eq!(metric(&m, "relay_guard_config_last_reload_successful", &[]), 1.0);
     v6(true, "after the swap");
     assert_gate(&lab, "after the swap");
@@ -557,7 +511,7 @@ fn kubernetes_configmap_symlink_swap_reloads() {
     write_version("..2026_11_27_v3", "192.0.2.10\n");
     std::os::unix::fs::symlink("..2026_11_27_v3", &tmp).expect("symlink");
     std::fs::rename(&tmp, mount.join("..data")).expect("swap ..data");
-    wait_metric(&lab, "relay_guard_config_reloads_total", 2.0);
+    wait_metric(&lab, &agent, "relay_guard_config_reloads_total", 2.0);
     v6(false, "after the second swap");
 }
 
@@ -584,7 +538,7 @@ fn reload_attaches_new_interfaces_and_detaches_removed_ones() {
         1,
     );
     replace(&config, &missing);
-    let m = wait_metric(&lab, "relay_guard_config_reloads_total", before + 1.0);
+    let m = wait_metric(&lab, &agent, "relay_guard_config_reloads_total", before + 1.0);
     assert_eq!(metric(&m, "relay_guard_config_last_reload_successful", &[]), 1.0, "{m}");
     assert_eq!(
         metric(&m, "relay_guard_interface_attached", &[("interface", "rg-nope0")]),
@@ -610,17 +564,13 @@ fn reload_attaches_new_interfaces_and_detaches_removed_ones() {
         1,
     );
     replace(&config, &with_lo);
-    wait_metric(&lab, "relay_guard_config_reloads_total", before + 1.0);
+    wait_metric(&lab, &agent, "relay_guard_config_reloads_total", before + 1.0);
     assert!(
         xdp_on_lo(),
         "lo not attached after a reload that added it:\n{}",
         agent.log_text()
     );
-    let lo_link = detach
-        .pin_dir
-        .join(format!("layout-{}", relay_guard_common::LAYOUT_VERSION))
-        .join("links")
-        .join("lo");
+    let lo_link = link_pin(&detach.pin_dir, "lo");
     assert!(
         lo_link.exists(),
         "no pinned link {} after lo was added",
@@ -630,7 +580,7 @@ fn reload_attaches_new_interfaces_and_detaches_removed_ones() {
 
     let before = metric(&scrape(&lab), "relay_guard_config_reloads_total", &[]);
     replace(&config, &good);
-    wait_metric(&lab, "relay_guard_config_reloads_total", before + 1.0);
+    wait_metric(&lab, &agent, "relay_guard_config_reloads_total", before + 1.0);
     assert!(
         !xdp_on_lo(),
         "lo still attached after a reload that removed it:\n{}",
@@ -714,28 +664,15 @@ fn delta_reloads_keep_the_kernel_equal_to_a_full_compile() {
     for (f, t) in files.iter().zip(&texts) {
         dir.write(f, &join(t));
     }
-    let config = dir.write(
-        "relay-guard.toml",
-        &format!(
-            r#"interfaces = ["{iface}"]
-metrics_listen = "{METRICS}"
-pin_dir = "{pins}"
-[[guard]]
-name = "relay"
-ports = [25]
-allow_files = ["relay-allow.txt"]
-deny_files = ["relay-deny.txt"]
-deny = ["192.0.2.128/25"]
-[[guard]]
-name = "submission"
-ports = [587]
-allow_files = ["sub-allow.txt"]
-"#,
-            iface = lab.server_if,
-            pins = pin_dir.display(),
-        ),
-    );
-    let _detach = DetachOnDrop::new(config.clone(), pin_dir);
+    let (config, _detach) = TestConfig::new(&lab.server_if, &pin_dir)
+        .guard(
+            &Guard::new("relay", &[25])
+                .allow_files(&["relay-allow.txt"])
+                .deny_files(&["relay-deny.txt"])
+                .deny(&["192.0.2.128/25"]),
+        )
+        .guard(&Guard::new("submission", &[587]).allow_files(&["sub-allow.txt"]))
+        .write(&dir);
     let mut agent = Agent::start(&lab.server, config.clone(), &dir);
     let mut failures = 0.0;
     let rounds = 30;
@@ -761,11 +698,11 @@ allow_files = ["sub-allow.txt"]
         let reloads = metric(&scrape(&lab), "relay_guard_config_reloads_total", &[]);
         replace(&dir.0.join(files[f]), &join(&texts[f]));
         agent.signal(Signal::SIGHUP);
-        let m = wait_metric(&lab, "relay_guard_config_reloads_total", reloads + 1.0);
+        let m = wait_metric(&lab, &agent, "relay_guard_config_reloads_total", reloads + 1.0);
         // The watcher may reload the same bytes a second time: let it settle.
         std::thread::sleep(Duration::from_millis(300));
         let m = if invalid {
-            wait_metric(&lab, "relay_guard_config_reload_failures_total", failures + 1.0)
+            wait_metric(&lab, &agent, "relay_guard_config_reload_failures_total", failures + 1.0)
         } else {
             m
         };
@@ -781,7 +718,7 @@ allow_files = ["sub-allow.txt"]
             let reloads = metric(&scrape(&lab), "relay_guard_config_reloads_total", &[]);
             replace(&dir.0.join(files[f]), &join(&texts[f]));
             agent.signal(Signal::SIGHUP);
-            wait_metric(&lab, "relay_guard_config_reloads_total", reloads + 1.0);
+            wait_metric(&lab, &agent, "relay_guard_config_reloads_total", reloads + 1.0);
             std::thread::sleep(Duration::from_millis(300));
         } else {
             assert_eq!(
@@ -824,7 +761,7 @@ allow_files = ["sub-allow.txt"]
         let reloads = metric(&scrape(&lab), "relay_guard_config_reloads_total", &[]);
         replace(&sub, &join(text));
         agent.signal(Signal::SIGHUP);
-        wait_metric(&lab, "relay_guard_config_reloads_total", reloads + 1.0);
+        wait_metric(&lab, &agent, "relay_guard_config_reloads_total", reloads + 1.0);
         std::thread::sleep(Duration::from_millis(300));
     };
     apply(&big);

@@ -26,6 +26,7 @@ use std::{
 
 use relay_guard_tests::{
     agent::{Agent, DetachOnDrop, METRICS, TempDir},
+    config::{Guard, TestConfig},
     lab::{
         ALLOWED_V4, ALLOWED_V6, DENIED_V4, DENIED_V6, Lab, SERVER_V4, SERVER_V6, SOURCES, family, ip, pin_dir, scrape,
     },
@@ -45,31 +46,15 @@ const ALLOWED: [&str; 2] = [ALLOWED_V4, ALLOWED_V6];
 const DENIED: [&str; 2] = [DENIED_V4, DENIED_V6];
 
 fn write_config(lab: &Lab, dir: &TempDir, mode: &str) -> (PathBuf, DetachOnDrop) {
-    let pin_dir = pin_dir("rg-smtp-");
-    let config = dir.write(
-        "relay-guard.toml",
-        &format!(
-            r#"interfaces = ["{iface}"]
-mode = "{mode}"
-metrics_listen = "{METRICS}"
-pin_dir = "{pins}"
-
-[[guard]]
-name = "submission"
-ports = [465, 587]
-allow = ["192.0.2.0/24", "2001:db8:a::/48"]
-deny = ["198.51.100.0/24"]
-
-[[guard]]
-name = "relay"
-ports = [25]
-allow = ["{ALLOWED_V4}", "2001:db8:a::/48"]
-"#,
-            iface = lab.server_if,
-            pins = pin_dir.display(),
-        ),
-    );
-    (config.clone(), DetachOnDrop::new(config, pin_dir))
+    TestConfig::new(&lab.server_if, &pin_dir("rg-smtp-"))
+        .mode(mode)
+        .guard(
+            &Guard::new("submission", &[465, 587])
+                .allow(&["192.0.2.0/24", "2001:db8:a::/48"])
+                .deny(&["198.51.100.0/24"]),
+        )
+        .guard(&Guard::new("relay", &[25]).allow(&[ALLOWED_V4, "2001:db8:a::/48"]))
+        .write(dir)
 }
 
 fn guard_of(port: u16) -> &'static str {

@@ -20,6 +20,7 @@ use std::{
 
 use relay_guard_tests::{
     agent::{METRICS, TempDir},
+    config::{Guard, TestConfig},
     container::{Container, build_deb, debian_rootfs, status_field, unpack},
     lab::{ALLOWED_V4, DENIED_V4, Lab, SERVER_V4, assert_gate, ip},
     net::{connect_banner, http_get, metric},
@@ -135,23 +136,15 @@ fn deb_under_systemd_orders_postfix_survives_restarts_and_purges() {
     let lab = Lab::new();
     let pins = PathBuf::from(format!("/sys/fs/bpf/{}", unique("deploy-real-sd-")));
     let _pins = PinsOnDrop(pins.clone());
-    let config = format!(
-        r#"interfaces = ["{iface}"]
-mode = "enforce"
-xdp_mode = "auto"
-metrics_listen = "{METRICS}"
-pin_dir = "{pins}"
-state_dir = "/var/lib/relay-guard"
-
-[[guard]]
-name = "relay"
-ports = [25]
-allow = ["127.0.0.0/8"]
-allow_files = ["/etc/relay-guard/relay-allow.txt"]
-"#,
-        iface = lab.server_if,
-        pins = pins.display(),
-    );
+    let config = TestConfig::new(&lab.server_if, &pins)
+        .xdp_mode("auto")
+        .state_dir(Path::new("/var/lib/relay-guard"))
+        .guard(
+            &Guard::new("relay", &[25])
+                .allow(&["127.0.0.0/8"])
+                .allow_files(&["/etc/relay-guard/relay-allow.txt"]),
+        )
+        .text();
 
     // Boot 1: install as an operator does, on a running system.
     {
@@ -300,12 +293,7 @@ allow_files = ["/etc/relay-guard/relay-allow.txt"]
         );
         assert_eq!(c.prop(POSTFIX, "NRestarts"), "0");
         let (tally, errors) = prober.finish();
-        let (ok, failed, blocked, admitted) = (
-            tally.allowed_ok.load(Ordering::Relaxed),
-            tally.allowed_failed.load(Ordering::Relaxed),
-            tally.denied_blocked.load(Ordering::Relaxed),
-            tally.denied_admitted.load(Ordering::Relaxed),
-        );
+        let (ok, failed, blocked, admitted) = tally.counts();
         eprintln!(
             "prober, boot through restart and SIGKILL: allowed {ok} ok / {failed} failed ({failed_at_boot} before \
              Postfix was up), denied {blocked} blocked / {admitted} admitted"

@@ -12,7 +12,8 @@ use std::{
 use relay_guard_common::LAYOUT_VERSION;
 use relay_guard_tests::{
     agent::{Agent, DetachOnDrop, METRICS, TempDir, cli},
-    lab::{ALLOWED_V4, DENIED_V4, Lab, assert_gate, pin_dir},
+    config::{Guard, TestConfig},
+    lab::{ALLOWED_V4, DENIED_V4, Lab, assert_gate, link_pin, pin_dir},
     net::BannerServer,
     netns::{sh, unique},
     require,
@@ -20,20 +21,16 @@ use relay_guard_tests::{
 
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 
-fn config_text(iface: &str, pin_dir: &Path, metrics: &str) -> String {
-    format!(
-        r#"interfaces = ["{iface}"]
-mode = "enforce"
-metrics_listen = "{metrics}"
-pin_dir = "{pins}"
+/// The relay guard on port 25 for [`ALLOWED_V4`] on `interfaces`, with
+/// `metrics_listen = metrics` (`""`: none).
+fn relay_config(interfaces: &[&str], pin_dir: &Path, metrics: &str) -> TestConfig {
+    TestConfig::on(interfaces, pin_dir)
+        .metrics_listen(metrics)
+        .guard(&Guard::new("relay", &[25]).allow(&[&format!("{ALLOWED_V4}/32")]))
+}
 
-[[guard]]
-name = "relay"
-ports = [25]
-allow = ["{ALLOWED_V4}/32"]
-"#,
-        pins = pin_dir.display(),
-    )
+fn config_text(iface: &str, pin_dir: &Path, metrics: &str) -> String {
+    relay_config(&[iface], pin_dir, metrics).text()
 }
 
 /// Runs `relay-guard run` in the server namespace and expects it to exit
@@ -275,10 +272,7 @@ fn one_agent_per_pin_dir_whatever_the_spelling() {
     let _detach = DetachOnDrop::new(config.clone(), pins.clone());
     let agent = Agent::start(&lab.server, config.clone(), &dir);
     assert_gate(&lab, "first agent");
-    let link = pins
-        .join(format!("layout-{LAYOUT_VERSION}"))
-        .join("links")
-        .join(&lab.server_if);
+    let link = link_pin(&pins, &lab.server_if);
     assert!(link.exists());
 
     let symlink = dir.0.join("pins-link");
@@ -363,11 +357,7 @@ fn a_dead_link_of_a_recreated_interface_is_replaced() {
     };
     make();
     let pins = pin_dir("rg-test-");
-    let text = config_text(&lab.server_if, &pins, METRICS).replacen(
-        &format!("interfaces = [\"{}\"]", lab.server_if),
-        &format!("interfaces = [\"{}\", \"{dummy}\"]", lab.server_if),
-        1,
-    );
+    let text = relay_config(&[&lab.server_if, &dummy], &pins, METRICS).text();
     let config = dir.write("relay-guard.toml", &text);
     let _detach = DetachOnDrop::new(config.clone(), pins.clone());
     let mut agent = Agent::start(&lab.server, config.clone(), &dir);

@@ -19,7 +19,11 @@ use std::{
 
 use anyhow::{Context as _, bail};
 
-use crate::{build_ebpf, toolchain, utils::is_root, vm};
+use crate::{
+    build_ebpf, toolchain,
+    utils::{in_ci, is_root},
+    vm,
+};
 
 #[derive(clap::Args, Debug)]
 pub struct Options {
@@ -452,11 +456,6 @@ fn kernel_matrix(
         }
     }
     Ok(())
-}
-
-/// Whether this is a CI run (as tests/src/require.rs decides it).
-pub fn in_ci() -> bool {
-    std::env::var("CI").is_ok_and(|v| matches!(v.to_ascii_lowercase().as_str(), "true" | "1" | "yes"))
 }
 
 /// Builds the privileged test crate and returns its test executables.

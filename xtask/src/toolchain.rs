@@ -14,6 +14,8 @@ use std::{
 
 use anyhow::{Context as _, bail};
 
+use crate::utils::output;
+
 pub const NIGHTLY: &str = "nightly";
 const BPF_LINKER_VERSION: &str = "^0.13";
 
@@ -47,14 +49,6 @@ pub fn run(c: &mut Command) -> anyhow::Result<()> {
         bail!("{c:?} failed: {status}");
     }
     Ok(())
-}
-
-fn output(c: &mut Command) -> anyhow::Result<String> {
-    let out = c.output().with_context(|| format!("failed to start {c:?}"))?;
-    if !out.status.success() {
-        bail!("{c:?} failed: {}\n{}", out.status, String::from_utf8_lossy(&out.stderr));
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 /// Ensures nightly + rust-src + bpf-linker. Prints one line per thing done.

@@ -32,6 +32,8 @@ use std::{
 
 use anyhow::{Context as _, bail};
 
+use crate::utils::output;
+
 /// `tests/kernels.txt`.
 const KERNEL_LIST: &str = include_str!("../../tests/kernels.txt");
 
@@ -101,18 +103,6 @@ pub struct Kernel {
 
 fn cache_root() -> PathBuf {
     crate::utils::workspace_root().join("target/vm")
-}
-
-fn output(c: &mut Command) -> anyhow::Result<String> {
-    let out = c.output().with_context(|| format!("failed to run {c:?}"))?;
-    if !out.status.success() {
-        bail!(
-            "{c:?} failed ({}): {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 /// The suites apt knows (from `apt-cache policy`), and the archive and
@@ -238,7 +228,7 @@ pub fn prepare(lines: &[KernelLine]) -> anyhow::Result<Vec<Kernel>> {
             Ok(r) => r,
             Err(e) => match std::fs::read_to_string(&alias) {
                 // Offline: the kernel this line resolved to before.
-                Ok(r) if !crate::test::in_ci() => {
+                Ok(r) if !crate::utils::in_ci() => {
                     println!(
                         "xtask: cannot resolve kernel {} ({e:#}); using {} from the cache",
                         line.name,

@@ -50,7 +50,7 @@ use tracing::{error, info, warn};
 
 use crate::{
     config::{
-        Config, Guard,
+        Config, RunGuard,
         ban::{Ban, MAX_DURATION},
         lists::ListIndex,
     },
@@ -599,7 +599,7 @@ impl BanMetrics {
 /// decides for an address (a deny inside it wins).
 pub struct GuardAllows<'a> {
     pub index: &'a ListIndex,
-    pub guards: &'a [Guard],
+    pub guards: &'a [RunGuard],
 }
 
 impl GuardAllows<'_> {
@@ -777,33 +777,45 @@ impl BanRunner {
     /// `adopted`: the maps were pinned before (else they are new and empty,
     /// and nothing needs reading back).
     pub fn start(cfg: &Config, maps: &mut BanMaps, adopted: bool) -> anyhow::Result<BanRunner> {
-        Ok(BanRunner::start_with(cfg, maps, adopted, &NoAllowlist))
+        Ok(BanRunner::start_with(
+            &cfg.bans,
+            &cfg.state_dir,
+            maps,
+            adopted,
+            &NoAllowlist,
+        ))
     }
 
     /// [`Self::start`] with the guards' explicit allows: a restored log-fed
     /// ban of an address a guard allows explicitly is dropped (unless its
-    /// section has `ban_allowed`).
-    pub fn start_with(cfg: &Config, maps: &mut BanMaps, adopted: bool, allowed: &dyn Allowed) -> BanRunner {
+    /// section has `ban_allowed`). `bans` and `state_dir` as in the config.
+    pub fn start_with(
+        bans: &[Ban],
+        state_dir: &Path,
+        maps: &mut BanMaps,
+        adopted: bool,
+        allowed: &dyn Allowed,
+    ) -> BanRunner {
         let started = Instant::now();
-        let state_ok = match ensure_state_dir(&cfg.state_dir) {
+        let state_ok = match ensure_state_dir(state_dir) {
             Ok(()) => true,
             Err(e) => {
                 error!("{e}; bans are neither restored from it nor saved there");
                 false
             }
         };
-        let (port_slots, ports) = match maps.set_ports(&cfg.bans, adopted) {
-            Ok(s) => (s, crate::kernel::bans::port_table(&cfg.bans).1),
+        let (port_slots, ports) = match maps.set_ports(bans, adopted) {
+            Ok(s) => (s, crate::kernel::bans::port_table(bans).1),
             Err(e) => {
                 error!(error = %e, "failed to write the ban ports: bans are not enforced until a reload writes them");
                 // Unknown: the next reload reads every port back.
                 (BTreeMap::new(), BTreeMap::new())
             }
         };
-        let ports_known = !ports.is_empty() || cfg.bans.is_empty();
+        let ports_known = !ports.is_empty() || bans.is_empty();
         let mut r = BanRunner {
-            engine: BanEngine::new(cfg.bans.clone()),
-            state_dir: cfg.state_dir.clone(),
+            engine: BanEngine::new(bans.to_vec()),
+            state_dir: state_dir.to_path_buf(),
             state_ok,
             dirty: false,
             gauges_dirty: false,
@@ -816,10 +828,10 @@ impl BanRunner {
             ports_known,
             fresh: None,
         };
-        r.metrics.preset(&cfg.bans);
+        r.metrics.preset(bans);
         if !state_ok {
             r.metrics.reject("state_dir", 1);
-        } else if let Err(e) = maps.set_lock(&cfg.state_dir) {
+        } else if let Err(e) = maps.set_lock(state_dir) {
             warn!(error = %e, "cannot open the ban lock file; writes to the ban maps are not serialized with the CLI");
         }
         let (wall, boot) = (wall_now(), boot_ns());
@@ -844,7 +856,7 @@ impl BanRunner {
             }
         }
         let saved = if state_ok {
-            load_saved(&cfg.state_dir)
+            load_saved(state_dir)
         } else {
             Saved::default()
         };
@@ -870,10 +882,10 @@ impl BanRunner {
                 warn!("saved ban entry refused: {why}");
             }
             r.metrics.reject("bans.json", rejected_file.len() as u64);
-            let path = cfg.state_dir.join(STATE_FILE);
-            match fs::copy(&path, cfg.state_dir.join(BAD_FILE)) {
+            let path = state_dir.join(STATE_FILE);
+            match fs::copy(&path, state_dir.join(BAD_FILE)) {
                 Ok(_) => {
-                    warn!(kept = %cfg.state_dir.join(BAD_FILE).display(), "a copy of the refused ban list is kept")
+                    warn!(kept = %state_dir.join(BAD_FILE).display(), "a copy of the refused ban list is kept")
                 }
                 Err(e) => warn!(error = %e, "cannot keep a copy of the refused ban list"),
             }
@@ -1277,10 +1289,10 @@ impl BanRunner {
     /// a port table under which no slot that changes hands covers any port
     /// ([`crate::kernel::bans::transition_table`]), then the entries move,
     /// then the final table. Every map error is logged and counted.
-    pub fn reconfigure(&mut self, cfg: &Config, maps: &mut BanMaps) {
+    pub fn reconfigure(&mut self, bans: &[Ban], state_dir: &Path, maps: &mut BanMaps) {
         let old_sections: Vec<Ban> = self.engine.sections().to_vec();
         let mut errors = 0usize;
-        let transition = crate::kernel::bans::transition_table(&old_sections, &cfg.bans);
+        let transition = crate::kernel::bans::transition_table(&old_sections, bans);
         let step = if self.ports_known {
             maps.change_ports(&self.ports, &transition)
         } else {
@@ -1298,7 +1310,7 @@ impl BanRunner {
             }
         }
         let old: Vec<String> = old_sections.iter().map(|b| b.name.clone()).collect();
-        let (kept, gone) = self.engine.reconfigure(cfg.bans.clone());
+        let (kept, gone) = self.engine.reconfigure(bans.to_vec());
         let boot = boot_ns();
         for r in &gone {
             if let Err(e) = maps.unban(r.net, Some(r.section), boot) {
@@ -1312,7 +1324,7 @@ impl BanRunner {
         let wall = wall_now();
         let now_at: std::collections::HashSet<(usize, IpNet)> = kept.iter().map(|r| (r.section, r.net)).collect();
         for r in &kept {
-            if let Some(i) = old.iter().position(|n| *n == cfg.bans[r.section].name)
+            if let Some(i) = old.iter().position(|n| *n == bans[r.section].name)
                 && i != r.section
                 && !now_at.contains(&(i, r.net))
                 && let Err(e) = maps.unban(r.net, Some(i), boot)
@@ -1337,7 +1349,7 @@ impl BanRunner {
         let now_never: Vec<(usize, IpNet)> = self
             .engine
             .active()
-            .filter(|r| cfg.bans[r.section].touches_never(&r.net))
+            .filter(|r| bans[r.section].touches_never(&r.net))
             .map(|r| (r.section, r.net))
             .collect();
         for (s, net) in now_never {
@@ -1346,11 +1358,11 @@ impl BanRunner {
                     warn!(prefix = %r.net, error = %e, "failed to lift a ban");
                     errors += 1;
                 }
-                self.metrics.event(&cfg.bans[s].name, "lifted", 1);
-                info!(ban = %cfg.bans[s].name, prefix = %r.net, "ban lifted: the prefix is in or covers a `never` entry now");
+                self.metrics.event(&bans[s].name, "lifted", 1);
+                info!(ban = %bans[s].name, prefix = %r.net, "ban lifted: the prefix is in or covers a `never` entry now");
             }
         }
-        let (slots, table) = crate::kernel::bans::port_table(&cfg.bans);
+        let (slots, table) = crate::kernel::bans::port_table(bans);
         let last = if self.ports_known {
             maps.change_ports(&self.ports, &table)
         } else {
@@ -1371,9 +1383,9 @@ impl BanRunner {
         if errors > 0 {
             error!(errors, "the ban maps were not fully updated by this reload");
         }
-        if self.state_dir != cfg.state_dir {
-            self.state_dir = cfg.state_dir.clone();
-            self.state_ok = match ensure_state_dir(&cfg.state_dir) {
+        if self.state_dir != state_dir {
+            self.state_dir = state_dir.to_path_buf();
+            self.state_ok = match ensure_state_dir(state_dir) {
                 Ok(()) => true,
                 Err(e) => {
                     error!("{e}; bans are not saved there");
@@ -1384,7 +1396,7 @@ impl BanRunner {
         }
         self.dirty = true;
         self.metrics.bans.clear();
-        self.metrics.preset(&cfg.bans);
+        self.metrics.preset(bans);
         self.refresh_gauges();
     }
 
@@ -1487,12 +1499,12 @@ impl Inputs {
     /// Starts a follower per log source of each section. A section whose
     /// followers cannot start is logged and left without (its manual bans
     /// still work).
-    pub fn start(cfg: &Config) -> Inputs {
+    pub fn start(bans: &[Ban]) -> Inputs {
         use crate::logwatch::{LogEvent, Origin, Source};
         let (tx, rx) = tokio::sync::mpsc::channel(4096);
         let mut watches = Vec::new();
         let mut tasks = Vec::new();
-        for (i, b) in cfg.bans.iter().enumerate() {
+        for (i, b) in bans.iter().enumerate() {
             let mut sources: Vec<Source> = b.log_files.iter().cloned().map(Source::File).collect();
             if b.journal {
                 sources.push(Source::Journal);
@@ -1540,7 +1552,7 @@ impl Inputs {
         }
         Inputs {
             rx,
-            sections: cfg.bans.clone(),
+            sections: bans.to_vec(),
             _watches: watches,
             tasks,
         }

@@ -25,7 +25,7 @@ use tracing::{debug, info, warn};
 
 use super::bans::BanRunner;
 use crate::{
-    config::{Config, crowdsec::Crowdsec},
+    config::{ban::Ban, crowdsec::Crowdsec},
     crowdsec::{
         Metrics,
         client::{Lapi, LapiError},
@@ -84,7 +84,12 @@ impl Drop for Runner {
 impl Runner {
     /// Starts the tasks for `cfg.crowdsec`, if any. The tick runs always
     /// (it notices a section added by a reload).
-    pub fn start(cfg: &Config, bans: &mut BanRunner) -> Runner {
+    pub fn start(
+        cfg: Option<&Crowdsec>,
+        sections: &[Ban],
+        state_dir: &std::path::Path,
+        bans: &mut BanRunner,
+    ) -> Runner {
         let (tx, rx) = mpsc::channel(16);
         let mut r = Runner {
             running: None,
@@ -98,7 +103,7 @@ impl Runner {
             last_gauges: Instant::now(),
             active: Arc::new(AtomicU64::new(0)),
         };
-        r.restart(cfg, bans);
+        r.restart(cfg, sections, state_dir, bans);
         r
     }
 
@@ -111,14 +116,14 @@ impl Runner {
         }
     }
 
-    fn restart(&mut self, cfg: &Config, bans: &mut BanRunner) {
+    fn restart(&mut self, cfg: Option<&Crowdsec>, sections: &[Ban], state_dir: &std::path::Path, bans: &mut BanRunner) {
         for t in self.tasks.drain(..) {
             t.abort();
         }
         self.push_tx = None;
         self.table = Table::default();
         self.failing = false;
-        self.running = cfg.crowdsec.clone();
+        self.running = cfg.cloned();
         self.metrics.configured(self.running.is_some());
         let tx = self.tx.clone();
         self.tasks.push(tokio::spawn(async move {
@@ -144,7 +149,7 @@ impl Runner {
         };
         info!(
             lapi = %cs.lapi_url,
-            ban = %cfg.bans[cs.ban].name,
+            ban = %sections[cs.ban].name,
             update_frequency = ?cs.update_frequency,
             watcher = cs.watcher.as_ref().map(|w| w.machine_id.as_str()),
             "CrowdSec bouncer started"
@@ -162,9 +167,9 @@ impl Runner {
                     lapi,
                     machine_id: w.machine_id.clone(),
                     password: w.password.clone(),
-                    state_dir: crate::agent::bans::check_state_dir(&cfg.state_dir)
+                    state_dir: crate::agent::bans::check_state_dir(state_dir)
                         .ok()
-                        .map(|()| cfg.state_dir.clone()),
+                        .map(|()| state_dir.to_path_buf()),
                 };
                 self.tasks
                     .push(tokio::spawn(pusher::run(settings, prx, self.metrics.clone())));
@@ -295,10 +300,16 @@ impl Runner {
 
     /// The tick: a changed section restarts the tasks; fresh log-fed bans
     /// of the `push` sections go to the pusher; the gauges.
-    pub fn tick(&mut self, cfg: &Config, bans: &mut BanRunner) {
-        if self.running != cfg.crowdsec {
+    pub fn tick(
+        &mut self,
+        cfg: Option<&Crowdsec>,
+        sections: &[Ban],
+        state_dir: &std::path::Path,
+        bans: &mut BanRunner,
+    ) {
+        if self.running.as_ref() != cfg {
             info!("the [crowdsec] section changed: CrowdSec tasks restarted");
-            self.restart(cfg, bans);
+            self.restart(cfg, sections, state_dir, bans);
         }
         let fresh = bans.take_fresh();
         if let (Some(tx), Some(w)) = (&self.push_tx, self.running.as_ref().and_then(|c| c.watcher.as_ref())) {
@@ -422,25 +433,18 @@ fn usage_metrics(started: u64, window: u64, active: u64) -> serde_json::Value {
 impl super::Agent {
     /// A CrowdSec task's message.
     pub(super) fn crowdsec(&mut self, m: Msg) {
+        let cs = &mut self.sources.crowdsec;
         match m {
-            Msg::Tick => self.crowdsec.tick(&self.current, &mut self.bans),
-            Msg::Pulled { full, result } => match &self.live {
-                Some(l) => {
-                    let allows = super::bans::GuardAllows {
-                        index: &l.index,
-                        guards: &self.current.guards,
-                    };
-                    self.crowdsec
-                        .pulled(full, result, &mut self.bans, &mut self.loaded.bans, &allows);
-                }
-                None => self.crowdsec.pulled(
-                    full,
-                    result,
-                    &mut self.bans,
-                    &mut self.loaded.bans,
-                    &crate::policy::bans::NoAllowlist,
-                ),
-            },
+            Msg::Tick => cs.tick(
+                self.current.crowdsec.as_ref(),
+                &self.current.bans,
+                &self.current.state_dir,
+                &mut self.bans,
+            ),
+            Msg::Pulled { full, result } => {
+                let allowed = self.policy.allowed(&self.current.guards);
+                cs.pulled(full, result, &mut self.bans, &mut self.kernel.loaded.bans, &*allowed);
+            }
         }
     }
 }

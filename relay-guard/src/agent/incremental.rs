@@ -92,13 +92,24 @@ impl Live {
 
     /// Builds the state after a full load and sync.
     pub fn new(cfg: &Config, index: ListIndex, policy: Policy, shadow: Shadow) -> Live {
+        Self::with_names(
+            cfg.guards.iter().map(|g| g.name.clone()).collect(),
+            index,
+            policy,
+            shadow,
+        )
+    }
+
+    /// [`Live::new`], with the guards' names (in config order) in place of
+    /// the config.
+    pub fn with_names(guard_names: Vec<String>, index: ListIndex, policy: Policy, shadow: Shadow) -> Live {
         Live {
             counts: allow_counts(&index),
             sized_for: policy.v4.len() + policy.v6.len(),
             index,
             policy,
             shadow,
-            guard_names: cfg.guards.iter().map(|g| g.name.clone()).collect(),
+            guard_names,
         }
     }
 }

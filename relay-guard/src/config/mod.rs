@@ -142,9 +142,11 @@ pub struct Guard {
     pub entries: Vec<Entry>,
 }
 
-/// A config that passed validation: what the agent applies.
+/// A config that passed validation: what the agent applies. `G` is how it
+/// holds its guards: with their entries ([`Guard`]), or, once compiled,
+/// without ([`RunConfig`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Config {
+pub struct Config<G = Guard> {
     /// The file it came from.
     pub path: PathBuf,
     pub interfaces: Vec<String>,
@@ -164,7 +166,7 @@ pub struct Config {
     /// Where the agent keeps a copy of the last config and list files it
     /// applied, to start from when they are broken at boot.
     pub state_dir: PathBuf,
-    pub guards: Vec<Guard>,
+    pub guards: Vec<G>,
     /// The `[relaytest]` section (defaults, disabled, when absent).
     pub relaytest: relaytest::Relaytest,
     /// The `[[ban]]` sections (SPEC.md "Bans").
@@ -179,6 +181,21 @@ pub struct Config {
     /// a later re-read.
     pub fingerprint: u64,
 }
+
+/// A guard as the agent keeps it once its entries are compiled: the name
+/// (its metrics label) and the ports (which bans it may exempt from).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunGuard {
+    pub name: String,
+    /// Sorted, unique.
+    pub ports: Vec<u16>,
+}
+
+/// What the agent runs by once a [`Config`] is compiled ([`Config::into_run`]):
+/// every setting, and the guards without their entries. The entries live on
+/// in the compiled policy and the list index; keeping them here too would
+/// hold a 1M-entry list a second time for as long as the agent runs.
+pub type RunConfig = Config<RunGuard>;
 
 impl Config {
     /// Reads, parses and validates the config at `path`, with its list
@@ -200,6 +217,53 @@ impl Config {
     pub fn load_indexed_with(path: &Path, options: &LoadOptions) -> Result<(Config, ListIndex), ConfigErrors> {
         let text = read_config_text(path)?;
         ConfigFile::parse(path, &text).validate_indexed(options)
+    }
+
+    /// The settings the agent runs by, once this config is compiled: the
+    /// guards' entries are dropped with it (see [`RunConfig`]).
+    pub fn into_run(self) -> RunConfig {
+        // Every field named twice: a struct update cannot change `G`
+        // (type-changing struct update is not stable Rust).
+        let Config {
+            path,
+            interfaces,
+            mode,
+            xdp_mode,
+            xdp_priority,
+            xdp_dispatcher,
+            metrics_listen,
+            pin_dir,
+            state_dir,
+            guards,
+            relaytest,
+            bans,
+            crowdsec,
+            list_files,
+            fingerprint,
+        } = self;
+        RunConfig {
+            path,
+            interfaces,
+            mode,
+            xdp_mode,
+            xdp_priority,
+            xdp_dispatcher,
+            metrics_listen,
+            pin_dir,
+            state_dir,
+            guards: guards
+                .into_iter()
+                .map(|g| RunGuard {
+                    name: g.name,
+                    ports: g.ports,
+                })
+                .collect(),
+            relaytest,
+            bans,
+            crowdsec,
+            list_files,
+            fingerprint,
+        }
     }
 
     /// Parses and validates `text` as if read from `path` (list files are

@@ -153,6 +153,13 @@ impl BlockedLog {
         self.limiter.suppressed_total()
     }
 
+    /// Counts what this reader suppresses into `total`, the counter the
+    /// registry already serves: a program loaded by a resize has a reader
+    /// of its own, and its counts go on in the same series.
+    pub fn count_suppressed_in(&mut self, total: Counter) {
+        self.limiter.suppressed_total = total;
+    }
+
     /// Reads events until the ring buffer fails; never returns otherwise.
     ///
     /// Each wake-up drains the ring (at most its 128 KiB of records plus

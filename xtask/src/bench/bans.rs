@@ -44,7 +44,7 @@ use relay_guard::{
 use super::{
     bpf::{self, XDP_DROP, XDP_PASS},
     frames,
-    inner::Plan,
+    plan::Plan,
     prefixes::{ALLOWED_V4, DENIED_V4, SERVER_V4},
     sys::{check_stop, median, record},
 };

@@ -16,7 +16,7 @@ use relay_guard::{
 use super::{
     bpf::{self, XDP_DROP},
     frames,
-    inner::Plan,
+    plan::Plan,
     prefixes::{DENIED_V4, SERVER_V4},
     sys::median,
 };

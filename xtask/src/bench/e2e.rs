@@ -36,9 +36,9 @@ use ipnet::IpNet;
 use relay_guard::kernel::loader::Loaded;
 
 use super::{
-    inner::{Lab, Plan, RCV_IF, SND_IF},
     load::{self, IPSET_V4, IPSET_V6, NFT_TABLE},
     peers::{XDP_FILTER_CAPACITY, XdpFilter},
+    plan::{Lab, Plan, RCV_IF, SND_IF},
     prefixes,
     sys::{NetNs, check_stop, median, output, record, show, sleep, softirq_ns},
 };

@@ -27,8 +27,9 @@ use anyhow::{Context as _, bail};
 use ipnet::IpNet;
 
 use super::{
-    inner::{Lab, Plan},
-    peers, prefixes,
+    peers,
+    plan::{Lab, Plan},
+    prefixes,
     sys::{NetNs, check_stop, median, output, record, show, sleep, vm_hwm_kib, vm_rss_kib},
     testrun::write_config,
 };

@@ -31,8 +31,8 @@ use anyhow::{Context as _, bail};
 use ipnet::IpNet;
 
 use super::{
-    inner::{Lab, Plan, RCV_IF},
     load::{Agent, wait_metrics},
+    plan::{Lab, Plan, RCV_IF},
     prefixes,
     sys::{check_stop, median, output, record, show, sleep},
 };

@@ -11,9 +11,9 @@ use serde_json::json;
 
 use super::{
     e2e::{CONTENDERS, E2eResults},
-    inner::Plan,
     load::{LoadResults, median_d},
     memory::{self, MemoryResults},
+    plan::Plan,
     sys::{self, Machine},
     testrun::{
         self, BESIDE_SYN_V6, DENIED_SYN_V4, DENIED_SYN_V6, DiffSync, FLOOR, RG, SizeCosts, XF, ms, verdict_name,
@@ -172,7 +172,7 @@ pub fn targets(plan: &Plan, r: &Results) -> Vec<Target> {
         (BESIDE_SYN_V6, "denied IPv6 SYN beside /128s"),
     ] {
         let name = format!("{what} at 1M prefixes <= 1.25x its cost at 10");
-        if !plan.has(super::Part::TestRun) {
+        if !plan.has(super::options::Part::TestRun) {
             t.push(not_judged(&name, "-", "test-run part skipped"));
             continue;
         }

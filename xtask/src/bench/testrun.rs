@@ -23,8 +23,8 @@ use relay_guard::{
 use super::{
     bpf::{self, XDP_DROP, XDP_PASS},
     frames,
-    inner::{Lab, Plan, RCV_IF},
     peers::{XDP_FILTER_CAPACITY, XdpFilter},
+    plan::{Lab, Plan, RCV_IF},
     prefixes::{self, ALLOWED_V4, BESIDE_V6, DENIED_V4, DENIED_V6, SERVER_V4, SERVER_V6},
     sys::{check_stop, median, record},
 };
