@@ -354,35 +354,38 @@ mod tests {
 
     fn key_file(dir: &Path, name: &str, text: &str, mode: u32) -> PathBuf {
         let p = dir.join(name);
-        std::fs::write(&p, text).unwrap();
-        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode)).unwrap();
+        std::fs::write(&p, text).expect("ok");
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode)).expect("ok");
         p
     }
 
     #[test]
     fn crowdsec_secret_files_readable_by_others_are_refused_without_showing_them() {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = tempfile::tempdir().expect("ok");
         let p = key_file(dir.path(), "k", "s3cr3t-key-value-0123456789abcdef\n", 0o644);
-        let e = read_secret(&p).unwrap_err();
+        let e = read_secret(&p).expect_err("an error");
         assert!(e.contains("group or others") && e.contains("0644"), "{e}");
         assert!(!e.contains("s3cr3t"), "{e}");
         let p = key_file(dir.path(), "k2", "s3cr3t-key-value-0123456789abcdef\n", 0o600);
-        let s = read_secret(&p).unwrap();
+        let s = read_secret(&p).expect("ok");
         assert_eq!(s.expose(), "s3cr3t-key-value-0123456789abcdef");
         assert!(!format!("{s:?}").contains("s3cr3t"));
         let p = key_file(dir.path(), "k3", "two words\n", 0o600);
-        assert!(read_secret(&p).unwrap_err().contains("printable"));
+        assert!(read_secret(&p).expect_err("an error").contains("printable"));
         let p = key_file(dir.path(), "k4", "\n", 0o600);
-        assert!(read_secret(&p).unwrap_err().contains("empty"));
+        assert!(read_secret(&p).expect_err("an error").contains("empty"));
     }
 
     #[test]
     fn crowdsec_urls() {
-        assert_eq!(check_url("http://127.0.0.1:8080/").unwrap(), "http://127.0.0.1:8080");
+        assert_eq!(
+            check_url("http://127.0.0.1:8080/").expect("ok"),
+            "http://127.0.0.1:8080"
+        );
         assert!(check_url("ftp://x").is_err());
         assert!(
             check_url("http://u:p@127.0.0.1:8080")
-                .unwrap_err()
+                .expect_err("an error")
                 .contains("credentials")
         );
         assert!(check_url("127.0.0.1:8080").is_err());

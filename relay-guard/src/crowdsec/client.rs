@@ -13,6 +13,9 @@ pub const TIMEOUT: Duration = Duration::from_secs(30);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Most bytes of an error body quoted.
 const BODY_QUOTE: usize = 200;
+/// Most bytes of an answer read (a stream of a million decisions is about
+/// 200 MB); a longer one is an error, and changes nothing.
+pub const MAX_BODY: usize = 256 << 20;
 
 /// What went wrong with a request.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -168,11 +171,23 @@ impl Lapi {
         })
     }
 
-    async fn json<T: serde::de::DeserializeOwned>(resp: reqwest::Response, what: &'static str) -> Result<T, LapiError> {
-        let bytes = resp.bytes().await.map_err(|e| LapiError::Decode {
+    async fn json<T: serde::de::DeserializeOwned>(
+        mut resp: reqwest::Response,
+        what: &'static str,
+    ) -> Result<T, LapiError> {
+        let mut bytes: Vec<u8> = Vec::new();
+        while let Some(chunk) = resp.chunk().await.map_err(|e| LapiError::Decode {
             what,
             why: e.to_string(),
-        })?;
+        })? {
+            if bytes.len() + chunk.len() > MAX_BODY {
+                return Err(LapiError::Decode {
+                    what,
+                    why: format!("longer than {} MiB", MAX_BODY >> 20),
+                });
+            }
+            bytes.extend_from_slice(&chunk);
+        }
         serde_json::from_slice(&bytes).map_err(|e| LapiError::Decode {
             what,
             why: e.to_string(),

@@ -165,37 +165,47 @@ mod tests {
 
     #[test]
     fn crowdsec_stream_replies_parse_with_null_lists() {
-        let r: StreamReply = serde_json::from_str(r#"{"new":null,"deleted":null}"#).unwrap();
+        let r: StreamReply = serde_json::from_str(r#"{"new":null,"deleted":null}"#).expect("ok");
         assert_eq!(r, StreamReply::default());
         let r: StreamReply = serde_json::from_str(
             r#"{"deleted":null,"new":[{"duration":"3h59m59.548710872s","id":1,"origin":"cscli","scenario":"manual 'ban' from 'x'","scope":"Ip","type":"ban","value":"192.0.2.20","uuid":"ignored"}]}"#,
         )
-        .unwrap();
+        .expect("ok");
         assert_eq!(r.new.len(), 1);
         assert_eq!(r.new[0].id, 1);
-        let t = r.new[0].target(true, true).unwrap();
-        assert_eq!(t.net, "192.0.2.20/32".parse::<IpNet>().unwrap());
-        assert_eq!(t.remaining.unwrap().as_secs(), 4 * 3600 - 1);
+        let t = r.new[0].target(true, true).expect("ok");
+        assert_eq!(t.net, "192.0.2.20/32".parse::<IpNet>().expect("ok"));
+        assert_eq!(t.remaining.expect("ok").as_secs(), 4 * 3600 - 1);
         assert!(serde_json::from_str::<StreamReply>("{\"new\": 5}").is_err());
     }
 
     #[test]
     fn crowdsec_scopes_and_values() {
-        let t = d("ban", "Range", "2001:db8:1:2::/64", "1h").target(true, true).unwrap();
-        assert_eq!((t.scope, t.net), (Scope::Range, "2001:db8:1:2::/64".parse().unwrap()));
+        let t = d("ban", "Range", "2001:db8:1:2::/64", "1h")
+            .target(true, true)
+            .expect("ok");
+        assert_eq!(
+            (t.scope, t.net),
+            (Scope::Range, "2001:db8:1:2::/64".parse().expect("ok"))
+        );
         // A range is a prefix, host bits cleared: never one address.
-        let t = d("ban", "range", "198.51.100.77/24", "1h").target(true, true).unwrap();
-        assert_eq!(t.net, "198.51.100.0/24".parse::<IpNet>().unwrap());
-        let t = d("ban", "Ip", "2001:db8::1", "1h").target(true, true).unwrap();
-        assert_eq!(t.net, "2001:db8::1/128".parse::<IpNet>().unwrap());
-        let t = d("ban", "Ip", "::ffff:192.0.2.9", "1h").target(true, true).unwrap();
-        assert_eq!(t.net, "192.0.2.9/32".parse::<IpNet>().unwrap());
+        let t = d("ban", "range", "198.51.100.77/24", "1h")
+            .target(true, true)
+            .expect("ok");
+        assert_eq!(t.net, "198.51.100.0/24".parse::<IpNet>().expect("ok"));
+        let t = d("ban", "Ip", "2001:db8::1", "1h").target(true, true).expect("ok");
+        assert_eq!(t.net, "2001:db8::1/128".parse::<IpNet>().expect("ok"));
+        let t = d("ban", "Ip", "::ffff:192.0.2.9", "1h").target(true, true).expect("ok");
+        assert_eq!(t.net, "192.0.2.9/32".parse::<IpNet>().expect("ok"));
         let t = d("ban", "Range", "::ffff:192.0.2.0/120", "1h")
             .target(true, true)
-            .unwrap();
-        assert_eq!(t.net, "192.0.2.0/24".parse::<IpNet>().unwrap());
+            .expect("ok");
+        assert_eq!(t.net, "192.0.2.0/24".parse::<IpNet>().expect("ok"));
         assert_eq!(
-            d("ban", "Ip", "192.0.2.1", "-2s").target(true, true).unwrap().remaining,
+            d("ban", "Ip", "192.0.2.1", "-2s")
+                .target(true, true)
+                .expect("ok")
+                .remaining,
             None
         );
         assert!(matches!(

@@ -110,7 +110,7 @@ mod tests {
     use super::*;
 
     fn ms(s: &str) -> u128 {
-        let d = parse(s).unwrap();
+        let d = parse(s).expect("ok");
         assert!(!d.negative, "{s}");
         d.magnitude.as_millis()
     }
@@ -122,18 +122,18 @@ mod tests {
         assert_eq!(ms("1h"), 3_600_000);
         assert_eq!(ms("1.5h"), 5_400_000);
         assert_eq!(ms("300ms"), 300);
-        assert_eq!(parse("2us").unwrap().magnitude, Duration::from_micros(2));
-        assert_eq!(parse("2µs").unwrap().magnitude, Duration::from_micros(2));
-        assert_eq!(parse("7ns").unwrap().magnitude, Duration::from_nanos(7));
+        assert_eq!(parse("2us").expect("ok").magnitude, Duration::from_micros(2));
+        assert_eq!(parse("2µs").expect("ok").magnitude, Duration::from_micros(2));
+        assert_eq!(parse("7ns").expect("ok").magnitude, Duration::from_nanos(7));
         assert_eq!(ms("0"), 0);
         assert_eq!(ms(".5s"), 500);
         assert_eq!(ms("+4s"), 4000);
-        let neg = parse("-3.2s").unwrap();
+        let neg = parse("-3.2s").expect("ok");
         assert!(neg.negative);
         assert_eq!(neg.magnitude, Duration::from_millis(3200));
         assert_eq!(neg.remaining(), None);
-        assert_eq!(parse("0s").unwrap().remaining(), None);
-        assert_eq!(parse("1s").unwrap().remaining(), Some(Duration::from_secs(1)));
+        assert_eq!(parse("0s").expect("ok").remaining(), None);
+        assert_eq!(parse("1s").expect("ok").remaining(), Some(Duration::from_secs(1)));
         for bad in [
             "",
             "-",
@@ -157,7 +157,7 @@ mod tests {
         assert_eq!(format(Duration::from_secs(3661)), "1h1m1s");
         assert_eq!(format(Duration::ZERO), "0h0m1s");
         assert_eq!(
-            parse(&format(Duration::from_secs(90))).unwrap().magnitude,
+            parse(&format(Duration::from_secs(90))).expect("ok").magnitude,
             Duration::from_secs(90)
         );
     }

@@ -184,7 +184,7 @@ mod tests {
     }
 
     fn net(s: &str) -> IpNet {
-        s.parse().unwrap()
+        s.parse().expect("ok")
     }
 
     const NOW: Duration = Duration::from_secs(1_000_000);

@@ -351,7 +351,7 @@ mod tests {
     fn crowdsec_alerts_carry_one_decision_of_the_banned_prefix() {
         let i = Item {
             ban: "sasl".into(),
-            prefix: "2001:db8:5::/64".parse().unwrap(),
+            prefix: "2001:db8:5::/64".parse().expect("ok"),
             banned_unix_ms: 1_000_000,
             expires_unix_ms: 1_000_000 + 3_600_000,
             uncertain: false,
@@ -366,7 +366,7 @@ mod tests {
         );
         assert_eq!(a.source.range.as_deref(), Some("2001:db8:5::/64"));
         let i = Item {
-            prefix: "192.0.2.9/32".parse().unwrap(),
+            prefix: "192.0.2.9/32".parse().expect("ok"),
             ..i
         };
         let a = i.alert("gw1", 1_000_000 + 1_800_000);
@@ -380,18 +380,18 @@ mod tests {
 
     #[test]
     fn crowdsec_the_push_queue_survives_a_restart() {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = tempfile::tempdir().expect("ok");
         let mut q = VecDeque::new();
         q.push_back(Item {
             ban: "sasl".into(),
-            prefix: "192.0.2.9/32".parse().unwrap(),
+            prefix: "192.0.2.9/32".parse().expect("ok"),
             banned_unix_ms: 1,
             expires_unix_ms: 2,
             uncertain: true,
         });
-        save(dir.path(), &q).unwrap();
+        save(dir.path(), &q).expect("ok");
         assert_eq!(load(dir.path()), q);
-        std::fs::write(dir.path().join(QUEUE_FILE), "{").unwrap();
+        std::fs::write(dir.path().join(QUEUE_FILE), "{").expect("ok");
         assert!(load(dir.path()).is_empty());
         assert!(dir.path().join("crowdsec-push.json.bad").exists());
     }
