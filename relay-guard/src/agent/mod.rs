@@ -39,8 +39,6 @@ use tokio::{
 };
 use tracing::{error, info, warn};
 
-use prometheus_client::registry::Registry;
-
 use crate::{
     config::{Config, ConfigErrors, ConfigFile, LoadOptions, RunConfig, lists::ListIndex},
     error::LoadError,
@@ -255,51 +253,32 @@ impl Agent {
             loaded.adopted,
             &*policy.allowed(&run.guards),
         );
-        let ban_inputs = bans::Inputs::start(&run.bans);
-        let slots = counters::slots(&kernel.loaded.maps).context("failed to read counter slots")?;
-        let labels = LabelState {
-            interfaces: kernel.interfaces.clone(),
-            slots,
-            bans: ban_runner.labels(&kernel.loaded.bans),
-            ..applied.labels
-        };
         let relaytest_metrics = relaytest::Metrics::default();
-        let (mut metrics, mut registry) = Metrics::new(&kernel.loaded, labels);
-        relaytest_metrics.register(&mut registry);
-        ban_runner.metrics.register(&mut registry);
-        let crowdsec = crowdsec::Runner::start(run.crowdsec.as_ref(), &run.bans, &run.state_dir, &mut ban_runner);
-        crowdsec.metrics.register(&mut registry);
         // Seen by the watcher: after a start from the copy, the bytes of the
         // real (broken) files, so that a fix of any of them is a reload.
-        let seen = if boot.errors.is_some() {
-            metrics.agent.reload_failed();
-            boot.attempted
-        } else {
-            metrics.agent.reload_succeeded();
-            run.fingerprint
+        let from_copy = boot.errors.is_some();
+        let seen = if from_copy { boot.attempted } else { run.fingerprint };
+        let started = Started {
+            from_copy,
+            attached: &attached,
         };
-        metrics.agent.interfaces_attached(&attached);
-        metrics.serve(run.metrics_listen, registry)?;
-        let sources = Sources {
-            blocked_log: spawn_blocked_log(&mut kernel.loaded, &metrics.agent),
-            signals: Signals {
-                interrupt: signal(SignalKind::interrupt())?,
-                terminate: signal(SignalKind::terminate())?,
-                hangup: signal(SignalKind::hangup())?,
-            },
-            files: FileWatch::new(&watched_files(config_path, &run)),
-            links,
-            ban_inputs,
-            ban_tick: tokio::time::interval(bans::TICK),
-            crowdsec,
-        };
+        let crowdsec = crowdsec::Runner::start(run.crowdsec.as_ref(), &run.bans, &run.state_dir, &mut ban_runner);
+        let metrics = Metrics::start(
+            &kernel,
+            applied.labels,
+            &run,
+            (&ban_runner, &crowdsec.metrics),
+            &relaytest_metrics,
+            &started,
+        )?;
+        let sources = Sources::start(config_path, &run, links, &mut kernel.loaded, &metrics.agent, crowdsec)?;
         let mut agent = Agent {
             relaytest: relaytest::Scheduler::start(&run.relaytest, relaytest_metrics),
             source: ConfigSource {
                 path: config_path.to_path_buf(),
                 options,
                 seen,
-                started_from_copy: boot.errors.is_some(),
+                started_from_copy: from_copy,
             },
             current: run,
             policy,
@@ -673,29 +652,85 @@ impl Kernel {
     }
 }
 
+impl Sources {
+    /// Starts the blocked-source log of the program `loaded` holds, installs
+    /// the signal handlers and watches the config's and lists' files; with
+    /// `links` (subscribed before the interfaces were attached) and the
+    /// followers of `run`'s `[[ban]]` logs.
+    fn start(
+        config_path: &Path,
+        run: &RunConfig,
+        links: LinkWatch,
+        loaded: &mut Loaded,
+        metrics: &AgentMetrics,
+        crowdsec: crowdsec::Runner,
+    ) -> anyhow::Result<Sources> {
+        Ok(Sources {
+            blocked_log: spawn_blocked_log(loaded, metrics),
+            signals: Signals {
+                interrupt: signal(SignalKind::interrupt())?,
+                terminate: signal(SignalKind::terminate())?,
+                hangup: signal(SignalKind::hangup())?,
+            },
+            files: FileWatch::new(&watched_files(config_path, run)),
+            links,
+            ban_inputs: bans::Inputs::start(&run.bans),
+            ban_tick: tokio::time::interval(bans::TICK),
+            crowdsec,
+        })
+    }
+}
+
+/// What the start did, for the first values of the agent-side series.
+struct Started<'a> {
+    /// Started from the last good copy: the config's load is counted failed.
+    from_copy: bool,
+    /// Each configured interface, and whether it is guarded.
+    attached: &'a [(String, bool)],
+}
+
 impl Metrics {
-    /// The labels and the agent-side series, and the registry that serves
-    /// them with the kernel's counters of `loaded`.
-    fn new(loaded: &Loaded, labels: LabelState) -> (Metrics, Registry) {
-        let labels = Arc::new(RwLock::new(labels));
+    /// The labels (`labels` with the interfaces, counter slots and bans of
+    /// now) and the agent-side series (their first values from `started`),
+    /// served with the kernel's counters, the bans' and the relay test's
+    /// metrics on `run`'s `metrics_listen`.
+    fn start(
+        kernel: &Kernel,
+        labels: LabelState,
+        run: &RunConfig,
+        (bans, crowdsec): (&bans::BanRunner, &crate::crowdsec::Metrics),
+        relaytest: &relaytest::Metrics,
+        started: &Started<'_>,
+    ) -> anyhow::Result<Metrics> {
+        let slots = counters::slots(&kernel.loaded.maps).context("failed to read counter slots")?;
+        let labels = Arc::new(RwLock::new(LabelState {
+            interfaces: kernel.interfaces.clone(),
+            slots,
+            bans: bans.labels(&kernel.loaded.bans),
+            ..labels
+        }));
         let agent = AgentMetrics::default();
-        let registry = metrics::registry(Arc::clone(&loaded.maps.counters), Arc::clone(&labels), &agent);
-        let (stop_tx, _) = tokio::sync::watch::channel(false);
-        let m = Metrics {
+        if started.from_copy {
+            agent.reload_failed();
+        } else {
+            agent.reload_succeeded();
+        }
+        agent.interfaces_attached(started.attached);
+        let mut registry = metrics::registry(Arc::clone(&kernel.loaded.maps.counters), Arc::clone(&labels), &agent);
+        relaytest.register(&mut registry);
+        bans.metrics.register(&mut registry);
+        crowdsec.register(&mut registry);
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let server = match run.metrics_listen {
+            Some(addr) => Some(serve_metrics(addr, Arc::new(registry), stop_rx)?),
+            None => None,
+        };
+        Ok(Metrics {
             labels,
             agent,
             stop_tx,
-            server: None,
-        };
-        (m, registry)
-    }
-
-    /// Starts `GET /metrics` on `addr` (none: `metrics_listen = ""`).
-    fn serve(&mut self, addr: Option<std::net::SocketAddr>, registry: Registry) -> anyhow::Result<()> {
-        if let Some(addr) = addr {
-            self.server = Some(serve_metrics(addr, Arc::new(registry), self.stop_tx.subscribe())?);
-        }
-        Ok(())
+            server,
+        })
     }
 
     fn read_labels(&self) -> std::sync::RwLockReadGuard<'_, LabelState> {
@@ -847,18 +882,7 @@ fn give_back_heap() {
 /// Adds `what` and, when the kernel said EPERM somewhere down the chain,
 /// which privileges the agent needs.
 fn with_hint(e: crate::error::LoadError, what: &str) -> anyhow::Error {
-    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&e);
-    let mut denied = false;
-    while let Some(err) = source {
-        if let Some(io) = err.downcast_ref::<std::io::Error>()
-            && io.kind() == std::io::ErrorKind::PermissionDenied
-        {
-            denied = true;
-        }
-        denied |= err.to_string().contains("Operation not permitted") || err.to_string().contains("Permission denied");
-        source = err.source();
-    }
-    let hint = if denied {
+    let hint = if crate::kernel::errno::denied(&e) {
         " (permission denied: the agent needs CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON, or root; see deploy/relay-guard.service)"
     } else {
         ""

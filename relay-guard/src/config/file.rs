@@ -17,10 +17,10 @@ use toml::{
     de::{DeTable, DeValue},
 };
 
-/// Reads the text of the config at `path`: bounded as a list file is (see
-/// [`super::read_list_file`]), and UTF-8.
+/// Reads the text of the config at `path`: bounded (see
+/// [`super::read_bounded`]), and UTF-8.
 pub(crate) fn read_text(path: &Path) -> std::io::Result<String> {
-    let bytes = super::read_list_file(path)?;
+    let bytes = super::read_bounded(path)?;
     String::from_utf8(bytes).map_err(|_| std::io::Error::other("not UTF-8"))
 }
 

@@ -21,7 +21,7 @@ pub fn fingerprint(config: &Path, list_files: &[PathBuf]) -> u64 {
     let mut h = fingerprint_hasher();
     for f in std::iter::once(config).chain(list_files.iter().map(PathBuf::as_path)) {
         f.hash(&mut h);
-        match crate::config::read_list_file(f) {
+        match crate::config::read_bounded(f) {
             Ok(bytes) => bytes.hash(&mut h),
             Err(e) => e.kind().hash(&mut h),
         }

@@ -290,7 +290,7 @@ impl ListIndex {
         guard_names: &[String],
         small: usize,
     ) -> Result<Option<Pending>, ConfigErrors> {
-        match crate::config::read_list_file(config_path) {
+        match crate::config::read_bounded(config_path) {
             Ok(text) if text == self.config_text => {}
             _ => return Ok(None),
         }
@@ -299,7 +299,7 @@ impl ListIndex {
         let mut removed: Vec<(u16, Indexed)> = Vec::new();
         let mut lines = 0usize;
         for (i, f) in self.files.iter().enumerate() {
-            let Ok(bytes) = crate::config::read_list_file(&f.path) else {
+            let Ok(bytes) = crate::config::read_bounded(&f.path) else {
                 return Ok(None);
             };
             if bytes == f.bytes {

@@ -650,9 +650,9 @@ impl Validator<'_> {
             for f in list {
                 let file = self.resolve(f.get_ref());
                 let read = match self.copies {
-                    None => read_list_file(&file),
+                    None => read_bounded(&file),
                     Some(copies) => match copies.get(&file) {
-                        Some(copy) => read_list_file(copy),
+                        Some(copy) => read_bounded(copy),
                         None => Err(std::io::Error::new(
                             std::io::ErrorKind::NotFound,
                             "the saved state has no copy of it",
@@ -807,11 +807,11 @@ pub fn pin_dir_problem(dir: &Path) -> Option<String> {
 pub const MAX_LIST_BYTES: u64 = 512 << 20;
 /// Longest line of a list file, in bytes.
 pub const MAX_LINE_BYTES: usize = 4096;
-/// Reads a list file, bounded ("Bounded work for hostile input" in
-/// SPEC.md): a regular file of at most [`MAX_LIST_BYTES`]. A FIFO, a device
+/// Reads a config or list file, bounded ("Bounded work for hostile input"
+/// in SPEC.md): a regular file of at most [`MAX_LIST_BYTES`]. A FIFO, a device
 /// (`/dev/zero` through a symlink) or a directory is an error, found
 /// without blocking (opened `O_NONBLOCK`, then `fstat`).
-pub fn read_list_file(path: &Path) -> std::io::Result<Vec<u8>> {
+pub fn read_bounded(path: &Path) -> std::io::Result<Vec<u8>> {
     use std::{
         io::Read as _,
         os::unix::fs::{FileTypeExt as _, OpenOptionsExt as _},

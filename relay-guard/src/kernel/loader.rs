@@ -18,7 +18,13 @@ use crate::{
     EBPF_OBJECT, PROGRAM_NAME, PROGRAM_NAME_SINGLE_BUFFER,
     config::XdpMode,
     error::LoadError,
-    kernel::{features, maps::Maps, pins::Pins, sizes::Sizes},
+    kernel::{
+        features,
+        maps::Maps,
+        netdev::{self, LinkState},
+        pins::Pins,
+        sizes::Sizes,
+    },
 };
 
 /// One interface the program is attached to. With pins, the link is pinned
@@ -225,17 +231,7 @@ impl Loaded {
             })?;
         }
         let map_paths: Vec<(&'static str, PathBuf)> = match (pins, &set_dir) {
-            (Some((p, _, _)), Some(dir)) => maps::ALL
-                .iter()
-                .map(|&n| {
-                    let path = if crate::kernel::pins::SET_MAPS.contains(&n) {
-                        dir.join(n)
-                    } else {
-                        p.maps_dir().join(n)
-                    };
-                    (n, path)
-                })
-                .collect(),
+            (Some((p, _, _)), Some(dir)) => maps::ALL.iter().map(|&n| (n, p.map_beside(dir, n))).collect(),
             _ => Vec::new(),
         };
         for (name, path) in &map_paths {
@@ -260,7 +256,7 @@ impl Loaded {
         prog.load()
             .map_err(|source| refused(prog_name, &kernel.release, source))?;
         if let Some(dir) = &set_dir {
-            let path = dir.join("prog");
+            let path = Pins::prog_in(dir);
             let _ = std::fs::remove_file(&path);
             prog.pin(&path).map_err(|source| LoadError::PinObject {
                 what: "program".into(),
@@ -319,11 +315,7 @@ impl Loaded {
         self.maps.register_iface(ifindex)?;
         if let Some(pins) = self.pins.clone() {
             let mut candidates = vec![pins.link(interface)];
-            candidates.extend(
-                pins.other_layouts()
-                    .into_iter()
-                    .map(|d| d.join("links").join(interface)),
-            );
+            candidates.extend(pins.other_layout_links(interface));
             // A pinned link is replaced only when it is provably dead (its
             // interface is gone or is another device now); any other
             // problem keeps the pin, so the filter it holds keeps guarding,
@@ -415,7 +407,7 @@ impl Loaded {
         let link = XdpLink::try_from(fd).map_err(|e| keep("not an XDP link", &e))?;
         let id = match self.program().attach_to_link(link) {
             Ok(id) => id,
-            Err(e) if has_errno(&e, libc::ENOLINK) => {
+            Err(e) if crate::kernel::errno::in_chain(&e, libc::ENOLINK) => {
                 return Err(Adopt::Dead(format!("bpf_link_update: {e} (the link is detached)")));
             }
             Err(e) => return Err(keep("bpf_link_update", &e)),
@@ -521,95 +513,18 @@ enum LinkProbe {
     Unusable(String),
 }
 
-/// Whether `e` or an error in its source chain is the OS error `errno`.
-fn has_errno(e: &(dyn std::error::Error + 'static), errno: i32) -> bool {
-    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
-    while let Some(err) = cur {
-        if let Some(io) = err.downcast_ref::<std::io::Error>()
-            && io.raw_os_error() == Some(errno)
-        {
-            return true;
-        }
-        cur = err.source();
-    }
-    false
-}
-
-/// Looks at the object pinned at `path` (`BPF_OBJ_GET`, then
-/// `BPF_OBJ_GET_INFO_BY_FD`) and says whether it is an XDP link attached
-/// to `ifindex`.
+/// What the pin at `path` holds, for attaching to `ifindex`: the one probe
+/// of a pinned link, [`netdev::pinned_link_state`], read for this question.
 fn probe_link(path: &Path, ifindex: u32) -> LinkProbe {
-    use std::os::fd::{FromRawFd as _, OwnedFd};
-    const BPF_OBJ_GET: libc::c_long = 7;
-    const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
-    const BPF_LINK_TYPE_XDP: u32 = 6;
-    let Ok(c) = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()) else {
-        return LinkProbe::Unusable("path contains NUL".into());
-    };
-    // union bpf_attr for BPF_OBJ_GET: pathname (u64), bpf_fd, file_flags, path_fd.
-    let mut attr = [0u64; 3];
-    attr[0] = c.as_ptr() as u64;
-    // SAFETY: bpf(2) reads `attr` (valid for its size) and the NUL-terminated path it points to.
-    let fd = unsafe { libc::syscall(libc::SYS_bpf, BPF_OBJ_GET, attr.as_mut_ptr(), size_of_val(&attr)) };
-    if fd < 0 {
-        let e = std::io::Error::last_os_error();
-        return if e.kind() == std::io::ErrorKind::NotFound {
-            LinkProbe::Gone
-        } else {
-            LinkProbe::Unusable(format!("BPF_OBJ_GET: {e}"))
-        };
+    match netdev::pinned_link_state(path) {
+        LinkState::Absent => LinkProbe::Gone,
+        LinkState::Dead => LinkProbe::Dead("its interface is gone (link ifindex 0)".into()),
+        LinkState::Live { ifindex: theirs } if theirs == ifindex => LinkProbe::Live,
+        LinkState::Live { ifindex: theirs } => LinkProbe::Dead(format!(
+            "it is attached to ifindex {theirs}, and the interface of this name is ifindex {ifindex} now"
+        )),
+        LinkState::Unknown(why) => LinkProbe::Unusable(why),
     }
-    let Ok(raw) = i32::try_from(fd) else {
-        return LinkProbe::Unusable("BPF_OBJ_GET returned no fd".into());
-    };
-    // SAFETY: the kernel just returned this fd to us; nothing else owns it.
-    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-    // A map or program pinned here would answer BPF_OBJ_GET_INFO_BY_FD with
-    // its own info struct: tell the kind from the fd first.
-    let kind = std::fs::read_link(format!("/proc/self/fd/{raw}")).unwrap_or_default();
-    if kind != Path::new("anon_inode:bpf-link") {
-        return LinkProbe::Unusable(format!("it is not a bpf_link ({})", kind.display()));
-    }
-    // struct bpf_link_info: type, id, prog_id, then (8-byte aligned, so at
-    // word 4) the union, whose `xdp` member starts with the ifindex.
-    let mut info = [0u32; 64];
-    #[repr(C)]
-    struct InfoAttr {
-        bpf_fd: u32,
-        info_len: u32,
-        info: u64,
-    }
-    let mut attr = InfoAttr {
-        bpf_fd: u32::try_from(raw).expect("fd >= 0"),
-        info_len: u32::try_from(size_of_val(&info)).expect("small"),
-        info: info.as_mut_ptr() as u64,
-    };
-    // SAFETY: bpf(2) reads `attr` and writes at most `info_len` bytes to `info`.
-    if unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_OBJ_GET_INFO_BY_FD,
-            &raw mut attr,
-            size_of::<InfoAttr>(),
-        )
-    } != 0
-    {
-        return LinkProbe::Unusable(format!("BPF_OBJ_GET_INFO_BY_FD: {}", std::io::Error::last_os_error()));
-    }
-    drop(fd);
-    let (link_type, link_ifindex) = (info[0], info[4]);
-    if link_type != BPF_LINK_TYPE_XDP {
-        return LinkProbe::Unusable(format!("it is a bpf_link of type {link_type}, not XDP"));
-    }
-    if link_ifindex == 0 {
-        return LinkProbe::Dead("its interface is gone (link ifindex 0)".into());
-    }
-    if link_ifindex != ifindex {
-        return LinkProbe::Dead(format!(
-            "it is attached to ifindex {link_ifindex}, and the interface of this name is ifindex {ifindex} now"
-        ));
-    }
-    LinkProbe::Live
 }
 
 /// The kernel's index of `interface`.

@@ -6,7 +6,8 @@
 //! maps (`sync`), how big the sized maps are (`sizes`), reading counters (`counters`) and pinned maps
 //! (`inspect`), and the program's blocked-source log records (`events`: created with the program's log
 //! ring buffer by `loader`, so it lives here; the agent drains it), and what
-//! the running kernel offers (`features`: probed, for 5.10 and newer).
+//! the running kernel offers (`features`: probed, for 5.10 and newer), and
+//! the OS error down an error's chain (`errno`).
 //!
 //! May use `policy` (what to write) and `config` (its types); never `agent`
 //! or `commands`. Holds no long-running state of its own: the agent owns the
@@ -14,6 +15,7 @@
 pub mod bans;
 pub mod counters;
 pub mod dispatcher;
+pub mod errno;
 pub mod events;
 pub mod features;
 pub mod inspect;

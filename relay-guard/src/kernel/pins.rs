@@ -68,7 +68,7 @@ impl Pins {
 
     /// The program of the set in force.
     pub fn prog(&self) -> PathBuf {
-        self.set_dir(self.current_set().unwrap_or(0)).join("prog")
+        Self::prog_in(&self.set_dir(self.current_set().unwrap_or(0)))
     }
 
     pub fn maps_dir(&self) -> PathBuf {
@@ -98,6 +98,21 @@ impl Pins {
     /// Set `set`'s pins while it is being filled.
     pub fn next_dir(&self, set: u32) -> PathBuf {
         self.state().join(format!("next-{set}"))
+    }
+
+    /// Map `name` of the set pinned in `set_dir` (a [`Pins::set_dir`] or a
+    /// [`Pins::next_dir`]; a shared map: in `maps/`).
+    pub fn map_beside(&self, set_dir: &Path, name: &str) -> PathBuf {
+        if SET_MAPS.contains(&name) {
+            set_dir.join(name)
+        } else {
+            self.maps_dir().join(name)
+        }
+    }
+
+    /// The program of the set pinned in `set_dir`.
+    pub fn prog_in(set_dir: &Path) -> PathBuf {
+        set_dir.join("prog")
     }
 
     /// The set in force: the published set of the highest number.
@@ -181,6 +196,23 @@ impl Pins {
         self.entries()
             .into_iter()
             .filter(|p| *p != mine && is_layout_dir(p))
+            .collect()
+    }
+
+    /// Where the other layouts ([`Pins::other_layouts`]) pin the link of
+    /// `interface`.
+    pub fn other_layout_links(&self, interface: &str) -> Vec<PathBuf> {
+        self.other_layouts()
+            .into_iter()
+            .map(|d| d.join("links").join(interface))
+            .collect()
+    }
+
+    /// Where the other layouts pin their shared map `name`.
+    pub fn other_layout_maps(&self, name: &str) -> Vec<PathBuf> {
+        self.other_layouts()
+            .into_iter()
+            .map(|d| d.join("maps").join(name))
             .collect()
     }
 

@@ -27,16 +27,8 @@ pub const EXT_REFUSED: &str = "the kernel refuses extension (freplace, BPF_PROG_
 
 /// Whether a program load failed with `EPERM`.
 fn is_eperm(e: &aya::programs::ProgramError) -> bool {
-    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
-    while let Some(err) = cur {
-        if let Some(io) = err.downcast_ref::<std::io::Error>()
-            && io.raw_os_error() == Some(libc::EPERM)
-        {
-            return true;
-        }
-        cur = err.source();
-    }
-    matches!(e, aya::programs::ProgramError::LoadError { io_error, .. } if io_error.raw_os_error() == Some(libc::EPERM))
+    crate::kernel::errno::in_chain(e, libc::EPERM)
+        || matches!(e, aya::programs::ProgramError::LoadError { io_error, .. } if io_error.raw_os_error() == Some(libc::EPERM))
 }
 
 /// Loads relay-guard's program as an extension (freplace) of `func` in the
@@ -74,11 +66,7 @@ pub fn load_extension(
 /// layout and any other one still pinned).
 pub fn own_map_ids(pins: &Pins) -> Vec<u32> {
     std::iter::once(pins.map(maps::COUNTERS))
-        .chain(
-            pins.other_layouts()
-                .into_iter()
-                .map(|d| d.join("maps").join(maps::COUNTERS)),
-        )
+        .chain(pins.other_layout_maps(maps::COUNTERS))
         .filter_map(|p| dispatcher::pinned_map_id(&p))
         .collect()
 }

@@ -11,6 +11,7 @@ use std::collections::{BTreeMap, HashMap};
 
 use relay_guard_common::{AllowMask, LONG_BLOCK, LongBlock, MAX_MASKS};
 
+#[cfg(test)]
 use crate::policy::Policy;
 
 /// Number of /24 blocks.
@@ -127,7 +128,9 @@ impl LongSpec {
     }
 }
 
-/// The compiled IPv4 tables.
+/// The compiled IPv4 tables, built whole: the reference the unit tests
+/// hold [`paint_range`] (what production paints, a range at a time) to.
+#[cfg(test)]
 pub struct V4Tables {
     /// One entry per /24 block.
     pub tbl24: Vec<u16>,
@@ -142,6 +145,7 @@ pub struct V4Tables {
 #[error("more than {} distinct guard combinations", MAX_MASKS - 1)]
 pub struct PaletteFull;
 
+#[cfg(test)]
 impl V4Tables {
     pub fn build(v4: &BTreeMap<(u8, [u8; 4]), AllowMask>, palette: &mut Palette) -> Result<V4Tables, PaletteFull> {
         let mut tbl24 = vec![0u16; BLOCKS];
@@ -205,9 +209,9 @@ impl V4Tables {
 }
 
 /// The /24 entries and long blocks of blocks `start..end`, an aligned
-/// range of `2^(24 - l)` blocks (the blocks of one /`l` prefix): what
-/// [`V4Tables::build`] gives for them, computed from the prefixes that
-/// overlap the range only. Entries of long blocks are [`LONG_BLOCK`].
+/// range of `2^(24 - l)` blocks (the blocks of one /`l` prefix): what a
+/// whole build of the tables (`V4Tables::build`, in the tests) gives for
+/// them, computed from the prefixes that overlap the range only. Entries of long blocks are [`LONG_BLOCK`].
 pub struct RangePaint {
     pub tbl: Vec<u16>,
     pub long: BTreeMap<u32, LongSpec>,
@@ -266,7 +270,8 @@ pub fn paint_range(
     Ok(RangePaint { tbl, long })
 }
 
-/// Checks tables against the policy they came from, for tests.
+/// Checks tables against the policy they came from.
+#[cfg(test)]
 pub fn agrees(policy: &Policy, tables: &V4Tables, palette: &Palette, addr: [u8; 4]) -> bool {
     let want = (0..=32u8).rev().find_map(|len| {
         let a = u32::from_be_bytes(addr);
