@@ -4,7 +4,10 @@
 //! pins) → `policy` (pure compilation) → `config` (files in, validated);
 //! `logwatch` (failed logins read from mail logs) sits beside `policy` and
 //! `kernel` and uses neither; `relaytest` (the open-relay probe, an SMTP
-//! client) sits beside `kernel`, below `agent`, and uses no other module.
+//! client) sits beside `kernel`, below `agent`, and uses no other module;
+//! `crowdsec` (CrowdSec's Local API: the decision stream, the mapping of
+//! decisions to prefixes, the pusher) sits below `agent` and uses `config`
+//! only.
 //! See docs/architecture.md.
 #![expect(
     clippy::result_large_err,
@@ -14,6 +17,7 @@ pub mod agent;
 pub mod cli;
 pub mod commands;
 pub mod config;
+pub mod crowdsec;
 pub mod error;
 pub mod kernel;
 pub mod logwatch;

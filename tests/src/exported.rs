@@ -59,6 +59,14 @@ pub fn exported() -> &'static Exported {
             "\n[[ban]]\nname = \"sasl\"\nports = [587]\nlog_files = [\"{}\"]\nfailures = 1\nban_time = \"1m\"\n",
             log.display()
         ));
+        // And [crowdsec], so its series are there: a bouncer key, a LAPI
+        // that does not answer (relay_guard_crowdsec_up 0).
+        let key = dir.0.join("crowdsec.key");
+        crate::crowdsec::write_secret(&key, &crate::crowdsec::key_for("exported"));
+        text.push_str(&format!(
+            "\n[[ban]]\nname = \"crowdsec\"\nports = [587]\n\n[crowdsec]\nlapi_url = \"http://127.0.0.1:9\"\napi_key_file = \"{}\"\nban = \"crowdsec\"\n",
+            key.display()
+        ));
         std::fs::write(&config, text).expect("config");
         let mut agent = Agent::start(&lab.server, config, &dir);
         std::fs::create_dir_all(log.parent().expect("dir")).expect("mkdir logs");

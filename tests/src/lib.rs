@@ -12,6 +12,7 @@
 pub mod agent;
 pub mod config;
 pub mod container;
+pub mod crowdsec;
 pub mod daemon;
 pub mod deploy;
 pub mod dpkg;

@@ -322,6 +322,7 @@ mod tests {
             ],
             relaytest: Default::default(),
             bans: vec![],
+            crowdsec: None,
             list_files: vec![],
             fingerprint: 0,
             xdp_priority: 10,

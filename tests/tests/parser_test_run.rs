@@ -196,6 +196,7 @@ fn random_config(rng: &mut StdRng, mode: Mode) -> Config {
         guards,
         relaytest: Default::default(),
         bans: Vec::new(),
+        crowdsec: None,
         list_files: Vec::new(),
         fingerprint: 0,
         xdp_priority: 10,

@@ -47,7 +47,7 @@ fn rule_exprs(yaml: &str) -> Vec<(String, String)> {
     out
 }
 
-const ALERTS: [&str; 12] = [
+const ALERTS: [&str; 14] = [
     "RelayGuardBansRefused",
     "RelayGuardBanStateRejected",
     "RelayGuardBanTrackersFull",
@@ -60,6 +60,8 @@ const ALERTS: [&str; 12] = [
     "RelayGuardAgentDown",
     "RelayGuardMalformedPacketsSurging",
     "RelayGuardInterfaceNotAttached",
+    "RelayGuardCrowdsecDown",
+    "RelayGuardCrowdsecPushFailing",
 ];
 
 #[test]

@@ -755,6 +755,9 @@ pub struct BanRunner {
     ports: BTreeMap<u16, relay_guard_common::ban::BanPort>,
     /// `ports` is what the map holds (else a reload reads it all back).
     ports_known: bool,
+    /// Log-fed bans put in force since the last [`Self::take_fresh`], kept
+    /// only while `Some` (the CrowdSec watcher pushes them).
+    pub fresh: Option<Vec<BanRecord>>,
 }
 
 /// How often expired entries are deleted from the tries (the kernel
@@ -823,6 +826,7 @@ impl BanRunner {
             port_slots,
             ports,
             ports_known,
+            fresh: None,
         };
         r.metrics.preset(bans);
         if !state_ok {
@@ -978,6 +982,72 @@ impl BanRunner {
         self.engine.sections()
     }
 
+    /// The log-fed bans put in force since the last call.
+    pub fn take_fresh(&mut self) -> Vec<BanRecord> {
+        self.fresh.as_mut().map(std::mem::take).unwrap_or_default()
+    }
+
+    /// Whether `net` may be banned in `section` (prefix limits, `never`).
+    pub fn check(&self, section: usize, net: IpNet) -> Result<IpNet, BanRefused> {
+        self.engine.check(section, net)
+    }
+
+    pub fn is_active(&self, section: usize, net: IpNet) -> bool {
+        self.engine.is_active(section, net)
+    }
+
+    /// The prefixes in force in `section`, with their wall-clock expiry.
+    pub fn active_in(&self, section: usize) -> Vec<(IpNet, Duration)> {
+        self.engine
+            .active()
+            .filter(|r| r.section == section)
+            .map(|r| (r.net, r.expires))
+            .collect()
+    }
+
+    /// A ban of another source (CrowdSec's decisions): `net` in `section`
+    /// until wall time `until`, exactly (no escalation), saved and expired
+    /// like the others. `false`: refused (checks, or the kernel).
+    pub fn put_external(&mut self, maps: &mut BanMaps, section: usize, net: IpNet, until: Duration) -> bool {
+        let wall = wall_now();
+        if until <= wall {
+            return false;
+        }
+        let Ok(rec) = self.engine.manual(section, net, Some(until - wall), wall) else {
+            return false;
+        };
+        let x = boot_expiry(rec.expires, wall, boot_ns());
+        if let Err(e) = maps.ban(rec.section, rec.net, x) {
+            let full = is_full(&e);
+            warn!(prefix = %rec.net, error = %e, full, "the kernel did not take a CrowdSec decision: not banned");
+            self.engine.lift(rec.net, Some(rec.section), wall);
+            self.count_refused(rec.section, full);
+            return false;
+        }
+        self.metrics
+            .event(&self.engine.sections()[section].name.clone(), "banned", 1);
+        self.dirty = true;
+        self.gauges_dirty = true;
+        true
+    }
+
+    /// Lifts `net` from `section` only (a deleted CrowdSec decision): a
+    /// ban of the same prefix in another section stays.
+    pub fn lift_external(&mut self, maps: &mut BanMaps, section: usize, net: IpNet) -> bool {
+        let lifted = self.engine.lift(net, Some(section), wall_now());
+        if let Err(e) = maps.unban(net, Some(section), boot_ns()) {
+            warn!(prefix = %net, error = %e, "failed to lift a CrowdSec decision");
+        }
+        if lifted.is_empty() {
+            return false;
+        }
+        self.metrics
+            .event(&self.engine.sections()[section].name.clone(), "lifted", 1);
+        self.dirty = true;
+        self.gauges_dirty = true;
+        true
+    }
+
     fn count_refused(&self, section: usize, full: bool) {
         if let Some(b) = self.engine.sections().get(section) {
             self.metrics
@@ -1019,6 +1089,9 @@ impl BanRunner {
             Outcome::Banned(rec) => {
                 if self.apply(maps, &rec) {
                     info!(ban = %name, prefix = %rec.net, failures = rec.failures, times = rec.times, until = %humantime::format_rfc3339_seconds(SystemTime::UNIX_EPOCH + rec.expires), "banned");
+                    if let Some(f) = &mut self.fresh {
+                        f.push(rec);
+                    }
                 }
             }
             Outcome::Allowlisted => {

@@ -15,6 +15,7 @@
 //! `tracing`).
 mod apply;
 pub mod bans;
+pub mod crowdsec;
 pub mod incremental;
 pub mod links;
 pub mod metrics;
@@ -110,6 +111,8 @@ pub enum Event {
     LogSourceUp { ban: usize, source: String, up: bool },
     /// The periodic ban work (`bans::BanRunner::tick`) is due.
     BanTick,
+    /// From the CrowdSec tasks (a pull's answer, their tick).
+    Crowdsec(crowdsec::Msg),
 }
 
 /// The signals the agent handles.
@@ -183,6 +186,8 @@ struct Sources {
     /// Failures and unparsed lines from the log followers.
     ban_inputs: bans::Inputs,
     ban_tick: tokio::time::Interval,
+    /// CrowdSec's bouncer and watcher (`[crowdsec]`).
+    crowdsec: crowdsec::Runner,
     /// The blocked-source logger (watched: if it ends, the log says so).
     blocked_log: Option<JoinHandle<std::io::Result<()>>>,
 }
@@ -241,7 +246,7 @@ impl Agent {
         // Never fails: a bad saved ban is dropped and counted, and the
         // guard is attached already.
         let loaded = &mut kernel.loaded;
-        let ban_runner = bans::BanRunner::start_with(
+        let mut ban_runner = bans::BanRunner::start_with(
             &run.bans,
             &run.state_dir,
             &mut loaded.bans,
@@ -257,8 +262,16 @@ impl Agent {
             from_copy,
             attached: &attached,
         };
-        let metrics = Metrics::start(&kernel, applied.labels, &run, &ban_runner, &relaytest_metrics, &started)?;
-        let sources = Sources::start(config_path, &run, links, &mut kernel.loaded, &metrics.agent)?;
+        let crowdsec = crowdsec::Runner::start(run.crowdsec.as_ref(), &run.bans, &run.state_dir, &mut ban_runner);
+        let metrics = Metrics::start(
+            &kernel,
+            applied.labels,
+            &run,
+            (&ban_runner, &crowdsec.metrics),
+            &relaytest_metrics,
+            &started,
+        )?;
+        let sources = Sources::start(config_path, &run, links, &mut kernel.loaded, &metrics.agent, crowdsec)?;
         let mut agent = Agent {
             relaytest: relaytest::Scheduler::start(&run.relaytest, relaytest_metrics),
             source: ConfigSource {
@@ -299,6 +312,7 @@ impl Agent {
                 Event::LogLineSuspicious(section) => self.bans.suspicious(section),
                 Event::LogSourceUp { ban, source, up } => self.bans.source_up(ban, source, up),
                 Event::BanTick => self.bans.tick(&mut self.kernel.loaded.bans),
+                Event::Crowdsec(m) => self.crowdsec(m),
             }
         }
         self.stop().await;
@@ -317,6 +331,7 @@ impl Agent {
             () = shutdown.as_mut() => Event::Stop("shutdown requested"),
             Some(e) = s.ban_inputs.rx.recv() => e,
             _ = s.ban_tick.tick() => Event::BanTick,
+            m = s.crowdsec.recv() => Event::Crowdsec(m),
             ended = async { s.blocked_log.as_mut().expect("checked by the branch condition").await }, if s.blocked_log.is_some() => {
                 s.blocked_log = None;
                 Event::BlockedLogEnded(match ended {
@@ -648,6 +663,7 @@ impl Sources {
         links: LinkWatch,
         loaded: &mut Loaded,
         metrics: &AgentMetrics,
+        crowdsec: crowdsec::Runner,
     ) -> anyhow::Result<Sources> {
         Ok(Sources {
             blocked_log: spawn_blocked_log(loaded, metrics),
@@ -660,6 +676,7 @@ impl Sources {
             links,
             ban_inputs: bans::Inputs::start(&run.bans),
             ban_tick: tokio::time::interval(bans::TICK),
+            crowdsec,
         })
     }
 }
@@ -681,7 +698,7 @@ impl Metrics {
         kernel: &Kernel,
         labels: LabelState,
         run: &RunConfig,
-        bans: &bans::BanRunner,
+        (bans, crowdsec): (&bans::BanRunner, &crate::crowdsec::Metrics),
         relaytest: &relaytest::Metrics,
         started: &Started<'_>,
     ) -> anyhow::Result<Metrics> {
@@ -702,6 +719,7 @@ impl Metrics {
         let mut registry = metrics::registry(Arc::clone(&kernel.loaded.maps.counters), Arc::clone(&labels), &agent);
         relaytest.register(&mut registry);
         bans.metrics.register(&mut registry);
+        crowdsec.register(&mut registry);
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let server = match run.metrics_listen {
             Some(addr) => Some(serve_metrics(addr, Arc::new(registry), stop_rx)?),

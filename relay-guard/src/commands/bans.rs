@@ -81,6 +81,12 @@ pub fn ban(config_path: &Path, target: &str, length: Option<&str>, name: Option<
     let cfg = Config::load(config_path).map_err(|e| anyhow::anyhow!("invalid config:\n{e}"))?;
     let net = parse_target(target)?;
     let (index, sec) = section(&cfg, name)?;
+    if cfg.crowdsec.as_ref().is_some_and(|c| c.ban == index) {
+        anyhow::bail!(
+            "ban `{}` holds CrowdSec's decisions only (a deleted decision lifts what it holds): ban in another section, or add a decision with `cscli decisions add`",
+            sec.name
+        );
+    }
     let length = match length {
         Some(l) => {
             let d = parse_duration(l).map_err(|e| anyhow::anyhow!("--for `{l}`: {e}"))?;

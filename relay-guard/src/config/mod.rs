@@ -14,6 +14,7 @@
 //! [`LoadOptions`]. Inside it, `mod.rs` uses `file` and `lists`, and
 //! `lists` uses only `entry` and `fingerprint`, so there is no import circle.
 pub mod ban;
+pub mod crowdsec;
 mod entry;
 mod file;
 mod fingerprint;
@@ -112,6 +113,7 @@ struct RawConfig {
     relaytest: Option<relaytest::RawRelaytest>,
     #[serde(default)]
     ban: Vec<Spanned<ban::RawBan>>,
+    crowdsec: Option<Spanned<crowdsec::RawCrowdsec>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -169,6 +171,8 @@ pub struct Config<G = Guard> {
     pub relaytest: relaytest::Relaytest,
     /// The `[[ban]]` sections (SPEC.md "Bans").
     pub bans: Vec<ban::Ban>,
+    /// The `[crowdsec]` section (SPEC.md "Fleet-wide bans: CrowdSec").
+    pub crowdsec: Option<crowdsec::Crowdsec>,
     /// Every list file read, so a watcher can follow them.
     pub list_files: Vec<PathBuf>,
     /// Hash of the bytes this config was built from (the config text and
@@ -233,6 +237,7 @@ impl Config {
             guards,
             relaytest,
             bans,
+            crowdsec,
             list_files,
             fingerprint,
         } = self;
@@ -255,6 +260,7 @@ impl Config {
                 .collect(),
             relaytest,
             bans,
+            crowdsec,
             list_files,
             fingerprint,
         }
@@ -516,6 +522,16 @@ impl Validator<'_> {
         let mut ban_errors = Vec::new();
         let bans = ban::validate_bans(&raw.ban, self.path, &line_of, &mut ban_errors);
         self.errors.extend(ban_errors);
+        let crowdsec = raw.crowdsec.as_ref().and_then(|c| {
+            let mut errs = Vec::new();
+            let v = crowdsec::validate(c, &bans, &|p| self.resolve(p), &mut |span, what| {
+                errs.push((span.clone(), what));
+            });
+            for (span, what) in errs {
+                self.err(&span, what);
+            }
+            v
+        });
 
         Config {
             path: self.path.to_path_buf(),
@@ -530,6 +546,7 @@ impl Validator<'_> {
             guards,
             relaytest,
             bans,
+            crowdsec,
             list_files: std::mem::take(&mut self.list_files),
             fingerprint: std::hash::Hasher::finish(&self.fp),
         }

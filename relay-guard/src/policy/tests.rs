@@ -53,6 +53,7 @@ fn config(mode: Mode, guards: Vec<Guard>) -> Config {
         guards,
         relaytest: Default::default(),
         bans: Vec::new(),
+        crowdsec: None,
         list_files: Vec::new(),
         fingerprint: 0,
     }
