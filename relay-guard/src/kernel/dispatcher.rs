@@ -552,11 +552,7 @@ pub fn rebuild(
                             what: format!("re-attaching `{name}` to the new dispatcher"),
                             error,
                         })?;
-                    ext.pin(&prog_pin).map_err(|error| Error::Pin {
-                        path: prog_pin.clone(),
-                        error,
-                    })?;
-                    ext.take_link(id)?.into()
+                    pin_component(&mut ext, id, &prog_pin)?
                 }
                 Slot::Ours => {
                     let j = join.as_mut().expect("ours only when joining");
@@ -570,11 +566,7 @@ pub fn rebuild(
                         what: "attaching relay-guard to the dispatcher".into(),
                         error,
                     })?;
-                    ext.pin(&prog_pin).map_err(|error| Error::Pin {
-                        path: prog_pin.clone(),
-                        error,
-                    })?;
-                    let link: FdLink = ext.take_link(id)?.into();
+                    let link = pin_component(ext, id, &prog_pin)?;
                     *j.owner = Some(owner);
                     link
                 }
@@ -660,6 +652,20 @@ fn config_for(entries: &[Entry]) -> (Config, bool) {
 /// libxdp's run order: priority, then program name.
 fn run_order<T>(slots: &mut [(u32, String, T)]) {
     slots.sort_by(|a, b| (a.0, &a.1).cmp(&(b.0, &b.1)));
+}
+
+/// Pins the component `ext` (attached to the new dispatcher as link `id`)
+/// at `prog_pin` and takes its link, for pinning beside it.
+fn pin_component(
+    ext: &mut Extension,
+    id: aya::programs::extension::ExtensionLinkId,
+    prog_pin: &Path,
+) -> Result<FdLink, Error> {
+    ext.pin(prog_pin).map_err(|error| Error::Pin {
+        path: prog_pin.to_path_buf(),
+        error,
+    })?;
+    Ok(ext.take_link(id)?.into())
 }
 
 /// Loads the dispatcher object (the frags variant when `frags`) with
