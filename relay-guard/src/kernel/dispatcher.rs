@@ -463,6 +463,11 @@ enum Slot<'a> {
 /// holding `old`'s components minus those `remove` selects, plus `join` if
 /// given; when nothing is left, detaches the dispatcher. Atomic on the
 /// interface. `mode_flags` apply when nothing is attached yet.
+// Long on purpose (about 150 lines): every step from loading the new
+// dispatcher to swapping it in shares its fd, the old one's and the pins
+// made so far, and a failure at any step removes exactly those pins (the
+// `result` closure and what follows it); split up, that state would be
+// passed through each piece.
 pub fn rebuild(
     ifindex: u32,
     old: Option<&Existing>,
