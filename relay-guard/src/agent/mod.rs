@@ -205,6 +205,9 @@ impl Agent {
     /// sequence of `agent::apply`), attaches, starts the metrics server and
     /// the blocked-source log, and installs the signal handlers: everything
     /// before the loop.
+    // About 80 lines, kept in one piece: the order is the contract (maps
+    // filled before attaching, attached before the copy is saved and bans
+    // restored, the signal handlers last), and reads best top to bottom.
     pub async fn start(config_path: &Path, options: LoadOptions) -> anyhow::Result<Agent> {
         let boot = load_at_start(config_path, &options)?;
         // A device that cannot be guarded is a config error, found before

@@ -117,22 +117,21 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s).map_err(|e| format!("{e} (write e.g. \"90s\", \"10m\", \"1h\", \"1d\", \"1w\")"))
 }
 
-/// Validates every `[[ban]]` section; problems go to `err(span, message)`.
+/// Validates every `[[ban]]` section; each problem goes to `errors`, with
+/// the line `line_of` gives its span.
 pub(super) fn validate_bans(
     raw: &[Spanned<RawBan>],
     config_path: &Path,
     line_of: &dyn Fn(usize) -> usize,
     errors: &mut Vec<ConfigError>,
 ) -> Vec<Ban> {
-    let mut err = |span: &Range<usize>, what: String| {
-        errors.push(ConfigError {
-            file: config_path.to_path_buf(),
-            line: line_of(span.start),
-            what,
-        });
+    let mut report = Report {
+        config_path,
+        line_of,
+        errors,
     };
     if raw.len() > MAX_BANS {
-        err(
+        report.err(
             &raw[MAX_BANS].span(),
             format!("too many [[ban]] sections: {} (at most {MAX_BANS})", raw.len()),
         );
@@ -141,8 +140,39 @@ pub(super) fn validate_bans(
     let mut all_ports: Vec<u16> = Vec::new();
     let mut bans = Vec::new();
     for (i, section) in raw.iter().enumerate() {
-        let r = section.get_ref();
-        let span = section.span();
+        let (r, span) = (section.get_ref(), section.span());
+        let name = report.name(r, i, &span, &mut names);
+        let mut ban = Ban::with_defaults(&name);
+        report.ports(r, &span, &mut ban, &mut all_ports);
+        report.log_files(r, config_path.parent().unwrap_or(Path::new(".")), &mut ban);
+        ban.journal = r.journal.as_ref().is_some_and(|j| *j.get_ref());
+        ban.ban_allowed = r.ban_allowed.as_ref().is_some_and(|j| *j.get_ref());
+        report.thresholds(r, &span, &mut ban);
+        report.never(r, &mut ban);
+        bans.push(ban);
+    }
+    bans
+}
+
+/// Where the `[[ban]]` sections' problems go, each with the config's file
+/// and the line of its span.
+struct Report<'a> {
+    config_path: &'a Path,
+    line_of: &'a dyn Fn(usize) -> usize,
+    errors: &'a mut Vec<ConfigError>,
+}
+
+impl Report<'_> {
+    fn err(&mut self, span: &Range<usize>, what: String) {
+        self.errors.push(ConfigError {
+            file: self.config_path.to_path_buf(),
+            line: (self.line_of)(span.start),
+            what,
+        });
+    }
+
+    /// The section's name (`ban<N>` when not given), unique among `names`.
+    fn name(&mut self, r: &RawBan, i: usize, span: &Range<usize>, names: &mut BTreeMap<String, usize>) -> String {
         let name = match &r.name {
             Some(n) => {
                 let name = n.get_ref().clone();
@@ -150,7 +180,7 @@ pub(super) fn validate_bans(
                     && name.len() <= 64
                     && name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
                 if !ok {
-                    err(
+                    self.err(
                         &n.span(),
                         format!("ban name `{name}` must be 1 to 64 ASCII letters, digits, `-`, `_` or `.`"),
                     );
@@ -161,24 +191,29 @@ pub(super) fn validate_bans(
         };
         let name_span = r.name.as_ref().map_or(span.clone(), |n| n.span());
         if let Some(first) = names.get(&name) {
-            err(
+            self.err(
                 &name_span,
                 format!("ban name `{name}` is used twice (first at line {first})"),
             );
         } else {
-            names.insert(name.clone(), line_of(name_span.start));
+            names.insert(name.clone(), (self.line_of)(name_span.start));
         }
-        let mut ban = Ban::with_defaults(&name);
+        name
+    }
 
+    /// The section's ports, sorted and unique; at most [`MAX_BAN_PORTS`]
+    /// over every section (`all_ports`).
+    fn ports(&mut self, r: &RawBan, span: &Range<usize>, ban: &mut Ban, all_ports: &mut Vec<u16>) {
+        let name = ban.name.clone();
         if let Some(list) = &r.ports {
             ban.ports.clear();
             if list.get_ref().is_empty() {
-                err(&list.span(), format!("ban `{name}`: ports is empty"));
+                self.err(&list.span(), format!("ban `{name}`: ports is empty"));
             }
             for p in list.get_ref() {
                 match u16::try_from(*p.get_ref()) {
                     Ok(port) if port > 0 => ban.ports.push(port),
-                    _ => err(
+                    _ => self.err(
                         &p.span(),
                         format!("ban `{name}`: port `{}` is not in 1..=65535", p.get_ref()),
                     ),
@@ -192,24 +227,28 @@ pub(super) fn validate_bans(
                 all_ports.push(p);
                 if all_ports.len() == MAX_BAN_PORTS + 1 {
                     let span = r.ports.as_ref().map_or(span.clone(), |p| p.span());
-                    err(
+                    self.err(
                         &span,
                         format!("ban `{name}`: more than {MAX_BAN_PORTS} distinct ports over all [[ban]] sections"),
                     );
                 }
             }
         }
+    }
 
-        let base = config_path.parent().unwrap_or(Path::new("."));
+    /// The section's log files, relative to `base` (the config's
+    /// directory), each once.
+    fn log_files(&mut self, r: &RawBan, base: &Path, ban: &mut Ban) {
+        let name = ban.name.clone();
         for f in &r.log_files {
             if f.get_ref().trim().is_empty() {
-                err(&f.span(), format!("ban `{name}`: log_files entry is empty"));
+                self.err(&f.span(), format!("ban `{name}`: log_files entry is empty"));
                 continue;
             }
             let p = Path::new(f.get_ref());
             let p = if p.is_absolute() { p.to_path_buf() } else { base.join(p) };
             if ban.log_files.contains(&p) {
-                err(
+                self.err(
                     &f.span(),
                     format!("ban `{name}`: log file `{}` is listed twice", f.get_ref()),
                 );
@@ -217,50 +256,30 @@ pub(super) fn validate_bans(
                 ban.log_files.push(p);
             }
         }
-        ban.journal = r.journal.as_ref().is_some_and(|j| *j.get_ref());
-        ban.ban_allowed = r.ban_allowed.as_ref().is_some_and(|j| *j.get_ref());
+    }
 
+    /// `failures`, the durations (`window`, `ban_time`, `max_ban_time`)
+    /// and the prefix lengths a ban covers.
+    fn thresholds(&mut self, r: &RawBan, span: &Range<usize>, ban: &mut Ban) {
+        let name = ban.name.clone();
         if let Some(f) = &r.failures {
             match u32::try_from(*f.get_ref()) {
                 Ok(n) if (1..=1_000_000).contains(&n) => ban.failures = n,
-                _ => err(
+                _ => self.err(
                     &f.span(),
                     format!("ban `{name}`: failures `{}` is not in 1..=1000000", f.get_ref()),
                 ),
             }
         }
-        let mut duration = |key: &str, v: &Option<Spanned<String>>, into: &mut Duration| {
-            let Some(v) = v else { return true };
-            match parse_duration(v.get_ref()) {
-                Ok(d) if (MIN_DURATION..=MAX_DURATION).contains(&d) => {
-                    *into = d;
-                    true
-                }
-                Ok(_) => {
-                    err(
-                        &v.span(),
-                        format!("ban `{name}`: {key} `{}` is not between 1s and 10 years", v.get_ref()),
-                    );
-                    false
-                }
-                Err(why) => {
-                    err(
-                        &v.span(),
-                        format!("ban `{name}`: {key} `{}` is not a duration: {why}", v.get_ref()),
-                    );
-                    false
-                }
-            }
-        };
-        duration("window", &r.window, &mut ban.window);
-        let a = duration("ban_time", &r.ban_time, &mut ban.ban_time);
-        let b = duration("max_ban_time", &r.max_ban_time, &mut ban.max_ban_time);
+        self.duration(&name, "window", &r.window, &mut ban.window);
+        let a = self.duration(&name, "ban_time", &r.ban_time, &mut ban.ban_time);
+        let b = self.duration(&name, "max_ban_time", &r.max_ban_time, &mut ban.max_ban_time);
         if a && b && r.max_ban_time.is_none() && ban.ban_time > ban.max_ban_time {
             // Only ban_time given, longer than the default cap: the cap follows.
             ban.max_ban_time = ban.ban_time;
         } else if a && b && ban.ban_time > ban.max_ban_time {
             let at = r.ban_time.as_ref().map_or(span.clone(), |v| v.span());
-            err(
+            self.err(
                 &at,
                 format!(
                     "ban `{name}`: ban_time ({}) is longer than max_ban_time ({})",
@@ -288,13 +307,43 @@ pub(super) fn validate_bans(
             if let Some(v) = v {
                 match u8::try_from(*v.get_ref()) {
                     Ok(n) if (min..=max).contains(&n) => *into = n,
-                    _ => err(
+                    _ => self.err(
                         &v.span(),
                         format!("ban `{name}`: {key} `{}` is not in {min}..={max}", v.get_ref()),
                     ),
                 }
             }
         }
+    }
+
+    /// Reads duration `key` (`v`, when given) into `into`; false when it is
+    /// given and invalid.
+    fn duration(&mut self, name: &str, key: &str, v: &Option<Spanned<String>>, into: &mut Duration) -> bool {
+        let Some(v) = v else { return true };
+        match parse_duration(v.get_ref()) {
+            Ok(d) if (MIN_DURATION..=MAX_DURATION).contains(&d) => {
+                *into = d;
+                true
+            }
+            Ok(_) => {
+                self.err(
+                    &v.span(),
+                    format!("ban `{name}`: {key} `{}` is not between 1s and 10 years", v.get_ref()),
+                );
+                false
+            }
+            Err(why) => {
+                self.err(
+                    &v.span(),
+                    format!("ban `{name}`: {key} `{}` is not a duration: {why}", v.get_ref()),
+                );
+                false
+            }
+        }
+    }
+
+    /// The section's `never` entries, each once.
+    fn never(&mut self, r: &RawBan, ban: &mut Ban) {
         for s in &r.never {
             match parse_net(s.get_ref()) {
                 Ok(net) => {
@@ -302,12 +351,13 @@ pub(super) fn validate_bans(
                         ban.never.push(net);
                     }
                 }
-                Err(why) => err(&s.span(), format!("ban `{name}`: never entry `{}`: {why}", s.get_ref())),
+                Err(why) => self.err(
+                    &s.span(),
+                    format!("ban `{}`: never entry `{}`: {why}", ban.name, s.get_ref()),
+                ),
             }
         }
-        bans.push(ban);
     }
-    bans
 }
 
 #[cfg(test)]

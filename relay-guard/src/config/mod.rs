@@ -552,6 +552,9 @@ impl Validator<'_> {
         }
     }
 
+    /// Validates one `[[guard]]` section (the `index`th, at `span`): its
+    /// name, its ports (each owned by one guard: `port_owner`), and its
+    /// entries, inline and from its list files.
     fn guard(
         &mut self,
         index: usize,
@@ -560,6 +563,21 @@ impl Validator<'_> {
         port_owner: &mut BTreeMap<u16, (String, Origin)>,
         names: &mut BTreeMap<String, Origin>,
     ) -> Guard {
+        let name = self.guard_name(index, g, span, names);
+        let ports = self.guard_ports(&name, g, span, port_owner);
+        let read = self.guard_entries(index, &name, g);
+        let entries = self.sorted_unique(&name, read);
+        Guard { name, ports, entries }
+    }
+
+    /// The guard's name (`guard<N>` when not given), unique among `names`.
+    fn guard_name(
+        &mut self,
+        index: usize,
+        g: &RawGuard,
+        span: &Range<usize>,
+        names: &mut BTreeMap<String, Origin>,
+    ) -> String {
         let name = match &g.name {
             Some(n) => {
                 let name = n.get_ref().clone();
@@ -585,7 +603,18 @@ impl Validator<'_> {
         } else {
             names.insert(name.clone(), name_origin);
         }
+        name
+    }
 
+    /// The guard's ports (the SMTP ones when not given), sorted and unique,
+    /// each claimed in `port_owner`.
+    fn guard_ports(
+        &mut self,
+        name: &str,
+        g: &RawGuard,
+        span: &Range<usize>,
+        port_owner: &mut BTreeMap<u16, (String, Origin)>,
+    ) -> Vec<u16> {
         let mut ports = Vec::new();
         match &g.ports {
             None => ports.extend(DEFAULT_PORTS),
@@ -619,10 +648,15 @@ impl Validator<'_> {
                     what,
                 });
             } else {
-                port_owner.insert(port, (name.clone(), here));
+                port_owner.insert(port, (name.to_string(), here));
             }
         }
+        ports
+    }
 
+    /// The guard's entries as written: inline allow and deny, then each
+    /// list file (read, fingerprinted, and indexed for delta reloads).
+    fn guard_entries(&mut self, index: usize, name: &str, g: &RawGuard) -> ReadEntries {
         let mut entries: Vec<Entry> = Vec::new();
         // For the index: which list file each parsed file's origins stand for.
         let mut file_ids: Vec<(std::sync::Arc<Path>, u16)> = Vec::new();
@@ -706,7 +740,21 @@ impl Validator<'_> {
                 self.list_files.push(file);
             }
         }
+        ReadEntries {
+            entries,
+            file_ids,
+            file_order,
+        }
+    }
 
+    /// The entries sorted by network, each network once (in the index,
+    /// every occurrence); a network both allowed and denied is an error.
+    fn sorted_unique(&mut self, name: &str, read: ReadEntries) -> Vec<Entry> {
+        let ReadEntries {
+            mut entries,
+            file_ids,
+            file_order,
+        } = read;
         // Same prefix twice: harmless if the same action, an error if not.
         // Equal networks are ordered as they were written (inline allow,
         // inline deny, then each list file by line), so the first occurrence
@@ -761,12 +809,7 @@ impl Validator<'_> {
         });
         self.errors.extend(conflicts);
         entries.shrink_to_fit();
-        let unique = entries;
-        Guard {
-            name,
-            ports,
-            entries: unique,
-        }
+        entries
     }
 
     /// List-file paths are relative to the config file's directory.
@@ -800,6 +843,15 @@ pub fn pin_dir_problem(dir: &Path) -> Option<String> {
         ));
     }
     None
+}
+
+/// A guard's entries as read, before they are sorted: with, for the list
+/// index, the id of each list file's origins, and the list files in the
+/// order read (to order equal networks as written).
+struct ReadEntries {
+    entries: Vec<Entry>,
+    file_ids: Vec<(std::sync::Arc<Path>, u16)>,
+    file_order: Vec<std::sync::Arc<Path>>,
 }
 
 /// Largest list (or config) file read, in bytes: bounds the agent's memory

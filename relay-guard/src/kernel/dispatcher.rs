@@ -104,13 +104,74 @@ pub enum OnInterface {
     },
 }
 
-/// Errors of this module: what failed, in words for the operator.
+/// Errors of this module, each naming what failed (the operator reads
+/// them in `LoadError::Share` and in `detach`'s output, so each message
+/// carries its cause's text).
 #[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct Error(pub String);
-
-fn err(what: impl std::fmt::Display) -> Error {
-    Error(what.to_string())
+pub enum Error {
+    /// A file or directory under libxdp's bpffs directory.
+    #[error("{op} {}: {error}", path.display())]
+    Fs {
+        op: &'static str,
+        path: PathBuf,
+        error: io::Error,
+    },
+    /// A netlink request about an interface's XDP program.
+    #[error("{what}: {error}{hint}")]
+    Netlink {
+        what: String,
+        error: io::Error,
+        hint: &'static str,
+    },
+    /// aya refused an operation on a program or a link.
+    #[error("{what}: {error}")]
+    Program {
+        what: String,
+        error: aya::programs::ProgramError,
+    },
+    /// The kernel rejected a program it was asked to load or attach (with
+    /// the verifier's log, when there is one).
+    #[error("{what}: {error:?}")]
+    Rejected {
+        what: String,
+        error: aya::programs::ProgramError,
+    },
+    /// Pinning a component's program or link.
+    #[error("pin {}: {error}", path.display())]
+    Pin { path: PathBuf, error: aya::pin::PinError },
+    /// Loading an object (the dispatcher's, or relay-guard's as an extension).
+    #[error("{what}: {error}")]
+    Object { what: &'static str, error: aya::EbpfError },
+    /// Something that must be there is not: a program in an object, a
+    /// dispatcher or an extension that vanished under the lock.
+    #[error("{0}")]
+    Missing(&'static str),
+    /// No slot is free in the dispatcher on `ifindex`.
+    #[error("the dispatcher on ifindex {ifindex} has all {SLOTS} slots in use")]
+    Full { ifindex: u32 },
+    /// A component of the dispatcher on `ifindex` has no readable pin.
+    #[error("the dispatcher (id {id}) on ifindex {ifindex} has no readable component pin {}: {error}", pin.display())]
+    ComponentPin {
+        id: u32,
+        ifindex: u32,
+        pin: PathBuf,
+        error: aya::programs::ProgramError,
+    },
+    /// relay-guard's slot is in a dispatcher attached in another network
+    /// namespace.
+    #[error(
+        "relay-guard's slot is in XDP dispatcher {id} on ifindex {ifindex}, which is not attached in this network namespace: run `relay-guard detach` in the namespace of that interface (nsenter --net=...)"
+    )]
+    OtherNamespace { id: u32, ifindex: u32 },
+    /// The kernel refuses extension (freplace) programs with `EPERM`.
+    #[error("{} ({error})", crate::kernel::shared::EXT_REFUSED)]
+    ExtensionsRefused { error: aya::programs::ProgramError },
+    /// An aya program operation, the message aya's own.
+    #[error(transparent)]
+    Aya(#[from] aya::programs::ProgramError),
+    /// An fd operation, the message the OS's own.
+    #[error(transparent)]
+    Io(#[from] io::Error),
 }
 
 /// `<bpffs>/xdp`, where libxdp pins dispatchers and takes its lock
@@ -132,17 +193,25 @@ impl Lock {
         if let Err(e) = fs::create_dir(&dir)
             && e.kind() != io::ErrorKind::AlreadyExists
         {
-            return Err(err(format_args!("cannot create {}: {e}", dir.display())));
+            return Err(Error::Fs {
+                op: "cannot create",
+                path: dir,
+                error: e,
+            });
         }
-        let f = fs::File::open(&dir).map_err(|e| err(format_args!("cannot open {}: {e}", dir.display())))?;
+        let f = fs::File::open(&dir).map_err(|error| Error::Fs {
+            op: "cannot open",
+            path: dir.clone(),
+            error,
+        })?;
         let fd: OwnedFd = f.into();
         // SAFETY: flock on an fd we own.
         if unsafe { libc::flock(fd.as_raw_fd(), libc::LOCK_EX) } != 0 {
-            return Err(err(format_args!(
-                "flock {}: {}",
-                dir.display(),
-                io::Error::last_os_error()
-            )));
+            return Err(Error::Fs {
+                op: "flock",
+                path: dir,
+                error: io::Error::last_os_error(),
+            });
         }
         Ok(Lock { _fd: fd })
     }
@@ -320,7 +389,11 @@ fn read_config(info: &ProgramInfo) -> Result<Config, String> {
 
 /// What is attached to `ifindex` (call with the [`Lock`] held).
 pub fn inspect(ifindex: u32) -> Result<OnInterface, Error> {
-    let Some((id, attached_mode)) = attached(ifindex).map_err(|e| err(format_args!("netlink RTM_GETLINK: {e}")))?
+    let Some((id, attached_mode)) = attached(ifindex).map_err(|error| Error::Netlink {
+        what: "netlink RTM_GETLINK".into(),
+        error,
+        hint: "",
+    })?
     else {
         return Ok(OnInterface::Nothing);
     };
@@ -340,11 +413,11 @@ pub fn inspect(ifindex: u32) -> Result<OnInterface, Error> {
     let mut components = Vec::new();
     for i in 0..usize::from(config.num_progs_enabled) {
         let pin = dir.join(format!("prog{i}-prog"));
-        let p = ProgramInfo::from_pin(&pin).map_err(|e| {
-            err(format_args!(
-                "the dispatcher (id {id}) on ifindex {ifindex} has no readable component pin {}: {e}",
-                pin.display()
-            ))
+        let p = ProgramInfo::from_pin(&pin).map_err(|error| Error::ComponentPin {
+            id,
+            ifindex,
+            pin: pin.clone(),
+            error,
         })?;
         components.push(Component {
             name: p.name_as_str().unwrap_or("?").to_string(),
@@ -390,6 +463,11 @@ enum Slot<'a> {
 /// holding `old`'s components minus those `remove` selects, plus `join` if
 /// given; when nothing is left, detaches the dispatcher. Atomic on the
 /// interface. `mode_flags` apply when nothing is attached yet.
+// Long on purpose (about 150 lines): every step from loading the new
+// dispatcher to swapping it in shares its fd, the old one's and the pins
+// made so far, and a failure at any step removes exactly those pins (the
+// `result` closure and what follows it); split up, that state would be
+// passed through each piece.
 pub fn rebuild(
     ifindex: u32,
     old: Option<&Existing>,
@@ -409,25 +487,31 @@ pub fn rebuild(
         slots.push((priority, crate::PROGRAM_NAME.to_string(), Slot::Ours));
     }
     if slots.len() > SLOTS {
-        return Err(err(format_args!(
-            "the dispatcher on ifindex {ifindex} has all {SLOTS} slots in use"
-        )));
+        return Err(Error::Full { ifindex });
     }
     // libxdp's order: run priority, then name (stable for the rest).
     run_order(&mut slots);
     let old_fd = match old {
         Some(o) => Some(
             program_info(o.id)
-                .ok_or_else(|| err("the old dispatcher vanished"))?
+                .ok_or(Error::Missing("the old dispatcher vanished"))?
                 .fd()
-                .map_err(|e| err(format_args!("old dispatcher fd: {e}")))?,
+                .map_err(|error| Error::Program {
+                    what: "old dispatcher fd".into(),
+                    error,
+                })?,
         ),
         None => None,
     };
     if slots.is_empty() {
         if let (Some(o), Some(fd)) = (old, &old_fd) {
-            netlink_attach(ifindex, None, Some(fd.as_fd().as_raw_fd()), mode_of(o.attached))
-                .map_err(|e| err(format_args!("detaching the dispatcher from ifindex {ifindex}: {e}")))?;
+            netlink_attach(ifindex, None, Some(fd.as_fd().as_raw_fd()), mode_of(o.attached)).map_err(|error| {
+                Error::Netlink {
+                    what: format!("detaching the dispatcher from ifindex {ifindex}"),
+                    error,
+                    hint: "",
+                }
+            })?;
             remove_dir(&o.dir);
         }
         return Ok(0);
@@ -452,43 +536,50 @@ pub fn rebuild(
     let new_id = program_id(&ebpf)?;
     let dir = xdp_dir().join(format!("dispatch-{ifindex}-{new_id}"));
     let result = (|| -> Result<(), Error> {
-        fs::create_dir(&dir).map_err(|e| err(format_args!("mkdir {}: {e}", dir.display())))?;
+        fs::create_dir(&dir).map_err(|error| Error::Fs {
+            op: "mkdir",
+            path: dir.clone(),
+            error,
+        })?;
         for (i, (_, name, s)) in slots.iter().enumerate() {
             let func = format!("prog{i}");
             let prog_pin = dir.join(format!("prog{i}-prog"));
             let link_pin = dir.join(format!("prog{i}-link"));
             let link: FdLink = match s {
                 Slot::Theirs(c) => {
-                    let mut ext = Extension::from_pin(&c.pin)
-                        .map_err(|e| err(format_args!("component `{name}` ({}): {e}", c.pin.display())))?;
+                    let mut ext = Extension::from_pin(&c.pin).map_err(|error| Error::Program {
+                        what: format!("component `{name}` ({})", c.pin.display()),
+                        error,
+                    })?;
                     let id = ext
                         .attach_to_program(&disp_fd, &func)
-                        .map_err(|e| err(format_args!("re-attaching `{name}` to the new dispatcher: {e:?}")))?;
-                    ext.pin(&prog_pin)
-                        .map_err(|e| err(format_args!("pin {}: {e}", prog_pin.display())))?;
-                    ext.take_link(id).map_err(err)?.into()
+                        .map_err(|error| Error::Rejected {
+                            what: format!("re-attaching `{name}` to the new dispatcher"),
+                            error,
+                        })?;
+                    pin_component(&mut ext, id, &prog_pin)?
                 }
                 Slot::Ours => {
                     let j = join.as_mut().expect("ours only when joining");
-                    let target = disp_fd.try_clone().map_err(err)?;
+                    let target = disp_fd.try_clone()?;
                     let (mut owner, pname) = (j.load)(target, &func)?;
                     let ext: &mut Extension = owner
                         .program_mut(pname)
-                        .ok_or_else(|| err("extension vanished"))?
-                        .try_into()
-                        .map_err(err)?;
-                    let id = ext
-                        .attach()
-                        .map_err(|e| err(format_args!("attaching relay-guard to the dispatcher: {e:?}")))?;
-                    ext.pin(&prog_pin)
-                        .map_err(|e| err(format_args!("pin {}: {e}", prog_pin.display())))?;
-                    let link: FdLink = ext.take_link(id).map_err(err)?.into();
+                        .ok_or(Error::Missing("extension vanished"))?
+                        .try_into()?;
+                    let id = ext.attach().map_err(|error| Error::Rejected {
+                        what: "attaching relay-guard to the dispatcher".into(),
+                        error,
+                    })?;
+                    let link = pin_component(ext, id, &prog_pin)?;
                     *j.owner = Some(owner);
                     link
                 }
             };
-            link.pin(&link_pin)
-                .map_err(|e| err(format_args!("pin {}: {e}", link_pin.display())))?;
+            link.pin(&link_pin).map_err(|error| Error::Pin {
+                path: link_pin.clone(),
+                error,
+            })?;
         }
         let attach = |flags: u32| {
             netlink_attach(
@@ -506,15 +597,14 @@ pub fn rebuild(
             }),
             None => attach(mode_flags),
         }
-        .map_err(|e| {
-            err(format_args!(
-                "attaching the new dispatcher to ifindex {ifindex}: {e}{}",
-                if e.raw_os_error() == Some(libc::EBUSY) {
-                    " (a bpf_link holds the interface)"
-                } else {
-                    ""
-                }
-            ))
+        .map_err(|error| Error::Netlink {
+            what: format!("attaching the new dispatcher to ifindex {ifindex}"),
+            hint: if error.raw_os_error() == Some(libc::EBUSY) {
+                " (a bpf_link holds the interface)"
+            } else {
+                ""
+            },
+            error,
         })
     })();
     if let Err(e) = result {
@@ -569,6 +659,20 @@ fn run_order<T>(slots: &mut [(u32, String, T)]) {
     slots.sort_by(|a, b| (a.0, &a.1).cmp(&(b.0, &b.1)));
 }
 
+/// Pins the component `ext` (attached to the new dispatcher as link `id`)
+/// at `prog_pin` and takes its link, for pinning beside it.
+fn pin_component(
+    ext: &mut Extension,
+    id: aya::programs::extension::ExtensionLinkId,
+    prog_pin: &Path,
+) -> Result<FdLink, Error> {
+    ext.pin(prog_pin).map_err(|error| Error::Pin {
+        path: prog_pin.to_path_buf(),
+        error,
+    })?;
+    Ok(ext.take_link(id)?.into())
+}
+
 /// Loads the dispatcher object (the frags variant when `frags`) with
 /// `config`; returns its owner and its program fd.
 pub fn load_dispatcher(config: &Config, frags: bool) -> Result<(Ebpf, ProgramFd), Error> {
@@ -578,21 +682,31 @@ pub fn load_dispatcher(config: &Config, frags: bool) -> Result<(Ebpf, ProgramFd)
         crate::DISPATCHER_OBJECT
     };
     if object.is_empty() {
-        return Err(err("this binary was built without the dispatcher (AYA_BUILD_SKIP)"));
+        return Err(Error::Missing(
+            "this binary was built without the dispatcher (AYA_BUILD_SKIP)",
+        ));
     }
     crate::kernel::loader::bump_memlock_rlimit();
     let mut ebpf = EbpfLoader::new()
         .override_global("conf", config, true)
         .load(object)
-        .map_err(|e| err(format_args!("loading the dispatcher object: {e}")))?;
+        .map_err(|error| Error::Object {
+            what: "loading the dispatcher object",
+            error,
+        })?;
     let prog: &mut Xdp = ebpf
         .program_mut(NAME)
-        .ok_or_else(|| err("no xdp_dispatcher in the dispatcher object"))?
+        .ok_or(Error::Missing("no xdp_dispatcher in the dispatcher object"))?
         .try_into()
-        .map_err(|e| err(format_args!("xdp_dispatcher: {e}")))?;
-    prog.load()
-        .map_err(|e| err(format_args!("the kernel rejected the dispatcher: {e:?}")))?;
-    let fd = prog.fd().map_err(err)?.try_clone().map_err(err)?;
+        .map_err(|error| Error::Program {
+            what: "xdp_dispatcher".into(),
+            error,
+        })?;
+    prog.load().map_err(|error| Error::Rejected {
+        what: "the kernel rejected the dispatcher".into(),
+        error,
+    })?;
+    let fd = prog.fd()?.try_clone()?;
     Ok((ebpf, fd))
 }
 
@@ -600,10 +714,9 @@ pub fn load_dispatcher(config: &Config, frags: bool) -> Result<(Ebpf, ProgramFd)
 pub fn program_id(ebpf: &Ebpf) -> Result<u32, Error> {
     let prog: &Xdp = ebpf
         .program(NAME)
-        .ok_or_else(|| err("no xdp_dispatcher"))?
-        .try_into()
-        .map_err(err)?;
-    Ok(prog.info().map_err(err)?.id())
+        .ok_or(Error::Missing("no xdp_dispatcher"))?
+        .try_into()?;
+    Ok(prog.info()?.id())
 }
 
 /// A dispatcher holding only relay-guard's component (slot 0, chain on
@@ -624,16 +737,16 @@ pub fn standalone(load: &mut LoadExtension<'_>) -> Result<Standalone, Error> {
         frags,
     }]);
     let (disp, fd) = load_dispatcher(&config, frags)?;
-    let (mut owner, name) = load(fd.try_clone().map_err(err)?, "prog0")?;
+    let (mut owner, name) = load(fd.try_clone()?, "prog0")?;
     let ext: &mut Extension = owner
         .program_mut(name)
-        .ok_or_else(|| err("extension vanished"))?
-        .try_into()
-        .map_err(err)?;
-    let id = ext
-        .attach()
-        .map_err(|e| err(format_args!("attaching to the dispatcher: {e:?}")))?;
-    let link: FdLink = ext.take_link(id).map_err(err)?.into();
+        .ok_or(Error::Missing("extension vanished"))?
+        .try_into()?;
+    let id = ext.attach().map_err(|error| Error::Rejected {
+        what: "attaching to the dispatcher".into(),
+        error,
+    })?;
+    let link: FdLink = ext.take_link(id)?.into();
     Ok(Standalone {
         dispatcher: fd,
         _owners: (disp, owner),

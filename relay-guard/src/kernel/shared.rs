@@ -44,19 +44,22 @@ pub fn load_extension(
         loader.map_pin_path(name, path.as_path());
     }
     loader.extension(PROGRAM_NAME);
-    let mut ebpf = loader
-        .load(EBPF_OBJECT)
-        .map_err(|e| dispatcher::Error(format!("loading relay-guard as an extension: {e}")))?;
+    let mut ebpf = loader.load(EBPF_OBJECT).map_err(|error| dispatcher::Error::Object {
+        what: "loading relay-guard as an extension",
+        error,
+    })?;
     let ext: &mut Extension = ebpf
         .program_mut(PROGRAM_NAME)
-        .ok_or_else(|| dispatcher::Error("no relay_guard program".into()))?
-        .try_into()
-        .map_err(|e| dispatcher::Error(format!("{e}")))?;
-    ext.load(target, func).map_err(|e| {
-        if is_eperm(&e) {
-            dispatcher::Error(format!("{EXT_REFUSED} ({e})"))
+        .ok_or(dispatcher::Error::Missing("no relay_guard program"))?
+        .try_into()?;
+    ext.load(target, func).map_err(|error| {
+        if is_eperm(&error) {
+            dispatcher::Error::ExtensionsRefused { error }
         } else {
-            dispatcher::Error(format!("the kernel rejected relay-guard as an extension: {e:?}"))
+            dispatcher::Error::Rejected {
+                what: "the kernel rejected relay-guard as an extension".into(),
+                error,
+            }
         }
     })?;
     Ok((ebpf, PROGRAM_NAME))
@@ -120,7 +123,8 @@ impl Loaded {
         // Set when the kernel refuses extension programs outright.
         let refused = std::cell::Cell::new(false);
         let mut load = |target: aya::programs::ProgramFd, func: &str| {
-            load_extension(&pins, target, func).inspect_err(|e| refused.set(e.0.starts_with(EXT_REFUSED)))
+            load_extension(&pins, target, func)
+                .inspect_err(|e| refused.set(matches!(e, dispatcher::Error::ExtensionsRefused { .. })))
         };
         let mode_flags = match mode {
             XdpMode::Auto => 0,
@@ -299,9 +303,7 @@ pub fn leave_all(pins: &Pins) -> Result<Vec<u32>, dispatcher::Error> {
         match dispatcher::attached(ifindex) {
             Ok(Some((now, _))) if now == id => {}
             _ => {
-                return Err(dispatcher::Error(format!(
-                    "relay-guard's slot is in XDP dispatcher {id} on ifindex {ifindex}, which is not attached in this network namespace: run `relay-guard detach` in the namespace of that interface (nsenter --net=...)"
-                )));
+                return Err(dispatcher::Error::OtherNamespace { id, ifindex });
             }
         }
     }
