@@ -227,7 +227,10 @@ fn assert_banned(lab: &Lab, behind: &Behind, srcs: &[&str], what: &str) {
 /// prefix in another section stays).
 #[test]
 fn crowdsec_decisions_drop_the_ban_ports_only() {
-    if !require::privileged_with("crowdsec_decisions_drop_the_ban_ports_only", &TOOLS) {
+    if !require::privileged_with(
+        "crowdsec_decisions_drop_the_ban_ports_only",
+        &[TOOLS[0], TOOLS[1], "promtool"],
+    ) {
         return;
     }
     let lab = Lab::new();
@@ -350,6 +353,9 @@ fn crowdsec_decisions_drop_the_ban_ports_only() {
         2.0,
         "{text}"
     );
+    // The CrowdSec series pass promtool's checks as every other series does
+    // (the counter beside a gauge of its short name).
+    relay_guard_tests::prometheus::assert_promtool_accepts(&dir, &text);
 }
 
 /// LAPI stopped: nothing is flushed, `relay_guard_crowdsec_up` is 0; an

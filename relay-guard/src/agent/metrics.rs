@@ -371,7 +371,13 @@ pub fn render(registry: &Registry) -> String {
 /// scrapers and tools that do not negotiate OpenMetrics (`promtool check
 /// metrics`, older Prometheus, curl). The two differ only in framing: in
 /// 0.0.4 a counter family is named with its `_total` suffix in `# HELP` and
-/// `# TYPE`, and there is no `# UNIT` or `# EOF` line. Samples are unchanged.
+/// `# TYPE`, and there is no `# UNIT` or `# EOF` line. OpenMetrics' type
+/// `unknown` is 0.0.4's `untyped`, except for a family whose name already
+/// ends in `_total`: that is a counter exported untyped in OpenMetrics only
+/// because its name without the suffix is taken by a gauge
+/// (`relay_guard_crowdsec_decisions_total` beside
+/// `relay_guard_crowdsec_decisions`), and in 0.0.4, where the two names
+/// do not collide, it is typed `counter`. Samples are unchanged.
 pub fn openmetrics_to_text_004(om: &str) -> String {
     let lines: Vec<&str> = om.lines().collect();
     let mut counters = std::collections::HashSet::new();
@@ -392,13 +398,39 @@ pub fn openmetrics_to_text_004(om: &str) -> String {
             let (name, tail) = rest.split_once(' ').unwrap_or((rest, ""));
             counters.contains(name).then(|| format!("{p}{name}_total {tail}"))
         });
-        match renamed {
+        let retyped = l
+            .strip_prefix("# TYPE ")
+            .and_then(|rest| rest.strip_suffix(" unknown"))
+            .map(|name| {
+                let ty = if name.ends_with("_total") { "counter" } else { "untyped" };
+                format!("# TYPE {name} {ty}")
+            });
+        match renamed.or(retyped) {
             Some(r) => out.push_str(r.trim_end()),
             None => out.push_str(l),
         }
         out.push('\n');
     }
     out
+}
+
+#[cfg(test)]
+mod text_004_tests {
+    use super::openmetrics_to_text_004;
+
+    #[test]
+    fn counters_are_named_with_total_and_unknown_is_retyped() {
+        let om = "# HELP a_x A counter.\n# TYPE a_x counter\na_x_total 1\n\
+                  # HELP b_total A counter whose short name a gauge holds.\n# TYPE b_total unknown\nb_total 2\n\
+                  # HELP c Something untyped.\n# TYPE c unknown\nc 3\n# EOF\n";
+        let text = openmetrics_to_text_004(om);
+        assert_eq!(
+            text,
+            "# HELP a_x_total A counter.\n# TYPE a_x_total counter\na_x_total 1\n\
+             # HELP b_total A counter whose short name a gauge holds.\n# TYPE b_total counter\nb_total 2\n\
+             # HELP c Something untyped.\n# TYPE c untyped\nc 3\n"
+        );
+    }
 }
 
 /// How long a client may take to send a whole request head (the first,

@@ -33,7 +33,8 @@ pub fn scenario(ban: &str) -> String {
 pub const ORIGIN: &str = "relay-guard";
 
 /// A counter whose samples carry the family's name as it is
-/// (`..._total`), typed unknown.
+/// (`..._total`), typed unknown (the metrics server types it `counter` in
+/// the text format 0.0.4: `agent::metrics::openmetrics_to_text_004`).
 #[derive(Debug, Clone, Default)]
 pub struct TotalCounter(Counter);
 
