@@ -16,7 +16,7 @@ use relay_guard_tests::{
     agent::{Agent, DetachOnDrop, METRICS, TempDir, cli},
     crowdsec::Lapi,
     lab::{ALLOWED_V4, CLIENT_MAC, DENIED_V4, Lab, SERVER_V4, SERVER_V6, ip, pin_dir, scrape},
-    net::{BannerServer, connect_banner, metric},
+    net::{BannerServer, NftCounters, connect_banner, metric},
     netns::NetNs,
     require,
 };
@@ -141,49 +141,6 @@ fn wait_reach(lab: &Lab, src: &str, port: u16, want: bool, within: Duration, wha
     }
 }
 
-/// nft counters of SYNs that got past XDP into the server's stack.
-struct Behind<'a> {
-    ns: &'a NetNs,
-}
-
-impl<'a> Behind<'a> {
-    fn install(ns: &'a NetNs, sources: &[&str], ports: &[u16]) -> Behind<'a> {
-        let mut rules =
-            String::from("table inet rgcsin {\n chain inp {\n  type filter hook input priority -500; policy accept;\n");
-        for src in sources {
-            let fam = if src.contains(':') { "ip6" } else { "ip" };
-            for port in ports {
-                rules += &format!(
-                    "  {fam} saddr {src} tcp dport {port} tcp flags & (syn | ack) == syn counter comment \"{src} {port}\"\n"
-                );
-            }
-        }
-        rules += " }\n}\n";
-        let file = std::env::temp_dir().join(format!("{}.nft", relay_guard_tests::netns::unique("cs-nft")));
-        std::fs::write(&file, rules).expect("write nft rules");
-        ns.exec(&["nft", "-f", file.to_str().expect("utf-8")]);
-        let _ = std::fs::remove_file(&file);
-        Behind { ns }
-    }
-
-    fn syns(&self, src: &str, port: u16) -> u64 {
-        let json = self.ns.exec(&["nft", "-j", "list", "table", "inet", "rgcsin"]);
-        let v: serde_json::Value = serde_json::from_str(&json).expect("nft -j output is JSON");
-        let want = format!("{src} {port}");
-        for item in v["nftables"].as_array().expect("nftables array") {
-            let rule = &item["rule"];
-            if rule["comment"].as_str() == Some(want.as_str()) {
-                for e in rule["expr"].as_array().expect("expr array") {
-                    if let Some(p) = e["counter"]["packets"].as_u64() {
-                        return p;
-                    }
-                }
-            }
-        }
-        panic!("no nft counter for {want}")
-    }
-}
-
 fn wait_metric(lab: &Lab, name: &str, labels: &[(&str, &str)], want: f64, within: Duration) -> String {
     let deadline = Instant::now() + within;
     loop {
@@ -201,10 +158,10 @@ fn wait_metric(lab: &Lab, name: &str, labels: &[(&str, &str)], want: f64, within
 
 /// Every banned source is dropped on both ban ports and nothing else:
 /// none of their SYNs to the ban ports got past XDP.
-fn assert_banned(lab: &Lab, behind: &Behind, srcs: &[&str], what: &str) {
+fn assert_banned(lab: &Lab, behind: &NftCounters, srcs: &[&str], what: &str) {
     let before: Vec<u64> = srcs
         .iter()
-        .flat_map(|s| [behind.syns(s, GUARDED), behind.syns(s, FREE_BANNED)])
+        .flat_map(|s| [behind.packets(s, GUARDED), behind.packets(s, FREE_BANNED)])
         .collect();
     for src in srcs {
         assert!(!reaches(lab, src, GUARDED), "{what}: {src} reached {GUARDED}");
@@ -216,7 +173,7 @@ fn assert_banned(lab: &Lab, behind: &Behind, srcs: &[&str], what: &str) {
     }
     let after: Vec<u64> = srcs
         .iter()
-        .flat_map(|s| [behind.syns(s, GUARDED), behind.syns(s, FREE_BANNED)])
+        .flat_map(|s| [behind.packets(s, GUARDED), behind.packets(s, FREE_BANNED)])
         .collect();
     assert_eq!(after, before, "{what}: SYNs of banned sources got past XDP ({srcs:?})");
 }
@@ -245,7 +202,7 @@ fn crowdsec_decisions_drop_the_ban_ports_only() {
             assert!(reaches(&lab, src, port), "before any decision: {src} to {port}");
         }
     }
-    let behind = Behind::install(&lab.server, &all, &[GUARDED, FREE_BANNED]);
+    let behind = NftCounters::behind_xdp(&lab.server, &all, &[GUARDED, FREE_BANNED]);
 
     for (flag, v) in [
         ("--ip", IP_V4),
@@ -392,7 +349,7 @@ fn crowdsec_outage_keeps_every_decision() {
         Duration::from_secs(10),
         "a new Ip decision",
     );
-    let behind = Behind::install(&lab.server, &EXTRA, &[GUARDED, FREE_BANNED]);
+    let behind = NftCounters::behind_xdp(&lab.server, &EXTRA, &[GUARDED, FREE_BANNED]);
     let banned = [IP_V4, IN_RANGE_V6, IP_V6];
     assert_banned(&lab, &behind, &banned, "before the outage");
 
@@ -585,7 +542,7 @@ fn crowdsec_two_gateways_share_log_fed_bans() {
         assert!(reaches(&b, src, FREE_BANNED), "B before any ban: {src}");
         assert!(reaches(&b, src, 587), "B before any ban: {src} on 587");
     }
-    let behind_b = Behind::install(
+    let behind_b = NftCounters::behind_xdp(
         &b.server,
         &[DENIED_V4, relay_guard_tests::lab::DENIED_V6],
         &[587, FREE_BANNED],
@@ -707,12 +664,12 @@ fn crowdsec_two_gateways_share_log_fed_bans() {
     drop(mail);
 }
 
-fn assert_banned_on(lab: &Lab, behind: &Behind, src: &str, what: &str) {
-    let before = (behind.syns(src, 587), behind.syns(src, FREE_BANNED));
+fn assert_banned_on(lab: &Lab, behind: &NftCounters, src: &str, what: &str) {
+    let before = (behind.packets(src, 587), behind.packets(src, FREE_BANNED));
     assert!(!reaches(lab, src, 587), "{what}: {src} reached 587");
     assert!(!reaches(lab, src, FREE_BANNED), "{what}: {src} reached {FREE_BANNED}");
     assert_eq!(
-        (behind.syns(src, 587), behind.syns(src, FREE_BANNED)),
+        (behind.packets(src, 587), behind.packets(src, FREE_BANNED)),
         before,
         "{what}: SYNs got past XDP"
     );
@@ -769,8 +726,8 @@ fn crowdsec_a_100k_decision_startup_stream_leaves_no_gap() {
         Duration::from_secs(10),
         "the first decision",
     );
-    let behind = Behind::install(&lab.server, &[IP_V4], &[FREE_BANNED]);
-    let before = behind.syns(IP_V4, FREE_BANNED);
+    let behind = NftCounters::behind_xdp(&lab.server, &[IP_V4], &[FREE_BANNED]);
+    let before = behind.packets(IP_V4, FREE_BANNED);
 
     let mut all = many_decisions(100_000, 1000);
     all.push(one);
@@ -818,7 +775,7 @@ fn crowdsec_a_100k_decision_startup_stream_leaves_no_gap() {
         "{through} of {tries} connects of the banned source got the banner during the restart"
     );
     assert_eq!(
-        behind.syns(IP_V4, FREE_BANNED),
+        behind.packets(IP_V4, FREE_BANNED),
         before,
         "SYNs of the banned source got past XDP during the restart"
     );
