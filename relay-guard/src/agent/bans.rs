@@ -83,7 +83,7 @@ pub struct AuthFailure {
 pub struct SavedBan {
     /// The `[[ban]]` section's name.
     pub ban: String,
-    #[serde(with = "net_str")]
+    #[serde(with = "crate::config::prefix_text")]
     pub prefix: IpNet,
     /// Wall-clock expiry, Unix milliseconds.
     pub expires_unix_ms: u64,
@@ -101,7 +101,7 @@ pub struct SavedBan {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SavedEnded {
     pub ban: String,
-    #[serde(with = "net_str")]
+    #[serde(with = "crate::config::prefix_text")]
     pub prefix: IpNet,
     /// When it ended (expired or lifted), Unix milliseconds.
     pub ended_unix_ms: u64,
@@ -144,26 +144,11 @@ pub struct Saved {
 pub enum Command {
     Ban(SavedBan),
     Unban {
-        #[serde(with = "net_str")]
+        #[serde(with = "crate::config::prefix_text")]
         prefix: IpNet,
         /// `None`: every section.
         ban: Option<String>,
     },
-}
-
-/// A prefix as its text (`198.51.100.0/24`).
-mod net_str {
-    use ipnet::IpNet;
-    use serde::{Deserialize as _, Deserializer, Serializer};
-
-    pub fn serialize<S: Serializer>(n: &IpNet, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_str(n)
-    }
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<IpNet, D::Error> {
-        let s = String::deserialize(d)?;
-        s.parse().map_err(serde::de::Error::custom)
-    }
 }
 
 fn ms(d: Duration) -> u64 {

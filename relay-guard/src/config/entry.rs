@@ -162,3 +162,19 @@ fn quoted(s: &str) -> String {
         None => s.to_string(),
     }
 }
+
+/// A prefix as its text (`198.51.100.0/24`) in serde (`#[serde(with =
+/// "crate::config::prefix_text")]`): the ban files and CrowdSec's push queue.
+pub mod prefix_text {
+    use ipnet::IpNet;
+    use serde::{Deserialize as _, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(n: &IpNet, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(n)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<IpNet, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}

@@ -37,6 +37,7 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use entry::MAX_LIST_ERRORS;
+pub use entry::prefix_text;
 use fingerprint::fingerprint_hasher;
 use lists::{ListFile, ListIndex};
 

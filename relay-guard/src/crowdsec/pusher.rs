@@ -40,7 +40,7 @@ const BACKOFF_MAX: Duration = Duration::from_secs(300);
 pub struct Item {
     /// The `[[ban]]` section's name.
     pub ban: String,
-    #[serde(with = "net_str")]
+    #[serde(with = "crate::config::prefix_text")]
     pub prefix: IpNet,
     /// When it was banned and until when (wall clock, Unix ms).
     pub banned_unix_ms: u64,
@@ -48,20 +48,6 @@ pub struct Item {
     /// A push of it was sent and its answer lost: look it up first.
     #[serde(default)]
     pub uncertain: bool,
-}
-
-mod net_str {
-    use ipnet::IpNet;
-    use serde::{Deserialize as _, Deserializer, Serializer};
-
-    pub fn serialize<S: Serializer>(n: &IpNet, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_str(n)
-    }
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<IpNet, D::Error> {
-        let s = String::deserialize(d)?;
-        s.parse().map_err(serde::de::Error::custom)
-    }
 }
 
 fn now_ms() -> u64 {
